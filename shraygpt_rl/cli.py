@@ -13,9 +13,10 @@ import sys
 from lightning.pytorch.cli import LightningCLI
 
 from shraygpt_rl.checkpoint import CheckpointError
-from shraygpt_rl.data import DataError, PreferenceDataModule, SFTDataModule
+from shraygpt_rl.data import DataError, PreferenceDataModule, PromptDataModule, SFTDataModule
 from shraygpt_rl.stages.base import ConfigError
 from shraygpt_rl.stages.dpo import DPOStage
+from shraygpt_rl.stages.grpo import GRPOStage, RLOOStage
 from shraygpt_rl.stages.reward import RewardStage
 from shraygpt_rl.stages.sft import SFTStage
 from shraygpt_rl.tokenizer import TokenizerError
@@ -24,6 +25,8 @@ STAGES = {
     "sft": (SFTStage, SFTDataModule),
     "reward": (RewardStage, PreferenceDataModule),
     "dpo": (DPOStage, PreferenceDataModule),
+    "grpo": (GRPOStage, PromptDataModule),
+    "rloo": (RLOOStage, PromptDataModule),
 }
 USAGE = "usage: python train.py --stage {%s} [--config CONFIG.yaml] [--help] [--print_config] [--ckpt_path last]"
 

@@ -145,10 +145,7 @@ class VerifiableTask:
         """Demonstrations (``response`` column); a ``wrong_fraction`` of them is deliberately wrong.
 
         ``copies`` demonstrations per problem, each wrong or not independently, like several
-        annotators of uneven care. With one copy, a small model memorises the wrong answers of
-        its training problems, and that costs it the rule itself: with 30% noise its held-out
-        accuracy stays near 5% where clean data reaches 89%. With several, each prompt is
-        answered right most of the time and the model learns the noisy distribution instead.
+        annotators of uneven care, so that no prompt has only a wrong answer to memorise.
         """
         if not 0.0 <= wrong_fraction <= 1.0:
             raise ValueError(f"wrong_fraction must be in [0, 1], got {wrong_fraction}.")
@@ -208,13 +205,12 @@ class ArithmeticTask(VerifiableTask):
         return f"Answer: {sum(numbers)}"
 
     def wrong_answer(self, numbers, rng):
-        """A slip of 1 to 20 either way, as a careless answer would make (never negative)."""
-        total = sum(numbers)
-        offset = rng.choice([-1, 1]) * rng.randint(1, 20)
-        return f"Answer: {total + offset if total + offset >= 0 else total - offset}"
+        """A dropped or doubled carry: off by ten (by one for one-digit sums).
 
-    def noisy_answer(self, numbers, rng):
-        """A dropped or doubled carry: off by ten (by one for one-digit sums)."""
+        Systematic errors like these leave the rule learnable under noise: with slips of 1 to 20
+        in 30% of the demonstrations, the tiny model reached 85% greedy success against 93.5%
+        with 40% carry slips, and its sampled answers were far more spread out.
+        """
         total = sum(numbers)
         step = 10 if total >= 10 else 1
         offset = step if total < step or rng.random() < 0.5 else -step

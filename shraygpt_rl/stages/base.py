@@ -55,7 +55,9 @@ class StageModule(L.LightningModule):
         export_path: str | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters()  # also collects the arguments of the subclass's __init__
+        # Also collects the subclass's __init__ arguments; reward-function objects stay out of the
+        # checkpoint (it must load with weights_only=True) and come back from the config.
+        self.save_hyperparameters(ignore=["rewards"])
         self.nonfinite_skipped = 0
 
     # -- building ------------------------------------------------------------------------------

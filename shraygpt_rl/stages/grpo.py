@@ -1,0 +1,167 @@
+"""GRPO (DeepSeekMath, Shao et al., 2024) with its Dr. GRPO and DAPO variants, and RLOO.
+
+Each prompt is sampled ``num_generations`` times; a sample's advantage is its reward relative to
+its group (no critic). The loss is PPO's clipped objective per token, optionally plus
+``beta * k3`` KL to the reference (DeepSeekMath eq. 4), aggregated by ``loss_type``:
+
+* ``grpo``: mean over each completion's tokens, then over completions (the paper);
+* ``bnpo``: mean over the tokens of each micro-batch;
+* ``dapo``: mean over all tokens of the minibatch (DAPO, eq. 8), with clip-higher
+  ``epsilon_high`` (DAPO §3.1);
+* ``dr_grpo``: sum over tokens divided by ``completions * max_new_tokens``, a constant, and
+  ``scale_rewards="none"`` (Liu et al., 2025: no length or std normalisation).
+
+Departures from the papers, as in TRL: with ``num_iterations=1`` the "old" log-probabilities are
+the current ones detached (the ratio is exactly 1 and a forward pass is saved), and the KL uses
+the k3 estimator in the loss rather than in the reward. RLOO (Ahmadian et al., 2024) is the same
+machinery with the leave-one-out baseline and unscaled advantages.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+import torch
+
+from shraygpt_rl.losses import (
+    GRPOLossType,
+    ScaleRewards,
+    aggregate_loss,
+    clipped_policy_loss,
+    group_advantages,
+    kl_estimate,
+    masked_mean,
+    rloo_advantages,
+)
+from shraygpt_rl.stages.online import OnlineRLStage
+
+
+class GRPOStage(OnlineRLStage):
+    """Group-relative policy optimisation.
+
+    Args:
+        num_generations: Completions per prompt (the group size G).
+        scale_rewards: ``group`` (DeepSeekMath), ``batch``, or ``none`` (Dr. GRPO).
+        loss_type: ``grpo``, ``dr_grpo``, ``dapo`` or ``bnpo`` (see the module docstring).
+        epsilon: Lower clip range of the ratio.
+        epsilon_high: Upper clip range; None means ``epsilon`` (DAPO uses 0.28).
+        beta: Weight of the k3 KL to the reference; at 0 no reference model is built.
+        num_iterations: Optimisation passes over each rollout batch.
+        num_mini_batches: Optimizer steps per pass.
+        mask_truncated_completions: Leave completions that never reached EOS out of the loss.
+        export_path: Where the trained policy is written at the end.
+        **kwargs: ``OnlineRLStage``'s arguments.
+    """
+
+    kind = "grpo"
+    advantage_estimator: Literal["group", "rloo"] = "group"
+
+    def __init__(
+        self,
+        num_generations: int = 8,
+        scale_rewards: ScaleRewards = "group",
+        loss_type: GRPOLossType = "dapo",
+        epsilon: float = 0.2,
+        epsilon_high: float | None = None,
+        beta: float = 0.0,
+        num_iterations: int = 1,
+        num_mini_batches: int = 1,
+        mask_truncated_completions: bool = False,
+        export_path: str | None = "checkpoints/shraygpt-grpo.ckpt",
+        **kwargs,
+    ):
+        super().__init__(export_path=export_path, **kwargs)
+        if num_generations < 2:
+            raise ValueError(f"num_generations must be at least 2 for a group baseline, got {num_generations}.")
+        object.__setattr__(self, "reference", self.frozen_copy(self.policy) if beta > 0 else None)
+
+    def trainable(self):
+        return self.policy
+
+    def advantages(self, scores: torch.Tensor) -> torch.Tensor:
+        G = self.hparams.num_generations
+        if self.advantage_estimator == "rloo":
+            return rloo_advantages(scores, G)
+        return group_advantages(scores, G, self.hparams.scale_rewards)
+
+    def training_step(self, batch, batch_idx):
+        hp = self.hparams
+        rollout = self.rollout(batch, repeats=hp.num_generations)
+        self.log_rollout(rollout)
+        start = time.perf_counter()
+        advantages = self.advantages(rollout.scores)[:, None]  # (R, 1): one per completion
+        mask = rollout.response_mask.clone()
+        if hp.mask_truncated_completions:
+            mask[rollout.truncated] = 0
+        first = self.minibatches(len(rollout), hp.num_mini_batches, shuffle=False)
+        old_logprobs = None
+        if hp.num_iterations > 1:  # the first pass's micro-batches: the ratio starts at exactly 1
+            old_logprobs = self.rowwise(lambda r: self.response_logprobs(self.policy, rollout, r)[0], rollout, first)
+        ref_logprobs = None
+        if self.reference is not None:
+            self.reference.to(self.device)
+            ref_logprobs = self.rowwise(lambda r: self.response_logprobs(self.reference, rollout, r)[0], rollout, first)
+
+        stats = []
+        for iteration in range(hp.num_iterations):
+            minibatches = first if iteration == 0 else self.minibatches(len(rollout), hp.num_mini_batches, True)
+            for rows in minibatches:
+                stats.append(self.update(rollout, rows, mask, advantages, old_logprobs, ref_logprobs))
+        self.end_of_step()
+        self.log_stats(stats, rollout, mask)
+        self.log_update(time.perf_counter() - start, float(rollout.attention_mask.sum()) * hp.num_iterations)
+
+    def update(self, rollout, rows, mask, advantages, old_logprobs, ref_logprobs) -> dict[str, torch.Tensor]:
+        """One optimizer step over the minibatch ``rows``, micro-batch by micro-batch."""
+        hp = self.hparams
+        tokens = mask[rows].sum()
+        stats = {}
+        for micro in self.micro_batches(rows):
+            logprobs, _, aux_loss = self.response_logprobs(self.policy, rollout, micro)
+            old = logprobs.detach() if old_logprobs is None else old_logprobs[micro]
+            losses, ratio, clipped = clipped_policy_loss(logprobs, old, advantages[micro], hp.epsilon, hp.epsilon_high)
+            kl = None
+            if ref_logprobs is not None:
+                kl = kl_estimate(logprobs, ref_logprobs[micro], "k3")
+                losses = losses + hp.beta * kl
+            loss = aggregate_loss(losses, mask[micro], hp.loss_type, max_length=hp.max_new_tokens,
+                                  num_sequences=len(rows), num_tokens=None if hp.loss_type == "bnpo" else tokens)
+            share = len(micro) / len(rows)
+            self.manual_backward(loss + self.aux_weight(self.policy) * aux_loss * share)
+            m = mask[micro]
+            _accumulate(stats, share, {
+                "policy/loss": loss.detach() / share, "policy/clipfrac": masked_mean(clipped, m),
+                "policy/ratio": masked_mean(ratio.detach(), m),
+                "policy/approxkl": masked_mean(0.5 * (logprobs.detach() - old) ** 2, m),
+                "objective/kl": masked_mean(kl.detach(), m) if kl is not None else torch.zeros(()),
+                "moe/aux_loss": aux_loss.detach(),
+            })  # fmt: skip
+        self.optimizer_step()
+        return stats
+
+    def log_stats(self, stats: list[dict], rollout, mask) -> None:
+        mean = {k: torch.stack([s[k] for s in stats]).mean() for k in stats[0]}
+        mean["policy/ratio_at_start"] = stats[0]["policy/ratio"]
+        grouped = rollout.scores.view(-1, self.hparams.num_generations)
+        mean["reward/frac_reward_zero_std"] = (grouped.std(dim=1) < 1e-6).float().mean()
+        self.log_dict({k: float(v) for k, v in mean.items() if k != "moe/aux_loss"}, on_step=True)
+        self.log_moe(self.policy, mean["moe/aux_loss"])
+
+
+class RLOOStage(GRPOStage):
+    """REINFORCE leave-one-out (Ahmadian et al., 2024): GRPO's machinery with each completion's
+    baseline the mean reward of the other completions of its prompt, and no std scaling."""
+
+    kind = "rloo"
+    advantage_estimator = "rloo"
+
+    def __init__(self, export_path: str | None = "checkpoints/shraygpt-rloo.ckpt", loss_type: GRPOLossType = "grpo",
+                 **kwargs):  # fmt: skip
+        super().__init__(export_path=export_path, loss_type=loss_type, **kwargs)
+
+
+def _accumulate(stats: dict, share: float, values: dict) -> None:
+    """Add micro-batch metrics weighted by their share of the minibatch."""
+    for key, value in values.items():
+        stats[key] = stats.get(key, 0.0) + share * value.float()

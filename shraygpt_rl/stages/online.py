@@ -1,0 +1,205 @@
+"""What PPO, GRPO and RLOO share: rollouts inside ``training_step``, rewards, log-probabilities,
+manual optimisation over minibatches, and the metrics every online stage logs.
+
+A rollout is one batched, KV-cached ``generate`` call over the step's prompts (each repeated
+``repeats`` times), decoded and scored by the reward functions. Log-probabilities for the loss are
+then recomputed by a training-style forward over prompt + response, in the same micro-batches as
+the first update, so that the importance ratio starts at exactly 1.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from shraygpt_rl.losses import entropy_from_logits, token_logprobs
+from shraygpt_rl.rewards import LearnedReward, RewardFunction, TaskVerifier, WeightedSum
+from shraygpt_rl.stages.base import StageModule
+from shraygpt_rl.tokenizer import decode_response
+
+
+@dataclass
+class Rollout:
+    """Sampled responses and their rewards; ``R`` rows (prompts x repeats), ``T`` response tokens."""
+
+    sequences: Tensor  # (R, P + T) left-padded prompts, then right-padded responses
+    attention_mask: Tensor  # (R, P + T)
+    response_mask: Tensor  # (R, T) float, 1 on sampled tokens up to and including EOS
+    prompt_length: int
+    prompts: list[str]
+    responses: list[str]
+    metadata: list[dict[str, Any]]
+    scores: Tensor  # (R,) total reward of each response
+    components: dict[str, Tensor] = field(default_factory=dict)  # each reward function's part
+    truncated: Tensor | None = None  # (R,) bool: the response never reached EOS
+
+    def __len__(self) -> int:
+        return self.sequences.size(0)
+
+
+class OnlineRLStage(StageModule):
+    """Base of the online stages (``PromptDataModule`` batches, manual optimisation).
+
+    Args:
+        rewards: Reward functions, each with its ``weight`` (YAML: ``class_path`` entries).
+            Default: the built-in tasks' ``TaskVerifier`` unless ``reward_model`` is given.
+        reward_model: A reward-model checkpoint used as one more reward (``LearnedReward``).
+        max_new_tokens: Longest response.
+        temperature: Sampling temperature; the loss's log-probabilities use the same one.
+        top_k: Sample from the k most likely tokens only (the loss ignores this truncation).
+        top_p: Nucleus sampling (the loss ignores this truncation).
+        micro_batch_size: Rows per forward/backward in an update; None: a whole minibatch.
+        max_grad_norm: Gradient clipping by global norm; None for none.
+        log_samples_every: Write a few prompt -> response pairs to TensorBoard every so many steps.
+        **kwargs: ``StageModule``'s arguments (``policy``, ``optimizer``, ``lr``, …).
+    """
+
+    def __init__(
+        self,
+        rewards: list[RewardFunction] | None = None,
+        reward_model: str | None = None,
+        max_new_tokens: int = 32,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        micro_batch_size: int | None = None,
+        max_grad_norm: float | None = 1.0,
+        log_samples_every: int = 50,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.automatic_optimization = False
+        if temperature <= 0:
+            raise ValueError(f"online RL samples from the policy: temperature must be > 0, got {temperature}.")
+        self.policy = self.build_policy()
+        functions = list(rewards or [])
+        if reward_model:
+            functions.append(LearnedReward(checkpoint=reward_model))
+        self.reward_fn = WeightedSum(functions or [TaskVerifier()])
+        self.perf: dict[str, float] = {}
+
+    def frozen_copy(self, model):
+        """A frozen copy kept outside the module tree (not trained, not checkpointed)."""
+        return copy.deepcopy(model).requires_grad_(False).eval()
+
+    # -- rollouts ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def rollout(self, batch: dict[str, Any], repeats: int = 1) -> Rollout:
+        """Sample ``repeats`` responses per prompt in one batched generate call and score them."""
+        hp, enc = self.hparams, self.trainer.datamodule.tokenizer
+        ids = batch["input_ids"].repeat_interleave(repeats, dim=0)
+        mask = batch["attention_mask"].repeat_interleave(repeats, dim=0)
+        prompts = [p for p in batch["prompt"] for _ in range(repeats)]
+        metadata = [m for m in batch["metadata"] for _ in range(repeats)]
+        self.policy.eval()
+        start = time.perf_counter()
+        out = self.policy.generate(ids, hp.max_new_tokens, temperature=hp.temperature, top_k=hp.top_k,
+                                   top_p=hp.top_p, eos_token_id=enc.eot_token, attention_mask=mask)  # fmt: skip
+        self.perf["generation_s"] = time.perf_counter() - start
+        self.perf["generated_tokens"] = float(out.response_mask.sum())
+        self.policy.train()
+        responses = [decode_response(enc, row[m.bool()]) for row, m in zip(out.responses, out.response_mask)]
+        truncated = ~((out.responses == enc.eot_token) & out.response_mask.bool()).any(dim=1)
+        components = {k: v.to(self.device) for k, v in self.reward_fn.components(prompts, responses, metadata).items()}
+        weights = [getattr(fn, "weight", 1.0) for fn in self.reward_fn.functions]
+        scores = sum(w * r for w, r in zip(weights, components.values()))
+        return Rollout(out.sequences, out.attention_mask, out.response_mask.float(), out.prompt_length, prompts,
+                       responses, metadata, scores.float(), components, truncated)  # fmt: skip
+
+    def response_logprobs(self, model, rollout: Rollout, rows: Tensor, entropy: bool = False):
+        """Log-probabilities (r, T) of the response tokens of ``rows`` under ``model``, their
+        entropies (or None), and the MoE aux loss. The head runs on response positions only."""
+        T = rollout.response_mask.size(1)
+        seqs, attention = rollout.sequences[rows], rollout.attention_mask[rows]
+        logits, _, aux_loss = model(seqs, attention_mask=attention, logits_to_keep=T + 1)
+        logits = logits[:, :-1].float() / self.hparams.temperature  # (r, T, V): predicts each response token
+        logprobs = token_logprobs(logits, seqs[:, rollout.prompt_length :])
+        return logprobs, (entropy_from_logits(logits) if entropy else None), aux_loss
+
+    @torch.no_grad()
+    def rowwise(self, fn, rollout: Rollout, minibatches: list[Tensor]) -> Tensor:
+        """``fn(rows)`` over the same micro-batches the first update uses, concatenated in row order."""
+        out = torch.empty(len(rollout), rollout.response_mask.size(1), device=self.device)
+        for rows in (micro for mb in minibatches for micro in self.micro_batches(mb)):
+            out[rows] = fn(rows).float()
+        return out
+
+    # -- minibatches ---------------------------------------------------------------------------
+    def minibatches(self, n_rows: int, num_mini_batches: int, shuffle: bool) -> list[Tensor]:
+        if n_rows % num_mini_batches:
+            raise ValueError(f"{n_rows} rollout rows do not split into num_mini_batches={num_mini_batches}.")
+        order = torch.randperm(n_rows, device=self.device) if shuffle else torch.arange(n_rows, device=self.device)
+        return list(order.chunk(num_mini_batches))
+
+    def micro_batches(self, rows: Tensor) -> Iterator[Tensor]:
+        size = self.hparams.micro_batch_size or len(rows)
+        return iter(rows.split(size))
+
+    def optimizer_step(self) -> None:
+        """Clip, step and clear gradients of the (single) optimizer, by hand."""
+        optimizer = self.optimizers()
+        if self.hparams.max_grad_norm:
+            self.clip_gradients(optimizer, gradient_clip_val=self.hparams.max_grad_norm, gradient_clip_algorithm="norm")
+        optimizer.step()
+        optimizer.zero_grad()
+
+    def end_of_step(self) -> None:
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+
+    # -- metrics -------------------------------------------------------------------------------
+    def log_rollout(self, rollout: Rollout) -> None:
+        """``reward/*``, ``completions/*`` and the rollout half of ``perf/*``."""
+        metrics = {"reward/mean": rollout.scores.mean(), "reward/std": rollout.scores.std()}
+        metrics.update({f"reward/{name}": value.float().mean() for name, value in rollout.components.items()})
+        lengths = rollout.response_mask.sum(1)
+        metrics["completions/mean_length"] = lengths.mean()
+        metrics["completions/truncated_fraction"] = rollout.truncated.float().mean()
+        metrics["perf/generation_tokens_per_s"] = self.perf["generated_tokens"] / max(self.perf["generation_s"], 1e-9)
+        self.log_dict({k: float(v) for k, v in metrics.items()}, on_step=True, batch_size=len(rollout))
+        self.log("reward", rollout.scores.mean(), prog_bar=True, logger=False, batch_size=len(rollout))
+        if self.hparams.log_samples_every and self.global_step % self.hparams.log_samples_every == 0:
+            self.log_samples(rollout)
+
+    def log_update(self, update_s: float, tokens: float) -> None:
+        gen = self.perf["generation_s"]
+        self.log_dict({
+            "perf/update_tokens_per_s": tokens / max(update_s, 1e-9),
+            "perf/generation_fraction": gen / max(gen + update_s, 1e-9),
+            "perf/step_s": gen + update_s,
+        }, on_step=True)  # fmt: skip
+
+    def log_samples(self, rollout: Rollout, count: int = 4) -> None:
+        """A few prompt -> response pairs, with their rewards, as a TensorBoard text entry."""
+        experiment = getattr(self.logger, "experiment", None)
+        if experiment is None or not hasattr(experiment, "add_text"):
+            return
+        rows = ["| prompt | response | reward |", "| --- | --- | --- |"]
+        for i in range(min(count, len(rollout))):
+            cells = [rollout.prompts[i][-200:], rollout.responses[i], f"{rollout.scores[i]:.3f}"]
+            rows.append("| " + " | ".join(c.replace("\n", " ").replace("|", "/") for c in cells) + " |")
+        experiment.add_text("samples", "\n".join(rows), self.global_step)
+
+    # -- held-out evaluation -------------------------------------------------------------------
+    def validation_step(self, batch, batch_idx):
+        rollout = self.rollout(batch)
+        size = len(rollout)
+        self.log("val/reward/mean", rollout.scores.mean(), batch_size=size, prog_bar=True)
+        self.log("val/success", (rollout.scores >= 1.0).float().mean(), batch_size=size)
+        self.log("val/completions/mean_length", rollout.response_mask.sum(1).mean(), batch_size=size)
+
+    def test_step(self, batch, batch_idx):
+        rollout = self.rollout(batch)
+        self.log("test/reward/mean", rollout.scores.mean(), batch_size=len(rollout))
+        self.log("test/success", (rollout.scores >= 1.0).float().mean(), batch_size=len(rollout))
+
+    def on_train_end(self) -> None:
+        if self.hparams.export_path and self.trainer.is_global_zero:
+            self.policy.save_checkpoint(self.hparams.export_path, stage=self.kind)
