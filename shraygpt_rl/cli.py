@@ -17,6 +17,7 @@ from shraygpt_rl.data import DataError, PreferenceDataModule, PromptDataModule, 
 from shraygpt_rl.stages.base import ConfigError
 from shraygpt_rl.stages.dpo import DPOStage
 from shraygpt_rl.stages.grpo import GRPOStage, RLOOStage
+from shraygpt_rl.stages.ppo import PPOStage
 from shraygpt_rl.stages.reward import RewardStage
 from shraygpt_rl.stages.sft import SFTStage
 from shraygpt_rl.tokenizer import TokenizerError
@@ -25,6 +26,7 @@ STAGES = {
     "sft": (SFTStage, SFTDataModule),
     "reward": (RewardStage, PreferenceDataModule),
     "dpo": (DPOStage, PreferenceDataModule),
+    "ppo": (PPOStage, PromptDataModule),
     "grpo": (GRPOStage, PromptDataModule),
     "rloo": (RLOOStage, PromptDataModule),
 }

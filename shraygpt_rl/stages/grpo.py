@@ -34,7 +34,7 @@ from shraygpt_rl.losses import (
     masked_mean,
     rloo_advantages,
 )
-from shraygpt_rl.stages.online import OnlineRLStage
+from shraygpt_rl.stages.online import OnlineRLStage, accumulate
 
 
 class GRPOStage(OnlineRLStage):
@@ -108,7 +108,6 @@ class GRPOStage(OnlineRLStage):
             minibatches = first if iteration == 0 else self.minibatches(len(rollout), hp.num_mini_batches, True)
             for rows in minibatches:
                 stats.append(self.update(rollout, rows, mask, advantages, old_logprobs, ref_logprobs))
-        self.end_of_step()
         self.log_stats(stats, rollout, mask)
         self.log_update(time.perf_counter() - start, float(rollout.attention_mask.sum()) * hp.num_iterations)
 
@@ -130,7 +129,7 @@ class GRPOStage(OnlineRLStage):
             share = len(micro) / len(rows)
             self.manual_backward(loss + self.aux_weight(self.policy) * aux_loss * share)
             m = mask[micro]
-            _accumulate(stats, share, {
+            accumulate(stats, share, {
                 "policy/loss": loss.detach() / share, "policy/clipfrac": masked_mean(clipped, m),
                 "policy/ratio": masked_mean(ratio.detach(), m),
                 "policy/approxkl": masked_mean(0.5 * (logprobs.detach() - old) ** 2, m),
@@ -160,8 +159,3 @@ class RLOOStage(GRPOStage):
                  **kwargs):  # fmt: skip
         super().__init__(export_path=export_path, loss_type=loss_type, **kwargs)
 
-
-def _accumulate(stats: dict, share: float, values: dict) -> None:
-    """Add micro-batch metrics weighted by their share of the minibatch."""
-    for key, value in values.items():
-        stats[key] = stats.get(key, 0.0) + share * value.float()

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from shraygpt_rl.losses import entropy_from_logits, token_logprobs
 from shraygpt_rl.rewards import LearnedReward, RewardFunction, TaskVerifier, WeightedSum
@@ -77,12 +77,18 @@ class OnlineRLStage(StageModule):
         self.automatic_optimization = False
         if temperature <= 0:
             raise ValueError(f"online RL samples from the policy: temperature must be > 0, got {temperature}.")
-        self.policy = self.build_policy()
+        self.policy = disable_dropout(self.build_policy())
         functions = list(rewards or [])
         if reward_model:
             functions.append(LearnedReward(checkpoint=reward_model))
         self.reward_fn = WeightedSum(functions or [TaskVerifier()])
         self.perf: dict[str, float] = {}
+        self.rollouts = 0  # training rollouts so far (global_step counts optimizer steps)
+
+    def on_fit_start(self) -> None:
+        for fn in self.reward_fn.functions:  # learned rewards score on the policy's device
+            if isinstance(getattr(fn, "scorer", None), nn.Module):
+                fn.scorer.to(self.device)
 
     def frozen_copy(self, model):
         """A frozen copy kept outside the module tree (not trained, not checkpointed)."""
@@ -97,18 +103,21 @@ class OnlineRLStage(StageModule):
         mask = batch["attention_mask"].repeat_interleave(repeats, dim=0)
         prompts = [p for p in batch["prompt"] for _ in range(repeats)]
         metadata = [m for m in batch["metadata"] for _ in range(repeats)]
+        was_training = self.policy.training
         self.policy.eval()
         start = time.perf_counter()
         out = self.policy.generate(ids, hp.max_new_tokens, temperature=hp.temperature, top_k=hp.top_k,
                                    top_p=hp.top_p, eos_token_id=enc.eot_token, attention_mask=mask)  # fmt: skip
         self.perf["generation_s"] = time.perf_counter() - start
         self.perf["generated_tokens"] = float(out.response_mask.sum())
-        self.policy.train()
+        self.policy.train(was_training)
         responses = [decode_response(enc, row[m.bool()]) for row, m in zip(out.responses, out.response_mask)]
         truncated = ~((out.responses == enc.eot_token) & out.response_mask.bool()).any(dim=1)
         components = {k: v.to(self.device) for k, v in self.reward_fn.components(prompts, responses, metadata).items()}
         weights = [getattr(fn, "weight", 1.0) for fn in self.reward_fn.functions]
         scores = sum(w * r for w, r in zip(weights, components.values()))
+        if self.training:
+            self.rollouts += 1
         return Rollout(out.sequences, out.attention_mask, out.response_mask.float(), out.prompt_length, prompts,
                        responses, metadata, scores.float(), components, truncated)  # fmt: skip
 
@@ -142,14 +151,17 @@ class OnlineRLStage(StageModule):
         return iter(rows.split(size))
 
     def optimizer_step(self) -> None:
-        """Clip, step and clear gradients of the (single) optimizer, by hand."""
+        """Clip, step and clear gradients of the (single) optimizer, then step the schedule, by hand.
+
+        Each call is one of Lightning's global steps: ``trainer.max_steps`` counts optimizer
+        steps, so one rollout is ``num_iterations * num_mini_batches`` of them (PPO: epochs x
+        minibatches), while ``val_check_interval`` and ``log_every_n_steps`` count rollouts.
+        """
         optimizer = self.optimizers()
         if self.hparams.max_grad_norm:
             self.clip_gradients(optimizer, gradient_clip_val=self.hparams.max_grad_norm, gradient_clip_algorithm="norm")
         optimizer.step()
         optimizer.zero_grad()
-
-    def end_of_step(self) -> None:
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()
@@ -165,7 +177,7 @@ class OnlineRLStage(StageModule):
         metrics["perf/generation_tokens_per_s"] = self.perf["generated_tokens"] / max(self.perf["generation_s"], 1e-9)
         self.log_dict({k: float(v) for k, v in metrics.items()}, on_step=True, batch_size=len(rollout))
         self.log("reward", rollout.scores.mean(), prog_bar=True, logger=False, batch_size=len(rollout))
-        if self.hparams.log_samples_every and self.global_step % self.hparams.log_samples_every == 0:
+        if self.hparams.log_samples_every and self.rollouts % self.hparams.log_samples_every == 0:
             self.log_samples(rollout)
 
     def log_update(self, update_s: float, tokens: float) -> None:
@@ -200,6 +212,31 @@ class OnlineRLStage(StageModule):
         self.log("test/reward/mean", rollout.scores.mean(), batch_size=len(rollout))
         self.log("test/success", (rollout.scores >= 1.0).float().mean(), batch_size=len(rollout))
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["rollouts"] = self.rollouts
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self.rollouts = checkpoint.get("rollouts", 0)
+
     def on_train_end(self) -> None:
         if self.hparams.export_path and self.trainer.is_global_zero:
             self.policy.save_checkpoint(self.hparams.export_path, stage=self.kind)
+
+
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Switch dropout off (as TRL does in RL): the log-probabilities that score the rollout and
+    those of the first update must come from the same function for the ratio to start at 1."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        elif isinstance(getattr(module, "dropout", None), float):
+            module.dropout = 0.0  # attention's dropout probability
+    return model
+
+
+def accumulate(stats: dict, share: float, values: dict) -> None:
+    """Add micro-batch metrics weighted by their share of the minibatch."""
+    for key, value in values.items():
+        stats[key] = stats.get(key, 0.0) + share * value.float()

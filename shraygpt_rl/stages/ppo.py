@@ -1,0 +1,224 @@
+"""PPO with a learned critic, the InstructGPT recipe (Ouyang et al., 2022) as laid out in
+"The N implementation details of RLHF with PPO" (Huang et al., 2024).
+
+One step: sample one response per prompt, score it, and give every response token the reward
+``-kl_coef * KL_t`` against the frozen reference, plus the score at the last token (Ziegler et
+al., 2019, eq. 2). GAE turns rewards and the critic's values into advantages, which are whitened.
+Then ``num_ppo_epochs`` passes of ``num_mini_batches`` minibatches minimise the clipped policy
+loss plus ``vf_coef`` times the clipped value loss (Schulman et al., 2017, eq. 7 and 9).
+
+Departures from the papers: the policy and the critic share one optimizer (their parameters are
+disjoint, as with TRL's policy-and-value wrapper); dropout is off; the first epoch visits the
+minibatches unshuffled, so that the first minibatch is evaluated exactly as the rollout's
+log-probabilities were and the importance ratio starts at 1; ``target_kl`` stops the remaining
+minibatches as soon as one exceeds it (Spinning Up stops at 1.5x the target).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from shraygpt_rl.losses import (
+    AdaptiveKLController,
+    KLEstimator,
+    clipped_policy_loss,
+    clipped_value_loss,
+    explained_variance,
+    gae,
+    kl_estimate,
+    masked_mean,
+    masked_sum,
+    whiten,
+)
+from shraygpt_rl.stages.base import ConfigError
+from shraygpt_rl.stages.online import OnlineRLStage, Rollout, accumulate, disable_dropout
+from shraygpt_rl.stages.reward import RewardModel
+
+
+class PPOStage(OnlineRLStage):
+    """PPO against reward functions and/or a reward model, with a critic.
+
+    Args:
+        critic_init: Start the critic from the ``reward_model`` checkpoint or from the ``policy``;
+            None: the reward model when one is given, else the policy.
+        kl_coef: Weight of the per-token KL penalty in the reward (the start value when adaptive).
+        kl_estimator: ``k1`` (the InstructGPT reward) or ``k3`` (always >= 0).
+        adaptive_kl: Adapt ``kl_coef`` to keep the KL near ``kl_target`` (Ziegler et al., 2019).
+        kl_target: Target KL per response, in nats, for the adaptive controller.
+        kl_horizon: Horizon of the adaptive controller, in samples.
+        gamma: Discount of GAE.
+        lam: GAE's lambda.
+        cliprange: Clip range of the policy ratio.
+        cliprange_value: Clip range of the value change.
+        vf_coef: Weight of the value loss.
+        entropy_coef: Weight of the entropy bonus; 0 turns it off.
+        num_ppo_epochs: Passes over each rollout batch.
+        num_mini_batches: Optimizer steps per pass.
+        target_kl: Stop the step's remaining updates once a minibatch's approximate KL to the
+            rollout policy exceeds this; None never stops early.
+        missing_eos_penalty: Subtracted from the score of responses cut off at ``max_new_tokens``.
+        reward_clip: Clip scores to ``[-reward_clip, reward_clip]``; None for no clipping.
+        whiten_rewards: Whiten the per-token rewards (keeping their mean) before GAE.
+        export_path: Where the trained policy is written at the end.
+        **kwargs: ``OnlineRLStage``'s arguments.
+    """
+
+    kind = "ppo"
+
+    def __init__(
+        self,
+        critic_init: Literal["reward_model", "policy"] | None = None,
+        kl_coef: float = 0.05,
+        kl_estimator: KLEstimator = "k1",
+        adaptive_kl: bool = False,
+        kl_target: float = 6.0,
+        kl_horizon: int = 10000,
+        gamma: float = 1.0,
+        lam: float = 0.95,
+        cliprange: float = 0.2,
+        cliprange_value: float = 0.2,
+        vf_coef: float = 0.1,
+        entropy_coef: float = 0.0,
+        num_ppo_epochs: int = 4,
+        num_mini_batches: int = 1,
+        target_kl: float | None = None,
+        missing_eos_penalty: float | None = None,
+        reward_clip: float | None = None,
+        whiten_rewards: bool = False,
+        export_path: str | None = "checkpoints/shraygpt-ppo.ckpt",
+        **kwargs,
+    ):
+        super().__init__(export_path=export_path, **kwargs)
+        self.critic = self.build_critic(critic_init)
+        uses_kl = kl_coef > 0 or adaptive_kl
+        object.__setattr__(self, "reference", self.frozen_copy(self.policy) if uses_kl else None)
+        self.kl_ctl = AdaptiveKLController(kl_coef, kl_target, kl_horizon)
+
+    def build_critic(self, critic_init) -> RewardModel:
+        reward_model = self.hparams.reward_model
+        if critic_init == "reward_model" and not reward_model:
+            raise ConfigError("critic_init='reward_model' needs --model.reward_model (a reward-model checkpoint).")
+        if reward_model and critic_init != "policy":
+            critic = RewardModel.load_from_checkpoint(reward_model)
+            if critic.trunk.config["vocab_size"] != self.policy.config["vocab_size"]:
+                raise ConfigError("The reward model's vocabulary differs from the policy's; it cannot be the critic.")
+        else:
+            critic = RewardModel(copy.deepcopy(self.policy))
+        return disable_dropout(critic)
+
+    def trainable(self):
+        return nn.ModuleList([self.policy, self.critic])
+
+    def critic_values(self, rollout: Rollout, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """V(s_t) (r, T): the critic's value at the position before each response token."""
+        T = rollout.response_mask.size(1)
+        values, aux_loss = self.critic.values(rollout.sequences[rows], rollout.attention_mask[rows])
+        return values[:, -T - 1 : -1], aux_loss
+
+    # -- one step ------------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx):
+        hp = self.hparams
+        rollout = self.rollout(batch)
+        self.log_rollout(rollout)
+        start = time.perf_counter()
+        first = self.minibatches(len(rollout), hp.num_mini_batches, shuffle=False)
+        logprobs = self.rowwise(lambda r: self.response_logprobs(self.policy, rollout, r)[0], rollout, first)
+        values = self.rowwise(lambda r: self.critic_values(rollout, r)[0], rollout, first)
+        ref_logprobs = logprobs
+        if self.reference is not None:
+            self.reference.to(self.device)
+            ref_logprobs = self.rowwise(lambda r: self.response_logprobs(self.reference, rollout, r)[0], rollout, first)
+        mask = rollout.response_mask
+        rewards, scores, kl = self.token_rewards(rollout, logprobs, ref_logprobs)
+        advantages, returns = gae(rewards, values, mask, hp.gamma, hp.lam)
+        advantages = whiten(advantages, mask)
+        buffer = dict(logprobs=logprobs, values=values, advantages=advantages, returns=returns)
+
+        stats, stop = [], False
+        for epoch in range(hp.num_ppo_epochs):
+            minibatches = first if epoch == 0 else self.minibatches(len(rollout), hp.num_mini_batches, True)
+            for rows in minibatches:
+                stats.append(self.update(rollout, rows, buffer))
+                stop = hp.target_kl is not None and float(stats[-1]["policy/approxkl"]) > hp.target_kl
+                if stop:
+                    break
+            if stop:
+                break
+        sequence_kl = masked_sum(kl, mask, dim=1)  # (R,) KL of each response, in nats
+        if hp.adaptive_kl:
+            self.kl_ctl.update(float(sequence_kl.mean()), len(rollout))
+        self.log_stats(stats, rollout, scores, sequence_kl, values, returns, early_stop=stop)
+        self.log_update(time.perf_counter() - start, float(rollout.attention_mask.sum()) * len(stats) / len(first))
+
+    def token_rewards(self, rollout: Rollout, logprobs: Tensor, ref_logprobs: Tensor):
+        """Per-token rewards (R, T): ``-kl_coef * KL_t``, plus the score on the last token."""
+        hp, mask = self.hparams, rollout.response_mask
+        scores = rollout.scores.clone()
+        if hp.missing_eos_penalty:
+            scores[rollout.truncated] -= hp.missing_eos_penalty
+        if hp.reward_clip is not None:
+            scores = scores.clamp(-hp.reward_clip, hp.reward_clip)
+        kl = kl_estimate(logprobs, ref_logprobs, hp.kl_estimator) * mask  # (R, T)
+        rewards = -self.kl_ctl.value * kl
+        last = (mask.sum(1).long() - 1).clamp(min=0)  # (R,) index of each response's last token
+        rewards[torch.arange(len(rewards), device=rewards.device), last] += scores
+        if hp.whiten_rewards:
+            rewards = whiten(rewards, mask, shift_mean=False) * mask
+        return rewards, scores, kl
+
+    def update(self, rollout: Rollout, rows: Tensor, buffer: dict[str, Tensor]) -> dict[str, Tensor]:
+        """One optimizer step over the minibatch ``rows``: losses are token means over the whole
+        minibatch, accumulated micro-batch by micro-batch."""
+        hp, mask = self.hparams, rollout.response_mask
+        tokens = mask[rows].sum()
+        stats: dict[str, Tensor] = {}
+        for micro in self.micro_batches(rows):
+            m = mask[micro]
+            logprobs, entropy, aux_policy = self.response_logprobs(self.policy, rollout, micro, entropy=True)
+            values, aux_critic = self.critic_values(rollout, micro)
+            old = buffer["logprobs"][micro]
+            pg_losses, ratio, pg_clipped = clipped_policy_loss(logprobs, old, buffer["advantages"][micro], hp.cliprange)
+            vf_losses, vf_clipped = clipped_value_loss(values, buffer["values"][micro], buffer["returns"][micro],
+                                                       hp.cliprange_value)  # fmt: skip
+            per_token = pg_losses + hp.vf_coef * vf_losses - hp.entropy_coef * entropy
+            loss = masked_sum(per_token, m) / tokens
+            share = len(micro) / len(rows)
+            aux = self.aux_weight(self.policy) * aux_policy + self.aux_weight(self.critic.trunk) * aux_critic
+            self.manual_backward(loss + aux * share)
+            accumulate(stats, share, {
+                "policy/loss": masked_mean(pg_losses.detach(), m), "policy/clipfrac": masked_mean(pg_clipped, m),
+                "policy/ratio": masked_mean(ratio.detach(), m),
+                "policy/approxkl": masked_mean(0.5 * (logprobs.detach() - old) ** 2, m),
+                "objective/entropy": masked_mean(entropy.detach(), m),
+                "value/loss": masked_mean(vf_losses.detach(), m), "value/clipfrac": masked_mean(vf_clipped, m),
+                "moe/aux_loss": aux_policy.detach(),
+            })  # fmt: skip
+        self.optimizer_step()
+        return stats
+
+    def log_stats(self, stats, rollout, scores, sequence_kl, values, returns, early_stop: bool) -> None:
+        mean = {k: torch.stack([s[k] for s in stats]).mean() for k in stats[0]}
+        mean["policy/ratio_at_start"] = stats[0]["policy/ratio"]
+        mean["objective/kl"] = sequence_kl.mean()
+        mean["objective/kl_coef"] = torch.tensor(self.kl_ctl.value)
+        mean["objective/scores"] = scores.mean()
+        mean["objective/rlhf_reward"] = scores.mean() - self.kl_ctl.value * sequence_kl.mean()
+        mean["value/explained_variance"] = explained_variance(values, returns, rollout.response_mask)
+        mean["policy/updates"] = torch.tensor(float(len(stats)))
+        mean["policy/early_stopped"] = torch.tensor(float(early_stop))
+        self.log_dict({k: float(v) for k, v in mean.items() if k != "moe/aux_loss"}, on_step=True)
+        self.log_moe(self.policy, mean["moe/aux_loss"])
+
+    # -- the adaptive KL coefficient travels with the checkpoint --------------------------------
+    def on_save_checkpoint(self, checkpoint):
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["kl_coef"] = self.kl_ctl.value
+
+    def on_load_checkpoint(self, checkpoint):
+        super().on_load_checkpoint(checkpoint)
+        self.kl_ctl.value = checkpoint.get("kl_coef", self.kl_ctl.value)
