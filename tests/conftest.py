@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
@@ -58,8 +59,6 @@ def hh_sample() -> Path:
 
 def tiny_trainer(max_steps: int, **kwargs):
     """A quiet CPU Trainer for stage tests."""
-    import lightning as L
-
     defaults = dict(
         max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=2,
@@ -72,3 +71,57 @@ def tiny_trainer(max_steps: int, **kwargs):
 # Small, fast data: the arithmetic task without the system prompt, short sequences.
 ARITH = dict(source="arithmetic", digits=2, system_prompt=None, max_length=64, max_prompt_length=48,
              val_size=64, test_size=64, batch_size=32)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def random_policy(tmp_path_factory) -> str:
+    """A random tiny policy checkpoint."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("policy") / "random.ckpt"
+    ShrayGPT(**tiny_config()).save_checkpoint(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def sft_policy(tmp_path_factory) -> str:
+    """A tiny policy fine-tuned on noisy arithmetic demonstrations (40% carry slips), as
+    ``configs/sft.yaml`` makes it but shorter: it answers in the right format, often wrongly."""
+    from shraygpt_rl.data import SFTDataModule
+    from shraygpt_rl.stages.sft import SFTStage
+
+    path = tmp_path_factory.mktemp("policy") / "sft.ckpt"
+    L.seed_everything(0)
+    stage = SFTStage(model_config=tiny_config(), optimizer="muon_adamw", lr=1e-3, muon_lr=1e-2,
+                     lr_schedule="cosine", export_path=str(path))  # fmt: skip
+    data = SFTDataModule(**{**ARITH, "batch_size": 64, "wrong_fraction": 0.4})
+    tiny_trainer(SFT_STEPS, limit_val_batches=0).fit(stage, datamodule=data)
+    return str(path)
+
+
+SFT_STEPS = 300
+
+
+class SpreadReward:
+    """A reward with spread on a random policy's output: the share of ASCII letters and digits
+    among the first 8 characters (or a constant, for groups without signal)."""
+
+    weight = 1.0
+    name = "spread"
+
+    def __init__(self, constant: bool = False):
+        self.constant = constant
+
+    def __call__(self, prompts, responses, metadata):
+        if self.constant:
+            return torch.full((len(responses),), 0.5)
+        return torch.tensor([sum(c.isascii() and c.isalnum() for c in r[:8]) / 8 for r in responses])
+
+
+class GradRecorder(L.Callback):
+    """A copy of every gradient just before each optimizer step."""
+
+    def __init__(self):
+        self.grads: list[dict[str, torch.Tensor]] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.grads.append({n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if p.grad is not None})

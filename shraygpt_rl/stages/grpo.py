@@ -32,6 +32,7 @@ from shraygpt_rl.losses import (
     group_advantages,
     kl_estimate,
     masked_mean,
+    masked_sum,
     rloo_advantages,
 )
 from shraygpt_rl.stages.online import OnlineRLStage, accumulate
@@ -115,28 +116,32 @@ class GRPOStage(OnlineRLStage):
         """One optimizer step over the minibatch ``rows``, micro-batch by micro-batch."""
         hp = self.hparams
         tokens = mask[rows].sum()
-        stats = {}
+        stats, finite = {}, True
         for micro in self.micro_batches(rows):
-            logprobs, _, aux_loss = self.response_logprobs(self.policy, rollout, micro)
+            logprobs, _, aux_loss = self.response_logprobs(self.policy, rollout, micro)  # (r, T)
             old = logprobs.detach() if old_logprobs is None else old_logprobs[micro]
             losses, ratio, clipped = clipped_policy_loss(logprobs, old, advantages[micro], hp.epsilon, hp.epsilon_high)
             kl = None
-            if ref_logprobs is not None:
+            if ref_logprobs is not None:  # DeepSeekMath eq. 4: the k3 estimator, in the loss
                 kl = kl_estimate(logprobs, ref_logprobs[micro], "k3")
                 losses = losses + hp.beta * kl
             loss = aggregate_loss(losses, mask[micro], hp.loss_type, max_length=hp.max_new_tokens,
                                   num_sequences=len(rows), num_tokens=None if hp.loss_type == "bnpo" else tokens)
             share = len(micro) / len(rows)
-            self.manual_backward(loss + self.aux_weight(self.policy) * aux_loss * share)
-            m = mask[micro]
+            total = loss + self.aux_weight(self.policy) * aux_loss * share
+            finite = finite and bool(torch.isfinite(total))
+            self.manual_backward(total)
+            m, logprobs = mask[micro], logprobs.detach()
             accumulate(stats, share, {
                 "policy/loss": loss.detach() / share, "policy/clipfrac": masked_mean(clipped, m),
                 "policy/ratio": masked_mean(ratio.detach(), m),
-                "policy/approxkl": masked_mean(0.5 * (logprobs.detach() - old) ** 2, m),
-                "objective/kl": masked_mean(kl.detach(), m) if kl is not None else torch.zeros(()),
+                "policy/approxkl": masked_mean(0.5 * (logprobs - old) ** 2, m),
+                "objective/entropy": masked_mean(-logprobs, m),  # over sampled tokens: an unbiased estimate
                 "moe/aux_loss": aux_loss.detach(),
             })  # fmt: skip
-        self.optimizer_step()
+            if kl is not None:  # per response, in nats, as PPO reports it
+                accumulate(stats, share, {"objective/kl": masked_sum(kl.detach(), m) / len(micro)})
+        self.optimizer_step(finite)
         return stats
 
     def log_stats(self, stats: list[dict], rollout, mask) -> None:
@@ -144,6 +149,8 @@ class GRPOStage(OnlineRLStage):
         mean["policy/ratio_at_start"] = stats[0]["policy/ratio"]
         grouped = rollout.scores.view(-1, self.hparams.num_generations)
         mean["reward/frac_reward_zero_std"] = (grouped.std(dim=1) < 1e-6).float().mean()
+        mean["objective/scores"] = rollout.scores.mean()
+        mean["objective/rlhf_reward"] = rollout.scores.mean() - self.hparams.beta * mean.get("objective/kl", 0.0)
         self.log_dict({k: float(v) for k, v in mean.items() if k != "moe/aux_loss"}, on_step=True)
         self.log_moe(self.policy, mean["moe/aux_loss"])
 

@@ -150,14 +150,21 @@ class OnlineRLStage(StageModule):
         size = self.hparams.micro_batch_size or len(rows)
         return iter(rows.split(size))
 
-    def optimizer_step(self) -> None:
+    def optimizer_step(self, finite: bool = True) -> None:
         """Clip, step and clear gradients of the (single) optimizer, then step the schedule, by hand.
 
         Each call is one of Lightning's global steps: ``trainer.max_steps`` counts optimizer
         steps, so one rollout is ``num_iterations * num_mini_batches`` of them (PPO: epochs x
         minibatches), while ``val_check_interval`` and ``log_every_n_steps`` count rollouts.
+        A minibatch whose loss was not finite (``finite=False``) is dropped and counted in
+        ``train/nonfinite_skipped``.
         """
         optimizer = self.optimizers()
+        if not finite:
+            optimizer.zero_grad()
+            self.nonfinite_skipped += 1
+            self.log("train/nonfinite_skipped", float(self.nonfinite_skipped), on_step=True)
+            return
         if self.hparams.max_grad_norm:
             self.clip_gradients(optimizer, gradient_clip_val=self.hparams.max_grad_norm, gradient_clip_algorithm="norm")
         optimizer.step()
@@ -185,6 +192,8 @@ class OnlineRLStage(StageModule):
         self.log_dict({
             "perf/update_tokens_per_s": tokens / max(update_s, 1e-9),
             "perf/generation_fraction": gen / max(gen + update_s, 1e-9),
+            "perf/generation_s": gen,
+            "perf/update_s": update_s,
             "perf/step_s": gen + update_s,
         }, on_step=True)  # fmt: skip
 

@@ -177,28 +177,33 @@ class PPOStage(OnlineRLStage):
         hp, mask = self.hparams, rollout.response_mask
         tokens = mask[rows].sum()
         stats: dict[str, Tensor] = {}
+        finite = True
         for micro in self.micro_batches(rows):
             m = mask[micro]
-            logprobs, entropy, aux_policy = self.response_logprobs(self.policy, rollout, micro, entropy=True)
-            values, aux_critic = self.critic_values(rollout, micro)
+            bonus = hp.entropy_coef > 0
+            logprobs, entropy, aux_policy = self.response_logprobs(self.policy, rollout, micro, entropy=bonus)
+            values, aux_critic = self.critic_values(rollout, micro)  # (r, T) each
             old = buffer["logprobs"][micro]
             pg_losses, ratio, pg_clipped = clipped_policy_loss(logprobs, old, buffer["advantages"][micro], hp.cliprange)
             vf_losses, vf_clipped = clipped_value_loss(values, buffer["values"][micro], buffer["returns"][micro],
                                                        hp.cliprange_value)  # fmt: skip
-            per_token = pg_losses + hp.vf_coef * vf_losses - hp.entropy_coef * entropy
+            per_token = pg_losses + hp.vf_coef * vf_losses - (hp.entropy_coef * entropy if bonus else 0.0)
             loss = masked_sum(per_token, m) / tokens
             share = len(micro) / len(rows)
             aux = self.aux_weight(self.policy) * aux_policy + self.aux_weight(self.critic.trunk) * aux_critic
-            self.manual_backward(loss + aux * share)
+            total = loss + aux * share
+            finite = finite and bool(torch.isfinite(total))
+            self.manual_backward(total)
+            logprobs = logprobs.detach()
             accumulate(stats, share, {
                 "policy/loss": masked_mean(pg_losses.detach(), m), "policy/clipfrac": masked_mean(pg_clipped, m),
                 "policy/ratio": masked_mean(ratio.detach(), m),
-                "policy/approxkl": masked_mean(0.5 * (logprobs.detach() - old) ** 2, m),
-                "objective/entropy": masked_mean(entropy.detach(), m),
+                "policy/approxkl": masked_mean(0.5 * (logprobs - old) ** 2, m),
+                "objective/entropy": masked_mean(-logprobs, m),  # over sampled tokens: an unbiased estimate
                 "value/loss": masked_mean(vf_losses.detach(), m), "value/clipfrac": masked_mean(vf_clipped, m),
                 "moe/aux_loss": aux_policy.detach(),
             })  # fmt: skip
-        self.optimizer_step()
+        self.optimizer_step(finite)
         return stats
 
     def log_stats(self, stats, rollout, scores, sequence_kl, values, returns, early_stop: bool) -> None:

@@ -1,0 +1,92 @@
+"""What PPO, GRPO and RLOO share: generation and training see the same function of each row.
+
+A token's log-probability and its MoE routing must not depend on whether it was computed by the
+cached rollout engine or by a training forward, nor on which other rows share its batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from shraygpt_rl.losses import token_logprobs
+from shraygpt_rl.model import ShrayGPT
+
+
+def _routing_recorder(model: ShrayGPT):
+    """Hooks on every router that record, per call, each routed token's top-k experts (sorted)."""
+    calls: list[list[torch.Tensor]] = [[] for _ in model.layers]
+    handles = []
+    for i, layer in enumerate(model.layers):
+        k = layer.moe.top_k
+
+        def hook(module, inputs, output, i=i, k=k):
+            calls[i].append(output.float().topk(k, dim=-1).indices.sort(dim=-1).values)
+
+        handles.append(layer.moe.gate.register_forward_hook(hook))
+    return calls, handles
+
+
+def _prompts(vocab: int, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, n in enumerate(lengths):  # left padding, as the prompt DataModule makes it
+        ids[row, width - n :] = torch.randint(1, vocab, (n,))
+        mask[row, width - n :] = 1
+    return ids, mask
+
+
+def _likes_to_stop(model: ShrayGPT, eos: int) -> ShrayGPT:
+    """Point the EOS row of the head along the mean hidden state, so that a random model ends
+    about one row in ten at each step and rows finish at different times."""
+    with torch.no_grad():
+        hidden, _, _ = model.features(torch.randint(1, model.vocab_size, (8, 30)))
+        direction = hidden.reshape(-1, hidden.size(-1)).mean(0)
+        model.head.weight[eos] = 4.0 * direction / direction.norm()
+    return model
+
+
+def test_generation_and_training_give_each_token_the_same_logprob_and_routing(tiny_model):
+    """The rollout engine (prefill + one cached token per step, finished rows skipped) and one
+    training forward over prompt + response agree on every sampled token's log-probability and
+    on every token's top-k experts, whatever the batch's padding and composition."""
+    model = _likes_to_stop(tiny_model, eos=7)
+    ids, prompt_mask = _prompts(model.vocab_size, [5, 11, 8, 3, 11, 7])
+    calls, handles = _routing_recorder(model)
+    out = model.generate(ids, 12, temperature=1.0, eos_token_id=7, attention_mask=prompt_mask,
+                         generator=torch.Generator().manual_seed(1))  # fmt: skip
+    generated_routing = [torch.cat(c) for c in calls]
+    for c in calls:
+        c.clear()
+    P, N = out.prompt_length, out.response_mask.size(1)
+    assert (out.response_mask.sum(1) < N).any(), "some rows must stop early for this test to mean much"
+
+    with torch.no_grad():
+        logits, _, _ = model(out.sequences, attention_mask=out.attention_mask)  # training-style forward
+    training_routing = [torch.cat(c) for c in calls]
+    for c in calls:
+        c.clear()
+    # Which (row, position) each generation-time router call covered: the prefill's real prompt
+    # tokens, then at each decode step the token just sampled by every row still running. The
+    # last sampled token is never fed, so generation routed fewer tokens than training.
+    real = out.attention_mask.bool()
+    positions = real.nonzero()  # (S, 2) row-major: the order of the training forward's router call
+    index = {tuple(p.tolist()): j for j, p in enumerate(positions)}
+    fed = [(b, p) for b, p in positions.tolist() if p < P]
+    for t in range(N - 1):
+        fed += [(b, P + t) for b in range(len(ids)) if real[b, P + t]]
+    assert len(fed) == generated_routing[0].size(0)
+    rows = torch.tensor([index[f] for f in fed])
+    for layer in range(len(model.layers)):
+        assert torch.equal(generated_routing[layer], training_routing[layer][rows])
+
+    logprobs = token_logprobs(logits[:, P - 1 : -1], out.responses)  # (B, N)
+    mask = out.response_mask.bool()
+    assert torch.allclose(logprobs[mask], out.logprobs[mask], atol=1e-5)
+
+    # The same rows in another batch composition (reversed, split in two) give the same numbers.
+    with torch.no_grad():
+        for part in (torch.tensor([5, 3, 1]), torch.tensor([4, 2, 0])):
+            sub, _, _ = model(out.sequences[part], attention_mask=out.attention_mask[part])
+            sub_logprobs = token_logprobs(sub[:, P - 1 : -1], out.responses[part])
+            assert torch.allclose(sub_logprobs[mask[part]], logprobs[part][mask[part]], atol=1e-6)

@@ -1,0 +1,135 @@
+"""PPO stage: on-policy ratio, accumulation, per-token rewards, KL control, critic, learning."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from conftest import ARITH, GradRecorder, SpreadReward, tiny_trainer
+
+from shraygpt_rl.data import PromptDataModule
+from shraygpt_rl.evaluate import verifier_success
+from shraygpt_rl.model import ShrayGPT, tiny_config
+from shraygpt_rl.stages.base import ConfigError
+from shraygpt_rl.stages.online import Rollout
+from shraygpt_rl.stages.ppo import PPOStage
+from shraygpt_rl.stages.reward import RewardModel
+
+PROMPTS = dict(ARITH, batch_size=16, train_size=64)
+
+
+def _stage(policy: str, **kwargs) -> PPOStage:
+    defaults = dict(policy=policy, rewards=[SpreadReward()], max_new_tokens=8, optimizer="adamw", lr=1e-3,
+                    num_ppo_epochs=2, num_mini_batches=2, export_path=None, log_samples_every=0)  # fmt: skip
+    torch.manual_seed(0)  # the critic's value head is initialised at random
+    return PPOStage(**{**defaults, **kwargs})
+
+
+def _fit(stage, max_steps: int, callbacks=()) -> dict[str, float]:
+    L.seed_everything(0)
+    trainer = tiny_trainer(max_steps, limit_val_batches=0, callbacks=list(callbacks))
+    trainer.fit(stage, datamodule=PromptDataModule(**PROMPTS))
+    return {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+def test_ratio_is_one_at_the_start_of_every_rollout(random_policy):
+    stage = _stage(random_policy, micro_batch_size=4)
+    metrics = _fit(stage, max_steps=4)  # one rollout: 2 epochs x 2 minibatches, 2 micro-batches each
+    assert abs(metrics["policy/ratio_at_start"] - 1) < 1e-4
+    assert abs(metrics["policy/ratio"] - 1) > 1e-4 and metrics["policy/approxkl"] > 0
+
+
+def test_four_accumulated_micro_batches_equal_one_batch(random_policy):
+    grads = []
+    for micro_batch_size in (None, 2):  # minibatches of 8 rows: one micro-batch, or four accumulated
+        recorder = GradRecorder()
+        stage = _stage(random_policy, micro_batch_size=micro_batch_size, lr=0.0, aux_loss_weight=0.0,
+                       max_grad_norm=None, entropy_coef=0.01)  # fmt: skip
+        _fit(stage, max_steps=1, callbacks=[recorder])
+        grads.append(recorder.grads[0])
+    assert any(g.abs().max() > 0 for n, g in grads[0].items() if n.startswith("critic"))
+    assert any(g.abs().max() > 0 for n, g in grads[0].items() if n.startswith("policy"))
+    for name, whole in grads[0].items():
+        assert torch.allclose(grads[1][name], whole, atol=1e-6, rtol=1e-4), name
+
+
+def _rollout(scores, lengths, width=4, truncated=None) -> Rollout:
+    mask = (torch.arange(width)[None] < torch.tensor(lengths)[:, None]).float()
+    n = len(scores)
+    return Rollout(torch.zeros(n, width + 1, dtype=torch.long), torch.ones(n, width + 1), mask, 1, [""] * n,
+                   [""] * n, [{}] * n, torch.tensor(scores), {}, torch.tensor(truncated or [False] * n))  # fmt: skip
+
+
+def test_token_rewards_by_hand(random_policy):
+    stage = _stage(random_policy, kl_coef=0.5, kl_estimator="k1", missing_eos_penalty=1.0)
+    rollout = _rollout([2.0, -1.0], lengths=[3, 2], truncated=[False, True])
+    logprobs = torch.tensor([[-1.0, -2.0, -1.0, -9.0], [-1.0, -1.0, -9.0, -9.0]])
+    ref_logprobs = torch.tensor([[-1.5, -2.0, -0.5, 0.0], [-0.5, -1.0, 0.0, 0.0]])
+    rewards, scores, kl = stage.token_rewards(rollout, logprobs, ref_logprobs)
+    # k1 = logprobs - ref; reward = -0.5 k1, plus the score (minus the EOS penalty) at the last token
+    expected = torch.tensor([[-0.25, 0.0, 0.25 + 2.0, 0.0], [0.25, 0.0 - 2.0, 0.0, 0.0]])
+    assert torch.allclose(rewards, expected)
+    assert torch.equal(scores, torch.tensor([2.0, -2.0]))
+    assert kl[0, 3] == 0 and kl[1, 2] == 0  # padding carries no KL
+
+
+def test_reward_clipping_and_whitening(random_policy):
+    stage = _stage(random_policy, kl_coef=0.0, reward_clip=1.0, whiten_rewards=True)
+    rollout = _rollout([5.0, -3.0, 0.5], lengths=[2, 3, 1])
+    zeros = torch.zeros(3, 4)
+    rewards, scores, _ = stage.token_rewards(rollout, zeros, zeros)
+    assert torch.equal(scores, torch.tensor([1.0, -1.0, 0.5]))
+    mask = rollout.response_mask.bool()
+    assert rewards[~mask].abs().max() == 0
+    assert rewards[mask].std().item() == pytest.approx(1.0, abs=1e-4)  # whitened, mean kept
+    assert rewards[mask].mean().item() == pytest.approx(0.5 / 6, abs=1e-5)
+
+
+def test_target_kl_stops_the_epochs_early(random_policy):
+    stage = _stage(random_policy, num_ppo_epochs=4, target_kl=1e-9)
+    metrics = _fit(stage, max_steps=2)
+    # The first minibatch is on-policy (approx KL 0); the second sees an updated policy and stops.
+    assert metrics["policy/updates"] == 2 and metrics["policy/early_stopped"] == 1
+
+
+def test_adaptive_kl_coefficient_moves_towards_its_target(random_policy):
+    low = _stage(random_policy, adaptive_kl=True, kl_coef=0.1, kl_target=1e6, kl_horizon=100, num_ppo_epochs=1)
+    _fit(low, max_steps=2)
+    assert low.kl_ctl.value < 0.1  # KL far below target: the penalty shrinks
+    high = _stage(random_policy, adaptive_kl=True, kl_coef=0.1, kl_target=1e-6, kl_horizon=100, num_ppo_epochs=1,
+                  kl_estimator="k3")
+    _fit(high, max_steps=6)  # the first rollout is on the reference (KL 0); two more raise it
+    assert high.kl_ctl.value > 0.1
+
+
+def test_no_reference_without_a_kl_penalty(random_policy):
+    assert _stage(random_policy, kl_coef=0.0).reference is None
+    assert _stage(random_policy, kl_coef=0.05).reference is not None
+
+
+def test_critic_starts_from_the_reward_model_or_the_policy(random_policy, tmp_path):
+    torch.manual_seed(1)
+    rm = RewardModel(ShrayGPT(**tiny_config()))
+    rm.save_checkpoint(tmp_path / "rm.ckpt")
+    stage = _stage(random_policy, reward_model=str(tmp_path / "rm.ckpt"), rewards=None)
+    assert torch.equal(stage.critic.value_head.weight, rm.value_head.weight)
+    from_policy = _stage(random_policy, reward_model=str(tmp_path / "rm.ckpt"), critic_init="policy")
+    assert torch.equal(from_policy.critic.trunk.tok_emb.weight, from_policy.policy.tok_emb.weight)
+    with pytest.raises(ConfigError, match="reward_model"):
+        _stage(random_policy, critic_init="reward_model")
+    torch.manual_seed(2)
+    RewardModel(ShrayGPT(**tiny_config(vocab_size=300))).save_checkpoint(tmp_path / "other.ckpt")
+    with pytest.raises(ConfigError, match="vocabulary"):
+        _stage(random_policy, reward_model=str(tmp_path / "other.ckpt"))
+
+
+def test_ppo_raises_held_out_success(sft_policy):
+    """From a noisy SFT policy and the verifier, a short run raises held-out success."""
+    data = PromptDataModule(**{**ARITH, "batch_size": 32})
+    before = verifier_success(ShrayGPT.load_from_checkpoint(sft_policy), data, split="val")["success"]
+    stage = PPOStage(policy=sft_policy, max_new_tokens=12, optimizer="adamw", lr=3e-4, num_ppo_epochs=2,
+                     num_mini_batches=2, export_path=None, log_samples_every=0)  # fmt: skip
+    L.seed_everything(0)
+    tiny_trainer(80, limit_val_batches=0).fit(stage, datamodule=data)
+    after = verifier_success(stage.policy, data, split="val")["success"]
+    assert after > before + 0.15, (before, after)
