@@ -125,8 +125,14 @@ class GRPOStage(OnlineRLStage):
             if ref_logprobs is not None:  # DeepSeekMath eq. 4: the k3 estimator, in the loss
                 kl = kl_estimate(logprobs, ref_logprobs[micro], "k3")
                 losses = losses + hp.beta * kl
-            loss = aggregate_loss(losses, mask[micro], hp.loss_type, max_length=hp.max_new_tokens,
-                                  num_sequences=len(rows), num_tokens=None if hp.loss_type == "bnpo" else tokens)
+            loss = aggregate_loss(
+                losses,
+                mask[micro],
+                hp.loss_type,
+                max_length=hp.max_new_tokens,
+                num_sequences=len(rows),
+                num_tokens=None if hp.loss_type == "bnpo" else tokens,
+            )
             share = len(micro) / len(rows)
             total = loss + self.aux_weight(self.policy) * aux_loss * share
             finite = finite and bool(torch.isfinite(total))
@@ -165,4 +171,3 @@ class RLOOStage(GRPOStage):
     def __init__(self, export_path: str | None = "checkpoints/shraygpt-rloo.ckpt", loss_type: GRPOLossType = "grpo",
                  **kwargs):  # fmt: skip
         super().__init__(export_path=export_path, loss_type=loss_type, **kwargs)
-

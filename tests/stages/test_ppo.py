@@ -96,8 +96,15 @@ def test_adaptive_kl_coefficient_moves_towards_its_target(random_policy):
     low = _stage(random_policy, adaptive_kl=True, kl_coef=0.1, kl_target=1e6, kl_horizon=100, num_ppo_epochs=1)
     _fit(low, max_steps=2)
     assert low.kl_ctl.value < 0.1  # KL far below target: the penalty shrinks
-    high = _stage(random_policy, adaptive_kl=True, kl_coef=0.1, kl_target=1e-6, kl_horizon=100, num_ppo_epochs=1,
-                  kl_estimator="k3")
+    high = _stage(
+        random_policy,
+        adaptive_kl=True,
+        kl_coef=0.1,
+        kl_target=1e-6,
+        kl_horizon=100,
+        num_ppo_epochs=1,
+        kl_estimator="k3",
+    )
     _fit(high, max_steps=6)  # the first rollout is on the reference (KL 0); two more raise it
     assert high.kl_ctl.value > 0.1
 
