@@ -140,7 +140,31 @@ def test_the_readme_chain_runs_from_the_configs(workdir):
     small = ["--trainer.max_steps", "2", "--trainer.limit_val_batches", "1", "--trainer.val_check_interval", "2",
              "--data.train_size", "64", "--data.val_size", "16", "--data.test_size", "16",
              "--trainer.enable_progress_bar", "false"]  # fmt: skip
-    for stage in ("sft", "reward", "dpo"):
-        main(["--stage", stage, "--config", str(ROOT / "configs" / f"{stage}.yaml"), *small])
-    for export in ("shraygpt-instruct", "reward-model", "shraygpt-dpo"):
+    online = ["--data.batch_size", "4", "--model.max_new_tokens", "4", "--trainer.max_steps", "2",
+              "--trainer.val_check_interval", "1"]  # fmt: skip
+    for stage in ("sft", "reward", "dpo", "ppo", "grpo", "rloo"):
+        extra = online if stage in ("ppo", "grpo", "rloo") else []
+        main(["--stage", stage, "--config", str(ROOT / "configs" / f"{stage}.yaml"), *small, *extra])
+    for export in ("shraygpt-instruct", "reward-model", "shraygpt-dpo", "shraygpt-ppo", "shraygpt-grpo", "shraygpt-rloo"):
         assert Path(f"checkpoints/{export}.ckpt").is_file()
+
+
+@pytest.mark.parametrize("stage", ["ppo", "grpo"])
+def test_online_runs_log_every_namespace_to_tensorboard(workdir, random_policy, stage):
+    main(["--stage", stage, *FAST, "--model.policy", random_policy, "--model.max_new_tokens", "4",
+          "--data.batch_size", "4", "--model.log_samples_every", "1", "--trainer.max_steps", "2",
+          "--trainer.log_every_n_steps", "1", "--trainer.val_check_interval", "1"])  # fmt: skip
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next(Path(f"logs/{stage}").rglob("events.out.tfevents*")).parent)).Reload()
+    tags = set(events.Tags()["scalars"])
+    wanted = {"reward/mean", "reward/std", "reward/task_verifier", "objective/entropy", "objective/rlhf_reward",
+              "policy/clipfrac", "policy/approxkl", "policy/ratio_at_start", "policy/loss", "completions/mean_length",
+              "completions/truncated_fraction", "moe/aux_loss", "moe/load_max", "perf/generation_tokens_per_s",
+              "perf/update_tokens_per_s", "perf/generation_fraction", "val/success", "val/reward/mean"}  # fmt: skip
+    if stage == "ppo":
+        wanted |= {"objective/kl", "value/loss", "value/clipfrac", "value/explained_variance"}
+    else:
+        wanted |= {"reward/frac_reward_zero_std"}
+    assert wanted <= tags, wanted - tags
+    assert "samples" in " ".join(events.Tags()["tensors"])

@@ -3,6 +3,7 @@
 python -m shraygpt_rl.bench generation   # rollout engine against the course's decoding
 python -m shraygpt_rl.bench moe          # sparse MoE dispatch against the dense formulation
 python -m shraygpt_rl.bench stages       # SFT -> reward model -> DPO on the arithmetic task
+python -m shraygpt_rl.bench grpo-step    # one GRPO step at the bench shape: completions/s, time split
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ import argparse
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m shraygpt_rl.bench", description=__doc__.splitlines()[0])
-    parser.add_argument("which", choices=["generation", "moe", "speed", "stages"])
+    parser.add_argument("which", choices=["generation", "moe", "speed", "stages", "grpo-step"])
     parser.add_argument("--prompts", type=int, default=16, help="generation: prompts")
     parser.add_argument("--new-tokens", type=int, default=64, help="generation: new tokens per prompt")
     parser.add_argument("--moe-tokens", type=int, default=1024, help="moe: tokens")
     parser.add_argument("--workdir", default="bench-runs/stages", help="stages: where checkpoints and logs go")
+    parser.add_argument("--tokenizer-path", help="grpo-step: local r50k_base.tiktoken (default: ../shared's)")
     args = parser.parse_args(argv)
     if args.which in ("generation", "speed"):
         from shraygpt_rl.bench.speed import bench_generation
@@ -26,6 +28,10 @@ def main(argv: list[str] | None = None) -> None:
         from shraygpt_rl.bench.speed import bench_moe
 
         bench_moe(args.moe_tokens)
+    if args.which == "grpo-step":
+        from shraygpt_rl.bench.throughput import bench_grpo_step
+
+        bench_grpo_step(tokenizer_path=args.tokenizer_path)
     if args.which == "stages":
         from shraygpt_rl.bench.stages import bench_stages
 

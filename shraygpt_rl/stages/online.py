@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from shraygpt_rl.data.tasks import TASKS
 from shraygpt_rl.losses import entropy_from_logits, token_logprobs
 from shraygpt_rl.rewards import LearnedReward, RewardFunction, TaskVerifier, WeightedSum
 from shraygpt_rl.stages.base import StageModule
@@ -210,16 +211,21 @@ class OnlineRLStage(StageModule):
 
     # -- held-out evaluation -------------------------------------------------------------------
     def validation_step(self, batch, batch_idx):
-        rollout = self.rollout(batch)
-        size = len(rollout)
-        self.log("val/reward/mean", rollout.scores.mean(), batch_size=size, prog_bar=True)
-        self.log("val/success", (rollout.scores >= 1.0).float().mean(), batch_size=size)
-        self.log("val/completions/mean_length", rollout.response_mask.sum(1).mean(), batch_size=size)
+        self._eval_step(batch, "val")
 
     def test_step(self, batch, batch_idx):
+        self._eval_step(batch, "test")
+
+    def _eval_step(self, batch, split: str) -> None:
+        """Held-out rollouts: the training reward, and on the built-in tasks the verifier's
+        success rate (whatever the training reward is: a reward model can be fooled)."""
         rollout = self.rollout(batch)
-        self.log("test/reward/mean", rollout.scores.mean(), batch_size=len(rollout))
-        self.log("test/success", (rollout.scores >= 1.0).float().mean(), batch_size=len(rollout))
+        size = len(rollout)
+        self.log(f"{split}/reward/mean", rollout.scores.mean(), batch_size=size, prog_bar=split == "val")
+        self.log(f"{split}/completions/mean_length", rollout.response_mask.sum(1).mean(), batch_size=size)
+        if all(m.get("task") in TASKS for m in rollout.metadata):
+            success = TaskVerifier()(rollout.prompts, rollout.responses, rollout.metadata) == 1.0
+            self.log(f"{split}/success", success.float().mean(), batch_size=size, prog_bar=split == "val")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
