@@ -14,6 +14,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from shraygpt_rl.checkpoint import CheckpointError
 from shraygpt_rl.data import DataError, PreferenceDataModule, PromptDataModule, SFTDataModule
+from shraygpt_rl.runtime import retain_freed_memory
 from shraygpt_rl.stages.base import ConfigError
 from shraygpt_rl.stages.dpo import DPOStage
 from shraygpt_rl.stages.grpo import GRPOStage, RLOOStage
@@ -98,6 +99,7 @@ def build_cli(stage: str, args: list[str]) -> ShrayCLI:
 
 
 def main(argv: list[str] | None = None) -> None:
+    retain_freed_memory()  # before the first big allocation: see shraygpt_rl.runtime
     stage, args = split_stage(list(sys.argv[1:] if argv is None else argv))
     try:
         cli = build_cli(stage, args)

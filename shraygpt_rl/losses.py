@@ -35,11 +35,12 @@ def masked_mean(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
 def token_logprobs(logits: Tensor, labels: Tensor) -> Tensor:
     """``log p(labels)`` under ``logits`` (B, T, V) -> (B, T), in float32.
 
-    Gathers the label's logit and subtracts the log-partition, so the full (B, T, V) log-softmax
-    is never materialised.
+    Cross-entropy's fused log-softmax and gather, whose backward is one pass over the logits;
+    on CPU at a 50k vocabulary it is faster than a gather minus a logsumexp.
     """
-    logits = logits.float()
-    return logits.gather(-1, labels[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    V = logits.size(-1)
+    nll = F.cross_entropy(logits.float().reshape(-1, V), labels.reshape(-1), reduction="none")
+    return -nll.view(labels.shape)
 
 
 def sequence_logprobs(logits: Tensor, input_ids: Tensor, response_mask: Tensor, average: bool = False) -> Tensor:

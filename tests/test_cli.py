@@ -145,7 +145,8 @@ def test_the_readme_chain_runs_from_the_configs(workdir):
     for stage in ("sft", "reward", "dpo", "ppo", "grpo", "rloo"):
         extra = online if stage in ("ppo", "grpo", "rloo") else []
         main(["--stage", stage, "--config", str(ROOT / "configs" / f"{stage}.yaml"), *small, *extra])
-    for export in ("shraygpt-instruct", "reward-model", "shraygpt-dpo", "shraygpt-ppo", "shraygpt-grpo", "shraygpt-rloo"):
+    exports = ("shraygpt-instruct", "reward-model", "shraygpt-dpo", "shraygpt-ppo", "shraygpt-grpo", "shraygpt-rloo")
+    for export in exports:
         assert Path(f"checkpoints/{export}.ckpt").is_file()
 
 

@@ -102,4 +102,3 @@ class StepTimer(L.Callback):
         step_s = time.perf_counter() - self.start
         generation_s = pl_module.perf["generation_s"]
         self.steps.append({"step_s": step_s, "generation_s": generation_s, "update_s": step_s - generation_s})
-

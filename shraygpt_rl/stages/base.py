@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from shraygpt_rl.checkpoint import META, check_writable
 from shraygpt_rl.model import ShrayGPT, tiny_config
 from shraygpt_rl.optim import OptimizerName, build_optimizer
+from shraygpt_rl.runtime import retain_freed_memory
 
 
 class ConfigError(ValueError):
@@ -77,6 +78,8 @@ class StageModule(L.LightningModule):
 
     # -- checks before training ---------------------------------------------------------------
     def setup(self, stage: str) -> None:
+        if self._trainer and self.trainer.strategy.root_device.type == "cpu":
+            retain_freed_memory()  # big logits tensors: reuse freed memory instead of page-faulting
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
         tokenizer = getattr(datamodule, "tokenizer", None)
         if tokenizer is not None:

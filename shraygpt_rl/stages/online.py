@@ -124,12 +124,15 @@ class OnlineRLStage(StageModule):
 
     def response_logprobs(self, model, rollout: Rollout, rows: Tensor, entropy: bool = False):
         """Log-probabilities (r, T) of the response tokens of ``rows`` under ``model``, their
-        entropies (or None), and the MoE aux loss. The head runs on response positions only."""
-        T = rollout.response_mask.size(1)
-        seqs, attention = rollout.sequences[rows], rollout.attention_mask[rows]
-        logits, _, aux_loss = model(seqs, attention_mask=attention, logits_to_keep=T + 1)
-        logits = logits[:, :-1].float() / self.hparams.temperature  # (r, T, V): predicts each response token
-        logprobs = token_logprobs(logits, seqs[:, rollout.prompt_length :])
+        entropies (or None), and the MoE aux loss. The head runs on the positions that predict
+        response tokens only: at a 50k vocabulary the head and its softmax are most of the cost."""
+        P = rollout.prompt_length
+        seqs = rollout.sequences[rows]
+        hidden, _, aux_loss = model.features(seqs, attention_mask=rollout.attention_mask[rows])
+        logits = model.head(hidden[:, P - 1 : -1]).float()  # (r, T, V): position t predicts token t + 1
+        if self.hparams.temperature != 1.0:
+            logits = logits / self.hparams.temperature
+        logprobs = token_logprobs(logits, seqs[:, P:])
         return logprobs, (entropy_from_logits(logits) if entropy else None), aux_loss
 
     @torch.no_grad()

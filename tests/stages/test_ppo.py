@@ -5,7 +5,7 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from conftest import ARITH, GradRecorder, SpreadReward, tiny_trainer
+from conftest import ARITH, TASK, GradRecorder, SpreadReward, tiny_trainer
 
 from shraygpt_rl.data import PromptDataModule
 from shraygpt_rl.evaluate import verifier_success
@@ -131,12 +131,16 @@ def test_critic_starts_from_the_reward_model_or_the_policy(random_policy, tmp_pa
 
 
 def test_ppo_raises_held_out_success(sft_policy):
-    """From a noisy SFT policy and the verifier, a short run raises held-out success."""
-    data = PromptDataModule(**{**ARITH, "batch_size": 32})
-    before = verifier_success(ShrayGPT.load_from_checkpoint(sft_policy), data, split="val")["success"]
-    stage = PPOStage(policy=sft_policy, max_new_tokens=12, optimizer="adamw", lr=3e-4, num_ppo_epochs=2,
-                     num_mini_batches=2, export_path=None, log_samples_every=0)  # fmt: skip
+    """From the noisy SFT policy and the verifier, 40 rollouts (a sixth of configs/ppo.yaml's)
+    raise the success rate on 200 held-out prompts by 10 points or more; the KL stays finite."""
+    held_out = PromptDataModule(**TASK)
+    before = verifier_success(ShrayGPT.load_from_checkpoint(sft_policy), held_out, split="val")["success"]
+    stage = PPOStage(policy=sft_policy, max_new_tokens=16, optimizer="adamw", lr=3e-4, export_path=None,
+                     log_samples_every=0)  # fmt: skip
     L.seed_everything(0)
-    tiny_trainer(80, limit_val_batches=0).fit(stage, datamodule=data)
-    after = verifier_success(stage.policy, data, split="val")["success"]
-    assert after > before + 0.15, (before, after)
+    trainer = tiny_trainer(320, limit_val_batches=0)  # 40 rollouts x 4 epochs x 2 minibatches
+    trainer.fit(stage, datamodule=PromptDataModule(**{**TASK, "batch_size": 64}))
+    after = verifier_success(stage.policy, held_out, split="val")["success"]
+    print(f"held-out success {before:.3f} -> {after:.3f}")
+    assert after > before + 0.10, (before, after)
+    assert 0 < trainer.callback_metrics["objective/kl"] < 10

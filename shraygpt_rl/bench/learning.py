@@ -1,0 +1,56 @@
+"""Does online RL work? SFT a tiny policy on noisy arithmetic, then PPO and GRPO against the verifier.
+
+Runs ``train.py`` with ``configs/sft.yaml``, ``configs/ppo.yaml`` and ``configs/grpo.yaml`` (tiny
+model, CPU), then samples one answer per held-out test prompt from each policy at the training
+temperature (T = 1) and greedily, and prints the verifier's success rates side by side with the
+wall time of each stage.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from shraygpt_rl.cli import main as train
+from shraygpt_rl.data import PromptDataModule
+from shraygpt_rl.evaluate import verifier_success
+from shraygpt_rl.model import ShrayGPT
+
+ROOT = Path(__file__).resolve().parents[2]
+TASK = dict(source="arithmetic", digits=2, system_prompt=None, max_length=64, max_prompt_length=48, batch_size=100)
+
+
+def _run(stage: str, *args: str) -> float:
+    start = time.perf_counter()
+    train(["--stage", stage, "--config", str(ROOT / "configs" / f"{stage}.yaml"), *args])
+    return time.perf_counter() - start
+
+
+def bench_learning(workdir: str = "bench-runs/learning", stages: tuple[str, ...] = ("ppo", "grpo")) -> dict:
+    """SFT, then each online stage from the SFT policy; print held-out success before and after."""
+    os.makedirs(workdir, exist_ok=True)
+    os.chdir(workdir)
+    seconds = {"sft": _run("sft")}
+    for stage in stages:
+        seconds[stage] = _run(stage)
+    data = PromptDataModule(**TASK)
+    exports = {"sft": "shraygpt-instruct", "ppo": "shraygpt-ppo", "grpo": "shraygpt-grpo", "rloo": "shraygpt-rloo"}
+    results = {}
+    for stage in seconds:
+        policy = ShrayGPT.load_from_checkpoint(f"checkpoints/{exports[stage]}.ckpt")
+        sampled = verifier_success(policy, data, temperature=1.0)
+        greedy = verifier_success(policy, data, temperature=0.0)
+        results[stage] = {"success": sampled["success"], "greedy": greedy["success"],
+                          "mean_reward": sampled["mean_reward"], "seconds": seconds[stage]}  # fmt: skip
+    base = results["sft"]["success"]
+    print(f"\nheld-out arithmetic ({len(data.splits['test'])} test prompts), tiny model, "
+          f"{torch.get_num_threads()} threads:")  # fmt: skip
+    print(f"  {'policy':<8} {'success T=1':>12} {'vs SFT':>8} {'greedy':>8} {'mean reward':>12} {'train time':>11}")
+    for stage, r in results.items():
+        gain = "" if stage == "sft" else f"{100 * (r['success'] - base):+.1f} pt"
+        print(f"  {stage:<8} {r['success']:>12.3f} {gain:>8} {r['greedy']:>8.3f} {r['mean_reward']:>12.3f} "
+              f"{r['seconds']:>9.0f} s")  # fmt: skip
+    return results
