@@ -99,8 +99,10 @@ class Crash(L.Callback):
 
 
 class FirstStep(L.Callback):
-    def on_train_start(self, trainer, *args):
+    def on_train_start(self, trainer, pl_module):
         self.step = trainer.global_step
+        if hasattr(pl_module, "kl_ctl"):
+            self.state = (pl_module.rollouts, pl_module.kl_ctl.value)
 
 
 def test_killed_run_resumes_from_last_at_the_right_step(workdir):
@@ -119,6 +121,39 @@ def test_killed_run_resumes_from_last_at_the_right_step(workdir):
     cli.trainer.callbacks.append(first)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path)
     assert first.step == 5 and cli.trainer.global_step == 12
+
+
+class CrashAt(L.Callback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == self.step:
+            raise RuntimeError("killed")
+
+
+def test_killed_online_run_resumes_with_its_rollout_count_and_kl_coefficient(workdir, random_policy):
+    """PPO, two optimizer steps per rollout: killed after 3 rollouts, resumed from step 4."""
+    args = ["--stage", "ppo", *FAST, "--model.policy", random_policy, "--model.max_new_tokens", "4",
+            "--data.batch_size", "4", "--model.num_ppo_epochs", "1", "--model.num_mini_batches", "2",
+            "--model.adaptive_kl", "true", "--model.kl_horizon", "10", "--trainer.max_steps", "8",
+            "--trainer.val_check_interval", "4", "--trainer.callbacks+=ModelCheckpoint",
+            "--trainer.callbacks.dirpath=checkpoints/ppo", "--trainer.callbacks.save_last=true",
+            "--trainer.callbacks.every_n_train_steps=4"]  # fmt: skip
+    stage, rest = split_stage(args)
+    cli = build_cli(stage, rest)
+    cli.trainer.callbacks.append(CrashAt(6))
+    with pytest.raises(RuntimeError, match="killed"):
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    saved = torch.load("checkpoints/ppo/last.ckpt", weights_only=True)
+    assert saved["global_step"] == 4 and saved["rollouts"] == 2 and saved["kl_coef"] != 0.05
+
+    cli = build_cli(stage, [*rest, "--ckpt_path", "last"])
+    first = FirstStep()
+    cli.trainer.callbacks.append(first)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path)
+    assert first.step == 4 and first.state == (2, saved["kl_coef"])
+    assert cli.trainer.global_step == 8 and cli.model.rollouts == 4
 
 
 def test_a_run_writes_tensorboard_logs_and_checkpoints(workdir):

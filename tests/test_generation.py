@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from shraygpt_rl.generation import sample_next_token
+from shraygpt_rl.generation import sample_categorical, sample_next_token
 
 
 def _left_pad(rows):
@@ -119,3 +119,31 @@ def test_bad_arguments_are_refused(tiny_model):
         tiny_model.generate(ids[:, :5], 0)
     with pytest.raises(ValueError, match="top_p must be in"):
         tiny_model.generate(ids[:, :5], 4, top_p=0.0)
+
+
+@pytest.mark.parametrize("vocab,block", [(10, 4), (1000, 256), (517, 256)])
+def test_inverse_cdf_sampler_draws_each_index_in_proportion(vocab, block):
+    V = vocab
+    """Frequencies over 60k draws match the weights (a chi-square bound), zero weights are never
+    drawn, whether or not the vocabulary is a multiple of the block."""
+    g = torch.Generator().manual_seed(0)
+    weights = torch.rand(V, generator=g) ** 4  # uneven, unnormalised
+    weights[torch.randperm(V, generator=g)[: V // 3]] = 0.0
+    weights[-1] = 1.0  # the last block is padded: its padding must not repeat this weight
+    draws = sample_categorical(weights.expand(60000, V), generator=g, block=block)
+    counts = torch.bincount(draws, minlength=V).float()
+    assert counts[weights == 0].sum() == 0
+    expected = 60000 * weights / weights.sum()
+    seen = expected > 0
+    chi2 = ((counts[seen] - expected[seen]) ** 2 / expected[seen]).sum().item()
+    dof = int(seen.sum()) - 1
+    assert chi2 < dof + 5 * math.sqrt(2 * dof)  # about 5 standard deviations above the mean
+
+
+def test_sampler_picks_a_lone_token_and_a_lone_block():
+    weights = torch.zeros(3, 700)
+    weights[0, 0] = 1.0
+    weights[1, 699] = 5.0
+    weights[2, 300:302] = 1e-30  # tiny but positive mass is still drawable
+    draws = sample_categorical(weights, generator=torch.Generator().manual_seed(0))
+    assert draws[0] == 0 and draws[1] == 699 and draws[2] in (300, 301)

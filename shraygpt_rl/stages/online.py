@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,10 @@ from shraygpt_rl.losses import entropy_from_logits, token_logprobs
 from shraygpt_rl.rewards import LearnedReward, RewardFunction, TaskVerifier, WeightedSum
 from shraygpt_rl.stages.base import StageModule
 from shraygpt_rl.tokenizer import decode_response
+
+# A checkpoint taken after a step holds the state after all of that step's updates: the state a
+# resumed run must start the next rollout from, not the "pre-optimization state" Lightning means.
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
 
 
 @dataclass
