@@ -11,6 +11,7 @@ import torch
 import yaml
 
 from shraygpt_rl.cli import STAGES, build_cli, main, split_stage
+from shraygpt_rl.model import ShrayGPT
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -204,3 +205,21 @@ def test_online_runs_log_every_namespace_to_tensorboard(workdir, random_policy, 
         wanted |= {"reward/frac_reward_zero_std"}
     assert wanted <= tags, wanted - tags
     assert "samples" in " ".join(events.Tags()["tensors"])
+
+
+@pytest.mark.parametrize("stage", ["ppo", "grpo"])
+def test_online_stages_train_under_ddp_on_two_cpu_processes(workdir, random_policy, stage):
+    """Two processes with Lightning's DDP strategy (gloo): several backward passes per step go
+    through Lightning's manual-optimisation hooks, and rank 0 exports the trained policy."""
+    import subprocess
+    import sys
+
+    args = [sys.executable, str(ROOT / "train.py"), "--stage", stage, *FAST, "--model.policy", random_policy,
+            "--model.max_new_tokens", "4", "--data.batch_size", "4", "--model.lr", "1e-3", "--trainer.max_steps",
+            "2", "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+            "--trainer.val_check_interval", "1"]  # fmt: skip
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    start = ShrayGPT.load_from_checkpoint(random_policy)
+    trained = ShrayGPT.load_from_checkpoint(f"checkpoints/shraygpt-{stage}.ckpt")
+    assert not torch.equal(start.head.weight, trained.head.weight)
