@@ -4,7 +4,7 @@ python -m shraygpt_rl.bench generation   # rollout engine against the course's d
 python -m shraygpt_rl.bench moe          # sparse MoE dispatch against the dense formulation
 python -m shraygpt_rl.bench stages       # SFT -> reward model -> DPO on the arithmetic task
 python -m shraygpt_rl.bench grpo-step    # one GRPO step at the bench shape: completions/s, time split
-python -m shraygpt_rl.bench learning     # SFT -> PPO and GRPO on the arithmetic task: held-out success
+python -m shraygpt_rl.bench learning     # SFT -> PPO and GRPO (--stages ... rloo) on arithmetic: held-out success
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--new-tokens", type=int, default=64, help="generation: new tokens per prompt")
     parser.add_argument("--moe-tokens", type=int, default=1024, help="moe: tokens")
     parser.add_argument("--workdir", default=None, help="stages, learning: where checkpoints and logs go")
+    parser.add_argument("--stages", nargs="+", default=["ppo", "grpo"], choices=["ppo", "grpo", "rloo"],
+                        help="learning: the online stages to run after SFT")  # fmt: skip
     parser.add_argument("--tokenizer-path", help="grpo-step: local r50k_base.tiktoken (default: ../shared's)")
     args = parser.parse_args(argv)
     retain_freed_memory()  # as train.py does: see shraygpt_rl.runtime
@@ -43,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.which == "learning":
         from shraygpt_rl.bench.learning import bench_learning
 
-        bench_learning(args.workdir or "bench-runs/learning")
+        bench_learning(args.workdir or "bench-runs/learning", tuple(args.stages))
 
 
 if __name__ == "__main__":
