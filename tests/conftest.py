@@ -119,6 +119,16 @@ class SpreadReward:
         return torch.tensor([sum(c.isascii() and c.isalnum() for c in r[:8]) / 8 for r in responses])
 
 
+def fit_online(stage, max_steps: int, prompts: dict, callbacks=()) -> dict[str, float]:
+    """Fit an online stage on seeded prompts; return the last logged metrics as floats."""
+    from shraygpt_rl.data import PromptDataModule
+
+    L.seed_everything(0)
+    trainer = tiny_trainer(max_steps, limit_val_batches=0, callbacks=list(callbacks))
+    trainer.fit(stage, datamodule=PromptDataModule(**prompts))
+    return {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
 class GradRecorder(L.Callback):
     """A copy of every gradient just before each optimizer step."""
 

@@ -35,7 +35,7 @@ from shraygpt_rl.losses import (
     masked_sum,
     rloo_advantages,
 )
-from shraygpt_rl.stages.online import OnlineRLStage, accumulate
+from shraygpt_rl.stages.online import NOT_LOGGED, OnlineRLStage, accumulate, furthest_from_one
 
 
 class GRPOStage(OnlineRLStage):
@@ -116,7 +116,7 @@ class GRPOStage(OnlineRLStage):
         """One optimizer step over the minibatch ``rows``, micro-batch by micro-batch."""
         hp = self.hparams
         tokens = mask[rows].sum()
-        stats, finite = {}, True
+        stats, finite, furthest = {}, True, None
         for micro in self.micro_batches(rows):
             logprobs, _, aux_loss = self.response_logprobs(self.policy, rollout, micro)  # (r, T)
             old = logprobs.detach() if old_logprobs is None else old_logprobs[micro]
@@ -138,6 +138,7 @@ class GRPOStage(OnlineRLStage):
             finite = finite and bool(torch.isfinite(total))
             self.manual_backward(total)
             m, logprobs = mask[micro], logprobs.detach()
+            furthest = furthest_from_one(ratio, m, furthest)
             accumulate(stats, share, {
                 "policy/loss": loss.detach() / share, "policy/clipfrac": masked_mean(clipped, m),
                 "policy/ratio": masked_mean(ratio.detach(), m),
@@ -147,17 +148,18 @@ class GRPOStage(OnlineRLStage):
             })  # fmt: skip
             if kl is not None:  # per response, in nats, as PPO reports it
                 accumulate(stats, share, {"objective/kl": masked_sum(kl.detach(), m) / len(micro)})
+        stats["policy/ratio_furthest"] = furthest
         self.optimizer_step(finite)
         return stats
 
     def log_stats(self, stats: list[dict], rollout, mask) -> None:
         mean = {k: torch.stack([s[k] for s in stats]).mean() for k in stats[0]}
-        mean["policy/ratio_at_start"] = stats[0]["policy/ratio"]
+        mean["policy/ratio_at_start"] = stats[0]["policy/ratio_furthest"]
         grouped = rollout.scores.view(-1, self.hparams.num_generations)
         mean["reward/frac_reward_zero_std"] = (grouped.std(dim=1) < 1e-6).float().mean()
         mean["objective/scores"] = rollout.scores.mean()
         mean["objective/rlhf_reward"] = rollout.scores.mean() - self.hparams.beta * mean.get("objective/kl", 0.0)
-        self.log_dict({k: float(v) for k, v in mean.items() if k != "moe/aux_loss"}, on_step=True)
+        self.log_dict({k: float(v) for k, v in mean.items() if k not in NOT_LOGGED}, on_step=True)
         self.log_moe(self.policy, mean["moe/aux_loss"])
 
 

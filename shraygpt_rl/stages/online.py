@@ -259,6 +259,20 @@ def disable_dropout(model: nn.Module) -> nn.Module:
     return model
 
 
+# Per-update values that feed other metrics but are not logged as such.
+NOT_LOGGED = {"moe/aux_loss", "policy/ratio_furthest"}
+
+
+def furthest_from_one(ratio: Tensor, mask: Tensor, so_far: Tensor | None = None) -> Tensor:
+    """The importance ratio furthest from 1 among the masked tokens (and ``so_far``): what
+    ``policy/ratio_at_start`` reports for a rollout's first minibatch, where it must be 1."""
+    deviation = ((ratio.detach() - 1).abs() * mask).flatten()
+    candidate = ratio.detach().flatten()[deviation.argmax()] if deviation.numel() else ratio.new_ones(())
+    if so_far is None or (candidate - 1).abs() > (so_far - 1).abs():
+        return candidate
+    return so_far
+
+
 def accumulate(stats: dict, share: float, values: dict) -> None:
     """Add micro-batch metrics weighted by their share of the minibatch."""
     for key, value in values.items():

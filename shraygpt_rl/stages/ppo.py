@@ -36,7 +36,14 @@ from shraygpt_rl.losses import (
     whiten,
 )
 from shraygpt_rl.stages.base import ConfigError
-from shraygpt_rl.stages.online import OnlineRLStage, Rollout, accumulate, disable_dropout
+from shraygpt_rl.stages.online import (
+    NOT_LOGGED,
+    OnlineRLStage,
+    Rollout,
+    accumulate,
+    disable_dropout,
+    furthest_from_one,
+)
 from shraygpt_rl.stages.reward import RewardModel
 
 
@@ -177,7 +184,7 @@ class PPOStage(OnlineRLStage):
         hp, mask = self.hparams, rollout.response_mask
         tokens = mask[rows].sum()
         stats: dict[str, Tensor] = {}
-        finite = True
+        finite, furthest = True, None
         for micro in self.micro_batches(rows):
             m = mask[micro]
             bonus = hp.entropy_coef > 0
@@ -195,6 +202,7 @@ class PPOStage(OnlineRLStage):
             finite = finite and bool(torch.isfinite(total))
             self.manual_backward(total)
             logprobs = logprobs.detach()
+            furthest = furthest_from_one(ratio, m, furthest)
             accumulate(stats, share, {
                 "policy/loss": masked_mean(pg_losses.detach(), m), "policy/clipfrac": masked_mean(pg_clipped, m),
                 "policy/ratio": masked_mean(ratio.detach(), m),
@@ -203,12 +211,13 @@ class PPOStage(OnlineRLStage):
                 "value/loss": masked_mean(vf_losses.detach(), m), "value/clipfrac": masked_mean(vf_clipped, m),
                 "moe/aux_loss": aux_policy.detach(),
             })  # fmt: skip
+        stats["policy/ratio_furthest"] = furthest
         self.optimizer_step(finite)
         return stats
 
     def log_stats(self, stats, rollout, scores, sequence_kl, values, returns, early_stop: bool) -> None:
         mean = {k: torch.stack([s[k] for s in stats]).mean() for k in stats[0]}
-        mean["policy/ratio_at_start"] = stats[0]["policy/ratio"]
+        mean["policy/ratio_at_start"] = stats[0]["policy/ratio_furthest"]
         mean["objective/kl"] = sequence_kl.mean()
         mean["objective/kl_coef"] = torch.tensor(self.kl_ctl.value)
         mean["objective/scores"] = scores.mean()
@@ -216,7 +225,7 @@ class PPOStage(OnlineRLStage):
         mean["value/explained_variance"] = explained_variance(values, returns, rollout.response_mask)
         mean["policy/updates"] = torch.tensor(float(len(stats)))
         mean["policy/early_stopped"] = torch.tensor(float(early_stop))
-        self.log_dict({k: float(v) for k, v in mean.items() if k != "moe/aux_loss"}, on_step=True)
+        self.log_dict({k: float(v) for k, v in mean.items() if k not in NOT_LOGGED}, on_step=True)
         self.log_moe(self.policy, mean["moe/aux_loss"])
 
     # -- the adaptive KL coefficient travels with the checkpoint --------------------------------

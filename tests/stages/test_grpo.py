@@ -5,7 +5,7 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from conftest import ARITH, TASK, GradRecorder, SpreadReward, tiny_trainer
+from conftest import ARITH, TASK, GradRecorder, SpreadReward, fit_online, tiny_trainer
 
 from shraygpt_rl.data import PromptDataModule
 from shraygpt_rl.evaluate import verifier_success
@@ -22,10 +22,7 @@ def _stage(policy: str, **kwargs) -> GRPOStage:
 
 
 def _fit(stage, max_steps: int, callbacks=()) -> dict[str, float]:
-    L.seed_everything(0)
-    trainer = tiny_trainer(max_steps, limit_val_batches=0, callbacks=list(callbacks))
-    trainer.fit(stage, datamodule=PromptDataModule(**PROMPTS))
-    return {k: float(v) for k, v in trainer.callback_metrics.items()}
+    return fit_online(stage, max_steps, PROMPTS, callbacks)
 
 
 def test_ratio_is_one_at_the_start_of_every_rollout(random_policy):

@@ -10,6 +10,7 @@ import torch
 
 from shraygpt_rl.losses import token_logprobs
 from shraygpt_rl.model import ShrayGPT
+from shraygpt_rl.stages.online import furthest_from_one
 
 
 def _routing_recorder(model: ShrayGPT):
@@ -90,3 +91,11 @@ def test_generation_and_training_give_each_token_the_same_logprob_and_routing(ti
             sub, _, _ = model(out.sequences[part], attention_mask=out.attention_mask[part])
             sub_logprobs = token_logprobs(sub[:, P - 1 : -1], out.responses[part])
             assert torch.allclose(sub_logprobs[mask[part]], logprobs[part][mask[part]], atol=1e-6)
+
+
+def test_ratio_at_start_reports_the_token_furthest_from_one():
+    ratio = torch.tensor([[1.0, 1.2, 0.7], [0.95, 1.0, 3.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])  # the 3.0 is padding
+    assert furthest_from_one(ratio, mask) == 0.7
+    assert furthest_from_one(ratio[:1, :2], mask[:1, :2], so_far=torch.tensor(0.9)) == 1.2
+    assert furthest_from_one(ratio[1:], mask[1:], so_far=torch.tensor(1.5)) == 1.5
