@@ -106,6 +106,10 @@ class VerifiableTask:
     def target(self, numbers: list[int]) -> int | list[int]:
         raise NotImplementedError
 
+    def rejected_answer(self, numbers: list[int], rng: random.Random) -> str:
+        """The rejected side of a preference pair; by default the SFT noise's wrong answer."""
+        return self.wrong_answer(numbers, rng)
+
     def problems(self, split: Split) -> list[list[int]]:
         """The split's problems: distinct across splits, the same for the same seed."""
         if self._splits is None:
@@ -164,7 +168,7 @@ class VerifiableTask:
         rows = []
         for numbers in self.problems(split):
             row = self._row(numbers)
-            chosen, rejected = self.answer(numbers), self.wrong_answer(numbers, rng)
+            chosen, rejected = self.answer(numbers), self.rejected_answer(numbers, rng)
             rows.append({
                 **row,
                 "chosen": row["prompt"] + format_response(chosen),
@@ -215,6 +219,26 @@ class ArithmeticTask(VerifiableTask):
         step = 10 if total >= 10 else 1
         offset = step if total < step or rng.random() < 0.5 else -step
         return f"Answer: {total + offset}"
+
+
+    def rejected_answer(self, numbers, rng):
+        """Every kind of wrong answer a policy may give, so that a reward model trained on the
+        pairs cannot be gamed by the kinds it never saw: a carry slip (70%), a units-digit slip
+        (15%), a number far off (10%), or no ``Answer:`` at all (5%). Carry slips are the hard
+        kind for a small reward model, so they get most of the pairs.
+
+        With carry slips alone, PPO against the reward model learnt to answer off by one to
+        nine: held-out verifier success fell from 0.375 to 0.30 while the reward rose.
+        """
+        total, draw = sum(numbers), rng.random()
+        if draw < 0.7:
+            return self.wrong_answer(numbers, rng)
+        if draw < 0.85:
+            units = total % 10
+            return f"Answer: {total - units + rng.choice([d for d in range(10) if d != units])}"
+        if draw < 0.95:
+            return f"Answer: {rng.choice([n for n in range(total + 60) if abs(n - total) > 10])}"
+        return str(total)
 
 
 class SortingTask(VerifiableTask):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 
 from shraygpt_rl.data.tasks import (
@@ -90,8 +92,24 @@ def test_sft_noise_and_preferences_agree_with_the_verifier(task):
     clean = task.sft("val", wrong_fraction=0.0)
     assert all(clean["correct"])
     pairs = task.preferences("val")
-    assert all(verify(r["chosen_response"], r) == 1.0 and verify(r["rejected_response"], r) == -0.2 for r in pairs)
+    assert all(verify(r["chosen_response"], r) == 1.0 and verify(r["rejected_response"], r) < 1.0 for r in pairs)
     assert pairs[0]["chosen"] == pairs[0]["prompt"] + " " + pairs[0]["chosen_response"]
+
+
+def test_arithmetic_rejected_answers_cover_every_kind_of_error():
+    task = ArithmeticTask(num_train=3000)
+    pairs = task.preferences("train")
+    kinds = Counter()
+    for row in pairs:
+        rejected, target = row["rejected_response"], row["target"]
+        if not rejected.startswith("Answer:"):
+            kinds["no answer"] += 1
+            continue
+        off = abs(int(rejected.split()[-1]) - target)
+        kinds["carry" if off == 10 and target >= 10 else "units" if off < 10 else "far"] += 1
+    shares = {k: v / len(pairs) for k, v in kinds.items()}
+    assert shares["carry"] == pytest.approx(0.4, abs=0.04) and shares["units"] == pytest.approx(0.3, abs=0.04)
+    assert shares["far"] == pytest.approx(0.15, abs=0.03) and shares["no answer"] == pytest.approx(0.15, abs=0.03)
 
 
 def test_sorting_prompts_carry_their_metadata():
