@@ -23,6 +23,11 @@ import torch
 from shraygpt_rl.model import ARCH_KEYS
 
 META = "shraygpt_rl"
+# The files the demo configs write, and the command that writes each: named in "missing" errors.
+WRITERS = {
+    "shraygpt-instruct.ckpt": "python train.py --stage sft",
+    "reward-model.ckpt": "python train.py --stage reward",
+}
 
 
 class CheckpointError(ValueError):
@@ -33,7 +38,9 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     """Load a checkpoint dict safely, turning every failure into one clear sentence."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"No checkpoint file at '{path}'; check the path or train the stage that writes it.")
+        writer = WRITERS.get(path.name)
+        hint = f"`{writer}` writes it" if writer else "check the path or train the stage that writes it"
+        raise CheckpointError(f"No checkpoint file at '{path}'; {hint}.")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises several types for corrupt or unsafe files

@@ -1,58 +1,147 @@
-"""Held-out evaluation of a policy on verifiable prompts: success rate, mean reward, length."""
+"""Held-out evaluation of a policy: verifier success, reward, KL and win rate against a reference.
+
+``evaluate_policy`` samples one response per held-out prompt from the policy (and, when given,
+from a reference policy), and reports:
+
+* ``success`` and ``mean_reward``: the task verifier's (+1 is a success), on the built-in tasks;
+* ``reward_model_score``: the reward model's mean score of the policy's responses;
+* ``win_rate``: how often the reward model prefers the policy's response to the reference's for
+  the same prompt (ties count half);
+* ``kl_to_reference``: ``KL(policy || reference)`` per response in nats, estimated from the
+  policy's own samples as the mean of ``sum_t log pi(y_t) - log pi_ref(y_t)`` (the unbiased k1
+  estimator; Schulman, "Approximating KL divergence", 2020);
+* ``mean_length`` in tokens, and a few side-by-side samples.
+"""
 
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass
 
+import torch
+from torch import Tensor
+
+from shraygpt_rl.data.tasks import TASKS
+from shraygpt_rl.losses import masked_sum, token_logprobs
 from shraygpt_rl.model import ShrayGPT
 from shraygpt_rl.rewards import TaskVerifier
+from shraygpt_rl.stages.reward import stack_pairs
 from shraygpt_rl.tokenizer import decode_response
 
 
+@dataclass
+class Responses:
+    """One sampled response per prompt of a split, with what scoring needs."""
+
+    prompts: list[str]
+    metadata: list[dict]
+    texts: list[str]
+    lengths: Tensor  # (N,) tokens, EOS included
+    batches: list  # the GenerationOutput of each batch, for log-probabilities
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 @torch.no_grad()
-def verifier_success(
-    policy: ShrayGPT,
-    datamodule,
-    split: str = "test",
-    temperature: float = 1.0,
-    max_new_tokens: int = 16,
-    seed: int = 0,
-    reward_fn=None,
-) -> dict[str, float]:
-    """Sample one response per held-out prompt and score it with the task's verifier.
-
-    Args:
-        policy: The policy to evaluate (put in eval mode here).
-        datamodule: A ``PromptDataModule`` over a built-in task (or any prompts whose metadata
-            ``reward_fn`` understands).
-        split: ``test`` (held out) or ``val``.
-        temperature: 1.0 samples from the policy as RL trains it; 0 is greedy.
-        max_new_tokens: Longest response.
-        seed: Seeds the sampling.
-        reward_fn: Defaults to ``TaskVerifier`` (+1 counts as a success).
-
-    Returns:
-        ``success`` (share of rewards equal to 1), ``mean_reward`` and ``mean_length`` (tokens).
-    """
+def sample_responses(policy: ShrayGPT, datamodule, split: str = "test", temperature: float = 1.0,
+                     max_new_tokens: int = 16, seed: int = 0, desc: str | None = None) -> Responses:  # fmt: skip
+    """Sample one response per prompt of ``split``, batch by batch, with a seeded generator."""
     was_training = policy.training
     policy.eval()
-    reward_fn = reward_fn or TaskVerifier()
-    enc = datamodule.tokenizer
-    generator = torch.Generator(device=policy.tok_emb.weight.device).manual_seed(seed)
-    rewards, lengths = [], []
-    for batch in datamodule.plain_dataloader(split):
-        out = policy.generate(
-            batch["input_ids"].to(policy.tok_emb.weight.device), max_new_tokens, temperature=temperature,
-            attention_mask=batch["attention_mask"].to(policy.tok_emb.weight.device), eos_token_id=enc.eot_token,
-            generator=generator,
+    enc, device = datamodule.tokenizer, _device(policy)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    out = Responses([], [], [], torch.zeros(0), [])
+    lengths = []
+    for batch in datamodule.plain_dataloader(split, desc=desc):
+        gen = policy.generate(
+            batch["input_ids"].to(device), max_new_tokens, temperature=temperature,
+            attention_mask=batch["attention_mask"].to(device), eos_token_id=enc.eot_token, generator=generator,
         )  # fmt: skip
-        texts = [decode_response(enc, row[mask.bool()]) for row, mask in zip(out.responses, out.response_mask)]
-        rewards.append(reward_fn(batch["prompt"], texts, batch["metadata"]))
-        lengths.append(out.response_mask.sum(1).float().cpu())
+        out.texts += [decode_response(enc, row[mask.bool()]) for row, mask in zip(gen.responses, gen.response_mask)]
+        out.prompts += batch["prompt"]
+        out.metadata += batch["metadata"]
+        out.batches.append(gen)
+        lengths.append(gen.response_mask.sum(1).float().cpu())
+    out.lengths = torch.cat(lengths)
     policy.train(was_training)
-    rewards, lengths = torch.cat(rewards), torch.cat(lengths)
+    return out
+
+
+@torch.no_grad()
+def response_logprobs(model: ShrayGPT, responses: Responses, temperature: float = 1.0) -> Tensor:
+    """Sum of each response's token log-probabilities under ``model``: (N,)."""
+    model.eval()
+    totals = []
+    device = _device(model)
+    for gen in responses.batches:
+        seqs, mask = gen.sequences.to(device), gen.attention_mask.to(device)
+        hidden, _, _ = model.features(seqs, attention_mask=mask)
+        P = gen.prompt_length
+        logits = model.head(hidden[:, P - 1 : -1]).float() / temperature  # (B, N, V)
+        logprobs = token_logprobs(logits, seqs[:, P:])
+        totals.append(masked_sum(logprobs, gen.response_mask.to(device).float(), dim=1).cpu())
+    return torch.cat(totals)
+
+
+def verifier_success(policy: ShrayGPT, datamodule, split: str = "test", temperature: float = 1.0,
+                     max_new_tokens: int = 16, seed: int = 0, reward_fn=None) -> dict[str, float]:  # fmt: skip
+    """Success rate (share of rewards equal to 1), mean reward and mean length of one sampled
+    response per held-out prompt, scored by ``reward_fn`` (default: the task's verifier)."""
+    responses = sample_responses(policy, datamodule, split, temperature, max_new_tokens, seed)
+    rewards = (reward_fn or TaskVerifier())(responses.prompts, responses.texts, responses.metadata)
     return {
         "success": (rewards == 1.0).float().mean().item(),
         "mean_reward": rewards.mean().item(),
-        "mean_length": lengths.mean().item(),
+        "mean_length": responses.lengths.mean().item(),
     }
+
+
+def evaluate_policy(policy: ShrayGPT, datamodule, reference: ShrayGPT | None = None, reward_model=None,
+                    split: str = "test", temperature: float = 1.0, max_new_tokens: int = 16, seed: int = 0,
+                    num_samples: int = 4, name: str = "policy",
+                    reference_samples: Responses | None = None) -> dict:  # fmt: skip
+    """Every held-out figure of one policy (see the module docstring); None where it does not apply.
+
+    ``reference_samples`` are the reference's responses when already drawn (``sample_responses``
+    with another seed than the policy's), so that several policies share them."""
+    ours = sample_responses(policy, datamodule, split, temperature, max_new_tokens, seed, desc=f"sampling {name}")
+    report: dict = {"prompts": len(ours.texts), "mean_length": ours.lengths.mean().item()}
+    verifiable = all(m.get("task") in TASKS for m in ours.metadata)
+    rewards = TaskVerifier()(ours.prompts, ours.texts, ours.metadata) if verifiable else None
+    report["success"] = (rewards == 1.0).float().mean().item() if verifiable else None
+    report["mean_reward"] = rewards.mean().item() if verifiable else None
+    scores = reward_model.score(ours.prompts, ours.texts) if reward_model is not None else None
+    report["reward_model_score"] = scores.mean().item() if scores is not None else None
+    report["kl_to_reference"] = report["win_rate"] = None
+    theirs = None
+    if reference is not None:
+        gap = response_logprobs(policy, ours, temperature) - response_logprobs(reference, ours, temperature)
+        report["kl_to_reference"] = gap.mean().item()
+        theirs = reference_samples or sample_responses(reference, datamodule, split, temperature, max_new_tokens,
+                                                       seed + 1, desc="sampling the reference")  # fmt: skip
+        if reward_model is not None:
+            other = reward_model.score(theirs.prompts, theirs.texts)
+            report["win_rate"] = ((scores > other).float() + 0.5 * (scores == other).float()).mean().item()
+    report["samples"] = [
+        {"prompt": ours.prompts[i], "response": ours.texts[i],
+         "reward": rewards[i].item() if rewards is not None else None,
+         "reward_model_score": scores[i].item() if scores is not None else None,
+         "reference_response": theirs.texts[i] if theirs is not None else None}
+        for i in range(min(num_samples, len(ours.texts)))
+    ]  # fmt: skip
+    return report
+
+
+@torch.no_grad()
+def reward_model_accuracy(reward_model, datamodule, split: str = "test") -> float:
+    """Share of held-out preference pairs the reward model ranks right (chosen above rejected)."""
+    reward_model.eval()
+    device = _device(reward_model)
+    hits = []
+    for batch in datamodule.plain_dataloader(split):
+        B = batch["chosen_input_ids"].size(0)
+        ids, attention, response = (t.to(device) for t in stack_pairs(batch))
+        scores, _ = reward_model(ids, attention, response)
+        hits.append((scores[:B] > scores[B:]).float().cpu())
+    return torch.cat(hits).mean().item()

@@ -18,7 +18,7 @@ from shraygpt_rl.data import PreferenceDataModule, PromptDataModule, SFTDataModu
 from shraygpt_rl.evaluate import verifier_success
 from shraygpt_rl.losses import masked_mean, sequence_logprobs
 from shraygpt_rl.model import ShrayGPT, tiny_config
-from shraygpt_rl.stages.reward import RewardModel, _stack_pairs
+from shraygpt_rl.stages.reward import RewardModel, stack_pairs
 
 ROOT = Path(__file__).resolve().parents[2]
 HH_SAMPLE = ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-sample.jsonl.gz"
@@ -46,7 +46,7 @@ def pair_accuracy(data: PreferenceDataModule, reward_model=None, policy=None, re
     hits = []
     for batch in data.plain_dataloader("test"):
         B = batch["chosen_input_ids"].size(0)
-        ids, attention, response = _stack_pairs(batch)
+        ids, attention, response = stack_pairs(batch)
         if reward_model is not None:
             scores, _ = reward_model.eval()(ids, attention, response)
         else:

@@ -220,7 +220,6 @@ class ArithmeticTask(VerifiableTask):
         offset = step if total < step or rng.random() < 0.5 else -step
         return f"Answer: {total + offset}"
 
-
     def rejected_answer(self, numbers, rng):
         """Every kind of wrong answer a policy may give, so that a reward model trained on the
         pairs cannot be gamed by the kinds it never saw: a carry slip (70%), a units-digit slip

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from shraygpt_rl.losses import DPOLossType, dpo_loss, sequence_logprobs
 from shraygpt_rl.stages.base import StageModule
-from shraygpt_rl.stages.reward import _stack_pairs
+from shraygpt_rl.stages.reward import stack_pairs
 
 
 class DPOStage(StageModule):
@@ -60,7 +60,7 @@ class DPOStage(StageModule):
     def logps(self, model, batch) -> tuple[Tensor, Tensor, Tensor]:
         """Chosen and rejected sequence log-probabilities (B,) under ``model``, and the aux loss."""
         B = batch["chosen_input_ids"].size(0)
-        ids, attention, response = _stack_pairs(batch)
+        ids, attention, response = stack_pairs(batch)
         logits, _, aux_loss = model(ids, attention_mask=attention)
         logps = sequence_logprobs(logits, ids, response, average=self.hparams.loss_type == "ipo")
         return logps[:B], logps[B:], aux_loss

@@ -159,7 +159,7 @@ class RewardStage(StageModule):
     def rewards(self, batch) -> tuple[Tensor, Tensor, Tensor]:
         """Chosen and rejected rewards (B,) each, scored in one forward; and the aux loss."""
         B = batch["chosen_input_ids"].size(0)
-        ids, attention, response = _stack_pairs(batch)
+        ids, attention, response = stack_pairs(batch)
         scores, aux_loss = self.model(ids, attention, response)
         return scores[:B], scores[B:], aux_loss
 
@@ -211,7 +211,7 @@ class RewardStage(StageModule):
             self.model.save_checkpoint(self.hparams.export_path)
 
 
-def _stack_pairs(batch) -> tuple[Tensor, Tensor, Tensor]:
+def stack_pairs(batch) -> tuple[Tensor, Tensor, Tensor]:
     """Chosen rows then rejected rows, right-padded to one width: ids, attention, response mask."""
     width = max(batch["chosen_input_ids"].size(1), batch["rejected_input_ids"].size(1))
 

@@ -1,0 +1,115 @@
+"""Reports a person can read: a JSON file, a text table and a PNG plot.
+
+The plot has the training curves of the online runs (``reward/mean`` and ``objective/kl``, read
+from their TensorBoard logs) beside bars of each policy's held-out success and mean reward.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+
+import matplotlib.pyplot as plt  # noqa: E402
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+
+
+def latest_run(log_dir: str | Path) -> Path | None:
+    """``log_dir`` itself if it holds event files, else its newest ``version_*`` folder."""
+    log_dir = Path(log_dir)
+    if any(log_dir.glob("events.out.tfevents*")):
+        return log_dir
+    versions = sorted(log_dir.glob("version_*"), key=lambda p: int(p.name.split("_")[-1]))
+    return versions[-1] if versions else None
+
+
+def read_scalars(run_dir: str | Path, tags: tuple[str, ...]) -> dict[str, tuple[list[int], list[float]]]:
+    """``{tag: (steps, values)}`` of the scalar tags a TensorBoard run holds (absent tags left out)."""
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0}).Reload()
+    present = set(events.Tags()["scalars"])
+    out = {}
+    for tag in tags:
+        if tag in present:
+            points = events.Scalars(tag)
+            out[tag] = ([p.step for p in points], [p.value for p in points])
+    return out
+
+
+def write_json(path: str | Path, data: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2))
+    return path
+
+
+def _smooth(values: list[float], window: int) -> list[float]:
+    """Trailing mean over ``window`` points: online-RL rewards are noisy step to step."""
+    out, total = [], 0.0
+    for i, value in enumerate(values):
+        total += value - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def plot_report(path: str | Path, runs: dict[str, str | Path], policies: dict[str, dict]) -> Path:
+    """Write the PNG: reward and KL over training for each run, then held-out bars per policy.
+
+    Args:
+        path: The PNG to write.
+        runs: ``{label: TensorBoard log folder}`` of the online runs to draw curves for.
+        policies: ``{label: evaluate_policy report}``; bars show ``success`` and ``mean_reward``.
+    """
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    reward_ax, kl_ax, bar_ax = axes
+    for label, log_dir in runs.items():
+        run = latest_run(log_dir)
+        scalars = read_scalars(run, ("reward/mean", "objective/kl")) if run else {}
+        for ax, tag in ((reward_ax, "reward/mean"), (kl_ax, "objective/kl")):
+            if tag in scalars:  # logged once per rollout: PPO takes several optimizer steps per rollout
+                _, values = scalars[tag]
+                ax.plot(range(1, len(values) + 1), _smooth(values, max(len(values) // 40, 1)), label=label,
+                        marker="o" if len(values) < 20 else None)  # fmt: skip
+    reward_ax.set(title="training reward (reward/mean, smoothed)", xlabel="rollout", ylabel="reward")
+    kl_ax.set(title="KL to the reference per response (objective/kl)", xlabel="rollout", ylabel="nats")
+    for ax in (reward_ax, kl_ax):
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend()
+        else:
+            ax.text(0.5, 0.5, "no run logged this", ha="center", va="center", transform=ax.transAxes)
+    _bars(bar_ax, policies)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _bars(ax, policies: dict[str, dict]) -> None:
+    labels = list(policies)
+    metrics = [m for m in ("success", "mean_reward", "win_rate") if any(policies[p].get(m) is not None for p in labels)]
+    width = 0.8 / max(len(metrics), 1)
+    for i, metric in enumerate(metrics):
+        values = [policies[p].get(metric) for p in labels]
+        xs = [j + (i - (len(metrics) - 1) / 2) * width for j in range(len(labels))]
+        bars = ax.bar(xs, [v if v is not None else math.nan for v in values], width, label=metric.replace("_", " "))
+        ax.bar_label(bars, labels=[f"{v:.2f}" if v is not None else "" for v in values], fontsize=8)
+    ax.set_xticks(range(len(labels)), labels)
+    ax.axhline(0, color="black", linewidth=0.6)
+    ax.set(title="held-out prompts, sampled at T = 1")
+    ax.legend(loc="lower right")
+
+
+def table(policies: dict[str, dict], columns: tuple[str, ...]) -> str:
+    """A fixed-width text table: one row per policy, ``-`` where a figure does not apply."""
+    head = f"{'policy':<10}" + "".join(f"{c.replace('_', ' '):>20}" for c in columns)
+    rows = [head, "-" * len(head)]
+    for label, report in policies.items():
+        cells = [report.get(c) for c in columns]
+        rows.append(f"{label:<10}" + "".join(f"{'-' if v is None else f'{v:.3f}':>20}" for v in cells))
+    return "\n".join(rows)
