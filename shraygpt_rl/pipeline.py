@@ -117,13 +117,15 @@ def pipeline(
     steps = [("SFT", "sft", sft), ("reward", "reward", reward), ("PPO", "ppo", ppo), ("GRPO", "grpo", grpo),
              ("DPO", "dpo", dpo)]  # fmt: skip
     steps = [s for s in steps if s[2] is not None]
-    exports, logs, seconds = {}, {}, {}
+    exports, logs, seconds, optimised = {}, {}, {}, {}
     for i, (label, stage, config) in enumerate(steps, 1):
         print(f"\n[{i}/{len(steps)}] {label}: python train.py --stage {stage} --config {config}", flush=True)
         start = time.perf_counter()
         cli = train(["--stage", stage, "--config", config])
         seconds[label] = round(time.perf_counter() - start, 1)
         exports[label], logs[label] = cli.model.hparams.export_path, cli.trainer.logger.log_dir
+        if stage in ("ppo", "grpo"):  # what each online run optimised: the plot puts them side by side
+            optimised[label] = "reward model" if cli.model.hparams.reward_model else "reward functions"
 
     print(f"\n[evaluation] {num_prompts} held-out prompts per policy", flush=True)
     data = _prompts(sft, num_prompts)
@@ -138,8 +140,14 @@ def pipeline(
             model = ShrayGPT.load_from_checkpoint(exports[label])
             policies[label] = evaluate_policy(model, data, reference=sft_policy, name=label,
                                               reference_samples=sft_samples, **options)  # fmt: skip
-    report = {"reward_model_accuracy": accuracy, "seconds": seconds, "exports": exports, "results": policies}
-    runs = {label: logs[label] for label in ("PPO", "GRPO") if label in logs}
+    report = {
+        "reward_model_accuracy": accuracy,
+        "seconds": seconds,
+        "exports": exports,
+        "results": policies,
+        "logs": {label: log[0] if isinstance(log, tuple) else log for label, log in logs.items()},
+    }
+    runs = {f"{label} ({optimised[label]})": logs[label] for label in ("PPO", "GRPO") if label in logs}
     png = plot_report(f"{out}.png", runs, policies)
     print(f"\nheld-out arithmetic, one sample per prompt at T = 1 (KL and win rate against the SFT policy):\n"
           f"{table(policies, COLUMNS)}\nreward model pairwise accuracy on held-out pairs: {accuracy:.3f}\n"

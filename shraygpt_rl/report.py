@@ -56,38 +56,70 @@ def _smooth(values: list[float], window: int) -> list[float]:
 
 
 def plot_report(path: str | Path, runs: dict[str, str | Path], policies: dict[str, dict]) -> Path:
-    """Write the PNG: reward and KL over training for each run, then held-out bars per policy.
+    """Write the PNG: held-out success and KL over training, bars per policy, reward per run.
+
+    The top row has the runs' held-out success during training (``val/success``, the verifier's
+    on the built-in tasks, so every run is on the same scale), their KL to the reference, and
+    held-out bars per policy. The bottom row has each run's training reward on its own axis: the
+    runs may optimise different rewards (a reward model, a verifier).
 
     Args:
         path: The PNG to write.
         runs: ``{label: TensorBoard log folder}`` of the online runs to draw curves for.
-        policies: ``{label: evaluate_policy report}``; bars show ``success`` and ``mean_reward``.
+        policies: ``{label: evaluate_policy report}``; bars show ``success``, ``mean_reward`` and
+            ``win_rate``.
     """
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    reward_ax, kl_ax, bar_ax = axes
+    curves = {}
     for label, log_dir in runs.items():
         run = latest_run(log_dir)
-        scalars = read_scalars(run, ("reward/mean", "objective/kl")) if run else {}
-        for ax, tag in ((reward_ax, "reward/mean"), (kl_ax, "objective/kl")):
-            if tag in scalars:  # logged once per rollout: PPO takes several optimizer steps per rollout
-                _, values = scalars[tag]
-                ax.plot(range(1, len(values) + 1), _smooth(values, max(len(values) // 40, 1)), label=label,
-                        marker="o" if len(values) < 20 else None)  # fmt: skip
-    reward_ax.set(title="training reward (reward/mean, smoothed)", xlabel="rollout", ylabel="reward")
+        curves[label] = read_scalars(run, ("reward/mean", "objective/kl", "val/success")) if run else {}
+    rows = 2 if curves else 1
+    fig, axes = plt.subplots(rows, 3, figsize=(15, 4.2 * rows), squeeze=False)
+    success_ax, kl_ax, bar_ax = axes[0]
+    for label, scalars in curves.items():
+        per_rollout = _steps_per_rollout(scalars)
+        for ax, tag in ((success_ax, "val/success"), (kl_ax, "objective/kl")):
+            if tag in scalars:
+                steps, values = scalars[tag]
+                ax.plot([s / per_rollout for s in steps], _smooth(values, 1 if tag == "val/success" else 5),
+                        label=label, marker="o" if len(values) < 20 else None)  # fmt: skip
+    success_ax.set(title="held-out success during training (val/success)", xlabel="rollout", ylim=(0, 1.02))
     kl_ax.set(title="KL to the reference per response (objective/kl)", xlabel="rollout", ylabel="nats")
-    for ax in (reward_ax, kl_ax):
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend()
-        else:
-            ax.text(0.5, 0.5, "no run logged this", ha="center", va="center", transform=ax.transAxes)
+    for ax in (success_ax, kl_ax):
+        _finish(ax, "no run logged this")
     _bars(bar_ax, policies)
+    if not curves:
+        success_ax.set_visible(False)
+        kl_ax.set_visible(False)
+    for ax, (label, scalars) in zip(axes[1] if rows == 2 else [], curves.items()):
+        if "reward/mean" in scalars:
+            steps, values = scalars["reward/mean"]
+            ax.plot(range(1, len(values) + 1), _smooth(values, max(len(values) // 40, 1)), color="tab:green")
+        ax.set(title=f"{label}: training reward (reward/mean, smoothed)", xlabel="rollout", ylabel="reward")
+        ax.grid(alpha=0.3)
+    for ax in list(axes[1])[len(curves) :] if rows == 2 else []:
+        ax.set_visible(False)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _steps_per_rollout(scalars: dict) -> float:
+    """Optimizer steps per rollout: ``reward/mean`` is logged once a rollout, at its first step."""
+    steps = scalars.get("reward/mean", ([], []))[0]
+    gaps = sorted(b - a for a, b in zip(steps, steps[1:]))
+    return max(gaps[len(gaps) // 2], 1) if gaps else 1
+
+
+def _finish(ax, empty: str) -> None:
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, empty, ha="center", va="center", transform=ax.transAxes)
 
 
 def _bars(ax, policies: dict[str, dict]) -> None:
@@ -101,8 +133,9 @@ def _bars(ax, policies: dict[str, dict]) -> None:
         ax.bar_label(bars, labels=[f"{v:.2f}" if v is not None else "" for v in values], fontsize=8)
     ax.set_xticks(range(len(labels)), labels)
     ax.axhline(0, color="black", linewidth=0.6)
-    ax.set(title="held-out prompts, sampled at T = 1")
-    ax.legend(loc="lower right")
+    low = min([0.0] + [policies[p][m] for p in labels for m in metrics if policies[p].get(m) is not None])
+    ax.set(title="held-out prompts, sampled at T = 1", ylim=(min(low - 0.1, 0), 1.3))
+    ax.legend(loc="upper left", ncol=len(metrics), fontsize=8)
 
 
 def table(policies: dict[str, dict], columns: tuple[str, ...]) -> str:

@@ -20,3 +20,26 @@ def test_step_flops_by_hand():
     # generation: 2 trunk FLOPs per token, head on new tokens; update: 3x a forward (head on N + 1)
     expected = 2 * trunk * 4 * 15 + 2 * 320 * 64 * 4 * 5 + 3 * (2 * trunk * 4 * 15 + 2 * 320 * 64 * 4 * 6)
     assert step_flops(model, rows=4, prompt_tokens=10, new_tokens=5) == expected
+
+
+def test_the_other_benchmarks_run_at_a_small_size(tmp_path, monkeypatch, capsys):
+    """The README's bench commands, with every stage cut to a few steps."""
+    from shraygpt_rl.bench import learning, stages
+    from shraygpt_rl.bench.__main__ import main
+
+    small = ["--trainer.max_steps", "8", "--trainer.val_check_interval", "4", "--trainer.limit_val_batches", "1",
+             "--data.train_size", "64", "--data.val_size", "16", "--data.test_size", "16",
+             "--trainer.enable_progress_bar", "false"]  # fmt: skip
+    monkeypatch.setattr(learning, "OVERRIDES", small)
+    monkeypatch.setattr(stages, "OVERRIDES", small)
+    main(["generation", "--prompts", "2", "--new-tokens", "4"])
+    main(["moe", "--moe-tokens", "64"])
+    monkeypatch.chdir(tmp_path)
+    main(["learning", "--workdir", str(tmp_path / "learning"), "--stages", "ppo", "grpo", "rloo"])
+    monkeypatch.chdir(tmp_path)
+    main(["stages", "--workdir", str(tmp_path / "stages")])
+    printed = capsys.readouterr().out
+    assert "greedy outputs identical to the course's way: 2/2 rows" in printed
+    assert "max |sparse - dense|" in printed
+    assert all(f"  {stage} " in printed for stage in ("sft", "ppo", "grpo", "rloo"))
+    assert "reward model held-out pairwise accuracy" in printed

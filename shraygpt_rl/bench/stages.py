@@ -21,6 +21,7 @@ from shraygpt_rl.model import ShrayGPT, tiny_config
 from shraygpt_rl.stages.reward import RewardModel, stack_pairs
 
 ROOT = Path(__file__).resolve().parents[2]
+OVERRIDES: list[str] = []  # flags appended to every stage's command (the tests shrink the runs with them)
 HH_SAMPLE = ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-sample.jsonl.gz"
 R50K = ROOT.parent / "shared" / "tokenizers" / "r50k_base.tiktoken"
 TASK = dict(source="arithmetic", digits=2, system_prompt=None, max_length=64, max_prompt_length=48, batch_size=100)
@@ -59,7 +60,7 @@ def pair_accuracy(data: PreferenceDataModule, reward_model=None, policy=None, re
 
 def _run(stage: str, *args: str) -> float:
     start = time.perf_counter()
-    train(["--stage", stage, "--config", str(ROOT / "configs" / f"{stage}.yaml"), *args])
+    train(["--stage", stage, "--config", str(ROOT / "configs" / f"{stage}.yaml"), *args, *OVERRIDES])
     return time.perf_counter() - start
 
 
