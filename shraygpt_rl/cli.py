@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None):
         args = ["--config", str(default), *args]
     try:
         if stage in COMMANDS:
-            return auto_cli(COMMANDS[stage], args=args, prog=f"train.py --stage {stage}")
+            return auto_cli(COMMANDS[stage], args=args, as_positional=False, prog=f"train.py --stage {stage}")
         cli = build_cli(stage, args)
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path)
         return cli

@@ -119,7 +119,7 @@ def load_preferences(
         split: The hub split (``train`` or ``test``). In a directory, files whose name starts with
             ``<split>.`` are used if there are any, else every file.
         data_dir: A subset such as ``harmless-base``: the hub's ``data_dir``, or a subfolder of a
-            local directory.
+            local directory (ignored for a file, or for a folder of that name).
         skip_invalid: Drop invalid rows (and log how many) instead of stopping at the first one.
         system_prompt: Prepended to every prompt; None for none.
 
@@ -149,8 +149,12 @@ def is_local_source(source: str | Path) -> bool:
 
 
 def _data_files(source: Path, split: str, data_dir: str | None) -> list[Path]:
+    """The files to read: ``source`` itself, or its ``data_dir`` subfolder (a file is one subset
+    already, and a folder named ``data_dir`` is that subset)."""
     source = source.expanduser()
-    if data_dir:
+    if data_dir and source.is_dir() and source.name != data_dir:
+        if not (source / data_dir).is_dir():
+            raise DataError(f"'{source}' has no '{data_dir}' subfolder; pass the subset's folder or set data_dir.")
         source = source / data_dir
     if source.is_file():
         return [source]

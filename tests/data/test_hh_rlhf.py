@@ -86,6 +86,11 @@ def test_local_directory_picks_the_split_and_subset(tmp_path):
     assert len(load_preferences(tmp_path, split="train", data_dir="harmless-base")) == 3
     assert len(load_preferences(tmp_path, split="test", data_dir="harmless-base")) == 1
     assert len(load_preferences(subset / "train.jsonl.gz")) == 3
+    # The configs name the subset; pointing at its folder or at one file works with them as they are.
+    assert len(load_preferences(subset, split="train", data_dir="harmless-base")) == 3
+    assert len(load_preferences(subset / "test.jsonl.gz", split="train", data_dir="harmless-base")) == 1
+    with pytest.raises(DataError, match="has no 'helpful-base' subfolder"):
+        load_preferences(tmp_path, data_dir="helpful-base")
 
 
 def test_hub_name_is_passed_to_datasets(monkeypatch, tmp_path):
