@@ -127,8 +127,8 @@ def test_course_user_commands_on_hh_rlhf(tmp_path, monkeypatch, hh_sample, r50k_
     Path("checkpoints").mkdir()
     ShrayGPT(**tiny_config(vocab_size=50257, block_size=256)).save_checkpoint("checkpoints/shraygpt-instruct.ckpt")
     offline = ["--data.source", str(hh_sample), "--data.tokenizer_path", str(r50k_file), "--data.max_length", "160",
-               "--data.max_prompt_length", "128", "--data.val_size", "8", "--data.test_size", "8",
-               "--trainer.limit_val_batches", "1", "--trainer.precision", "bf16-mixed",
+               "--data.max_prompt_length", "128", "--data.train_size", "32", "--data.val_size", "8",
+               "--data.test_size", "8", "--trainer.limit_val_batches", "1", "--trainer.precision", "bf16-mixed",
                "--trainer.enable_progress_bar", "false"]  # fmt: skip
     main(
         [
