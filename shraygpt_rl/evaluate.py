@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from shraygpt_rl.data.tasks import TASKS
+from shraygpt_rl.generation import response_logits
 from shraygpt_rl.losses import masked_sum, token_logprobs
 from shraygpt_rl.model import ShrayGPT
 from shraygpt_rl.rewards import TaskVerifier
@@ -75,11 +76,9 @@ def response_logprobs(model: ShrayGPT, responses: Responses, temperature: float 
     totals = []
     device = _device(model)
     for gen in responses.batches:
-        seqs, mask = gen.sequences.to(device), gen.attention_mask.to(device)
-        hidden, _, _ = model.features(seqs, attention_mask=mask)
-        P = gen.prompt_length
-        logits = model.head(hidden[:, P - 1 : -1]).float() / temperature  # (B, N, V)
-        logprobs = token_logprobs(logits, seqs[:, P:])
+        seqs = gen.sequences.to(device)
+        logits, _ = response_logits(model, seqs, gen.attention_mask.to(device), gen.prompt_length, temperature)
+        logprobs = token_logprobs(logits, seqs[:, gen.prompt_length :])  # (B, N)
         totals.append(masked_sum(logprobs, gen.response_mask.to(device).float(), dim=1).cpu())
     return torch.cat(totals)
 

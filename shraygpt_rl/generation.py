@@ -116,6 +116,17 @@ def _invert(cdf: Tensor, uniform: Tensor) -> Tensor:
     return torch.minimum(index, last)
 
 
+def response_logits(model, sequences: Tensor, attention_mask: Tensor, prompt_length: int,
+                    temperature: float = 1.0) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """The training-style counterpart of ``generate``: float32 logits (B, N, V) at the positions
+    that predict the response tokens ``sequences[:, prompt_length:]``, divided by ``temperature``
+    as sampling did, and the MoE aux loss. The head runs on those positions only: at a 50k
+    vocabulary the head and its softmax are most of the cost of an update."""
+    hidden, _, aux_loss = model.features(sequences, attention_mask=attention_mask)
+    logits = model.head(hidden[:, prompt_length - 1 : -1]).float()  # position t predicts token t + 1
+    return (logits if temperature == 1.0 else logits / temperature), aux_loss
+
+
 @torch.no_grad()
 def generate(
     model,

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from shraygpt_rl.data.tasks import TASKS
+from shraygpt_rl.generation import response_logits
 from shraygpt_rl.losses import entropy_from_logits, token_logprobs
 from shraygpt_rl.rewards import LearnedReward, RewardFunction, TaskVerifier, WeightedSum
 from shraygpt_rl.stages.base import StageModule
@@ -129,15 +130,11 @@ class OnlineRLStage(StageModule):
 
     def response_logprobs(self, model, rollout: Rollout, rows: Tensor, entropy: bool = False):
         """Log-probabilities (r, T) of the response tokens of ``rows`` under ``model``, their
-        entropies (or None), and the MoE aux loss. The head runs on the positions that predict
-        response tokens only: at a 50k vocabulary the head and its softmax are most of the cost."""
-        P = rollout.prompt_length
+        entropies (or None), and the MoE aux loss."""
         seqs = rollout.sequences[rows]
-        hidden, _, aux_loss = model.features(seqs, attention_mask=rollout.attention_mask[rows])
-        logits = model.head(hidden[:, P - 1 : -1]).float()  # (r, T, V): position t predicts token t + 1
-        if self.hparams.temperature != 1.0:
-            logits = logits / self.hparams.temperature
-        logprobs = token_logprobs(logits, seqs[:, P:])
+        logits, aux_loss = response_logits(model, seqs, rollout.attention_mask[rows], rollout.prompt_length,
+                                           self.hparams.temperature)  # fmt: skip
+        logprobs = token_logprobs(logits, seqs[:, rollout.prompt_length :])
         return logprobs, (entropy_from_logits(logits) if entropy else None), aux_loss
 
     @torch.no_grad()
