@@ -115,9 +115,13 @@ class StageModule(L.LightningModule):
         """
         if torch.isfinite(loss):
             return loss
+        self.count_nonfinite()
+        return None
+
+    def count_nonfinite(self) -> None:
+        """Count one skipped update in ``train/nonfinite_skipped``."""
         self.nonfinite_skipped += 1
         self.log("train/nonfinite_skipped", float(self.nonfinite_skipped), on_step=True)
-        return None
 
     # -- monitoring ----------------------------------------------------------------------------
     def log_moe(self, model: ShrayGPT, aux_loss: Tensor, prefix: str = "") -> None:

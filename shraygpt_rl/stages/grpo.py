@@ -35,7 +35,7 @@ from shraygpt_rl.losses import (
     masked_sum,
     rloo_advantages,
 )
-from shraygpt_rl.stages.online import NOT_LOGGED, OnlineRLStage, accumulate, furthest_from_one
+from shraygpt_rl.stages.online import OnlineRLStage, accumulate, furthest_from_one
 
 
 class GRPOStage(OnlineRLStage):
@@ -153,14 +153,12 @@ class GRPOStage(OnlineRLStage):
         return stats
 
     def log_stats(self, stats: list[dict], rollout, mask) -> None:
-        mean = {k: torch.stack([s[k] for s in stats]).mean() for k in stats[0]}
-        mean["policy/ratio_at_start"] = stats[0]["policy/ratio_furthest"]
+        mean = self.mean_of_updates(stats)
         grouped = rollout.scores.view(-1, self.hparams.num_generations)
         mean["reward/frac_reward_zero_std"] = (grouped.std(dim=1) < 1e-6).float().mean()
         mean["objective/scores"] = rollout.scores.mean()
         mean["objective/rlhf_reward"] = rollout.scores.mean() - self.hparams.beta * mean.get("objective/kl", 0.0)
-        self.log_dict({k: float(v) for k, v in mean.items() if k not in NOT_LOGGED}, on_step=True)
-        self.log_moe(self.policy, mean["moe/aux_loss"])
+        self.log_step(mean)
 
 
 class RLOOStage(GRPOStage):

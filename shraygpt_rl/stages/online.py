@@ -168,8 +168,7 @@ class OnlineRLStage(StageModule):
         optimizer = self.optimizers()
         if not finite:
             optimizer.zero_grad()
-            self.nonfinite_skipped += 1
-            self.log("train/nonfinite_skipped", float(self.nonfinite_skipped), on_step=True)
+            self.count_nonfinite()
             return
         if self.hparams.max_grad_norm:
             self.clip_gradients(optimizer, gradient_clip_val=self.hparams.max_grad_norm, gradient_clip_algorithm="norm")
@@ -202,6 +201,19 @@ class OnlineRLStage(StageModule):
             "perf/update_s": update_s,
             "perf/step_s": gen + update_s,
         }, on_step=True)  # fmt: skip
+
+    def mean_of_updates(self, stats: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        """Each per-update metric averaged over the step's updates, and ``policy/ratio_at_start``:
+        the first update's token ratio furthest from 1 (the on-policy one, where it must be 1)."""
+        mean = {k: torch.stack([s[k] for s in stats]).mean() for k in stats[0] if k != "policy/ratio_furthest"}
+        mean["policy/ratio_at_start"] = stats[0]["policy/ratio_furthest"]
+        return mean
+
+    def log_step(self, metrics: dict[str, Tensor]) -> None:
+        """Log a step's metrics; ``moe/aux_loss`` goes with the router statistics (``log_moe``)."""
+        aux_loss = metrics.pop("moe/aux_loss")
+        self.log_dict({k: float(v) for k, v in metrics.items()}, on_step=True)
+        self.log_moe(self.policy, aux_loss)
 
     def log_samples(self, rollout: Rollout, count: int = 4) -> None:
         """A few prompt -> response pairs, with their rewards, as a TensorBoard text entry."""
@@ -254,10 +266,6 @@ def disable_dropout(model: nn.Module) -> nn.Module:
         elif isinstance(getattr(module, "dropout", None), float):
             module.dropout = 0.0  # attention's dropout probability
     return model
-
-
-# Per-update values that feed other metrics but are not logged as such.
-NOT_LOGGED = {"moe/aux_loss", "policy/ratio_furthest"}
 
 
 def furthest_from_one(ratio: Tensor, mask: Tensor, so_far: Tensor | None = None) -> Tensor:

@@ -37,7 +37,6 @@ from shraygpt_rl.losses import (
 )
 from shraygpt_rl.stages.base import ConfigError
 from shraygpt_rl.stages.online import (
-    NOT_LOGGED,
     OnlineRLStage,
     Rollout,
     accumulate,
@@ -216,8 +215,7 @@ class PPOStage(OnlineRLStage):
         return stats
 
     def log_stats(self, stats, rollout, scores, sequence_kl, values, returns, early_stop: bool) -> None:
-        mean = {k: torch.stack([s[k] for s in stats]).mean() for k in stats[0]}
-        mean["policy/ratio_at_start"] = stats[0]["policy/ratio_furthest"]
+        mean = self.mean_of_updates(stats)
         mean["objective/kl"] = sequence_kl.mean()
         mean["objective/kl_coef"] = torch.tensor(self.kl_ctl.value)
         mean["objective/scores"] = scores.mean()
@@ -225,8 +223,7 @@ class PPOStage(OnlineRLStage):
         mean["value/explained_variance"] = explained_variance(values, returns, rollout.response_mask)
         mean["policy/updates"] = torch.tensor(float(len(stats)))
         mean["policy/early_stopped"] = torch.tensor(float(early_stop))
-        self.log_dict({k: float(v) for k, v in mean.items() if k not in NOT_LOGGED}, on_step=True)
-        self.log_moe(self.policy, mean["moe/aux_loss"])
+        self.log_step(mean)
 
     # -- the adaptive KL coefficient travels with the checkpoint --------------------------------
     def on_save_checkpoint(self, checkpoint):
