@@ -24,14 +24,13 @@ def test_step_flops_by_hand():
 
 def test_the_other_benchmarks_run_at_a_small_size(tmp_path, monkeypatch, capsys):
     """The README's bench commands, with every stage cut to a few steps."""
-    from shraygpt_rl.bench import learning, stages
+    import shraygpt_rl.bench
     from shraygpt_rl.bench.__main__ import main
 
     small = ["--trainer.max_steps", "8", "--trainer.val_check_interval", "4", "--trainer.limit_val_batches", "1",
              "--data.train_size", "64", "--data.val_size", "16", "--data.test_size", "16",
              "--trainer.enable_progress_bar", "false"]  # fmt: skip
-    monkeypatch.setattr(learning, "OVERRIDES", small)
-    monkeypatch.setattr(stages, "OVERRIDES", small)
+    monkeypatch.setattr(shraygpt_rl.bench, "OVERRIDES", small)
     main(["generation", "--prompts", "2", "--new-tokens", "4"])
     main(["moe", "--moe-tokens", "64"])
     monkeypatch.chdir(tmp_path)

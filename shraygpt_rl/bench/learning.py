@@ -9,34 +9,22 @@ wall time of each stage.
 from __future__ import annotations
 
 import os
-import time
-from pathlib import Path
 
 import torch
 
-from shraygpt_rl.cli import main as train
+from shraygpt_rl.bench import TASK, run_stage
 from shraygpt_rl.data import PromptDataModule
 from shraygpt_rl.evaluate import verifier_success
 from shraygpt_rl.model import ShrayGPT
-
-ROOT = Path(__file__).resolve().parents[2]
-OVERRIDES: list[str] = []  # flags appended to every stage's command (the tests shrink the runs with them)
-TASK = dict(source="arithmetic", digits=2, system_prompt=None, max_length=64, max_prompt_length=48, batch_size=100)
-
-
-def _run(stage: str, *args: str) -> float:
-    start = time.perf_counter()
-    train(["--stage", stage, "--config", str(ROOT / "configs" / f"{stage}.yaml"), *args, *OVERRIDES])
-    return time.perf_counter() - start
 
 
 def bench_learning(workdir: str = "bench-runs/learning", stages: tuple[str, ...] = ("ppo", "grpo")) -> dict:
     """SFT, then each online stage from the SFT policy; print held-out success before and after."""
     os.makedirs(workdir, exist_ok=True)
     os.chdir(workdir)
-    seconds = {"sft": _run("sft")}
+    seconds = {"sft": run_stage("sft")}
     for stage in stages:
-        seconds[stage] = _run(stage)
+        seconds[stage] = run_stage(stage)
     data = PromptDataModule(**TASK)
     exports = {"sft": "shraygpt-instruct", "ppo": "shraygpt-ppo", "grpo": "shraygpt-grpo", "rloo": "shraygpt-rloo"}
     results = {}

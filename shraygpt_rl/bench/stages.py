@@ -8,23 +8,18 @@ and DPO's preference accuracy and success rates.
 from __future__ import annotations
 
 import os
-import time
-from pathlib import Path
 
 import torch
 
-from shraygpt_rl.cli import main as train
+from shraygpt_rl.bench import ROOT, TASK, run_stage
 from shraygpt_rl.data import PreferenceDataModule, PromptDataModule, SFTDataModule
-from shraygpt_rl.evaluate import verifier_success
+from shraygpt_rl.evaluate import reward_model_accuracy, verifier_success
 from shraygpt_rl.losses import masked_mean, sequence_logprobs
 from shraygpt_rl.model import ShrayGPT, tiny_config
 from shraygpt_rl.stages.reward import RewardModel, stack_pairs
 
-ROOT = Path(__file__).resolve().parents[2]
-OVERRIDES: list[str] = []  # flags appended to every stage's command (the tests shrink the runs with them)
 HH_SAMPLE = ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-sample.jsonl.gz"
 R50K = ROOT.parent / "shared" / "tokenizers" / "r50k_base.tiktoken"
-TASK = dict(source="arithmetic", digits=2, system_prompt=None, max_length=64, max_prompt_length=48, batch_size=100)
 
 
 @torch.no_grad()
@@ -41,33 +36,24 @@ def held_out_loss(policy: ShrayGPT, data: SFTDataModule) -> float:
 
 
 @torch.no_grad()
-def pair_accuracy(data: PreferenceDataModule, reward_model=None, policy=None, reference=None) -> float:
-    """Held-out share of pairs ranked right: by a reward model, by the policy's log-probabilities,
-    or by DPO's implicit reward ``log pi - log pi_ref``."""
+def pair_accuracy(data: PreferenceDataModule, policy: ShrayGPT, reference: ShrayGPT | None = None) -> float:
+    """Held-out share of pairs ranked right by the policy's log-probabilities, or by DPO's implicit
+    reward ``log pi - log pi_ref`` (``evaluate.reward_model_accuracy`` does it for a reward model)."""
     hits = []
     for batch in data.plain_dataloader("test"):
         B = batch["chosen_input_ids"].size(0)
         ids, attention, response = stack_pairs(batch)
-        if reward_model is not None:
-            scores, _ = reward_model.eval()(ids, attention, response)
-        else:
-            scores = sequence_logprobs(policy.eval()(ids, attention_mask=attention)[0], ids, response)
-            if reference is not None:
-                scores = scores - sequence_logprobs(reference.eval()(ids, attention_mask=attention)[0], ids, response)
+        scores = sequence_logprobs(policy.eval()(ids, attention_mask=attention)[0], ids, response)
+        if reference is not None:
+            scores = scores - sequence_logprobs(reference.eval()(ids, attention_mask=attention)[0], ids, response)
         hits.append((scores[:B] > scores[B:]).float())
     return torch.cat(hits).mean().item()
-
-
-def _run(stage: str, *args: str) -> float:
-    start = time.perf_counter()
-    train(["--stage", stage, "--config", str(ROOT / "configs" / f"{stage}.yaml"), *args, *OVERRIDES])
-    return time.perf_counter() - start
 
 
 def bench_stages(workdir: str = "bench-runs/stages") -> dict[str, float]:
     os.makedirs(workdir, exist_ok=True)
     os.chdir(workdir)
-    seconds = {stage: _run(stage) for stage in ("sft", "reward", "dpo")}
+    seconds = {stage: run_stage(stage) for stage in ("sft", "reward", "dpo")}
     prompts, pairs, demos = PromptDataModule(**TASK), PreferenceDataModule(**TASK), SFTDataModule(**TASK)
     torch.manual_seed(0)
     fresh = ShrayGPT(**tiny_config())
@@ -76,7 +62,7 @@ def bench_stages(workdir: str = "bench-runs/stages") -> dict[str, float]:
     rm = RewardModel.load_from_checkpoint("checkpoints/reward-model.ckpt")
     rows = {
         "SFT held-out loss (random init -> SFT)": (held_out_loss(fresh, demos), held_out_loss(sft, demos)),
-        "reward model held-out pairwise accuracy": (None, pair_accuracy(pairs, reward_model=rm)),
+        "reward model held-out pairwise accuracy": (None, reward_model_accuracy(rm, pairs)),
         "DPO held-out preference accuracy (implicit reward)": (0.0, pair_accuracy(pairs, policy=dpo, reference=sft)),
         "policy prefers chosen (log p), SFT -> DPO": (
             pair_accuracy(pairs, policy=sft),
@@ -88,7 +74,7 @@ def bench_stages(workdir: str = "bench-runs/stages") -> dict[str, float]:
         after = verifier_success(dpo, prompts, temperature=temperature)["success"]
         rows[f"verifier success, {name}, SFT -> DPO"] = (before, after)
     if HH_SAMPLE.is_file() and R50K.is_file():
-        seconds["reward (HH-RLHF)"] = _run(
+        seconds["reward (HH-RLHF)"] = run_stage(
             "reward", "--data.source", str(HH_SAMPLE), "--data.tokenizer", "r50k_base", "--data.tokenizer_path",
             str(R50K), "--data.max_length", "256", "--data.max_prompt_length", "192", "--data.batch_size", "16",
             "--data.system_prompt", "You are ShrayGPT, a helpful and concise AI assistant.", "--model.policy", "null",
@@ -98,7 +84,7 @@ def bench_stages(workdir: str = "bench-runs/stages") -> dict[str, float]:
         hh = PreferenceDataModule(source=str(HH_SAMPLE), tokenizer="r50k_base", tokenizer_path=str(R50K),
                                   max_length=256, max_prompt_length=192, batch_size=16)  # fmt: skip
         rows["HH-RLHF reward model held-out accuracy (tiny, from scratch)"] = (
-            None, pair_accuracy(hh, reward_model=RewardModel.load_from_checkpoint("checkpoints/reward-model-hh.ckpt"))
+            None, reward_model_accuracy(RewardModel.load_from_checkpoint("checkpoints/reward-model-hh.ckpt"), hh)
         )  # fmt: skip
     print("\nstages on held-out test data (tiny model, 2 CPU cores):")
     for name, (before, after) in rows.items():
