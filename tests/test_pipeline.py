@@ -129,44 +129,14 @@ def test_course_user_commands_on_hh_rlhf(tmp_path, monkeypatch, hh_sample, r50k_
     offline = ["--data.source", str(hh_sample), "--data.tokenizer_path", str(r50k_file), "--data.max_length", "160",
                "--data.max_prompt_length", "128", "--data.train_size", "32", "--data.val_size", "8",
                "--data.test_size", "8", "--trainer.limit_val_batches", "1", "--trainer.precision", "bf16-mixed",
-               "--trainer.enable_progress_bar", "false"]  # fmt: skip
-    main(
-        [
-            "--stage",
-            "reward",
-            "--config",
-            str(ROOT / "configs/reward-hh.yaml"),
-            *offline,
-            "--data.batch_size",
-            "4",
-            "--trainer.max_steps",
-            "2",
-            "--trainer.accumulate_grad_batches",
-            "1",
-            "--trainer.val_check_interval",
-            "2",
-        ]
-    )
-    main(["--stage", "ppo", "--config", str(ROOT / "configs/ppo-hh.yaml"), *offline, "--data.batch_size", "4",
-          "--model.max_new_tokens", "16", "--model.micro_batch_size", "2", "--model.num_mini_batches", "2",
-          "--trainer.max_steps", "8", "--trainer.val_check_interval", "1"])  # fmt: skip
-    main(
-        [
-            "--stage",
-            "dpo",
-            "--config",
-            str(ROOT / "configs/dpo-hh.yaml"),
-            *offline,
-            "--data.batch_size",
-            "4",
-            "--trainer.max_steps",
-            "2",
-            "--trainer.accumulate_grad_batches",
-            "1",
-            "--trainer.val_check_interval",
-            "2",
-        ]
-    )
+               "--data.batch_size", "4", "--trainer.enable_progress_bar", "false"]  # fmt: skip
+    offline_pairs = [*offline, "--trainer.max_steps", "2", "--trainer.accumulate_grad_batches", "1",
+                     "--trainer.val_check_interval", "2"]  # fmt: skip
+    main(["--stage", "reward", "--config", str(ROOT / "configs/reward-hh.yaml"), *offline_pairs])
+    main(["--stage", "ppo", "--config", str(ROOT / "configs/ppo-hh.yaml"), *offline, "--model.max_new_tokens", "16",
+          "--model.micro_batch_size", "2", "--model.num_mini_batches", "2", "--trainer.max_steps", "8",
+          "--trainer.val_check_interval", "1"])  # fmt: skip
+    main(["--stage", "dpo", "--config", str(ROOT / "configs/dpo-hh.yaml"), *offline_pairs])
     for name in ("shraygpt-ppo", "shraygpt-dpo"):
         assert ShrayGPT.load_from_checkpoint(f"checkpoints/{name}.ckpt").vocab_size == 50257
     assert RewardModel.load_from_checkpoint("checkpoints/reward-model.ckpt").tokenizer == "r50k_base"
