@@ -1,4 +1,5 @@
-"""Train a stage: ``python train.py --stage {sft,reward,dpo} --config configs/<stage>.yaml``."""
+"""Train a stage: ``python train.py --stage {sft,reward,dpo,ppo,grpo,rloo} [--config configs/<stage>.yaml]``,
+or run ``--stage eval`` (one policy's held-out report) or ``--stage pipeline`` (the whole demo)."""
 
 from shraygpt_rl.cli import main
 

@@ -1,13 +1,16 @@
 """Reading and writing checkpoints: the course's format, stage checkpoints, reward models.
 
-A course checkpoint is a ``torch.save``d dict whose ``state_dict`` holds the model's parameters
-and whose ``hyper_parameters`` holds the constructor arguments. What shraygpt-rl writes adds a
-``"shraygpt_rl"`` entry saying what the file holds:
+This module owns the layout. A course checkpoint is a ``torch.save``d dict whose ``state_dict``
+holds the model's parameters and whose ``hyper_parameters`` holds the constructor arguments
+(``ARCH_KEYS`` and more). What shraygpt-rl writes adds a ``META`` (``"shraygpt_rl"``) section
+saying what the file holds:
 
 * ``{"kind": "policy"}``: an exported policy, in the course's format (the course can load it);
 * ``{"kind": "reward_model"}``: an exported reward model (trunk plus scalar head);
 * ``{"kind": "<stage>", "policy_config": …}``: a stage's Lightning checkpoint, whose policy sits
-  under ``policy.`` (and, for the reward stage, the reward model under ``model.``).
+  under ``policy.`` (and, for the reward stage, the reward model under ``model.``). Stages keep
+  their own state in the same section (``stamp``, ``stamped``): the reward model's config, DPO's
+  reference log-probabilities, the online stages' rollout count and KL coefficient.
 
 Files are always read with ``weights_only=True``, so no arbitrary object is ever unpickled.
 """
@@ -20,9 +23,19 @@ from typing import Any
 
 import torch
 
-from shraygpt_rl.model import ARCH_KEYS
-
 META = "shraygpt_rl"
+# Constructor arguments that a course checkpoint's ``hyper_parameters`` carries.
+ARCH_KEYS = (
+    "vocab_size",
+    "block_size",
+    "d_model",
+    "n_head",
+    "d_head",
+    "n_layers",
+    "num_experts",
+    "num_experts_per_tok",
+    "dropout",
+)
 # The files the demo configs write, and the command that writes each: named in "missing" errors.
 WRITERS = {
     "shraygpt-instruct.ckpt": "python train.py --stage sft",
@@ -32,6 +45,16 @@ WRITERS = {
 
 class CheckpointError(ValueError):
     """A checkpoint file is missing, unreadable or of the wrong kind."""
+
+
+def stamp(checkpoint: dict[str, Any], **entries: Any) -> None:
+    """Add ``entries`` to the shraygpt-rl section of a checkpoint dict being saved."""
+    checkpoint.setdefault(META, {}).update(entries)
+
+
+def stamped(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The shraygpt-rl section of a loaded checkpoint dict; empty for a course checkpoint."""
+    return checkpoint.get(META) or {}
 
 
 def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
@@ -57,7 +80,7 @@ def _under(state_dict: dict, prefix: str) -> dict:
 def read_policy_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> tuple[dict, dict]:
     """Return ``(hyper_parameters, state_dict)`` of a ShrayGPT policy (course, export or stage)."""
     ckpt = read_checkpoint(path, map_location)
-    meta = ckpt.get(META) or {}
+    meta = stamped(ckpt)
     if meta.get("kind") in ("reward", "reward_model"):
         raise CheckpointError(
             f"'{path}' is a reward-model checkpoint, not a policy; pass it where a reward model or critic is expected."
@@ -76,7 +99,7 @@ def read_policy_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -
 def read_reward_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> tuple[dict, dict]:
     """Return ``(reward_config, state_dict)`` of a reward model (export or reward-stage checkpoint)."""
     ckpt = read_checkpoint(path, map_location)
-    meta = ckpt.get(META) or {}
+    meta = stamped(ckpt)
     if meta.get("kind") == "reward_model":
         return dict(ckpt["hyper_parameters"]), ckpt["state_dict"]
     if meta.get("kind") == "reward":
@@ -115,21 +138,27 @@ def write_policy_checkpoint(path: str | os.PathLike, state_dict: dict, hparams: 
     """Save a policy so that the course's ``ShrayGPT.load_from_checkpoint`` reads it."""
     import lightning
 
-    _save(path, {
-        "epoch": 0,
-        "global_step": 0,
-        "pytorch-lightning_version": lightning.__version__,
-        "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
-        "hparams_name": "kwargs",
-        "hyper_parameters": dict(hparams),
-        META: {"kind": "policy", "stage": stage},
-    })  # fmt: skip
+    _save(
+        path,
+        {
+            "epoch": 0,
+            "global_step": 0,
+            "pytorch-lightning_version": lightning.__version__,
+            "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
+            "hparams_name": "kwargs",
+            "hyper_parameters": dict(hparams),
+            META: {"kind": "policy", "stage": stage},
+        },
+    )
 
 
-def write_reward_checkpoint(path: str | os.PathLike, state_dict: dict, config: dict) -> None:
+def write_reward_checkpoint(path: str | os.PathLike, state_dict: dict, config: dict, stage: str = "reward") -> None:
     """Save a reward model: its trunk and head weights, and what ``RewardModel`` needs to rebuild it."""
-    _save(path, {
-        "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
-        "hyper_parameters": dict(config),
-        META: {"kind": "reward_model"},
-    })  # fmt: skip
+    _save(
+        path,
+        {
+            "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
+            "hyper_parameters": dict(config),
+            META: {"kind": "reward_model", "stage": stage},
+        },
+    )

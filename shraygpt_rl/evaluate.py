@@ -20,13 +20,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from shraygpt_rl.data.tasks import TASKS
-from shraygpt_rl.generation import response_logits
+from shraygpt_rl.data import stack_pairs
+from shraygpt_rl.generation import response_logits, sample_and_decode
 from shraygpt_rl.losses import masked_sum, token_logprobs
 from shraygpt_rl.model import ShrayGPT
 from shraygpt_rl.rewards import TaskVerifier
-from shraygpt_rl.stages.reward import stack_pairs
-from shraygpt_rl.tokenizer import decode_response
 
 
 @dataclass
@@ -44,28 +42,31 @@ def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-@torch.no_grad()
-def sample_responses(policy: ShrayGPT, datamodule, split: str = "test", temperature: float = 1.0,
-                     max_new_tokens: int = 16, seed: int = 0, desc: str | None = None) -> Responses:  # fmt: skip
+def sample_responses(
+    policy: ShrayGPT,
+    datamodule,
+    split: str = "test",
+    temperature: float = 1.0,
+    max_new_tokens: int = 16,
+    seed: int = 0,
+    desc: str | None = None,
+) -> Responses:
     """Sample one response per prompt of ``split``, batch by batch, with a seeded generator."""
-    was_training = policy.training
-    policy.eval()
-    enc, device = datamodule.tokenizer, _device(policy)
+    device = _device(policy)
     generator = torch.Generator(device=device).manual_seed(seed)
     out = Responses([], [], [], torch.zeros(0), [])
     lengths = []
     for batch in datamodule.plain_dataloader(split, desc=desc):
-        gen = policy.generate(
-            batch["input_ids"].to(device), max_new_tokens, temperature=temperature,
-            attention_mask=batch["attention_mask"].to(device), eos_token_id=enc.eot_token, generator=generator,
-        )  # fmt: skip
-        out.texts += [decode_response(enc, row[mask.bool()]) for row, mask in zip(gen.responses, gen.response_mask)]
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        gen, texts = sample_and_decode(
+            policy, ids, mask, datamodule.tokenizer, max_new_tokens, temperature=temperature, generator=generator
+        )
+        out.texts += texts
         out.prompts += batch["prompt"]
         out.metadata += batch["metadata"]
         out.batches.append(gen)
         lengths.append(gen.response_mask.sum(1).float().cpu())
     out.lengths = torch.cat(lengths)
-    policy.train(was_training)
     return out
 
 
@@ -83,33 +84,53 @@ def response_logprobs(model: ShrayGPT, responses: Responses, temperature: float 
     return torch.cat(totals)
 
 
-def verifier_success(policy: ShrayGPT, datamodule, split: str = "test", temperature: float = 1.0,
-                     max_new_tokens: int = 16, seed: int = 0, reward_fn=None) -> dict[str, float]:  # fmt: skip
-    """Success rate (share of rewards equal to 1), mean reward and mean length of one sampled
-    response per held-out prompt, scored by ``reward_fn`` (default: the task's verifier)."""
+def verifier_success(
+    policy: ShrayGPT,
+    datamodule,
+    split: str = "test",
+    temperature: float = 1.0,
+    max_new_tokens: int = 16,
+    seed: int = 0,
+) -> dict[str, float]:
+    """The task verifier's success rate and mean reward, and the mean length, of one sampled
+    response per held-out prompt."""
     responses = sample_responses(policy, datamodule, split, temperature, max_new_tokens, seed)
-    rewards = (reward_fn or TaskVerifier())(responses.prompts, responses.texts, responses.metadata)
+    rewards, success = _verify(responses)
     return {
-        "success": (rewards == 1.0).float().mean().item(),
+        "success": success.float().mean().item(),
         "mean_reward": rewards.mean().item(),
         "mean_length": responses.lengths.mean().item(),
     }
 
 
-def evaluate_policy(policy: ShrayGPT, datamodule, reference: ShrayGPT | None = None, reward_model=None,
-                    split: str = "test", temperature: float = 1.0, max_new_tokens: int = 16, seed: int = 0,
-                    num_samples: int = 4, name: str = "policy",
-                    reference_samples: Responses | None = None) -> dict:  # fmt: skip
+def _verify(responses: Responses) -> tuple[Tensor, Tensor]:
+    """The task verifier's rewards (N,) and successes (N,) of sampled responses."""
+    verifier, samples = TaskVerifier(), (responses.prompts, responses.texts, responses.metadata)
+    return verifier(*samples), verifier.success(*samples)
+
+
+def evaluate_policy(
+    policy: ShrayGPT,
+    datamodule,
+    reference: ShrayGPT | None = None,
+    reward_model=None,
+    split: str = "test",
+    temperature: float = 1.0,
+    max_new_tokens: int = 16,
+    seed: int = 0,
+    num_samples: int = 4,
+    name: str = "policy",
+    reference_samples: Responses | None = None,
+) -> dict:
     """Every held-out figure of one policy (see the module docstring); None where it does not apply.
 
     ``reference_samples`` are the reference's responses when already drawn (``sample_responses``
     with another seed than the policy's), so that several policies share them."""
     ours = sample_responses(policy, datamodule, split, temperature, max_new_tokens, seed, desc=f"sampling {name}")
     report: dict = {"prompts": len(ours.texts), "mean_length": ours.lengths.mean().item()}
-    verifiable = all(m.get("task") in TASKS for m in ours.metadata)
-    rewards = TaskVerifier()(ours.prompts, ours.texts, ours.metadata) if verifiable else None
-    report["success"] = (rewards == 1.0).float().mean().item() if verifiable else None
-    report["mean_reward"] = rewards.mean().item() if verifiable else None
+    rewards, success = _verify(ours) if TaskVerifier.covers(ours.metadata) else (None, None)
+    report["success"] = success.float().mean().item() if success is not None else None
+    report["mean_reward"] = rewards.mean().item() if rewards is not None else None
     scores = reward_model.score(ours.prompts, ours.texts) if reward_model is not None else None
     report["reward_model_score"] = scores.mean().item() if scores is not None else None
     report["kl_to_reference"] = report["win_rate"] = None
@@ -117,18 +138,22 @@ def evaluate_policy(policy: ShrayGPT, datamodule, reference: ShrayGPT | None = N
     if reference is not None:
         gap = response_logprobs(policy, ours, temperature) - response_logprobs(reference, ours, temperature)
         report["kl_to_reference"] = gap.mean().item()
-        theirs = reference_samples or sample_responses(reference, datamodule, split, temperature, max_new_tokens,
-                                                       seed + 1, desc="sampling the reference")  # fmt: skip
+        theirs = reference_samples or sample_responses(
+            reference, datamodule, split, temperature, max_new_tokens, seed + 1, desc="sampling the reference"
+        )
         if reward_model is not None:
             other = reward_model.score(theirs.prompts, theirs.texts)
             report["win_rate"] = ((scores > other).float() + 0.5 * (scores == other).float()).mean().item()
     report["samples"] = [
-        {"prompt": ours.prompts[i], "response": ours.texts[i],
-         "reward": rewards[i].item() if rewards is not None else None,
-         "reward_model_score": scores[i].item() if scores is not None else None,
-         "reference_response": theirs.texts[i] if theirs is not None else None}
+        {
+            "prompt": ours.prompts[i],
+            "response": ours.texts[i],
+            "reward": rewards[i].item() if rewards is not None else None,
+            "reward_model_score": scores[i].item() if scores is not None else None,
+            "reference_response": theirs.texts[i] if theirs is not None else None,
+        }
         for i in range(min(num_samples, len(ours.texts)))
-    ]  # fmt: skip
+    ]
     return report
 
 

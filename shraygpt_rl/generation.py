@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from shraygpt_rl.tokenizer import decode_response
+
 
 @dataclass
 class GenerationOutput:
@@ -116,8 +118,9 @@ def _invert(cdf: Tensor, uniform: Tensor) -> Tensor:
     return torch.minimum(index, last)
 
 
-def response_logits(model, sequences: Tensor, attention_mask: Tensor, prompt_length: int,
-                    temperature: float = 1.0) -> tuple[Tensor, Tensor]:  # fmt: skip
+def response_logits(
+    model, sequences: Tensor, attention_mask: Tensor, prompt_length: int, temperature: float = 1.0
+) -> tuple[Tensor, Tensor]:
     """The training-style counterpart of ``generate``: float32 logits (B, N, V) at the positions
     that predict the response tokens ``sequences[:, prompt_length:]``, divided by ``temperature``
     as sampling did, and the MoE aux loss. The head runs on those positions only: at a 50k
@@ -197,3 +200,43 @@ def generate(
         logprobs=logprobs[:, :n],
         prompt_length=P,
     )
+
+
+@torch.no_grad()
+def sample_and_decode(
+    model,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    tokenizer,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[GenerationOutput, list[str]]:
+    """Sample a response per prompt row in eval mode, and decode each up to its EOS.
+
+    What a rollout and a held-out evaluation both do. Dropout is off while sampling and the
+    model's mode is restored after. Rows end at the tokenizer's ``<|endoftext|>``.
+
+    Returns:
+        The ``GenerationOutput`` and the response texts (without the EOS).
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        out = generate(
+            model,
+            input_ids,
+            max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            eos_token_id=tokenizer.eot_token,
+            attention_mask=attention_mask,
+            generator=generator,
+        )
+    finally:
+        model.train(was_training)
+    texts = [decode_response(tokenizer, row[mask.bool()]) for row, mask in zip(out.responses, out.response_mask)]
+    return out, texts

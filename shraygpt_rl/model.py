@@ -31,18 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# Constructor arguments that a course checkpoint's ``hyper_parameters`` carries.
-ARCH_KEYS = (
-    "vocab_size",
-    "block_size",
-    "d_model",
-    "n_head",
-    "d_head",
-    "n_layers",
-    "num_experts",
-    "num_experts_per_tok",
-    "dropout",
-)
+from shraygpt_rl.checkpoint import read_policy_checkpoint, write_policy_checkpoint
+from shraygpt_rl.generation import GenerationOutput, generate
 
 
 # --------------------------------------------------------------------------------------------
@@ -153,9 +143,13 @@ class MultiHeadLatentAttention(nn.Module):
             y = _decode_attention(q, k, v_lat, attn_mask)
         else:
             y = F.scaled_dot_product_attention(
-                q, k, v_lat[:, None].expand(B, H, Tk, Dl), attn_mask=attn_mask,
-                dropout_p=self.dropout if self.training else 0.0, is_causal=attn_mask is None,
-            )  # fmt: skip
+                q,
+                k,
+                v_lat[:, None].expand(B, H, Tk, Dl),
+                attn_mask=attn_mask,
+                dropout_p=self.dropout if self.training else 0.0,
+                is_causal=attn_mask is None,
+            )
         y = torch.einsum("bhtl,hld->bthd", y, self.v_expand.to(y.dtype))  # (B, T, H, Dh)
         return self.proj(y.reshape(B, T, C)), kv_cache
 
@@ -321,10 +315,18 @@ class ShrayGPT(nn.Module):
     ):
         super().__init__()
         self.config: dict[str, Any] = dict(
-            vocab_size=vocab_size, block_size=block_size, d_model=d_model, n_head=n_head, d_head=d_head,
-            n_layers=n_layers, num_experts=num_experts, num_experts_per_tok=num_experts_per_tok,
-            dropout=dropout, aux_loss_weight=aux_loss_weight, **extra,
-        )  # fmt: skip
+            vocab_size=vocab_size,
+            block_size=block_size,
+            d_model=d_model,
+            n_head=n_head,
+            d_head=d_head,
+            n_layers=n_layers,
+            num_experts=num_experts,
+            num_experts_per_tok=num_experts_per_tok,
+            dropout=dropout,
+            aux_loss_weight=aux_loss_weight,
+            **extra,
+        )
         if d_latent != 64:
             self.config["d_latent"] = d_latent
         self.block_size, self.d_head, self.d_latent = block_size, d_head, d_latent
@@ -436,10 +438,8 @@ class ShrayGPT(nn.Module):
         device, dtype = device or ref.device, dtype or ref.dtype
         return [KVCache.empty(batch, capacity, self.d_latent, device, dtype) for _ in self.layers]
 
-    def generate(self, idx: Tensor, max_new_tokens: int, **kwargs):
+    def generate(self, idx: Tensor, max_new_tokens: int, **kwargs) -> GenerationOutput:
         """Batched, KV-cached sampling; see ``shraygpt_rl.generation.generate`` for the arguments."""
-        from shraygpt_rl.generation import generate
-
         return generate(self, idx, max_new_tokens, **kwargs)
 
     def moe_stats(self) -> dict[str, Tensor]:
@@ -458,8 +458,6 @@ class ShrayGPT(nn.Module):
 
         The file is read with ``weights_only=True``: no arbitrary object is ever unpickled.
         """
-        from shraygpt_rl.checkpoint import read_policy_checkpoint
-
         hparams, state_dict = read_policy_checkpoint(path, map_location)
         model = cls(**hparams)
         model.load_state_dict(state_dict, strict=strict)
@@ -470,8 +468,6 @@ class ShrayGPT(nn.Module):
 
         Refuses to overwrite a file that shraygpt-rl did not write, such as a course checkpoint.
         """
-        from shraygpt_rl.checkpoint import write_policy_checkpoint
-
         write_policy_checkpoint(path, self.state_dict(), self.config, stage=stage)
 
     def num_parameters(self, active: bool = False) -> int:

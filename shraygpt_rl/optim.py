@@ -41,8 +41,9 @@ def split_params_for_muon(model: nn.Module) -> tuple[list[nn.Parameter], list[nn
     return muon, adamw
 
 
-def newton_schulz(update: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float,
-                  dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
+def newton_schulz(
+    update: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float, dtype: torch.dtype
+) -> torch.Tensor:
     """Approximate orthogonalisation ``U V^T`` of a 2-D ``update`` by the quintic Newton–Schulz
     iteration of Muon (Jordan et al., 2024), computed in ``dtype``; torch's own Muon uses bf16."""
     a, b, c = coefficients

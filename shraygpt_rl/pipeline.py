@@ -8,35 +8,22 @@ table. Both write a JSON report and a PNG plot.
 
 from __future__ import annotations
 
-import inspect
 import time
 from pathlib import Path
-from typing import Any
-
-import yaml
 
 from shraygpt_rl.data import PreferenceDataModule, PromptDataModule
-from shraygpt_rl.data.datamodules import ChatDataModule
 from shraygpt_rl.evaluate import evaluate_policy, reward_model_accuracy, sample_responses
 from shraygpt_rl.model import ShrayGPT
 from shraygpt_rl.report import plot_report, table, write_json
-from shraygpt_rl.stages.reward import RewardModel
+from shraygpt_rl.reward_model import RewardModel
+from shraygpt_rl.runner import data_from_config, run_stage
 
 COLUMNS = ("success", "mean_reward", "kl_to_reference", "win_rate", "reward_model_score", "mean_length")
 
 
-def _data_section(config: str | None) -> dict[str, Any]:
-    """The ``data:`` section of a stage config, so that evaluation prompts look like training's."""
-    if config is None or not Path(config).is_file():
-        return {}
-    return dict((yaml.safe_load(Path(config).read_text()) or {}).get("data") or {})
-
-
 def _prompts(config: str | None, num_prompts: int) -> PromptDataModule:
-    """Held-out prompts built as ``config``'s data (options of other DataModules left out)."""
-    accepted = inspect.signature(ChatDataModule.__init__).parameters
-    data = {k: v for k, v in _data_section(config).items() if k in accepted}
-    return PromptDataModule(**{**data, "test_size": num_prompts, "val_size": num_prompts, "batch_size": 100})
+    """Held-out prompts built as ``config``'s data, so that evaluation prompts look like training's."""
+    return data_from_config(PromptDataModule, config, test_size=num_prompts, val_size=num_prompts, batch_size=100)
 
 
 def evaluate(
@@ -112,16 +99,13 @@ def pipeline(
         seed: Seeds the evaluation's sampling.
         out: Path of the report (``.json`` and ``.png``), without extension.
     """
-    from shraygpt_rl.cli import main as train  # the CLI dispatches here
-
-    steps = [("SFT", "sft", sft), ("reward", "reward", reward), ("PPO", "ppo", ppo), ("GRPO", "grpo", grpo),
-             ("DPO", "dpo", dpo)]  # fmt: skip
-    steps = [s for s in steps if s[2] is not None]
+    steps = [("SFT", "sft", sft), ("reward", "reward", reward), ("PPO", "ppo", ppo), ("GRPO", "grpo", grpo)]
+    steps = [s for s in [*steps, ("DPO", "dpo", dpo)] if s[2] is not None]
     exports, logs, seconds, optimised = {}, {}, {}, {}
     for i, (label, stage, config) in enumerate(steps, 1):
         print(f"\n[{i}/{len(steps)}] {label}: python train.py --stage {stage} --config {config}", flush=True)
         start = time.perf_counter()
-        cli = train(["--stage", stage, "--config", config])
+        cli = run_stage(stage, ["--config", config])
         seconds[label] = round(time.perf_counter() - start, 1)
         exports[label], logs[label] = cli.model.hparams.export_path, cli.trainer.logger.log_dir
         if stage in ("ppo", "grpo"):  # what each online run optimised: the plot puts them side by side
@@ -130,7 +114,7 @@ def pipeline(
     print(f"\n[evaluation] {num_prompts} held-out prompts per policy", flush=True)
     data = _prompts(sft, num_prompts)
     scorer = RewardModel.load_from_checkpoint(exports["reward"]).eval()
-    accuracy = reward_model_accuracy(scorer, PreferenceDataModule(**{**_data_section(reward), "batch_size": 100}))
+    accuracy = reward_model_accuracy(scorer, data_from_config(PreferenceDataModule, reward, batch_size=100))
     sft_policy = ShrayGPT.load_from_checkpoint(exports["SFT"])
     options = dict(max_new_tokens=max_new_tokens, seed=seed, reward_model=scorer)
     policies = {"SFT": {**evaluate_policy(sft_policy, data, name="SFT", **options), "kl_to_reference": 0.0}}
@@ -138,8 +122,9 @@ def pipeline(
     for label in ("PPO", "GRPO", "DPO"):
         if label in exports:
             model = ShrayGPT.load_from_checkpoint(exports[label])
-            policies[label] = evaluate_policy(model, data, reference=sft_policy, name=label,
-                                              reference_samples=sft_samples, **options)  # fmt: skip
+            policies[label] = evaluate_policy(
+                model, data, reference=sft_policy, name=label, reference_samples=sft_samples, **options
+            )
     report = {
         "reward_model_accuracy": accuracy,
         "seconds": seconds,
@@ -149,8 +134,10 @@ def pipeline(
     }
     runs = {f"{label} ({optimised[label]})": logs[label] for label in ("PPO", "GRPO") if label in logs}
     png = plot_report(f"{out}.png", runs, policies)
-    print(f"\nheld-out arithmetic, one sample per prompt at T = 1 (KL and win rate against the SFT policy):\n"
-          f"{table(policies, COLUMNS)}\nreward model pairwise accuracy on held-out pairs: {accuracy:.3f}\n"
-          f"training time: {', '.join(f'{k} {v:.0f} s' for k, v in seconds.items())}\n"
-          f"wrote {write_json(f'{out}.json', report)} and {png}")  # fmt: skip
+    print(
+        f"\nheld-out arithmetic, one sample per prompt at T = 1 (KL and win rate against the SFT policy):\n"
+        f"{table(policies, COLUMNS)}\nreward model pairwise accuracy on held-out pairs: {accuracy:.3f}\n"
+        f"training time: {', '.join(f'{k} {v:.0f} s' for k, v in seconds.items())}\n"
+        f"wrote {write_json(f'{out}.json', report)} and {png}"
+    )
     return report

@@ -81,8 +81,12 @@ def plot_report(path: str | Path, runs: dict[str, str | Path], policies: dict[st
         for ax, tag in ((success_ax, "val/success"), (kl_ax, "objective/kl")):
             if tag in scalars:
                 steps, values = scalars[tag]
-                ax.plot([s / per_rollout for s in steps], _smooth(values, 1 if tag == "val/success" else 5),
-                        label=label, marker="o" if len(values) < 20 else None)  # fmt: skip
+                ax.plot(
+                    [s / per_rollout for s in steps],
+                    _smooth(values, 1 if tag == "val/success" else 5),
+                    label=label,
+                    marker="o" if len(values) < 20 else None,
+                )
     success_ax.set(title="held-out success during training (val/success)", xlabel="rollout", ylim=(0, 1.02))
     kl_ax.set(title="KL to the reference per response (objective/kl)", xlabel="rollout", ylabel="nats")
     for ax in (success_ax, kl_ax):

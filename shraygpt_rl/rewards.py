@@ -21,7 +21,8 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from shraygpt_rl.data.tasks import arithmetic_reward, arithmetic_target, sorting_reward
+from shraygpt_rl.data.tasks import TASKS, arithmetic_reward, arithmetic_target, sorting_reward
+from shraygpt_rl.reward_model import RewardModel
 
 Metadata = Sequence[dict[str, Any]]
 
@@ -60,7 +61,18 @@ def _check_lengths(prompts, responses, metadata) -> None:
 # --------------------------------------------------------------------------------------------
 # Verifiers for the built-in tasks
 # --------------------------------------------------------------------------------------------
-class ArithmeticVerifier(RewardFunction):
+class Verifier(RewardFunction):
+    """A reward function that checks an answer: a response succeeds when it earns ``SUCCESS``."""
+
+    SUCCESS = 1.0
+
+    def success(self, prompts: Sequence[str], responses: Sequence[str], metadata: Metadata) -> Tensor:
+        """(B,) bool: which responses are right. The one definition of "success" that training,
+        evaluation and the benchmarks report."""
+        return self(prompts, responses, metadata) == self.SUCCESS
+
+
+class ArithmeticVerifier(Verifier):
     """The course's arithmetic rule (+1 / −0.2 / −0.5 / −1); the target is ``metadata["target"]``,
     else the sum of the integers in the prompt's last user turn."""
 
@@ -69,15 +81,20 @@ class ArithmeticVerifier(RewardFunction):
         return arithmetic_reward(response, int(target) if target is not None else arithmetic_target(prompt))
 
 
-class SortingVerifier(RewardFunction):
+class SortingVerifier(Verifier):
     """+1 if ``Answer:`` lists ``metadata["numbers"]`` sorted (same scale as arithmetic)."""
 
     def score(self, prompt, response, metadata):
         return sorting_reward(response, list(metadata["numbers"]))
 
 
-class TaskVerifier(RewardFunction):
+class TaskVerifier(Verifier):
     """Dispatches on ``metadata["task"]`` to the arithmetic or sorting verifier."""
+
+    @staticmethod
+    def covers(metadata: Metadata) -> bool:
+        """Whether every sample comes from a built-in task, so that success can be measured."""
+        return all(m.get("task") in TASKS for m in metadata)
 
     def score(self, prompt, response, metadata):
         task = metadata.get("task")
@@ -187,8 +204,6 @@ class LearnedReward(RewardFunction):
         if (checkpoint is None) == (scorer is None):
             raise ValueError("LearnedReward needs either a reward-model checkpoint or a scorer, not both.")
         if checkpoint is not None:
-            from shraygpt_rl.stages.reward import RewardModel  # the stage depends on this module
-
             scorer = RewardModel.load_from_checkpoint(checkpoint).eval()
         self.scorer: Scorer = scorer
 

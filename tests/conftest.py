@@ -8,13 +8,14 @@ import lightning as L
 import pytest
 import torch
 
+from shraygpt_rl.bench import HH_SAMPLE, ROOT, SHARED
+from shraygpt_rl.bench import R50K as R50K_FILE
 from shraygpt_rl.model import ShrayGPT, tiny_config
+from shraygpt_rl.runner import config_section, data_from_config
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 COURSE_CKPT = SHARED / "fixtures" / "course-checkpoint" / "course-tiny.ckpt"
 COURSE_EXPECTED = SHARED / "fixtures" / "course-checkpoint" / "course-tiny-expected.pt"
-R50K_FILE = SHARED / "tokenizers" / "r50k_base.tiktoken"
-HH_SAMPLE = SHARED / "data" / "hh-rlhf" / "harmless-base-sample.jsonl.gz"
+SFT_CONFIG = ROOT / "configs" / "sft.yaml"
 
 
 def shared_file(path: Path) -> Path:
@@ -60,17 +61,33 @@ def hh_sample() -> Path:
 def tiny_trainer(max_steps: int, **kwargs):
     """A quiet CPU Trainer for stage tests."""
     defaults = dict(
-        max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=2,
-        check_val_every_n_epoch=None, val_check_interval=max(max_steps, 1),
-    )  # fmt: skip
+        max_steps=max_steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=2,
+        check_val_every_n_epoch=None,
+        val_check_interval=max(max_steps, 1),
+    )
     defaults.update(kwargs)
     return L.Trainer(**defaults)
 
 
 # Small, fast data: the arithmetic task without the system prompt, short sequences.
-ARITH = dict(source="arithmetic", digits=2, system_prompt=None, max_length=64, max_prompt_length=48,
-             val_size=64, test_size=64, batch_size=32)  # fmt: skip
+ARITH = dict(
+    source="arithmetic",
+    digits=2,
+    system_prompt=None,
+    max_length=64,
+    max_prompt_length=48,
+    val_size=64,
+    test_size=64,
+    batch_size=32,
+)
 
 
 @pytest.fixture(scope="session")
@@ -84,7 +101,7 @@ def random_policy(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def sft_policy(tmp_path_factory) -> str:
-    """The policy ``configs/sft.yaml`` makes (about a minute): a tiny model fine-tuned on noisy
+    """The policy ``configs/sft.yaml`` makes (about 45 s): a tiny model fine-tuned on noisy
     arithmetic demonstrations (40% carry slips). Its greedy answers are mostly right, its sampled
     ones right about 40% of the time: room for online RL."""
     from shraygpt_rl.data import SFTDataModule
@@ -92,15 +109,10 @@ def sft_policy(tmp_path_factory) -> str:
 
     path = tmp_path_factory.mktemp("policy") / "sft.ckpt"
     L.seed_everything(0)
-    stage = SFTStage(model_config=tiny_config(), optimizer="muon_adamw", lr=1e-3, muon_lr=1e-2,
-                     lr_schedule="cosine", export_path=str(path))  # fmt: skip
-    data = SFTDataModule(**{**TASK, "batch_size": 64, "wrong_fraction": 0.4})
-    tiny_trainer(600, limit_val_batches=0).fit(stage, datamodule=data)
+    stage = SFTStage(**{**config_section(SFT_CONFIG, "model"), "export_path": str(path)})
+    steps = config_section(SFT_CONFIG, "trainer")["max_steps"]
+    tiny_trainer(steps, limit_val_batches=0).fit(stage, datamodule=data_from_config(SFTDataModule, SFT_CONFIG))
     return str(path)
-
-
-# The arithmetic task as configs/*.yaml set it up, for the learning tests.
-TASK = dict(source="arithmetic", digits=2, system_prompt=None, max_length=64, max_prompt_length=48, batch_size=100)
 
 
 class SpreadReward:

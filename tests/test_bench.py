@@ -27,9 +27,22 @@ def test_the_other_benchmarks_run_at_a_small_size(tmp_path, monkeypatch, capsys)
     import shraygpt_rl.bench
     from shraygpt_rl.bench.__main__ import main
 
-    small = ["--trainer.max_steps", "8", "--trainer.val_check_interval", "4", "--trainer.limit_val_batches", "1",
-             "--data.train_size", "64", "--data.val_size", "16", "--data.test_size", "16",
-             "--trainer.enable_progress_bar", "false"]  # fmt: skip
+    small = [
+        "--trainer.max_steps",
+        "8",
+        "--trainer.val_check_interval",
+        "4",
+        "--trainer.limit_val_batches",
+        "1",
+        "--data.train_size",
+        "64",
+        "--data.val_size",
+        "16",
+        "--data.test_size",
+        "16",
+        "--trainer.enable_progress_bar",
+        "false",
+    ]
     monkeypatch.setattr(shraygpt_rl.bench, "OVERRIDES", small)
     main(["generation", "--prompts", "2", "--new-tokens", "4"])
     main(["moe", "--moe-tokens", "64"])

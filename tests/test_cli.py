@@ -10,15 +10,37 @@ import pytest
 import torch
 import yaml
 
-from shraygpt_rl.cli import STAGES, build_cli, main, split_stage
+from shraygpt_rl.checkpoint import stamped
+from shraygpt_rl.cli import main, split_stage
+from shraygpt_rl.runner import STAGES, build_cli
 from shraygpt_rl.model import ShrayGPT
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
-FAST = ["--data.train_size", "128", "--data.val_size", "32", "--data.test_size", "32", "--data.batch_size", "16",
-        "--data.system_prompt", "null", "--data.max_length", "64", "--data.max_prompt_length", "48",
-        "--model.optimizer", "adamw", "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
-        "--trainer.enable_model_summary", "false"]  # fmt: skip
+FAST = [
+    "--data.train_size",
+    "128",
+    "--data.val_size",
+    "32",
+    "--data.test_size",
+    "32",
+    "--data.batch_size",
+    "16",
+    "--data.system_prompt",
+    "null",
+    "--data.max_length",
+    "64",
+    "--data.max_prompt_length",
+    "48",
+    "--model.optimizer",
+    "adamw",
+    "--trainer.limit_val_batches",
+    "1",
+    "--trainer.enable_progress_bar",
+    "false",
+    "--trainer.enable_model_summary",
+    "false",
+]
 
 
 @pytest.fixture
@@ -58,8 +80,19 @@ def _contains(printed, given) -> bool:
 
 def test_overrides_reach_the_module(workdir, capsys):
     with pytest.raises(SystemExit):
-        main(["--stage", "dpo", "--config", str(ROOT / "configs/dpo.yaml"), "--model.beta", "0.05",
-              "--trainer.max_steps", "50", "--print_config"])  # fmt: skip
+        main(
+            [
+                "--stage",
+                "dpo",
+                "--config",
+                str(ROOT / "configs/dpo.yaml"),
+                "--model.beta",
+                "0.05",
+                "--trainer.max_steps",
+                "50",
+                "--print_config",
+            ]
+        )
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["beta"] == 0.05 and printed["trainer"]["max_steps"] == 50
     assert printed["trainer"]["logger"]["class_path"].endswith("TensorBoardLogger")
@@ -89,8 +122,19 @@ def test_reward_checkpoint_given_as_a_policy(workdir):
 
 def test_vocabulary_mismatch(workdir, r50k_file):
     with pytest.raises(SystemExit, match="has 50257 tokens but the model's vocabulary has 320"):
-        main(["--stage", "sft", "--data.tokenizer", "r50k_base", "--data.tokenizer_path", str(r50k_file),
-              "--trainer.max_steps", "1", *FAST])  # fmt: skip
+        main(
+            [
+                "--stage",
+                "sft",
+                "--data.tokenizer",
+                "r50k_base",
+                "--data.tokenizer_path",
+                str(r50k_file),
+                "--trainer.max_steps",
+                "1",
+                *FAST,
+            ]
+        )
 
 
 class Crash(L.Callback):
@@ -107,9 +151,17 @@ class FirstStep(L.Callback):
 
 
 def test_killed_run_resumes_from_last_at_the_right_step(workdir):
-    args = ["--stage", "sft", "--trainer.max_steps", "12", "--trainer.callbacks+=ModelCheckpoint",
-            "--trainer.callbacks.dirpath=checkpoints/sft", "--trainer.callbacks.save_last=true",
-            "--trainer.callbacks.every_n_train_steps=5", *FAST]  # fmt: skip
+    args = [
+        "--stage",
+        "sft",
+        "--trainer.max_steps",
+        "12",
+        "--trainer.callbacks+=ModelCheckpoint",
+        "--trainer.callbacks.dirpath=checkpoints/sft",
+        "--trainer.callbacks.save_last=true",
+        "--trainer.callbacks.every_n_train_steps=5",
+        *FAST,
+    ]
     stage, rest = split_stage(args)
     cli = build_cli(stage, rest)
     cli.trainer.callbacks.append(Crash())
@@ -135,25 +187,47 @@ class CrashAt(L.Callback):
 
 def test_killed_online_run_resumes_with_its_rollout_count_and_kl_coefficient(workdir, random_policy):
     """PPO, two optimizer steps per rollout: killed after 3 rollouts, resumed from step 4."""
-    args = ["--stage", "ppo", *FAST, "--model.policy", random_policy, "--model.max_new_tokens", "4",
-            "--data.batch_size", "4", "--model.num_ppo_epochs", "1", "--model.num_mini_batches", "2",
-            "--model.adaptive_kl", "true", "--model.kl_horizon", "10", "--trainer.max_steps", "8",
-            "--trainer.val_check_interval", "4", "--trainer.callbacks+=ModelCheckpoint",
-            "--trainer.callbacks.dirpath=checkpoints/ppo", "--trainer.callbacks.save_last=true",
-            "--trainer.callbacks.every_n_train_steps=4"]  # fmt: skip
+    args = [
+        "--stage",
+        "ppo",
+        *FAST,
+        "--model.policy",
+        random_policy,
+        "--model.max_new_tokens",
+        "4",
+        "--data.batch_size",
+        "4",
+        "--model.num_ppo_epochs",
+        "1",
+        "--model.num_mini_batches",
+        "2",
+        "--model.adaptive_kl",
+        "true",
+        "--model.kl_horizon",
+        "10",
+        "--trainer.max_steps",
+        "8",
+        "--trainer.val_check_interval",
+        "4",
+        "--trainer.callbacks+=ModelCheckpoint",
+        "--trainer.callbacks.dirpath=checkpoints/ppo",
+        "--trainer.callbacks.save_last=true",
+        "--trainer.callbacks.every_n_train_steps=4",
+    ]
     stage, rest = split_stage(args)
     cli = build_cli(stage, rest)
     cli.trainer.callbacks.append(CrashAt(6))
     with pytest.raises(RuntimeError, match="killed"):
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     saved = torch.load("checkpoints/ppo/last.ckpt", weights_only=True)
-    assert saved["global_step"] == 4 and saved["rollouts"] == 2 and saved["kl_coef"] != 0.05
+    state = stamped(saved)
+    assert saved["global_step"] == 4 and state["rollouts"] == 2 and state["kl_coef"] != 0.05
 
     cli = build_cli(stage, [*rest, "--ckpt_path", "last"])
     first = FirstStep()
     cli.trainer.callbacks.append(first)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path)
-    assert first.step == 4 and first.state == (2, saved["kl_coef"])
+    assert first.step == 4 and first.state == (2, state["kl_coef"])
     assert cli.trainer.global_step == 8 and cli.model.rollouts == 4
 
 
@@ -173,11 +247,32 @@ def test_a_run_writes_tensorboard_logs_and_checkpoints(workdir):
 
 def test_the_readme_chain_runs_from_the_configs(workdir):
     """sft -> reward -> dpo with configs/*.yaml, two steps each: every stage reads the last's export."""
-    small = ["--trainer.max_steps", "2", "--trainer.limit_val_batches", "1", "--trainer.val_check_interval", "2",
-             "--data.train_size", "64", "--data.val_size", "16", "--data.test_size", "16",
-             "--trainer.enable_progress_bar", "false"]  # fmt: skip
-    online = ["--data.batch_size", "4", "--model.max_new_tokens", "4", "--trainer.max_steps", "2",
-              "--trainer.val_check_interval", "1"]  # fmt: skip
+    small = [
+        "--trainer.max_steps",
+        "2",
+        "--trainer.limit_val_batches",
+        "1",
+        "--trainer.val_check_interval",
+        "2",
+        "--data.train_size",
+        "64",
+        "--data.val_size",
+        "16",
+        "--data.test_size",
+        "16",
+        "--trainer.enable_progress_bar",
+        "false",
+    ]
+    online = [
+        "--data.batch_size",
+        "4",
+        "--model.max_new_tokens",
+        "4",
+        "--trainer.max_steps",
+        "2",
+        "--trainer.val_check_interval",
+        "1",
+    ]
     for stage in ("sft", "reward", "dpo", "ppo", "grpo", "rloo"):
         extra = online if stage in ("ppo", "grpo", "rloo") else []
         main(["--stage", stage, "--config", str(ROOT / "configs" / f"{stage}.yaml"), *small, *extra])
@@ -188,17 +283,51 @@ def test_the_readme_chain_runs_from_the_configs(workdir):
 
 @pytest.mark.parametrize("stage", ["ppo", "grpo"])
 def test_online_runs_log_every_namespace_to_tensorboard(workdir, random_policy, stage):
-    main(["--stage", stage, *FAST, "--model.policy", random_policy, "--model.max_new_tokens", "4",
-          "--data.batch_size", "4", "--model.log_samples_every", "1", "--trainer.max_steps", "2",
-          "--trainer.log_every_n_steps", "1", "--trainer.val_check_interval", "1"])  # fmt: skip
+    main(
+        [
+            "--stage",
+            stage,
+            *FAST,
+            "--model.policy",
+            random_policy,
+            "--model.max_new_tokens",
+            "4",
+            "--data.batch_size",
+            "4",
+            "--model.log_samples_every",
+            "1",
+            "--trainer.max_steps",
+            "2",
+            "--trainer.log_every_n_steps",
+            "1",
+            "--trainer.val_check_interval",
+            "1",
+        ]
+    )
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(next(Path(f"logs/{stage}").rglob("events.out.tfevents*")).parent)).Reload()
     tags = set(events.Tags()["scalars"])
-    wanted = {"reward/mean", "reward/std", "reward/task_verifier", "objective/entropy", "objective/rlhf_reward",
-              "policy/clipfrac", "policy/approxkl", "policy/ratio_at_start", "policy/loss", "completions/mean_length",
-              "completions/truncated_fraction", "moe/aux_loss", "moe/load_max", "perf/generation_tokens_per_s",
-              "perf/update_tokens_per_s", "perf/generation_fraction", "val/success", "val/reward/mean"}  # fmt: skip
+    wanted = {
+        "reward/mean",
+        "reward/std",
+        "reward/task_verifier",
+        "objective/entropy",
+        "objective/rlhf_reward",
+        "policy/clipfrac",
+        "policy/approxkl",
+        "policy/ratio_at_start",
+        "policy/loss",
+        "completions/mean_length",
+        "completions/truncated_fraction",
+        "moe/aux_loss",
+        "moe/load_max",
+        "perf/generation_tokens_per_s",
+        "perf/update_tokens_per_s",
+        "perf/generation_fraction",
+        "val/success",
+        "val/reward/mean",
+    }
     if stage == "ppo":
         wanted |= {"objective/kl", "value/loss", "value/clipfrac", "value/explained_variance"}
     else:
@@ -214,10 +343,31 @@ def test_online_stages_train_under_ddp_on_two_cpu_processes(workdir, random_poli
     import subprocess
     import sys
 
-    args = [sys.executable, str(ROOT / "train.py"), "--stage", stage, *FAST, "--model.policy", random_policy,
-            "--model.max_new_tokens", "4", "--data.batch_size", "4", "--model.lr", "1e-3", "--trainer.max_steps",
-            "2", "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
-            "--trainer.val_check_interval", "1"]  # fmt: skip
+    args = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "--stage",
+        stage,
+        *FAST,
+        "--model.policy",
+        random_policy,
+        "--model.max_new_tokens",
+        "4",
+        "--data.batch_size",
+        "4",
+        "--model.lr",
+        "1e-3",
+        "--trainer.max_steps",
+        "2",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.devices",
+        "2",
+        "--trainer.strategy",
+        "ddp",
+        "--trainer.val_check_interval",
+        "1",
+    ]
     done = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     start = ShrayGPT.load_from_checkpoint(random_policy)

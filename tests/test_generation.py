@@ -74,8 +74,16 @@ def test_logprobs_are_those_of_the_sampling_distribution(tiny_model, temperature
     """A training-style forward over the whole sequence recovers the logprobs seen while sampling."""
     rows = [torch.randint(0, 320, (n,)) for n in (4, 9)]
     ids, mask = _left_pad(rows)
-    out = tiny_model.generate(ids, 10, temperature=temperature, top_k=top_k, top_p=top_p, attention_mask=mask,
-                              eos_token_id=5, generator=torch.Generator().manual_seed(0))  # fmt: skip
+    out = tiny_model.generate(
+        ids,
+        10,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        attention_mask=mask,
+        eos_token_id=5,
+        generator=torch.Generator().manual_seed(0),
+    )
     with torch.no_grad():
         logits, _, _ = tiny_model(out.sequences, attention_mask=out.attention_mask)
     P = out.prompt_length

@@ -191,8 +191,9 @@ def test_clipped_policy_loss_by_hand():
 
 
 def test_clipped_value_loss_by_hand():
-    losses, clipped = clipped_value_loss(torch.tensor([[2.0, 0.5]]), torch.tensor([[1.0, 0.2]]),
-                                         torch.tensor([[0.0, 0.5]]), cliprange_value=0.2)  # fmt: skip
+    losses, clipped = clipped_value_loss(
+        torch.tensor([[2.0, 0.5]]), torch.tensor([[1.0, 0.2]]), torch.tensor([[0.0, 0.5]]), cliprange_value=0.2
+    )
     # First token: unclipped (2 - 0)^2 = 4, clipped (1.2 - 0)^2 = 1.44 -> max 4. Second: 0 vs 0.01.
     assert losses[0].tolist() == pytest.approx([2.0, 0.005]) and clipped.tolist() == [[0.0, 1.0]]
 
@@ -203,8 +204,10 @@ def test_aggregate_loss_by_hand_and_over_micro_batches(loss_type):
     mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
     expected = {"grpo": (2.0 + 4.0) / 2, "dr_grpo": 10.0 / (2 * 5), "dapo": 10.0 / 4, "bnpo": 10.0 / 4}[loss_type]
     assert aggregate_loss(losses, mask, loss_type, max_length=5).item() == pytest.approx(expected)
-    parts = [aggregate_loss(losses[i : i + 1], mask[i : i + 1], loss_type, max_length=5, num_sequences=2,
-                            num_tokens=4) for i in range(2)]  # fmt: skip
+    parts = [
+        aggregate_loss(losses[i : i + 1], mask[i : i + 1], loss_type, max_length=5, num_sequences=2, num_tokens=4)
+        for i in range(2)
+    ]
     assert sum(parts).item() == pytest.approx(expected)
 
 
@@ -218,5 +221,6 @@ def test_entropy_and_explained_variance():
 def test_adaptive_kl_controller_by_hand():
     controller = AdaptiveKLController(0.1, target=6.0, horizon=10000)
     assert controller.update(current_kl=12.0, n_steps=256) == pytest.approx(0.1 * (1 + 0.2 * 256 / 10000))
-    assert controller.update(current_kl=3.0, n_steps=100) == pytest.approx(0.1 * (1 + 0.2 * 256 / 10000)
-                                                                          * (1 - 0.2 * 100 / 10000))  # fmt: skip
+    assert controller.update(current_kl=3.0, n_steps=100) == pytest.approx(
+        0.1 * (1 + 0.2 * 256 / 10000) * (1 - 0.2 * 100 / 10000)
+    )

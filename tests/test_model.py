@@ -50,8 +50,9 @@ def test_saved_checkpoint_has_the_course_names_and_shapes(course_ckpt, tmp_path)
 class CourseShrayGPT(L.LightningModule):
     """Stands in for the course's LightningModule: same constructor and attribute names."""
 
-    def __init__(self, vocab_size, block_size, d_model, n_head, d_head, n_layers, num_experts,
-                 num_experts_per_tok, dropout=0.0):  # fmt: skip
+    def __init__(
+        self, vocab_size, block_size, d_model, n_head, d_head, n_layers, num_experts, num_experts_per_tok, dropout=0.0
+    ):
         super().__init__()
         self.save_hyperparameters()
         inner = ShrayGPT(vocab_size, block_size, d_model, n_head, d_head, n_layers, num_experts, num_experts_per_tok)

@@ -48,8 +48,10 @@ def test_muon_adamw_steps_exactly_like_the_two_optimizers(tiny_model):
     twin = copy.deepcopy(tiny_model)
     combined = build_optimizer(tiny_model, "muon_adamw", lr=1e-3, muon_lr=2e-3)
     muon_params, adamw_params = split_params_for_muon(twin)
-    separate = [Muon(muon_params, lr=2e-3, weight_decay=0.0),
-                torch.optim.AdamW(adamw_params, lr=1e-3, weight_decay=0.01)]  # fmt: skip
+    separate = [
+        Muon(muon_params, lr=2e-3, weight_decay=0.0),
+        torch.optim.AdamW(adamw_params, lr=1e-3, weight_decay=0.01),
+    ]
     for _ in range(3):
         _loss(tiny_model, ids).backward()
         combined.step()

@@ -17,7 +17,7 @@ from shraygpt_rl.data import PromptDataModule
 from shraygpt_rl.evaluate import evaluate_policy, response_logprobs, sample_responses
 from shraygpt_rl.model import ShrayGPT, tiny_config
 from shraygpt_rl.report import _smooth, latest_run, table
-from shraygpt_rl.stages.reward import RewardModel
+from shraygpt_rl.reward_model import RewardModel
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,8 +78,12 @@ def _small_configs(workdir: Path) -> None:
         if "trainer" not in config:
             continue
         online = path.stem.split("-")[0] in ("ppo", "grpo", "rloo")
-        config["trainer"].update(max_steps=8 if online else 4, val_check_interval=2 if online else 4,
-                                 limit_val_batches=1, enable_progress_bar=False)  # fmt: skip
+        config["trainer"].update(
+            max_steps=8 if online else 4,
+            val_check_interval=2 if online else 4,
+            limit_val_batches=1,
+            enable_progress_bar=False,
+        )
         config["data"].update(train_size=64, val_size=16, test_size=16, **({"batch_size": 4} if online else {}))
         path.write_text(yaml.safe_dump(config))
 
@@ -101,9 +105,24 @@ def test_the_pipeline_runs_every_stage_and_writes_its_report(tmp_path, monkeypat
     assert "[5/5] DPO" in printed and "reward model pairwise accuracy" in printed
 
     # The README's evaluation command on what the pipeline made.
-    main(["--stage", "eval", "--policy", "checkpoints/shraygpt-ppo.ckpt", "--reference",
-          "checkpoints/shraygpt-instruct.ckpt", "--reward_model", "checkpoints/reward-model.ckpt", "--logs",
-          "[logs/ppo]", "--num_prompts", "16", "--out", "reports/ppo"])  # fmt: skip
+    main(
+        [
+            "--stage",
+            "eval",
+            "--policy",
+            "checkpoints/shraygpt-ppo.ckpt",
+            "--reference",
+            "checkpoints/shraygpt-instruct.ckpt",
+            "--reward_model",
+            "checkpoints/reward-model.ckpt",
+            "--logs",
+            "[logs/ppo]",
+            "--num_prompts",
+            "16",
+            "--out",
+            "reports/ppo",
+        ]
+    )
     saved = json.loads(Path("reports/ppo.json").read_text())
     assert set(saved["results"]) == {"reference", "policy"} and saved["results"]["policy"]["win_rate"] is not None
     assert Path("reports/ppo.png").is_file()
@@ -126,16 +145,59 @@ def test_course_user_commands_on_hh_rlhf(tmp_path, monkeypatch, hh_sample, r50k_
     torch.manual_seed(0)
     Path("checkpoints").mkdir()
     ShrayGPT(**tiny_config(vocab_size=50257, block_size=256)).save_checkpoint("checkpoints/shraygpt-instruct.ckpt")
-    offline = ["--data.source", str(hh_sample), "--data.tokenizer_path", str(r50k_file), "--data.max_length", "160",
-               "--data.max_prompt_length", "128", "--data.train_size", "32", "--data.val_size", "8",
-               "--data.test_size", "8", "--trainer.limit_val_batches", "1", "--trainer.precision", "bf16-mixed",
-               "--data.batch_size", "4", "--trainer.enable_progress_bar", "false"]  # fmt: skip
-    offline_pairs = [*offline, "--trainer.max_steps", "2", "--trainer.accumulate_grad_batches", "1",
-                     "--trainer.val_check_interval", "2"]  # fmt: skip
+    offline = [
+        "--data.source",
+        str(hh_sample),
+        "--data.tokenizer_path",
+        str(r50k_file),
+        "--data.max_length",
+        "160",
+        "--data.max_prompt_length",
+        "128",
+        "--data.train_size",
+        "32",
+        "--data.val_size",
+        "8",
+        "--data.test_size",
+        "8",
+        "--trainer.limit_val_batches",
+        "1",
+        "--trainer.precision",
+        "bf16-mixed",
+        "--data.batch_size",
+        "4",
+        "--trainer.enable_progress_bar",
+        "false",
+    ]
+    offline_pairs = [
+        *offline,
+        "--trainer.max_steps",
+        "2",
+        "--trainer.accumulate_grad_batches",
+        "1",
+        "--trainer.val_check_interval",
+        "2",
+    ]
     main(["--stage", "reward", "--config", str(ROOT / "configs/reward-hh.yaml"), *offline_pairs])
-    main(["--stage", "ppo", "--config", str(ROOT / "configs/ppo-hh.yaml"), *offline, "--model.max_new_tokens", "16",
-          "--model.micro_batch_size", "2", "--model.num_mini_batches", "2", "--trainer.max_steps", "8",
-          "--trainer.val_check_interval", "1"])  # fmt: skip
+    main(
+        [
+            "--stage",
+            "ppo",
+            "--config",
+            str(ROOT / "configs/ppo-hh.yaml"),
+            *offline,
+            "--model.max_new_tokens",
+            "16",
+            "--model.micro_batch_size",
+            "2",
+            "--model.num_mini_batches",
+            "2",
+            "--trainer.max_steps",
+            "8",
+            "--trainer.val_check_interval",
+            "1",
+        ]
+    )
     main(["--stage", "dpo", "--config", str(ROOT / "configs/dpo-hh.yaml"), *offline_pairs])
     for name in ("shraygpt-ppo", "shraygpt-dpo"):
         assert ShrayGPT.load_from_checkpoint(f"checkpoints/{name}.ckpt").vocab_size == 50257

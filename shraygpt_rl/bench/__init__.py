@@ -1,7 +1,9 @@
 """Benchmarks: ``python -m shraygpt_rl.bench {generation,moe,grpo-step,learning,stages}``.
 
-What the stage-running benchmarks share: the repository root, the arithmetic task as the demo
-configs set it up, and ``run_stage``, which runs ``train.py`` with a config from ``configs/``.
+What the benchmarks share: where the repository and ``../shared`` are, the demo's arithmetic data
+as ``configs/sft.yaml`` sets it up, and ``run_stage``, which trains a stage with its config from
+``configs/`` through the same runner as ``train.py``. Stages write ``checkpoints/`` and ``logs/``
+in the current directory, as ``train.py`` does.
 """
 
 from __future__ import annotations
@@ -9,15 +11,24 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from shraygpt_rl.data.datamodules import ChatDataModule
+from shraygpt_rl.runner import data_from_config
+from shraygpt_rl.runner import run_stage as _run
+
 ROOT = Path(__file__).resolve().parents[2]
-TASK = dict(source="arithmetic", digits=2, system_prompt=None, max_length=64, max_prompt_length=48, batch_size=100)
+SHARED = ROOT.parent / "shared"  # read-only material beside the checkout, when there is one
+R50K = SHARED / "tokenizers" / "r50k_base.tiktoken"
+HH_SAMPLE = SHARED / "data" / "hh-rlhf" / "harmless-base-sample.jsonl.gz"
 OVERRIDES: list[str] = []  # flags appended to every stage's command (the tests shrink the runs with them)
+
+
+def demo_data(datamodule: type[ChatDataModule], **overrides) -> ChatDataModule:
+    """The demo's arithmetic data (``configs/sft.yaml``), batched by 100 for evaluation."""
+    return data_from_config(datamodule, ROOT / "configs" / "sft.yaml", **{"batch_size": 100, **overrides})
 
 
 def run_stage(stage: str, *args: str) -> float:
     """``python train.py --stage <stage> --config configs/<stage>.yaml <args>``; wall seconds."""
-    from shraygpt_rl.cli import main as train  # the CLI imports every stage: only when running one
-
     start = time.perf_counter()
-    train(["--stage", stage, "--config", str(ROOT / "configs" / f"{stage}.yaml"), *args, *OVERRIDES])
+    _run(stage, ["--config", str(ROOT / "configs" / f"{stage}.yaml"), *args, *OVERRIDES])
     return time.perf_counter() - start

@@ -2,9 +2,12 @@
 
 python -m shraygpt_rl.bench generation   # rollout engine against the course's decoding
 python -m shraygpt_rl.bench moe          # sparse MoE dispatch against the dense formulation
-python -m shraygpt_rl.bench stages       # SFT -> reward model -> DPO on the arithmetic task
 python -m shraygpt_rl.bench grpo-step    # one GRPO step at the bench shape: completions/s, time split
+python -m shraygpt_rl.bench stages       # SFT -> reward model -> DPO on the arithmetic task
 python -m shraygpt_rl.bench learning     # SFT -> PPO and GRPO (--stages ... rloo) on arithmetic: held-out success
+
+``stages`` and ``learning`` train with ``configs/`` and write ``checkpoints/`` and ``logs/`` in the
+current directory, as ``train.py`` does: run them in a scratch folder.
 """
 
 from __future__ import annotations
@@ -16,36 +19,43 @@ from shraygpt_rl.runtime import retain_freed_memory
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m shraygpt_rl.bench", description=__doc__.splitlines()[0])
-    parser.add_argument("which", choices=["generation", "moe", "speed", "stages", "grpo-step", "learning"])
-    parser.add_argument("--prompts", type=int, default=16, help="generation: prompts")
-    parser.add_argument("--new-tokens", type=int, default=64, help="generation: new tokens per prompt")
+    parser.add_argument("which", choices=["generation", "moe", "grpo-step", "stages", "learning"])
+    parser.add_argument("--prompts", type=int, help="generation, grpo-step: prompts (default 16, 8)")
+    parser.add_argument("--new-tokens", type=int, help="generation, grpo-step: new tokens per response (64, 48)")
+    parser.add_argument("--generations", type=int, default=4, help="grpo-step: completions per prompt")
+    parser.add_argument("--steps", type=int, default=3, help="grpo-step: timed steps, after one warm-up step")
     parser.add_argument("--moe-tokens", type=int, default=1024, help="moe: tokens")
-    parser.add_argument("--workdir", default=None, help="stages, learning: where checkpoints and logs go")
-    parser.add_argument("--stages", nargs="+", default=["ppo", "grpo"], choices=["ppo", "grpo", "rloo"],
-                        help="learning: the online stages to run after SFT")  # fmt: skip
+    parser.add_argument(
+        "--stages",
+        nargs="+",
+        default=["ppo", "grpo"],
+        choices=["ppo", "grpo", "rloo"],
+        help="learning: the online stages to run after SFT",
+    )
     parser.add_argument("--tokenizer-path", help="grpo-step: local r50k_base.tiktoken (default: ../shared's)")
     args = parser.parse_args(argv)
     retain_freed_memory()  # as train.py does: see shraygpt_rl.runtime
-    if args.which in ("generation", "speed"):
+    if args.which == "generation":
         from shraygpt_rl.bench.speed import bench_generation
 
-        bench_generation(args.prompts, args.new_tokens)
-    if args.which in ("moe", "speed"):
+        bench_generation(args.prompts or 16, args.new_tokens or 64)
+    if args.which == "moe":
         from shraygpt_rl.bench.speed import bench_moe
 
         bench_moe(args.moe_tokens)
     if args.which == "grpo-step":
         from shraygpt_rl.bench.throughput import bench_grpo_step
 
-        bench_grpo_step(tokenizer_path=args.tokenizer_path)
+        sizes = dict(prompts=args.prompts or 8, generations=args.generations, new_tokens=args.new_tokens or 48)
+        bench_grpo_step(**sizes, steps=args.steps, tokenizer_path=args.tokenizer_path)
     if args.which == "stages":
         from shraygpt_rl.bench.stages import bench_stages
 
-        bench_stages(args.workdir or "bench-runs/stages")
+        bench_stages()
     if args.which == "learning":
         from shraygpt_rl.bench.learning import bench_learning
 
-        bench_learning(args.workdir or "bench-runs/learning", tuple(args.stages))
+        bench_learning(tuple(args.stages))
 
 
 if __name__ == "__main__":

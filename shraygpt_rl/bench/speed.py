@@ -44,8 +44,16 @@ def course_generate(model: ShrayGPT, prompt: torch.Tensor, max_new_tokens: int) 
 def bench_generation(num_prompts: int = 16, new_tokens: int = 64, seed: int = 0) -> dict[str, float]:
     """New tokens per second: batched cached generation against the course's way."""
     torch.manual_seed(seed)
-    config = dict(vocab_size=50257, block_size=256, d_model=256, n_head=8, d_head=32, n_layers=4,
-                  num_experts=4, num_experts_per_tok=2)  # fmt: skip
+    config = dict(
+        vocab_size=50257,
+        block_size=256,
+        d_model=256,
+        n_head=8,
+        d_head=32,
+        n_layers=4,
+        num_experts=4,
+        num_experts_per_tok=2,
+    )
     model = ShrayGPT(**config).eval()
     lengths = torch.randint(24, 49, (num_prompts,), generator=torch.Generator().manual_seed(seed)).tolist()
     prompts = [torch.randint(0, config["vocab_size"], (1, n)) for n in lengths]
@@ -76,9 +84,11 @@ def bench_generation(num_prompts: int = 16, new_tokens: int = 64, seed: int = 0)
 
     out = batched()
     same = sum(torch.equal(out.responses[i], ref[0, -new_tokens:]) for i, ref in enumerate(reference))
-    rows = [("course: no cache, one prompt at a time, dense MoE", t_course),
-            ("cached, one prompt at a time, sparse MoE", t_single),
-            ("batched + cached, sparse MoE (shraygpt-rl)", t_batched)]  # fmt: skip
+    rows = [
+        ("course: no cache, one prompt at a time, dense MoE", t_course),
+        ("cached, one prompt at a time, sparse MoE", t_single),
+        ("batched + cached, sparse MoE (shraygpt-rl)", t_batched),
+    ]
     for name, seconds in rows:
         print(f"  {name:<52} {total / seconds:9.1f} tok/s   {t_course / seconds:6.1f}x")
     print(f"  greedy outputs identical to the course's way: {same}/{num_prompts} rows")
@@ -90,8 +100,10 @@ def bench_moe(tokens: int = 1024, d_model: int = 1024, num_experts: int = 6, top
     torch.manual_seed(0)
     moe = MoE(d_model, num_experts, top_k)
     x = torch.randn(1, tokens, d_model)
-    print(f"moe: {tokens} tokens, d_model {d_model}, {num_experts} experts top-{top_k} + shared expert, "
-          f"ideal FLOP ratio {(num_experts + 1) / (top_k + 1):.2f}, {torch.get_num_threads()} threads")  # fmt: skip
+    print(
+        f"moe: {tokens} tokens, d_model {d_model}, {num_experts} experts top-{top_k} + shared expert, "
+        f"ideal FLOP ratio {(num_experts + 1) / (top_k + 1):.2f}, {torch.get_num_threads()} threads"
+    )
     results = {}
     for mode, grad in (("forward", False), ("forward+backward", True)):
         timings = {}

@@ -18,13 +18,22 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from shraygpt_rl.bench import R50K
 from shraygpt_rl.data import PromptDataModule
 from shraygpt_rl.model import ShrayGPT
 from shraygpt_rl.stages.grpo import GRPOStage
 
-BENCH_SHAPE = dict(vocab_size=50257, block_size=256, d_model=256, n_head=8, d_head=32, n_layers=4, num_experts=4,
-                   num_experts_per_tok=2, dropout=0.0)  # fmt: skip
-SHARED_R50K = Path(__file__).resolve().parents[3] / "shared" / "tokenizers" / "r50k_base.tiktoken"
+BENCH_SHAPE = dict(
+    vocab_size=50257,
+    block_size=256,
+    d_model=256,
+    n_head=8,
+    d_head=32,
+    n_layers=4,
+    num_experts=4,
+    num_experts_per_tok=2,
+    dropout=0.0,
+)
 
 
 def matmul_gflops(n: int = 1024, repeats: int = 20) -> float:
@@ -52,24 +61,50 @@ def step_flops(model: ShrayGPT, rows: int, prompt_tokens: int, new_tokens: int) 
     return generation + update
 
 
-def bench_grpo_step(prompts: int = 8, generations: int = 4, new_tokens: int = 48, steps: int = 3,
-                    tokenizer_path: str | None = None) -> dict[str, float]:  # fmt: skip
+def bench_grpo_step(
+    prompts: int = 8, generations: int = 4, new_tokens: int = 48, steps: int = 3, tokenizer_path: str | None = None
+) -> dict[str, float]:
     """Time ``steps`` GRPO steps after one warm-up step; print completions/s and the split."""
-    path = tokenizer_path or (None if not SHARED_R50K.is_file() else str(SHARED_R50K))
+    path = tokenizer_path or (str(R50K) if R50K.is_file() else None)
     torch.manual_seed(0)
     workdir = Path(tempfile.mkdtemp(prefix="shraygpt-bench-"))
     ShrayGPT(**BENCH_SHAPE).save_checkpoint(workdir / "policy.ckpt")
-    data = PromptDataModule(source="arithmetic", tokenizer="r50k_base", tokenizer_path=path, batch_size=prompts,
-                            max_length=256, max_prompt_length=128, train_size=prompts * (steps + 1))  # fmt: skip
-    stage = GRPOStage(policy=str(workdir / "policy.ckpt"), num_generations=generations, max_new_tokens=new_tokens,
-                      beta=0.0, optimizer="adamw", lr=1e-5, export_path=None, log_samples_every=0)  # fmt: skip
+    data = PromptDataModule(
+        source="arithmetic",
+        tokenizer="r50k_base",
+        tokenizer_path=path,
+        batch_size=prompts,
+        max_length=256,
+        max_prompt_length=128,
+        train_size=prompts * (steps + 1),
+    )
+    stage = GRPOStage(
+        policy=str(workdir / "policy.ckpt"),
+        num_generations=generations,
+        max_new_tokens=new_tokens,
+        beta=0.0,
+        optimizer="adamw",
+        lr=1e-5,
+        export_path=None,
+        log_samples_every=0,
+    )
     timings = StepTimer()
-    trainer = L.Trainer(max_steps=steps + 1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        callbacks=[timings])  # fmt: skip
-    print(f"GRPO step: {prompts} prompts x {generations} generations x {new_tokens} new tokens, beta=0, bench "
-          f"shape (d_model 256, 4 layers, 8x32 heads, 4 experts top-2, vocab 50257), {torch.get_num_threads()} "
-          f"threads")  # fmt: skip
+    trainer = L.Trainer(
+        max_steps=steps + 1,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[timings],
+    )
+    print(
+        f"GRPO step: {prompts} prompts x {generations} generations x {new_tokens} new tokens, beta=0, bench "
+        f"shape (d_model 256, 4 layers, 8x32 heads, 4 experts top-2, vocab 50257), {torch.get_num_threads()} "
+        f"threads"
+    )
     trainer.fit(stage, datamodule=data)
     measured = timings.steps[1:]  # the first step warms up allocators and kernels
     rows = prompts * generations
@@ -80,8 +115,9 @@ def bench_grpo_step(prompts: int = 8, generations: int = 4, new_tokens: int = 48
     gflops = matmul_gflops()
     floor_s = step_flops(stage.policy, rows, prompt_tokens, new_tokens) / (gflops * 1e9)
     print(f"  completions/s            {rows / step_s:8.2f}   ({step_s:.2f} s per step, mean of {len(measured)})")
-    print(f"  generation               {gen_s:8.2f} s  {gen_s / step_s:5.1%}   "
-          f"{rows * new_tokens / gen_s:7.0f} tokens/s")  # fmt: skip
+    print(
+        f"  generation               {gen_s:8.2f} s  {gen_s / step_s:5.1%}   {rows * new_tokens / gen_s:7.0f} tokens/s"
+    )
     print(f"  update (+ scoring)       {update_s:8.2f} s  {update_s / step_s:5.1%}")
     print(f"  FLOP floor at {gflops:.0f} GFLOP/s fp32 matmul: {floor_s:.2f} s; step / floor = {step_s / floor_s:.2f}x")
     return {"completions_per_s": rows / step_s, "generation_s": gen_s, "update_s": update_s, "floor_s": floor_s}

@@ -1,6 +1,12 @@
 """RLHF data: HH-RLHF preference pairs, built-in verifiable tasks, and LightningDataModules."""
 
-from shraygpt_rl.data.datamodules import ChatDataModule, PreferenceDataModule, PromptDataModule, SFTDataModule
+from shraygpt_rl.data.datamodules import (
+    ChatDataModule,
+    PreferenceDataModule,
+    PromptDataModule,
+    SFTDataModule,
+    stack_pairs,
+)
 from shraygpt_rl.data.hh_rlhf import DataError, load_preferences
 from shraygpt_rl.data.tasks import ArithmeticTask, SortingTask
 
@@ -13,4 +19,5 @@ __all__ = [
     "SFTDataModule",
     "SortingTask",
     "load_preferences",
+    "stack_pairs",
 ]

@@ -148,13 +148,24 @@ class ChatDataModule(L.LightningDataModule):
         hp = self.hparams
         if hp.source in TASKS:
             task = make_task(
-                hp.source, num_terms=hp.num_terms, num_items=hp.num_items, digits=hp.digits, seed=hp.seed,
-                num_train=hp.train_size or 5000, num_val=hp.val_size, num_test=hp.test_size,
+                hp.source,
+                num_terms=hp.num_terms,
+                num_items=hp.num_items,
+                digits=hp.digits,
+                seed=hp.seed,
+                num_train=hp.train_size or 5000,
+                num_val=hp.val_size,
+                num_test=hp.test_size,
                 system_prompt=hp.system_prompt,
-            )  # fmt: skip
+            )
             return {split: self.task_split(task, split) for split in _SPLITS}
-        load = functools.partial(load_preferences, hp.source, data_dir=hp.data_dir, skip_invalid=hp.skip_invalid,
-                                 system_prompt=hp.system_prompt)  # fmt: skip
+        load = functools.partial(
+            load_preferences,
+            hp.source,
+            data_dir=hp.data_dir,
+            skip_invalid=hp.skip_invalid,
+            system_prompt=hp.system_prompt,
+        )
         data = load(split="train")
         if hp.source == HUB_NAME:
             test = load(split="test")
@@ -236,8 +247,12 @@ class SFTDataModule(ChatDataModule):
         ids = [t for r in rows for t in r["input_ids"]]
         mask = [m for r in rows for m in r["loss_mask"]]
         n = self.hparams.max_length
-        return datasets.Dataset.from_dict({"input_ids": [ids[i : i + n] for i in range(0, len(ids), n)],
-                                           "loss_mask": [mask[i : i + n] for i in range(0, len(mask), n)]})  # fmt: skip
+        return datasets.Dataset.from_dict(
+            {
+                "input_ids": [ids[i : i + n] for i in range(0, len(ids), n)],
+                "loss_mask": [mask[i : i + n] for i in range(0, len(mask), n)],
+            }
+        )
 
     def example(self, row: dict) -> dict[str, list[int]]:
         if "prompt_ids" not in row:  # already packed
@@ -277,14 +292,30 @@ class PreferenceDataModule(ChatDataModule):
         }
         pad, max_length = self.tokenizer.eot_token, self.hparams.max_length
         # Both sides keep the same prompt: truncate it for the longer response.
-        prompts = [self._fit(r["prompt_ids"], max(r["chosen_response_ids"], r["rejected_response_ids"], key=len))[0]
-                   for r in rows]  # fmt: skip
+        prompts = [
+            self._fit(r["prompt_ids"], max(r["chosen_response_ids"], r["rejected_response_ids"], key=len))[0]
+            for r in rows
+        ]
         for side in ("chosen", "rejected"):
             responses = [r[f"{side}_response_ids"][: max_length - len(p)] for r, p in zip(rows, prompts)]
             batch[f"{side}_input_ids"] = _pad([p + r for p, r in zip(prompts, responses)], pad)
             batch[f"{side}_attention_mask"] = _pad([[1] * (len(p) + len(r)) for p, r in zip(prompts, responses)], 0)
             batch[f"{side}_prompt_mask"] = _pad([[1] * len(p) + [0] * len(r) for p, r in zip(prompts, responses)], 0)
         return batch
+
+
+def stack_pairs(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A ``PreferenceDataModule`` batch as one tensor batch: chosen rows then rejected rows,
+    right-padded to one width. Returns ids, attention mask and response mask, each (2B, T)."""
+    width = max(batch["chosen_input_ids"].size(1), batch["rejected_input_ids"].size(1))
+
+    def widen(x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.pad(x, (0, width - x.size(1)))
+
+    ids = torch.cat([widen(batch[f"{s}_input_ids"]) for s in ("chosen", "rejected")])
+    attention = torch.cat([widen(batch[f"{s}_attention_mask"]) for s in ("chosen", "rejected")])
+    prompt = torch.cat([widen(batch[f"{s}_prompt_mask"]) for s in ("chosen", "rejected")])
+    return ids, attention, attention * (1 - prompt)
 
 
 class PromptDataModule(ChatDataModule):

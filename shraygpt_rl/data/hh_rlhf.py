@@ -25,7 +25,6 @@ from shraygpt_rl.tokenizer import DEFAULT_SYSTEM_PROMPT, format_chat, format_res
 log = logging.getLogger(__name__)
 
 HUB_NAME = "Anthropic/hh-rlhf"
-SUBSETS = ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled", "red-team-attempts")
 _TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):")
 _COLUMNS = ("prompt", "chosen", "rejected", "chosen_response", "rejected_response")
 

@@ -169,13 +169,15 @@ class VerifiableTask:
         for numbers in self.problems(split):
             row = self._row(numbers)
             chosen, rejected = self.answer(numbers), self.rejected_answer(numbers, rng)
-            rows.append({
-                **row,
-                "chosen": row["prompt"] + format_response(chosen),
-                "rejected": row["prompt"] + format_response(rejected),
-                "chosen_response": chosen,
-                "rejected_response": rejected,
-            })  # fmt: skip
+            rows.append(
+                {
+                    **row,
+                    "chosen": row["prompt"] + format_response(chosen),
+                    "rejected": row["prompt"] + format_response(rejected),
+                    "chosen_response": chosen,
+                    "rejected_response": rejected,
+                }
+            )
         return datasets.Dataset.from_list(rows)
 
 

@@ -1,8 +1,9 @@
-"""What every stage shares: where the policy comes from, the optimizer and its schedule, MoE
-monitoring, the non-finite-loss guard, and checkpoint bookkeeping."""
+"""What every stage shares: where the policy comes from, the frozen reference, the optimizer and
+its schedule, MoE monitoring, the non-finite-loss guard, checkpoint bookkeeping and the export."""
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any, Literal
 
@@ -10,7 +11,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from shraygpt_rl.checkpoint import META, check_writable
+from shraygpt_rl.checkpoint import check_writable, stamp, stamped
 from shraygpt_rl.model import ShrayGPT, tiny_config
 from shraygpt_rl.optim import OptimizerName, build_optimizer
 from shraygpt_rl.runtime import retain_freed_memory
@@ -60,6 +61,7 @@ class StageModule(L.LightningModule):
         # checkpoint (it must load with weights_only=True) and come back from the config.
         self.save_hyperparameters(ignore=["rewards"])
         self.nonfinite_skipped = 0
+        self.reference: nn.Module | None = None
 
     # -- building ------------------------------------------------------------------------------
     def build_policy(self) -> ShrayGPT:
@@ -67,6 +69,19 @@ class StageModule(L.LightningModule):
         if self.hparams.policy:
             return ShrayGPT.load_from_checkpoint(self.hparams.policy)
         return ShrayGPT(**(self.hparams.model_config or tiny_config()))
+
+    def frozen_reference(self, model: nn.Module | None) -> None:
+        """Keep a frozen copy of ``model`` as ``self.reference`` (None: no reference).
+
+        The copy stays outside the module tree: it is not trained and not checkpointed (a resumed
+        run rebuilds it from ``policy``), and ``reference_model`` moves it to the stage's device.
+        """
+        frozen = None if model is None else copy.deepcopy(model).requires_grad_(False).eval()
+        object.__setattr__(self, "reference", frozen)  # plain attribute: not a submodule
+
+    def reference_model(self) -> nn.Module:
+        """The frozen reference on the stage's device (a no-op after the first call)."""
+        return self.reference.to(self.device)
 
     def aux_weight(self, model: ShrayGPT) -> float:
         weight = self.hparams.aux_loss_weight
@@ -101,8 +116,9 @@ class StageModule(L.LightningModule):
     # -- optimization --------------------------------------------------------------------------
     def configure_optimizers(self):
         hp = self.hparams
-        optimizer = build_optimizer(self.trainable(), hp.optimizer, lr=hp.lr, muon_lr=hp.muon_lr,
-                                    weight_decay=hp.weight_decay)  # fmt: skip
+        optimizer = build_optimizer(
+            self.trainable(), hp.optimizer, lr=hp.lr, muon_lr=hp.muon_lr, weight_decay=hp.weight_decay
+        )
         total = max(int(self.trainer.estimated_stepping_batches), 1) if self._trainer else 1
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, hp, total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
@@ -136,11 +152,19 @@ class StageModule(L.LightningModule):
 
     # -- checkpoints ---------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[META] = {"kind": self.kind, "policy_config": self.policy_config(),
-                            "nonfinite_skipped": self.nonfinite_skipped}  # fmt: skip
+        stamp(checkpoint, kind=self.kind, policy_config=self.policy_config(), nonfinite_skipped=self.nonfinite_skipped)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.nonfinite_skipped = (checkpoint.get(META) or {}).get("nonfinite_skipped", 0)
+        self.nonfinite_skipped = stamped(checkpoint).get("nonfinite_skipped", 0)
+
+    # -- export --------------------------------------------------------------------------------
+    def exported_model(self) -> nn.Module:
+        """What ``export_path`` receives at the end of training: the policy, unless overridden."""
+        return self.policy
+
+    def on_train_end(self) -> None:
+        if self.hparams.export_path and self.trainer.is_global_zero:
+            self.exported_model().save_checkpoint(self.hparams.export_path, stage=self.kind)
 
 
 def lr_factor(step: int, hp, total: int) -> float:

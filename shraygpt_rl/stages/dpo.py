@@ -11,14 +11,13 @@ Departures from the papers, as in TRL: IPO uses length-averaged log-probabilitie
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import Tensor
 
+from shraygpt_rl.checkpoint import stamp, stamped
+from shraygpt_rl.data import stack_pairs
 from shraygpt_rl.losses import DPOLossType, dpo_loss, sequence_logprobs
 from shraygpt_rl.stages.base import StageModule
-from shraygpt_rl.stages.reward import stack_pairs
 
 
 class DPOStage(StageModule):
@@ -47,10 +46,7 @@ class DPOStage(StageModule):
     ):
         super().__init__(export_path=export_path, **kwargs)
         self.policy = self.build_policy()
-        # The frozen reference is kept outside the module tree: it is rebuilt from ``policy`` on
-        # resume, so checkpoints hold the trained policy only.
-        reference = None if precompute_ref_logprobs else copy.deepcopy(self.policy).requires_grad_(False).eval()
-        object.__setattr__(self, "reference", reference)
+        self.frozen_reference(None if precompute_ref_logprobs else self.policy)
         self.ref_logps: dict[str, Tensor] = {}  # split -> (num_pairs, 2), filled before training
 
     def trainable(self):
@@ -86,33 +82,36 @@ class DPOStage(StageModule):
 
     def reference_logps(self, batch, split: str) -> tuple[Tensor, Tensor]:
         if self.reference is not None:
-            self.reference.to(self.device)  # a no-op after the first call
             with torch.no_grad():
-                chosen, rejected, _ = self.logps(self.reference, batch)
+                chosen, rejected, _ = self.logps(self.reference_model(), batch)
             return chosen, rejected
         cached = self.ref_logps[split][batch["index"].cpu()].to(self.device)
         return cached[:, 0], cached[:, 1]
 
     def on_save_checkpoint(self, checkpoint):
         super().on_save_checkpoint(checkpoint)
-        checkpoint["shraygpt_rl"]["ref_logps"] = self.ref_logps
+        stamp(checkpoint, ref_logps=self.ref_logps)
 
     def on_load_checkpoint(self, checkpoint):
         super().on_load_checkpoint(checkpoint)
-        self.ref_logps = checkpoint.get("shraygpt_rl", {}).get("ref_logps", {})  # never recompute after training
+        self.ref_logps = stamped(checkpoint).get("ref_logps", {})  # never recompute after training
 
     # -- steps ---------------------------------------------------------------------------------
     def step(self, batch, split: str):
         chosen, rejected, aux_loss = self.logps(self.policy, batch)
         ref_chosen, ref_rejected = self.reference_logps(batch, split)
         losses, chosen_rewards, rejected_rewards = dpo_loss(
-            chosen, rejected, ref_chosen, ref_rejected, self.hparams.beta, self.hparams.loss_type,
+            chosen,
+            rejected,
+            ref_chosen,
+            ref_rejected,
+            self.hparams.beta,
+            self.hparams.loss_type,
             self.hparams.label_smoothing,
-        )  # fmt: skip
+        )
         train = split == "train"
         prefix = "" if train else f"{split}/"
-        self.log(f"{split}/loss", losses.mean(), on_step=train, on_epoch=not train,
-                 batch_size=chosen.numel())  # fmt: skip
+        self.log(f"{split}/loss", losses.mean(), on_step=train, on_epoch=not train, batch_size=chosen.numel())
         metrics = {
             "rewards/chosen": chosen_rewards.mean(),
             "rewards/rejected": rejected_rewards.mean(),
@@ -121,8 +120,9 @@ class DPOStage(StageModule):
             "logps/chosen": chosen.detach().mean(),
             "logps/rejected": rejected.detach().mean(),
         }
-        self.log_dict({prefix + k: v for k, v in metrics.items()}, on_step=train, on_epoch=not train,
-                      batch_size=chosen.numel())  # fmt: skip
+        self.log_dict(
+            {prefix + k: v for k, v in metrics.items()}, on_step=train, on_epoch=not train, batch_size=chosen.numel()
+        )
         self.log_moe(self.policy, aux_loss, prefix=prefix)
         return losses.mean() + self.aux_weight(self.policy) * aux_loss
 
@@ -134,7 +134,3 @@ class DPOStage(StageModule):
 
     def test_step(self, batch, batch_idx):
         self.step(batch, "test")
-
-    def on_train_end(self) -> None:
-        if self.hparams.export_path and self.trainer.is_global_zero:
-            self.policy.save_checkpoint(self.hparams.export_path, stage=self.kind)

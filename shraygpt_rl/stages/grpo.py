@@ -23,6 +23,7 @@ import time
 from typing import Literal
 
 import torch
+from torch import Tensor
 
 from shraygpt_rl.losses import (
     GRPOLossType,
@@ -31,11 +32,10 @@ from shraygpt_rl.losses import (
     clipped_policy_loss,
     group_advantages,
     kl_estimate,
-    masked_mean,
     masked_sum,
     rloo_advantages,
 )
-from shraygpt_rl.stages.online import OnlineRLStage, accumulate, furthest_from_one
+from shraygpt_rl.stages.online import MicroStep, OnlineRLStage, Rollout, policy_metrics
 
 
 class GRPOStage(OnlineRLStage):
@@ -75,7 +75,7 @@ class GRPOStage(OnlineRLStage):
         super().__init__(export_path=export_path, **kwargs)
         if num_generations < 2:
             raise ValueError(f"num_generations must be at least 2 for a group baseline, got {num_generations}.")
-        object.__setattr__(self, "reference", self.frozen_copy(self.policy) if beta > 0 else None)
+        self.frozen_reference(self.policy if beta > 0 else None)
 
     def trainable(self):
         return self.policy
@@ -91,68 +91,60 @@ class GRPOStage(OnlineRLStage):
         rollout = self.rollout(batch, repeats=hp.num_generations)
         self.log_rollout(rollout)
         start = time.perf_counter()
-        advantages = self.advantages(rollout.scores)[:, None]  # (R, 1): one per completion
+
+        # One advantage per completion, from its group; the tokens that count.
+        advantages = self.advantages(rollout.scores)[:, None]  # (R, 1)
         mask = rollout.response_mask.clone()
         if hp.mask_truncated_completions:
             mask[rollout.truncated] = 0
-        first = self.minibatches(len(rollout), hp.num_mini_batches, shuffle=False)
-        old_logprobs = None
-        if hp.num_iterations > 1:  # the first pass's micro-batches: the ratio starts at exactly 1
-            old_logprobs = self.rowwise(lambda r: self.response_logprobs(self.policy, rollout, r)[0], rollout, first)
-        ref_logprobs = None
-        if self.reference is not None:
-            self.reference.to(self.device)
-            ref_logprobs = self.rowwise(lambda r: self.response_logprobs(self.reference, rollout, r)[0], rollout, first)
 
-        stats = []
-        for iteration in range(hp.num_iterations):
-            minibatches = first if iteration == 0 else self.minibatches(len(rollout), hp.num_mini_batches, True)
-            for rows in minibatches:
-                stats.append(self.update(rollout, rows, mask, advantages, old_logprobs, ref_logprobs))
-        self.log_stats(stats, rollout, mask)
+        # Old log-probabilities (only needed with several passes) and reference log-probabilities.
+        first = self.minibatches(len(rollout), hp.num_mini_batches, shuffle=False)
+        old_logprobs = self.logprobs_under(self.policy, rollout, first) if hp.num_iterations > 1 else None
+        ref_logprobs = None if self.reference is None else self.logprobs_under(self.reference_model(), rollout, first)
+
+        # num_iterations passes of num_mini_batches updates.
+        buffer = dict(mask=mask, advantages=advantages, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs)
+        stats = [
+            self.policy_update(rows, lambda micro, rows: self.loss(rollout, micro, rows, buffer))
+            for rows in self.passes(first, hp.num_iterations)
+        ]
+        self.log_stats(stats, rollout)
         self.log_update(time.perf_counter() - start, float(rollout.attention_mask.sum()) * hp.num_iterations)
 
-    def update(self, rollout, rows, mask, advantages, old_logprobs, ref_logprobs) -> dict[str, torch.Tensor]:
-        """One optimizer step over the minibatch ``rows``, micro-batch by micro-batch."""
-        hp = self.hparams
-        tokens = mask[rows].sum()
-        stats, finite, furthest = {}, True, None
-        for micro in self.micro_batches(rows):
-            logprobs, _, aux_loss = self.response_logprobs(self.policy, rollout, micro)  # (r, T)
-            old = logprobs.detach() if old_logprobs is None else old_logprobs[micro]
-            losses, ratio, clipped = clipped_policy_loss(logprobs, old, advantages[micro], hp.epsilon, hp.epsilon_high)
-            kl = None
-            if ref_logprobs is not None:  # DeepSeekMath eq. 4: the k3 estimator, in the loss
-                kl = kl_estimate(logprobs, ref_logprobs[micro], "k3")
-                losses = losses + hp.beta * kl
-            loss = aggregate_loss(
-                losses,
-                mask[micro],
-                hp.loss_type,
-                max_length=hp.max_new_tokens,
-                num_sequences=len(rows),
-                num_tokens=None if hp.loss_type == "bnpo" else tokens,
-            )
-            share = len(micro) / len(rows)
-            total = loss + self.aux_weight(self.policy) * aux_loss * share
-            finite = finite and bool(torch.isfinite(total))
-            self.manual_backward(total)
-            m, logprobs = mask[micro], logprobs.detach()
-            furthest = furthest_from_one(ratio, m, furthest)
-            accumulate(stats, share, {
-                "policy/loss": loss.detach() / share, "policy/clipfrac": masked_mean(clipped, m),
-                "policy/ratio": masked_mean(ratio.detach(), m),
-                "policy/approxkl": masked_mean(0.5 * (logprobs - old) ** 2, m),
-                "objective/entropy": masked_mean(-logprobs, m),  # over sampled tokens: an unbiased estimate
-                "moe/aux_loss": aux_loss.detach(),
-            })  # fmt: skip
-            if kl is not None:  # per response, in nats, as PPO reports it
-                accumulate(stats, share, {"objective/kl": masked_sum(kl.detach(), m) / len(micro)})
-        stats["policy/ratio_furthest"] = furthest
-        self.optimizer_step(finite)
-        return stats
+    def loss(self, rollout: Rollout, micro: Tensor, rows: Tensor, buffer: dict) -> MicroStep:
+        """The micro-batch ``micro``'s part of the loss of the minibatch ``rows``: the clipped
+        objective per token (plus ``beta`` x k3 KL), aggregated by ``loss_type``, plus its share
+        of the MoE aux loss."""
+        hp, mask = self.hparams, buffer["mask"][micro]
+        logprobs, _, aux_loss = self.response_logprobs(self.policy, rollout, micro)  # (r, T)
+        # One pass: the "old" policy is the current one, detached (the ratio is exactly 1).
+        old = logprobs.detach() if buffer["old_logprobs"] is None else buffer["old_logprobs"][micro]
+        losses, ratio, clipped = clipped_policy_loss(
+            logprobs, old, buffer["advantages"][micro], hp.epsilon, hp.epsilon_high
+        )
+        kl = None
+        if buffer["ref_logprobs"] is not None:  # DeepSeekMath eq. 4: the k3 estimator, in the loss
+            kl = kl_estimate(logprobs, buffer["ref_logprobs"][micro], "k3")
+            losses = losses + hp.beta * kl
+        minibatch_tokens = None if hp.loss_type == "bnpo" else buffer["mask"][rows].sum()
+        loss = aggregate_loss(
+            losses,
+            mask,
+            hp.loss_type,
+            max_length=hp.max_new_tokens,
+            num_sequences=len(rows),
+            num_tokens=minibatch_tokens,
+        )
+        share = len(micro) / len(rows)
+        metrics = policy_metrics(logprobs, old, ratio, clipped, mask)
+        metrics["policy/loss"] = loss.detach() / share
+        metrics["moe/aux_loss"] = aux_loss.detach()
+        if kl is not None:  # per response, in nats, as PPO reports it
+            metrics["objective/kl"] = masked_sum(kl.detach(), mask) / len(micro)
+        return MicroStep(loss + self.aux_weight(self.policy) * aux_loss * share, ratio, mask, metrics)
 
-    def log_stats(self, stats: list[dict], rollout, mask) -> None:
+    def log_stats(self, stats: list[dict], rollout: Rollout) -> None:
         mean = self.mean_of_updates(stats)
         grouped = rollout.scores.view(-1, self.hparams.num_generations)
         mean["reward/frac_reward_zero_std"] = (grouped.std(dim=1) < 1e-6).float().mean()
@@ -168,6 +160,7 @@ class RLOOStage(GRPOStage):
     kind = "rloo"
     advantage_estimator = "rloo"
 
-    def __init__(self, export_path: str | None = "checkpoints/shraygpt-rloo.ckpt", loss_type: GRPOLossType = "grpo",
-                 **kwargs):  # fmt: skip
+    def __init__(
+        self, export_path: str | None = "checkpoints/shraygpt-rloo.ckpt", loss_type: GRPOLossType = "grpo", **kwargs
+    ):
         super().__init__(export_path=export_path, loss_type=loss_type, **kwargs)

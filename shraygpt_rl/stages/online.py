@@ -9,22 +9,20 @@ the first update, so that the importance ratio starts at exactly 1.
 
 from __future__ import annotations
 
-import copy
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from shraygpt_rl.data.tasks import TASKS
-from shraygpt_rl.generation import response_logits
-from shraygpt_rl.losses import entropy_from_logits, token_logprobs
+from shraygpt_rl.checkpoint import stamp, stamped
+from shraygpt_rl.generation import response_logits, sample_and_decode
+from shraygpt_rl.losses import entropy_from_logits, masked_mean, token_logprobs
 from shraygpt_rl.rewards import LearnedReward, RewardFunction, TaskVerifier, WeightedSum
 from shraygpt_rl.stages.base import StageModule
-from shraygpt_rl.tokenizer import decode_response
 
 # A checkpoint taken after a step holds the state after all of that step's updates: the state a
 # resumed run must start the next rollout from, not the "pre-optimization state" Lightning means.
@@ -48,6 +46,15 @@ class Rollout:
 
     def __len__(self) -> int:
         return self.sequences.size(0)
+
+
+class MicroStep(NamedTuple):
+    """What a stage's loss gives ``policy_update`` for one micro-batch."""
+
+    loss: Tensor  # the micro-batch's part of the minibatch loss, aux loss included
+    ratio: Tensor  # (r, T) importance ratios, for ``policy/ratio_at_start``
+    mask: Tensor  # (r, T) the tokens that count
+    metrics: dict[str, Tensor]  # averaged over micro-batches, weighted by their share of rows
 
 
 class OnlineRLStage(StageModule):
@@ -97,10 +104,6 @@ class OnlineRLStage(StageModule):
             if isinstance(getattr(fn, "scorer", None), nn.Module):
                 fn.scorer.to(self.device)
 
-    def frozen_copy(self, model):
-        """A frozen copy kept outside the module tree (not trained, not checkpointed)."""
-        return copy.deepcopy(model).requires_grad_(False).eval()
-
     # -- rollouts ------------------------------------------------------------------------------
     @torch.no_grad()
     def rollout(self, batch: dict[str, Any], repeats: int = 1) -> Rollout:
@@ -110,30 +113,37 @@ class OnlineRLStage(StageModule):
         mask = batch["attention_mask"].repeat_interleave(repeats, dim=0)
         prompts = [p for p in batch["prompt"] for _ in range(repeats)]
         metadata = [m for m in batch["metadata"] for _ in range(repeats)]
-        was_training = self.policy.training
-        self.policy.eval()
         start = time.perf_counter()
-        out = self.policy.generate(ids, hp.max_new_tokens, temperature=hp.temperature, top_k=hp.top_k,
-                                   top_p=hp.top_p, eos_token_id=enc.eot_token, attention_mask=mask)  # fmt: skip
+        out, responses = sample_and_decode(
+            self.policy, ids, mask, enc, hp.max_new_tokens, temperature=hp.temperature, top_k=hp.top_k, top_p=hp.top_p
+        )
         self.perf["generation_s"] = time.perf_counter() - start
         self.perf["generated_tokens"] = float(out.response_mask.sum())
-        self.policy.train(was_training)
-        responses = [decode_response(enc, row[m.bool()]) for row, m in zip(out.responses, out.response_mask)]
         truncated = ~((out.responses == enc.eot_token) & out.response_mask.bool()).any(dim=1)
         components = {k: v.to(self.device) for k, v in self.reward_fn.components(prompts, responses, metadata).items()}
         weights = [getattr(fn, "weight", 1.0) for fn in self.reward_fn.functions]
         scores = sum(w * r for w, r in zip(weights, components.values()))
         if self.training:
             self.rollouts += 1
-        return Rollout(out.sequences, out.attention_mask, out.response_mask.float(), out.prompt_length, prompts,
-                       responses, metadata, scores.float(), components, truncated)  # fmt: skip
+        return Rollout(
+            out.sequences,
+            out.attention_mask,
+            out.response_mask.float(),
+            out.prompt_length,
+            prompts,
+            responses,
+            metadata,
+            scores.float(),
+            components,
+            truncated,
+        )
 
     def response_logprobs(self, model, rollout: Rollout, rows: Tensor, entropy: bool = False):
         """Log-probabilities (r, T) of the response tokens of ``rows`` under ``model``, their
         entropies (or None), and the MoE aux loss."""
         seqs = rollout.sequences[rows]
-        logits, aux_loss = response_logits(model, seqs, rollout.attention_mask[rows], rollout.prompt_length,
-                                           self.hparams.temperature)  # fmt: skip
+        mask = rollout.attention_mask[rows]
+        logits, aux_loss = response_logits(model, seqs, mask, rollout.prompt_length, self.hparams.temperature)
         logprobs = token_logprobs(logits, seqs[:, rollout.prompt_length :])
         return logprobs, (entropy_from_logits(logits) if entropy else None), aux_loss
 
@@ -145,6 +155,12 @@ class OnlineRLStage(StageModule):
             out[rows] = fn(rows).float()
         return out
 
+    def logprobs_under(self, model: nn.Module, rollout: Rollout, first: list[Tensor]) -> Tensor:
+        """Log-probabilities (R, T) of every response token under ``model``, without gradient,
+        computed in the micro-batches of the first update: the rollout's "old" log-probabilities
+        then equal the first update's exactly, and its importance ratio starts at 1."""
+        return self.rowwise(lambda rows: self.response_logprobs(model, rollout, rows)[0], rollout, first)
+
     # -- minibatches ---------------------------------------------------------------------------
     def minibatches(self, n_rows: int, num_mini_batches: int, shuffle: bool) -> list[Tensor]:
         if n_rows % num_mini_batches:
@@ -152,9 +168,38 @@ class OnlineRLStage(StageModule):
         order = torch.randperm(n_rows, device=self.device) if shuffle else torch.arange(n_rows, device=self.device)
         return list(order.chunk(num_mini_batches))
 
+    def passes(self, first: list[Tensor], num_passes: int) -> Iterator[Tensor]:
+        """The minibatches of ``num_passes`` passes over a rollout: ``first`` (in row order) for
+        the first pass, a fresh shuffle for each later one."""
+        n_rows = sum(len(rows) for rows in first)
+        for i in range(num_passes):
+            yield from first if i == 0 else self.minibatches(n_rows, len(first), shuffle=True)
+
     def micro_batches(self, rows: Tensor) -> Iterator[Tensor]:
         size = self.hparams.micro_batch_size or len(rows)
         return iter(rows.split(size))
+
+    # -- one update ----------------------------------------------------------------------------
+    def policy_update(self, rows: Tensor, micro_step: Callable[[Tensor, Tensor], MicroStep]) -> dict[str, Tensor]:
+        """One optimizer step over the minibatch ``rows``, accumulated micro-batch by micro-batch.
+
+        ``micro_step(micro, rows)`` computes the micro-batch ``micro``'s part of the loss of the
+        minibatch ``rows``, so that the backward passes add up to the gradient of the whole
+        minibatch; one optimizer step follows. A non-finite loss in any micro-batch drops the
+        update. Returns the metrics averaged over the micro-batches (weighted by rows) and
+        ``policy/ratio_furthest``.
+        """
+        stats: dict[str, Tensor] = {}
+        finite, furthest = True, None
+        for micro in self.micro_batches(rows):
+            step = micro_step(micro, rows)
+            finite = finite and bool(torch.isfinite(step.loss))
+            self.manual_backward(step.loss)
+            furthest = furthest_from_one(step.ratio, step.mask, furthest)
+            accumulate(stats, len(micro) / len(rows), step.metrics)
+        stats["policy/ratio_furthest"] = furthest
+        self.optimizer_step(finite)
+        return stats
 
     def optimizer_step(self, finite: bool = True) -> None:
         """Clip, step and clear gradients of the (single) optimizer, then step the schedule, by hand.
@@ -194,13 +239,16 @@ class OnlineRLStage(StageModule):
 
     def log_update(self, update_s: float, tokens: float) -> None:
         gen = self.perf["generation_s"]
-        self.log_dict({
-            "perf/update_tokens_per_s": tokens / max(update_s, 1e-9),
-            "perf/generation_fraction": gen / max(gen + update_s, 1e-9),
-            "perf/generation_s": gen,
-            "perf/update_s": update_s,
-            "perf/step_s": gen + update_s,
-        }, on_step=True)  # fmt: skip
+        self.log_dict(
+            {
+                "perf/update_tokens_per_s": tokens / max(update_s, 1e-9),
+                "perf/generation_fraction": gen / max(gen + update_s, 1e-9),
+                "perf/generation_s": gen,
+                "perf/update_s": update_s,
+                "perf/step_s": gen + update_s,
+            },
+            on_step=True,
+        )
 
     def mean_of_updates(self, stats: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         """Each per-update metric averaged over the step's updates, and ``policy/ratio_at_start``:
@@ -240,21 +288,17 @@ class OnlineRLStage(StageModule):
         size = len(rollout)
         self.log(f"{split}/reward/mean", rollout.scores.mean(), batch_size=size, prog_bar=split == "val")
         self.log(f"{split}/completions/mean_length", rollout.response_mask.sum(1).mean(), batch_size=size)
-        if all(m.get("task") in TASKS for m in rollout.metadata):
-            success = TaskVerifier()(rollout.prompts, rollout.responses, rollout.metadata) == 1.0
+        if TaskVerifier.covers(rollout.metadata):
+            success = TaskVerifier().success(rollout.prompts, rollout.responses, rollout.metadata)
             self.log(f"{split}/success", success.float().mean(), batch_size=size, prog_bar=split == "val")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
-        checkpoint["rollouts"] = self.rollouts
+        stamp(checkpoint, rollouts=self.rollouts)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
-        self.rollouts = checkpoint.get("rollouts", 0)
-
-    def on_train_end(self) -> None:
-        if self.hparams.export_path and self.trainer.is_global_zero:
-            self.policy.save_checkpoint(self.hparams.export_path, stage=self.kind)
+        self.rollouts = stamped(checkpoint).get("rollouts", 0)
 
 
 def disable_dropout(model: nn.Module) -> nn.Module:
@@ -276,6 +320,18 @@ def furthest_from_one(ratio: Tensor, mask: Tensor, so_far: Tensor | None = None)
     if so_far is None or (candidate - 1).abs() > (so_far - 1).abs():
         return candidate
     return so_far
+
+
+def policy_metrics(logprobs: Tensor, old_logprobs: Tensor, ratio: Tensor, clipped: Tensor, mask: Tensor):
+    """``policy/clipfrac``, ``policy/ratio``, ``policy/approxkl`` (½ E[(log π − log π_old)²]) and
+    ``objective/entropy`` (−E[log π] over the sampled tokens: an unbiased estimate) of a micro-batch."""
+    logprobs = logprobs.detach()
+    return {
+        "policy/clipfrac": masked_mean(clipped, mask),
+        "policy/ratio": masked_mean(ratio.detach(), mask),
+        "policy/approxkl": masked_mean(0.5 * (logprobs - old_logprobs) ** 2, mask),
+        "objective/entropy": masked_mean(-logprobs, mask),
+    }
 
 
 def accumulate(stats: dict, share: float, values: dict) -> None:

@@ -23,6 +23,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from shraygpt_rl.checkpoint import stamp, stamped
 from shraygpt_rl.losses import (
     AdaptiveKLController,
     KLEstimator,
@@ -35,15 +36,9 @@ from shraygpt_rl.losses import (
     masked_sum,
     whiten,
 )
+from shraygpt_rl.reward_model import RewardModel
 from shraygpt_rl.stages.base import ConfigError
-from shraygpt_rl.stages.online import (
-    OnlineRLStage,
-    Rollout,
-    accumulate,
-    disable_dropout,
-    furthest_from_one,
-)
-from shraygpt_rl.stages.reward import RewardModel
+from shraygpt_rl.stages.online import MicroStep, OnlineRLStage, Rollout, disable_dropout, policy_metrics
 
 
 class PPOStage(OnlineRLStage):
@@ -101,8 +96,7 @@ class PPOStage(OnlineRLStage):
     ):
         super().__init__(export_path=export_path, **kwargs)
         self.critic = self.build_critic(critic_init)
-        uses_kl = kl_coef > 0 or adaptive_kl
-        object.__setattr__(self, "reference", self.frozen_copy(self.policy) if uses_kl else None)
+        self.frozen_reference(self.policy if kl_coef > 0 or adaptive_kl else None)
         self.kl_ctl = AdaptiveKLController(kl_coef, kl_target, kl_horizon)
 
     def build_critic(self, critic_init) -> RewardModel:
@@ -132,33 +126,34 @@ class PPOStage(OnlineRLStage):
         rollout = self.rollout(batch)
         self.log_rollout(rollout)
         start = time.perf_counter()
+
+        # Old log-probabilities, reference log-probabilities and values, in the first pass's micro-batches.
         first = self.minibatches(len(rollout), hp.num_mini_batches, shuffle=False)
-        logprobs = self.rowwise(lambda r: self.response_logprobs(self.policy, rollout, r)[0], rollout, first)
-        values = self.rowwise(lambda r: self.critic_values(rollout, r)[0], rollout, first)
-        ref_logprobs = logprobs
-        if self.reference is not None:
-            self.reference.to(self.device)
-            ref_logprobs = self.rowwise(lambda r: self.response_logprobs(self.reference, rollout, r)[0], rollout, first)
+        logprobs = self.logprobs_under(self.policy, rollout, first)
+        ref_logprobs = (
+            logprobs if self.reference is None else self.logprobs_under(self.reference_model(), rollout, first)
+        )
+        values = self.rowwise(lambda rows: self.critic_values(rollout, rows)[0], rollout, first)
+
+        # Per-token rewards, GAE and whitened advantages.
         mask = rollout.response_mask
         rewards, scores, kl = self.token_rewards(rollout, logprobs, ref_logprobs)
         advantages, returns = gae(rewards, values, mask, hp.gamma, hp.lam)
         advantages = whiten(advantages, mask)
         buffer = dict(logprobs=logprobs, values=values, advantages=advantages, returns=returns)
 
-        stats, stop = [], False
-        for epoch in range(hp.num_ppo_epochs):
-            minibatches = first if epoch == 0 else self.minibatches(len(rollout), hp.num_mini_batches, True)
-            for rows in minibatches:
-                stats.append(self.update(rollout, rows, buffer))
-                stop = hp.target_kl is not None and float(stats[-1]["policy/approxkl"]) > hp.target_kl
-                if stop:
-                    break
-            if stop:
+        # num_ppo_epochs passes of num_mini_batches updates, stopped early at target_kl.
+        stats, early_stop = [], False
+        for rows in self.passes(first, hp.num_ppo_epochs):
+            stats.append(self.policy_update(rows, lambda micro, rows: self.loss(rollout, micro, rows, buffer)))
+            early_stop = hp.target_kl is not None and float(stats[-1]["policy/approxkl"]) > hp.target_kl
+            if early_stop:
                 break
+
         sequence_kl = masked_sum(kl, mask, dim=1)  # (R,) KL of each response, in nats
         if hp.adaptive_kl:
             self.kl_ctl.update(float(sequence_kl.mean()), len(rollout))
-        self.log_stats(stats, rollout, scores, sequence_kl, values, returns, early_stop=stop)
+        self.log_stats(stats, rollout, scores, sequence_kl, values, returns, early_stop)
         self.log_update(time.perf_counter() - start, float(rollout.attention_mask.sum()) * len(stats) / len(first))
 
     def token_rewards(self, rollout: Rollout, logprobs: Tensor, ref_logprobs: Tensor):
@@ -177,42 +172,32 @@ class PPOStage(OnlineRLStage):
             rewards = whiten(rewards, mask, shift_mean=False) * mask
         return rewards, scores, kl
 
-    def update(self, rollout: Rollout, rows: Tensor, buffer: dict[str, Tensor]) -> dict[str, Tensor]:
-        """One optimizer step over the minibatch ``rows``: losses are token means over the whole
-        minibatch, accumulated micro-batch by micro-batch."""
-        hp, mask = self.hparams, rollout.response_mask
-        tokens = mask[rows].sum()
-        stats: dict[str, Tensor] = {}
-        finite, furthest = True, None
-        for micro in self.micro_batches(rows):
-            m = mask[micro]
-            bonus = hp.entropy_coef > 0
-            logprobs, entropy, aux_policy = self.response_logprobs(self.policy, rollout, micro, entropy=bonus)
-            values, aux_critic = self.critic_values(rollout, micro)  # (r, T) each
-            old = buffer["logprobs"][micro]
-            pg_losses, ratio, pg_clipped = clipped_policy_loss(logprobs, old, buffer["advantages"][micro], hp.cliprange)
-            vf_losses, vf_clipped = clipped_value_loss(values, buffer["values"][micro], buffer["returns"][micro],
-                                                       hp.cliprange_value)  # fmt: skip
-            per_token = pg_losses + hp.vf_coef * vf_losses - (hp.entropy_coef * entropy if bonus else 0.0)
-            loss = masked_sum(per_token, m) / tokens
-            share = len(micro) / len(rows)
-            aux = self.aux_weight(self.policy) * aux_policy + self.aux_weight(self.critic.trunk) * aux_critic
-            total = loss + aux * share
-            finite = finite and bool(torch.isfinite(total))
-            self.manual_backward(total)
-            logprobs = logprobs.detach()
-            furthest = furthest_from_one(ratio, m, furthest)
-            accumulate(stats, share, {
-                "policy/loss": masked_mean(pg_losses.detach(), m), "policy/clipfrac": masked_mean(pg_clipped, m),
-                "policy/ratio": masked_mean(ratio.detach(), m),
-                "policy/approxkl": masked_mean(0.5 * (logprobs - old) ** 2, m),
-                "objective/entropy": masked_mean(-logprobs, m),  # over sampled tokens: an unbiased estimate
-                "value/loss": masked_mean(vf_losses.detach(), m), "value/clipfrac": masked_mean(vf_clipped, m),
-                "moe/aux_loss": aux_policy.detach(),
-            })  # fmt: skip
-        stats["policy/ratio_furthest"] = furthest
-        self.optimizer_step(finite)
-        return stats
+    def loss(self, rollout: Rollout, micro: Tensor, rows: Tensor, buffer: dict[str, Tensor]) -> MicroStep:
+        """The micro-batch ``micro``'s part of the loss of the minibatch ``rows``.
+
+        Clipped policy loss + ``vf_coef`` x clipped value loss − ``entropy_coef`` x entropy,
+        summed over the micro-batch's tokens and divided by the minibatch's token count (a token
+        mean over the whole minibatch), plus its share of the policy's and critic's MoE aux losses.
+        """
+        hp, mask = self.hparams, rollout.response_mask[micro]
+        bonus = hp.entropy_coef > 0
+        logprobs, entropy, aux_policy = self.response_logprobs(self.policy, rollout, micro, entropy=bonus)
+        values, aux_critic = self.critic_values(rollout, micro)  # (r, T) each
+        old = buffer["logprobs"][micro]
+        pg_losses, ratio, pg_clipped = clipped_policy_loss(logprobs, old, buffer["advantages"][micro], hp.cliprange)
+        vf_losses, vf_clipped = clipped_value_loss(
+            values, buffer["values"][micro], buffer["returns"][micro], hp.cliprange_value
+        )
+        per_token = pg_losses + hp.vf_coef * vf_losses - (hp.entropy_coef * entropy if bonus else 0.0)
+        minibatch_tokens = rollout.response_mask[rows].sum()
+        share = len(micro) / len(rows)
+        aux = self.aux_weight(self.policy) * aux_policy + self.aux_weight(self.critic.trunk) * aux_critic
+        metrics = policy_metrics(logprobs, old, ratio, pg_clipped, mask)
+        metrics["policy/loss"] = masked_mean(pg_losses.detach(), mask)
+        metrics["value/loss"] = masked_mean(vf_losses.detach(), mask)
+        metrics["value/clipfrac"] = masked_mean(vf_clipped, mask)
+        metrics["moe/aux_loss"] = aux_policy.detach()
+        return MicroStep(masked_sum(per_token, mask) / minibatch_tokens + aux * share, ratio, mask, metrics)
 
     def log_stats(self, stats, rollout, scores, sequence_kl, values, returns, early_stop: bool) -> None:
         mean = self.mean_of_updates(stats)
@@ -228,8 +213,8 @@ class PPOStage(OnlineRLStage):
     # -- the adaptive KL coefficient travels with the checkpoint --------------------------------
     def on_save_checkpoint(self, checkpoint):
         super().on_save_checkpoint(checkpoint)
-        checkpoint["kl_coef"] = self.kl_ctl.value
+        stamp(checkpoint, kl_coef=self.kl_ctl.value)
 
     def on_load_checkpoint(self, checkpoint):
         super().on_load_checkpoint(checkpoint)
-        self.kl_ctl.value = checkpoint.get("kl_coef", self.kl_ctl.value)
+        self.kl_ctl.value = stamped(checkpoint).get("kl_coef", self.kl_ctl.value)

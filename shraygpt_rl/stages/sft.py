@@ -43,7 +43,3 @@ class SFTStage(StageModule):
         nll, aux_loss = self.loss(batch)
         self.log("val/loss", nll, prog_bar=True, batch_size=batch["input_ids"].size(0))
         self.log_moe(self.policy, aux_loss, prefix="val/")
-
-    def on_train_end(self) -> None:
-        if self.hparams.export_path and self.trainer.is_global_zero:
-            self.policy.save_checkpoint(self.hparams.export_path, stage=self.kind)

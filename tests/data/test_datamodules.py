@@ -101,8 +101,14 @@ def test_long_prompts_keep_their_end():
 
 
 def test_splits_are_deterministic(hh_sample):
-    kwargs = {"source": str(hh_sample), "tokenizer": "byte", "val_size": 50, "test_size": 50, "max_length": 2048,
-              "max_prompt_length": 1024}  # fmt: skip
+    kwargs = {
+        "source": str(hh_sample),
+        "tokenizer": "byte",
+        "val_size": 50,
+        "test_size": 50,
+        "max_length": 2048,
+        "max_prompt_length": 1024,
+    }
     a, b, c = PreferenceDataModule(**kwargs), PreferenceDataModule(**kwargs), PreferenceDataModule(seed=1, **kwargs)
     for dm in (a, b, c):
         dm.setup()

@@ -83,8 +83,10 @@ def test_small_tasks_fill_train_with_what_is_left():
 
 @pytest.mark.parametrize("task", [ArithmeticTask(num_train=3000), SortingTask(num_train=3000)], ids=["arith", "sort"])
 def test_sft_noise_and_preferences_agree_with_the_verifier(task):
-    verify = {"arithmetic": lambda r, row: arithmetic_reward(r, row["target"]),
-              "sorting": lambda r, row: sorting_reward(r, row["numbers"])}[task.name]  # fmt: skip
+    verify = {
+        "arithmetic": lambda r, row: arithmetic_reward(r, row["target"]),
+        "sorting": lambda r, row: sorting_reward(r, row["numbers"]),
+    }[task.name]
     sft = task.sft("train", wrong_fraction=0.3)
     share_wrong = 1 - sum(sft["correct"]) / len(sft)
     assert abs(share_wrong - 0.3) < 0.03

@@ -10,8 +10,14 @@ from shraygpt_rl.data import PreferenceDataModule
 from shraygpt_rl.model import ShrayGPT, tiny_config
 from shraygpt_rl.stages.dpo import DPOStage
 
-METRICS = ["rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
-           "logps/rejected"]  # fmt: skip
+METRICS = [
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+]
 
 
 @pytest.fixture
@@ -23,8 +29,15 @@ def policy_path(tmp_path):
 
 
 def _first_loss(policy_path, precompute):
-    stage = DPOStage(policy=policy_path, precompute_ref_logprobs=precompute, export_path=None, optimizer="adamw",
-                     lr=0.0, loss_type="sigmoid", beta=0.5)  # fmt: skip
+    stage = DPOStage(
+        policy=policy_path,
+        precompute_ref_logprobs=precompute,
+        export_path=None,
+        optimizer="adamw",
+        lr=0.0,
+        loss_type="sigmoid",
+        beta=0.5,
+    )
     data = PreferenceDataModule(train_size=64, **{**ARITH, "batch_size": 64})
     trainer = tiny_trainer(1, limit_val_batches=0)
     trainer.fit(stage, datamodule=data)
@@ -66,6 +79,7 @@ def test_reference_cache_survives_a_checkpoint(policy_path, tmp_path):
     assert not torch.equal(restored.policy.head.weight, ShrayGPT.load_from_checkpoint(policy_path).head.weight)
 
 
+@pytest.mark.slow
 def test_dpo_raises_held_out_preference_accuracy(policy_path):
     stage = DPOStage(policy=policy_path, beta=0.5, export_path=None, lr=1e-3, muon_lr=1e-2)
     data = PreferenceDataModule(**{**ARITH, "source": "sorting", "digits": 1, "val_size": 128, "test_size": 128})

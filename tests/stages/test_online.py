@@ -54,8 +54,9 @@ def test_generation_and_training_give_each_token_the_same_logprob_and_routing(ti
     model = _likes_to_stop(tiny_model, eos=7)
     ids, prompt_mask = _prompts(model.vocab_size, [5, 11, 8, 3, 11, 7])
     calls, handles = _routing_recorder(model)
-    out = model.generate(ids, 12, temperature=1.0, eos_token_id=7, attention_mask=prompt_mask,
-                         generator=torch.Generator().manual_seed(1))  # fmt: skip
+    out = model.generate(
+        ids, 12, temperature=1.0, eos_token_id=7, attention_mask=prompt_mask, generator=torch.Generator().manual_seed(1)
+    )
     generated_routing = [torch.cat(c) for c in calls]
     for c in calls:
         c.clear()

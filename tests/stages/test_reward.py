@@ -10,7 +10,8 @@ from shraygpt_rl.checkpoint import CheckpointError
 from shraygpt_rl.data import PreferenceDataModule
 from shraygpt_rl.model import ShrayGPT, tiny_config
 from shraygpt_rl.rewards import LearnedReward
-from shraygpt_rl.stages.reward import RewardModel, RewardStage, last_token_index
+from shraygpt_rl.reward_model import RewardModel, last_token_index
+from shraygpt_rl.stages.reward import RewardStage
 
 
 def test_last_token_index_for_both_paddings():
@@ -37,9 +38,10 @@ def test_score_on_text_equals_the_batched_forward(tmp_path):
     stage.model.eval()
     with torch.no_grad():
         chosen, rejected, _ = stage.rewards(batch)
-    texts = [data.tokenizer.decode(ids[(a - p).bool()].tolist()).removesuffix("<|endoftext|>").strip()
-             for ids, a, p in zip(batch["chosen_input_ids"], batch["chosen_attention_mask"],
-                                  batch["chosen_prompt_mask"])]  # fmt: skip
+    texts = [
+        data.tokenizer.decode(ids[(a - p).bool()].tolist()).removesuffix("<|endoftext|>").strip()
+        for ids, a, p in zip(batch["chosen_input_ids"], batch["chosen_attention_mask"], batch["chosen_prompt_mask"])
+    ]
     scored = stage.model.score(batch["prompt"], texts, batch_size=7)
     assert torch.allclose(scored, chosen, atol=1e-5)
     slot = LearnedReward(scorer=stage.model)
@@ -49,6 +51,7 @@ def test_score_on_text_equals_the_batched_forward(tmp_path):
 SORTING = {**ARITH, "source": "sorting", "digits": 1, "val_size": 128, "test_size": 128}
 
 
+@pytest.mark.slow
 def test_reward_model_learns_held_out_preferences_and_exports(tmp_path):
     """Sorted against shuffled lists: held-out pairwise accuracy from chance to >= 0.85."""
     export = tmp_path / "rm.ckpt"

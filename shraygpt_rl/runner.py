@@ -1,0 +1,115 @@
+"""Run one training stage from a config plus overrides: what ``train.py``, the pipeline and the
+benchmarks share.
+
+``run_stage("ppo", ["--config", "configs/ppo.yaml", "--trainer.max_steps", "8"])`` builds the
+stage's ``LightningCLI`` and fits it. Every ``__init__`` argument of the stage's LightningModule
+(``--model.*``) and DataModule (``--data.*``) is a flag and a YAML key, as are the Trainer's
+(``--trainer.*``). The project's Trainer defaults: a TensorBoard logger under ``logs/<stage>``,
+``ModelCheckpoint`` (with ``last.ckpt``) under ``checkpoints/<stage>`` and learning-rate
+monitoring. ``--ckpt_path last`` resumes.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import yaml
+from lightning.pytorch.cli import LightningCLI
+
+from shraygpt_rl.data import PreferenceDataModule, PromptDataModule, SFTDataModule
+from shraygpt_rl.data.datamodules import ChatDataModule
+from shraygpt_rl.stages.dpo import DPOStage
+from shraygpt_rl.stages.grpo import GRPOStage, RLOOStage
+from shraygpt_rl.stages.ppo import PPOStage
+from shraygpt_rl.stages.reward import RewardStage
+from shraygpt_rl.stages.sft import SFTStage
+
+STAGES: dict[str, tuple[type[L.LightningModule], type[L.LightningDataModule]]] = {
+    "sft": (SFTStage, SFTDataModule),
+    "reward": (RewardStage, PreferenceDataModule),
+    "dpo": (DPOStage, PreferenceDataModule),
+    "ppo": (PPOStage, PromptDataModule),
+    "grpo": (GRPOStage, PromptDataModule),
+    "rloo": (RLOOStage, PromptDataModule),
+}
+# The pipeline and the benchmarks run stages with their own ``args``, not sys.argv: that is meant.
+warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
+
+
+class ShrayCLI(LightningCLI):
+    """LightningCLI with the project's Trainer defaults and ``--ckpt_path`` to resume a run."""
+
+    stage = "sft"
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument(
+            "--ckpt_path",
+            type=str | None,
+            default=None,
+            help="Checkpoint to resume from; 'last' picks the latest in checkpoints/<stage>/.",
+        )
+        # Defaults set here stay configurable (``trainer_defaults`` callbacks would not be).
+        parser.set_defaults({f"trainer.{key}": value for key, value in trainer_defaults(self.stage).items()})
+
+
+def trainer_defaults(stage: str) -> dict[str, Any]:
+    """The Trainer settings every stage starts from; flags and YAML override each of them."""
+    return {
+        "log_every_n_steps": 10,
+        "logger": {
+            "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+            "init_args": {"save_dir": "logs", "name": stage},
+        },
+        "callbacks": [
+            {
+                "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                "init_args": {"dirpath": f"checkpoints/{stage}", "save_last": True, "every_n_train_steps": 100},
+            },
+            {
+                "class_path": "lightning.pytorch.callbacks.LearningRateMonitor",
+                "init_args": {"logging_interval": "step"},
+            },
+        ],
+    }
+
+
+def build_cli(stage: str, args: list[str]) -> ShrayCLI:
+    """The stage's LightningCLI with ``args`` parsed and every object built, not yet fitted."""
+    module, datamodule = STAGES[stage]
+    cli_class = type("ShrayCLI", (ShrayCLI,), {"stage": stage})
+    return cli_class(
+        module,
+        datamodule,
+        args=args,
+        run=False,
+        seed_everything_default=0,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"prog": f"train.py --stage {stage}"},
+    )
+
+
+def run_stage(stage: str, args: list[str]) -> ShrayCLI:
+    """Build the stage's CLI from ``args`` (``--config`` and overrides) and fit it; returns the CLI."""
+    cli = build_cli(stage, args)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path)
+    return cli
+
+
+def config_section(config: str | Path | None, section: str) -> dict[str, Any]:
+    """One section (``model``, ``data``, ``trainer``) of a stage config; empty when there is none."""
+    if config is None or not Path(config).is_file():
+        return {}
+    return dict((yaml.safe_load(Path(config).read_text()) or {}).get(section) or {})
+
+
+def data_from_config(datamodule: type[ChatDataModule], config: str | Path | None, **overrides: Any) -> ChatDataModule:
+    """``datamodule`` built from a stage config's ``data:`` section plus ``overrides``, leaving out
+    the options that only another DataModule takes (SFT's ``wrong_fraction`` for prompts, say)."""
+    accepted = set(inspect.signature(ChatDataModule.__init__).parameters)
+    accepted |= set(inspect.signature(datamodule.__init__).parameters)
+    data = {k: v for k, v in config_section(config, "data").items() if k in accepted}
+    return datamodule(**{**data, **overrides})
