@@ -75,6 +75,22 @@ def evaluate(
     return report
 
 
+def _evaluate_against_sft(exports: dict[str, str], data, scorer, max_new_tokens: int, seed: int) -> dict:
+    """Every exported policy on the same held-out prompts; KL and win rate against the SFT policy,
+    whose reference samples all policies share."""
+    sft_policy = ShrayGPT.load_from_checkpoint(exports["SFT"])
+    options = dict(max_new_tokens=max_new_tokens, seed=seed, reward_model=scorer)
+    policies = {"SFT": {**evaluate_policy(sft_policy, data, name="SFT", **options), "kl_to_reference": 0.0}}
+    sft_samples = sample_responses(sft_policy, data, max_new_tokens=max_new_tokens, seed=seed + 1)
+    for label in ("PPO", "GRPO", "DPO"):
+        if label in exports:
+            model = ShrayGPT.load_from_checkpoint(exports[label])
+            policies[label] = evaluate_policy(
+                model, data, reference=sft_policy, name=label, reference_samples=sft_samples, **options
+            )
+    return policies
+
+
 def pipeline(
     sft: str = "configs/sft.yaml",
     reward: str = "configs/reward.yaml",
@@ -112,19 +128,9 @@ def pipeline(
             optimised[label] = "reward model" if cli.model.hparams.reward_model else "reward functions"
 
     print(f"\n[evaluation] {num_prompts} held-out prompts per policy", flush=True)
-    data = _prompts(sft, num_prompts)
     scorer = RewardModel.load_from_checkpoint(exports["reward"]).eval()
     accuracy = reward_model_accuracy(scorer, data_from_config(PreferenceDataModule, reward, batch_size=100))
-    sft_policy = ShrayGPT.load_from_checkpoint(exports["SFT"])
-    options = dict(max_new_tokens=max_new_tokens, seed=seed, reward_model=scorer)
-    policies = {"SFT": {**evaluate_policy(sft_policy, data, name="SFT", **options), "kl_to_reference": 0.0}}
-    sft_samples = sample_responses(sft_policy, data, max_new_tokens=max_new_tokens, seed=seed + 1)
-    for label in ("PPO", "GRPO", "DPO"):
-        if label in exports:
-            model = ShrayGPT.load_from_checkpoint(exports[label])
-            policies[label] = evaluate_policy(
-                model, data, reference=sft_policy, name=label, reference_samples=sft_samples, **options
-            )
+    policies = _evaluate_against_sft(exports, _prompts(sft, num_prompts), scorer, max_new_tokens, seed)
     report = {
         "reward_model_accuracy": accuracy,
         "seconds": seconds,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import lightning as L
@@ -12,35 +13,17 @@ import yaml
 
 from shraygpt_rl.checkpoint import stamped
 from shraygpt_rl.cli import main, split_stage
-from shraygpt_rl.runner import STAGES, build_cli
 from shraygpt_rl.model import ShrayGPT
+from shraygpt_rl.runner import STAGES, build_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
-FAST = [
-    "--data.train_size",
-    "128",
-    "--data.val_size",
-    "32",
-    "--data.test_size",
-    "32",
-    "--data.batch_size",
-    "16",
-    "--data.system_prompt",
-    "null",
-    "--data.max_length",
-    "64",
-    "--data.max_prompt_length",
-    "48",
-    "--model.optimizer",
-    "adamw",
-    "--trainer.limit_val_batches",
-    "1",
-    "--trainer.enable_progress_bar",
-    "false",
-    "--trainer.enable_model_summary",
-    "false",
-]
+FAST = (
+    "--data.train_size 128 --data.val_size 32 --data.test_size 32 --data.batch_size 16 --data.system_prompt null "
+    "--data.max_length 64 --data.max_prompt_length 48 --model.optimizer adamw --trainer.limit_val_batches 1 "
+    "--trainer.enable_progress_bar false --trainer.enable_model_summary false"
+).split()
+ONLINE = "--model.max_new_tokens 4 --data.batch_size 4".split()
 
 
 @pytest.fixture
@@ -86,11 +69,8 @@ def test_overrides_reach_the_module(workdir, capsys):
                 "dpo",
                 "--config",
                 str(ROOT / "configs/dpo.yaml"),
-                "--model.beta",
-                "0.05",
-                "--trainer.max_steps",
-                "50",
-                "--print_config",
+                *"--model.beta 0.05".split(),
+                *"--trainer.max_steps 50 --print_config".split(),
             ]
         )
     printed = yaml.safe_load(capsys.readouterr().out)
@@ -151,6 +131,7 @@ class FirstStep(L.Callback):
 
 
 def test_killed_run_resumes_from_last_at_the_right_step(workdir):
+    every_5_steps = "--trainer.callbacks.save_last=true --trainer.callbacks.every_n_train_steps=5"
     args = [
         "--stage",
         "sft",
@@ -158,8 +139,7 @@ def test_killed_run_resumes_from_last_at_the_right_step(workdir):
         "12",
         "--trainer.callbacks+=ModelCheckpoint",
         "--trainer.callbacks.dirpath=checkpoints/sft",
-        "--trainer.callbacks.save_last=true",
-        "--trainer.callbacks.every_n_train_steps=5",
+        *every_5_steps.split(),
         *FAST,
     ]
     stage, rest = split_stage(args)
@@ -187,32 +167,19 @@ class CrashAt(L.Callback):
 
 def test_killed_online_run_resumes_with_its_rollout_count_and_kl_coefficient(workdir, random_policy):
     """PPO, two optimizer steps per rollout: killed after 3 rollouts, resumed from step 4."""
+    options = "--model.num_ppo_epochs 1 --model.num_mini_batches 2 --model.adaptive_kl true --model.kl_horizon 10"
+    checkpoints = "--trainer.callbacks+=ModelCheckpoint --trainer.callbacks.dirpath=checkpoints/ppo "
+    checkpoints += "--trainer.callbacks.save_last=true --trainer.callbacks.every_n_train_steps=4"
     args = [
         "--stage",
         "ppo",
         *FAST,
+        *ONLINE,
         "--model.policy",
         random_policy,
-        "--model.max_new_tokens",
-        "4",
-        "--data.batch_size",
-        "4",
-        "--model.num_ppo_epochs",
-        "1",
-        "--model.num_mini_batches",
-        "2",
-        "--model.adaptive_kl",
-        "true",
-        "--model.kl_horizon",
-        "10",
-        "--trainer.max_steps",
-        "8",
-        "--trainer.val_check_interval",
-        "4",
-        "--trainer.callbacks+=ModelCheckpoint",
-        "--trainer.callbacks.dirpath=checkpoints/ppo",
-        "--trainer.callbacks.save_last=true",
-        "--trainer.callbacks.every_n_train_steps=4",
+        *options.split(),
+        *"--trainer.max_steps 8 --trainer.val_check_interval 4".split(),
+        *checkpoints.split(),
     ]
     stage, rest = split_stage(args)
     cli = build_cli(stage, rest)
@@ -245,89 +212,42 @@ def test_a_run_writes_tensorboard_logs_and_checkpoints(workdir):
     assert os.path.getsize(Path("checkpoints/shraygpt-instruct.ckpt")) > 0
 
 
-def test_the_readme_chain_runs_from_the_configs(workdir):
-    """sft -> reward -> dpo with configs/*.yaml, two steps each: every stage reads the last's export."""
-    small = [
-        "--trainer.max_steps",
-        "2",
-        "--trainer.limit_val_batches",
-        "1",
-        "--trainer.val_check_interval",
-        "2",
-        "--data.train_size",
-        "64",
-        "--data.val_size",
-        "16",
-        "--data.test_size",
-        "16",
-        "--trainer.enable_progress_bar",
-        "false",
-    ]
-    online = [
-        "--data.batch_size",
-        "4",
-        "--model.max_new_tokens",
-        "4",
-        "--trainer.max_steps",
-        "2",
-        "--trainer.val_check_interval",
-        "1",
-    ]
-    for stage in ("sft", "reward", "dpo", "ppo", "grpo", "rloo"):
-        extra = online if stage in ("ppo", "grpo", "rloo") else []
-        main(["--stage", stage, "--config", str(ROOT / "configs" / f"{stage}.yaml"), *small, *extra])
-    exports = ("shraygpt-instruct", "reward-model", "shraygpt-dpo", "shraygpt-ppo", "shraygpt-grpo", "shraygpt-rloo")
-    for export in exports:
-        assert Path(f"checkpoints/{export}.ckpt").is_file()
+def test_ppo_on_a_fresh_clone_names_the_command_that_makes_its_policy(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(ROOT / "configs", tmp_path / "configs")
+    with pytest.raises(SystemExit) as err:
+        main(["--stage", "ppo"])  # reads configs/ppo.yaml
+    assert str(err.value) == (
+        "error: No checkpoint file at 'checkpoints/shraygpt-instruct.ckpt'; `python train.py --stage sft` writes it."
+    )
 
 
 @pytest.mark.parametrize("stage", ["ppo", "grpo"])
 def test_online_runs_log_every_namespace_to_tensorboard(workdir, random_policy, stage):
+    steps = "--trainer.max_steps 2 --trainer.log_every_n_steps 1 --trainer.val_check_interval 1"
     main(
         [
             "--stage",
             stage,
             *FAST,
+            *ONLINE,
             "--model.policy",
             random_policy,
-            "--model.max_new_tokens",
-            "4",
-            "--data.batch_size",
-            "4",
             "--model.log_samples_every",
             "1",
-            "--trainer.max_steps",
-            "2",
-            "--trainer.log_every_n_steps",
-            "1",
-            "--trainer.val_check_interval",
-            "1",
+            *steps.split(),
         ]
     )
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(next(Path(f"logs/{stage}").rglob("events.out.tfevents*")).parent)).Reload()
     tags = set(events.Tags()["scalars"])
-    wanted = {
-        "reward/mean",
-        "reward/std",
-        "reward/task_verifier",
-        "objective/entropy",
-        "objective/rlhf_reward",
-        "policy/clipfrac",
-        "policy/approxkl",
-        "policy/ratio_at_start",
-        "policy/loss",
-        "completions/mean_length",
-        "completions/truncated_fraction",
-        "moe/aux_loss",
-        "moe/load_max",
-        "perf/generation_tokens_per_s",
-        "perf/update_tokens_per_s",
-        "perf/generation_fraction",
-        "val/success",
-        "val/reward/mean",
-    }
+    wanted = set(
+        "reward/mean reward/std reward/task_verifier objective/entropy objective/rlhf_reward policy/clipfrac "
+        "policy/approxkl policy/ratio_at_start policy/loss completions/mean_length completions/truncated_fraction "
+        "moe/aux_loss moe/load_max perf/generation_tokens_per_s perf/update_tokens_per_s perf/generation_fraction "
+        "val/success val/reward/mean".split()
+    )
     if stage == "ppo":
         wanted |= {"objective/kl", "value/loss", "value/clipfrac", "value/explained_variance"}
     else:
@@ -336,6 +256,7 @@ def test_online_runs_log_every_namespace_to_tensorboard(workdir, random_policy, 
     assert "samples" in " ".join(events.Tags()["tensors"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["ppo", "grpo"])
 def test_online_stages_train_under_ddp_on_two_cpu_processes(workdir, random_policy, stage):
     """Two processes with Lightning's DDP strategy (gloo): several backward passes per step go
@@ -343,30 +264,18 @@ def test_online_stages_train_under_ddp_on_two_cpu_processes(workdir, random_poli
     import subprocess
     import sys
 
+    ddp = "--trainer.accelerator cpu --trainer.devices 2 --trainer.strategy ddp"
     args = [
         sys.executable,
         str(ROOT / "train.py"),
         "--stage",
         stage,
         *FAST,
+        *ONLINE,
         "--model.policy",
         random_policy,
-        "--model.max_new_tokens",
-        "4",
-        "--data.batch_size",
-        "4",
-        "--model.lr",
-        "1e-3",
-        "--trainer.max_steps",
-        "2",
-        "--trainer.accelerator",
-        "cpu",
-        "--trainer.devices",
-        "2",
-        "--trainer.strategy",
-        "ddp",
-        "--trainer.val_check_interval",
-        "1",
+        *"--model.lr 1e-3 --trainer.max_steps 2 --trainer.val_check_interval 1".split(),
+        *ddp.split(),
     ]
     done = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -19,6 +19,11 @@ ROOT = Path(__file__).resolve().parents[2]
 SHARED = ROOT.parent / "shared"  # read-only material beside the checkout, when there is one
 R50K = SHARED / "tokenizers" / "r50k_base.tiktoken"
 HH_SAMPLE = SHARED / "data" / "hh-rlhf" / "harmless-base-sample.jsonl.gz"
+# The benchmarks' model: the online-RL issue's bench shape, random init (vocabulary of r50k_base).
+BENCH_SHAPE = dict(
+    vocab_size=50257, block_size=256, d_model=256, n_head=8, d_head=32, n_layers=4,
+    num_experts=4, num_experts_per_tok=2, dropout=0.0,
+)  # fmt: skip
 OVERRIDES: list[str] = []  # flags appended to every stage's command (the tests shrink the runs with them)
 
 

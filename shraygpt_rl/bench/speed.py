@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import torch
 
+from shraygpt_rl.bench import BENCH_SHAPE
 from shraygpt_rl.model import MoE, ShrayGPT
 
 
@@ -44,19 +45,9 @@ def course_generate(model: ShrayGPT, prompt: torch.Tensor, max_new_tokens: int) 
 def bench_generation(num_prompts: int = 16, new_tokens: int = 64, seed: int = 0) -> dict[str, float]:
     """New tokens per second: batched cached generation against the course's way."""
     torch.manual_seed(seed)
-    config = dict(
-        vocab_size=50257,
-        block_size=256,
-        d_model=256,
-        n_head=8,
-        d_head=32,
-        n_layers=4,
-        num_experts=4,
-        num_experts_per_tok=2,
-    )
-    model = ShrayGPT(**config).eval()
+    model = ShrayGPT(**BENCH_SHAPE).eval()
     lengths = torch.randint(24, 49, (num_prompts,), generator=torch.Generator().manual_seed(seed)).tolist()
-    prompts = [torch.randint(0, config["vocab_size"], (1, n)) for n in lengths]
+    prompts = [torch.randint(0, BENCH_SHAPE["vocab_size"], (1, n)) for n in lengths]
     width = max(lengths)
     batch = torch.zeros(num_prompts, width, dtype=torch.long)
     mask = torch.zeros(num_prompts, width, dtype=torch.long)

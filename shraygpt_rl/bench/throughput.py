@@ -18,22 +18,10 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from shraygpt_rl.bench import R50K
+from shraygpt_rl.bench import BENCH_SHAPE, R50K
 from shraygpt_rl.data import PromptDataModule
 from shraygpt_rl.model import ShrayGPT
 from shraygpt_rl.stages.grpo import GRPOStage
-
-BENCH_SHAPE = dict(
-    vocab_size=50257,
-    block_size=256,
-    d_model=256,
-    n_head=8,
-    d_head=32,
-    n_layers=4,
-    num_experts=4,
-    num_experts_per_tok=2,
-    dropout=0.0,
-)
 
 
 def matmul_gflops(n: int = 1024, repeats: int = 20) -> float:

@@ -82,7 +82,8 @@ def test_reference_cache_survives_a_checkpoint(policy_path, tmp_path):
 @pytest.mark.slow
 def test_dpo_raises_held_out_preference_accuracy(policy_path):
     stage = DPOStage(policy=policy_path, beta=0.5, export_path=None, lr=1e-3, muon_lr=1e-2)
-    data = PreferenceDataModule(**{**ARITH, "source": "sorting", "digits": 1, "val_size": 128, "test_size": 128})
+    sorting = {"source": "sorting", "digits": 1, "train_size": 960, "val_size": 128, "test_size": 128}
+    data = PreferenceDataModule(**{**ARITH, **sorting})  # 960 pairs: two epochs, a quick reference pass
     trainer = tiny_trainer(60, limit_val_batches=0, limit_test_batches=4)
     trainer.fit(stage, datamodule=data)
     metrics = trainer.test(stage, datamodule=data, verbose=False)[0]

@@ -11,10 +11,10 @@ from shraygpt_rl.bench import demo_data
 from shraygpt_rl.data import PromptDataModule
 from shraygpt_rl.evaluate import verifier_success
 from shraygpt_rl.model import ShrayGPT, tiny_config
+from shraygpt_rl.reward_model import RewardModel
 from shraygpt_rl.stages.base import ConfigError
 from shraygpt_rl.stages.online import Rollout
 from shraygpt_rl.stages.ppo import PPOStage
-from shraygpt_rl.reward_model import RewardModel
 
 PROMPTS = dict(ARITH, batch_size=16, train_size=64)
 

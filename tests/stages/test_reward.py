@@ -9,8 +9,8 @@ from conftest import ARITH, tiny_trainer
 from shraygpt_rl.checkpoint import CheckpointError
 from shraygpt_rl.data import PreferenceDataModule
 from shraygpt_rl.model import ShrayGPT, tiny_config
-from shraygpt_rl.rewards import LearnedReward
 from shraygpt_rl.reward_model import RewardModel, last_token_index
+from shraygpt_rl.rewards import LearnedReward
 from shraygpt_rl.stages.reward import RewardStage
 
 

@@ -1,0 +1,180 @@
+"""Every command that README.md and docs/*.md show runs, as written, at a small size.
+
+One chain in one folder: the demo pipeline first, then the stage-by-stage commands, the
+evaluation, the benchmarks and the online-RL examples, each finding what the ones before wrote.
+The configs are copies of configs/ cut to a few steps; the benchmarks get size flags. The course
+user's HH-RLHF commands run in a folder of their own, with a small r50k model standing in for the
+course checkpoint, the shared HH-RLHF sample and vocabulary, and bf16 autocast as on a GPU.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import json
+import re
+import shlex
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import shraygpt_rl.bench
+from shraygpt_rl.bench import HH_SAMPLE, R50K, ROOT
+from shraygpt_rl.bench.__main__ import main as bench
+from shraygpt_rl.cli import main as train
+from shraygpt_rl.model import ShrayGPT, tiny_config
+from shraygpt_rl.reward_model import RewardModel
+
+DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+ONLINE = ("ppo", "grpo", "rloo")
+# What each benchmark's command gets appended, and what every stage a benchmark runs gets.
+BENCH_SIZES = {
+    "generation": "--prompts 2 --new-tokens 4",
+    "moe": "--moe-tokens 64",
+    "grpo-step": f"--prompts 2 --generations 2 --new-tokens 4 --steps 1 --tokenizer-path {R50K}",
+}
+SMALL_STAGES = "--trainer.max_steps 8 --trainer.val_check_interval 4 --trainer.limit_val_batches 1 "
+SMALL_STAGES += "--data.train_size 64 --data.val_size 16 --data.test_size 16 --trainer.enable_progress_bar false"
+
+
+def documented_commands() -> list[list[str]]:
+    """The ``python`` commands of every ```bash block, in document order (README first), with
+    continuation lines joined and comments dropped; the test command itself is left out."""
+    commands = []
+    for document in DOCUMENTS:
+        for block in re.findall(r"```bash\n(.*?)```", document.read_text(), flags=re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                words = shlex.split(line, comments=True)
+                if words[:1] == ["python"] and words[1:3] != ["-m", "pytest"]:
+                    commands.append(words)
+    return commands
+
+
+def small_configs(src: Path, dst: Path, hh: bool) -> None:
+    """configs/ as in the repository, with a few steps and small splits; the HH-RLHF ones read
+    the shared sample offline."""
+    shutil.copytree(src, dst)
+    for path in dst.glob("*.yaml"):
+        config = yaml.safe_load(path.read_text())
+        if "trainer" not in config:  # pipeline.yaml
+            config["num_prompts"] = 16
+        elif path.stem.endswith("-hh") and hh:
+            config["trainer"].update(max_steps=2, val_check_interval=2, limit_val_batches=1, accumulate_grad_batches=1)
+            config["trainer"].update(precision="bf16-mixed", enable_progress_bar=False)
+            config["data"].update(source=str(HH_SAMPLE), tokenizer_path=str(R50K), max_length=160, batch_size=4)
+            config["data"].update(max_prompt_length=128, train_size=32, val_size=8, test_size=8)
+            if path.stem.startswith("ppo"):
+                config["trainer"].update(max_steps=8, val_check_interval=1)
+                config["model"].update(max_new_tokens=16, micro_batch_size=2, num_mini_batches=2)
+        else:
+            online = path.stem.split("-")[0] in ONLINE
+            config["trainer"].update(max_steps=8 if online else 4, val_check_interval=2 if online else 4)
+            config["trainer"].update(limit_val_batches=1, enable_progress_bar=False)
+            config["data"].update(train_size=64, val_size=16, test_size=16, **({"batch_size": 4} if online else {}))
+        path.write_text(yaml.safe_dump(config))
+
+
+def test_the_commands_are_found():
+    commands = [" ".join(c[:4]) for c in documented_commands()]
+    assert "python train.py --stage pipeline" in commands
+    assert "python train.py --stage eval" in commands
+    assert sum(c.startswith("python -m shraygpt_rl.bench") for c in commands) == 5
+    assert sum("-hh.yaml" in " ".join(c) for c in documented_commands()) == 3
+
+
+def test_documented_names_and_files_exist():
+    """Every ``from shraygpt_rl… import name`` of the ```python blocks, every backticked
+    ``shraygpt_rl.…`` name and every backticked ``.py``/``.yaml``/``.md`` path resolves."""
+    missing = []
+    for document in DOCUMENTS:
+        text = document.read_text()
+        names = re.findall(r"`(shraygpt_rl(?:\.\w+)+)", text)
+        for block in re.findall(r"```python\n(.*?)```", text, flags=re.S):
+            for node in ast.walk(ast.parse(block)):
+                if isinstance(node, ast.ImportFrom) and node.module.startswith("shraygpt_rl"):
+                    names += [f"{node.module}.{alias.name}" for alias in node.names]
+        missing += [f"{document.name}: {name}" for name in names if not _resolves(name)]
+        for path in re.findall(r"`([\w./-]+/[\w.-]+\.(?:py|yaml|md))`", text):
+            if not any((base / path).exists() for base in (ROOT, ROOT / "shraygpt_rl", ROOT / "docs")):
+                missing.append(f"{document.name}: {path}")
+    assert missing == []
+
+
+def _resolves(dotted: str) -> bool:
+    parts = dotted.split(".")
+    for n in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:n]))
+        except ImportError:
+            continue
+        for attribute in parts[n:]:
+            if not hasattr(obj, attribute):
+                return False
+            obj = getattr(obj, attribute)
+        return True
+    return False
+
+
+@pytest.mark.slow
+def test_every_documented_command_runs(tmp_path, monkeypatch, capsys):
+    demo, hh = tmp_path / "demo", tmp_path / "hh"
+    with_shared = HH_SAMPLE.is_file() and R50K.is_file()
+    small_configs(ROOT / "configs", demo / "configs", hh=False)
+    small_configs(ROOT / "configs", hh / "configs", hh=True)
+    (hh / "checkpoints").mkdir()
+    torch.manual_seed(0)
+    course_stand_in = ShrayGPT(**tiny_config(vocab_size=50257, block_size=256))
+    course_stand_in.save_checkpoint(hh / "checkpoints" / "shraygpt-instruct.ckpt")
+    monkeypatch.setattr(shraygpt_rl.bench, "OVERRIDES", SMALL_STAGES.split())
+
+    ran, reports = [], {}
+    for command in documented_commands():
+        needs_shared = any(w.endswith("-hh.yaml") for w in command) or command[3:4] == ["grpo-step"]
+        if needs_shared and not with_shared:
+            continue
+        monkeypatch.chdir(hh if any(w.endswith("-hh.yaml") for w in command) else demo)
+        if command[1] == "train.py":
+            result = train(command[2:])
+            if isinstance(result, dict):
+                reports[command[3]] = result
+        else:
+            which = command[3]
+            bench([*command[3:], *BENCH_SIZES.get(which, "").split()])
+        ran.append(" ".join(command[1:4]))
+    printed = capsys.readouterr().out
+    monkeypatch.chdir(demo)
+
+    # The pipeline: every stage, every export, the report and its figures.
+    assert list(reports["pipeline"]["results"]) == ["SFT", "PPO", "GRPO", "DPO"]
+    saved = json.loads(Path("reports/pipeline.json").read_text())
+    assert 0 <= saved["reward_model_accuracy"] <= 1 and saved["results"]["SFT"]["kl_to_reference"] == 0.0
+    for policy in ("PPO", "GRPO", "DPO"):
+        row = saved["results"][policy]
+        assert row["kl_to_reference"] is not None and 0 <= row["win_rate"] <= 1 and row["prompts"] == 16
+    assert Path("reports/pipeline.png").stat().st_size > 10_000
+    assert "[5/5] DPO" in printed and "reward model pairwise accuracy" in printed
+    for name in ("instruct", "ppo", "grpo", "dpo", "rloo"):
+        assert ShrayGPT.load_from_checkpoint(f"checkpoints/shraygpt-{name}.ckpt").vocab_size == 320
+
+    # The evaluation.
+    saved = json.loads(Path("reports/ppo.json").read_text())
+    assert set(saved["results"]) == {"reference", "policy"} and saved["results"]["policy"]["win_rate"] is not None
+    assert Path("reports/ppo.png").is_file()
+
+    # The benchmarks.
+    assert "greedy outputs identical to the course's way: 2/2 rows" in printed
+    assert "max |sparse - dense|" in printed
+    assert all(f"  {stage} " in printed for stage in ("sft", "ppo", "grpo"))
+    assert "reward model held-out pairwise accuracy" in printed
+
+    # The course user's HH-RLHF commands.
+    if with_shared:
+        assert "completions/s" in printed and "FLOP floor" in printed
+        for name in ("shraygpt-ppo", "shraygpt-dpo"):
+            assert ShrayGPT.load_from_checkpoint(hh / "checkpoints" / f"{name}.ckpt").vocab_size == 50257
+        assert RewardModel.load_from_checkpoint(hh / "checkpoints" / "reward-model.ckpt").tokenizer == "r50k_base"
+        assert "HH-RLHF reward model held-out accuracy" in printed
+    assert len(ran) == len(documented_commands()) - (0 if with_shared else 4)
