@@ -229,7 +229,11 @@ class WeightedSum:
             out[name if names[name] == 1 else f"{name}_{names[name]}"] = fn(prompts, responses, metadata)
         return out
 
-    def __call__(self, prompts, responses, metadata) -> Tensor:
+    def score(self, prompts, responses, metadata) -> tuple[Tensor, dict[str, Tensor]]:
+        """The weighted total (B,) and each function's unweighted reward by name."""
         parts = self.components(prompts, responses, metadata)
         weights = [getattr(fn, "weight", 1.0) for fn in self.functions]
-        return sum(w * r for w, r in zip(weights, parts.values()))
+        return sum(w * r for w, r in zip(weights, parts.values())), parts
+
+    def __call__(self, prompts, responses, metadata) -> Tensor:
+        return self.score(prompts, responses, metadata)[0]

@@ -25,6 +25,13 @@ def shared_file(path: Path) -> Path:
     return path
 
 
+def pytest_collection_modifyitems(items):
+    """Every test that learns from the SFT fixture is slow (``-m "not slow"`` skips them)."""
+    for item in items:
+        if "sft_policy" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
@@ -103,7 +110,7 @@ def random_policy(tmp_path_factory) -> str:
 def sft_policy(tmp_path_factory) -> str:
     """The policy ``configs/sft.yaml`` makes (about 45 s): a tiny model fine-tuned on noisy
     arithmetic demonstrations (40% carry slips). Its greedy answers are mostly right, its sampled
-    ones right about 40% of the time: room for online RL."""
+    ones right about 40% of the time: room for online RL. Trained once per session."""
     from shraygpt_rl.data import SFTDataModule
     from shraygpt_rl.stages.sft import SFTStage
 

@@ -129,6 +129,7 @@ def test_every_documented_command_runs(tmp_path, monkeypatch, capsys):
     course_stand_in = ShrayGPT(**tiny_config(vocab_size=50257, block_size=256))
     course_stand_in.save_checkpoint(hh / "checkpoints" / "shraygpt-instruct.ckpt")
     monkeypatch.setattr(shraygpt_rl.bench, "OVERRIDES", SMALL_STAGES.split())
+    monkeypatch.setattr(shraygpt_rl.bench, "HELD_OUT", 16)
 
     ran, reports = [], {}
     for command in documented_commands():
@@ -158,6 +159,7 @@ def test_every_documented_command_runs(tmp_path, monkeypatch, capsys):
     assert "[5/5] DPO" in printed and "reward model pairwise accuracy" in printed
     for name in ("instruct", "ppo", "grpo", "dpo", "rloo"):
         assert ShrayGPT.load_from_checkpoint(f"checkpoints/shraygpt-{name}.ckpt").vocab_size == 320
+    assert RewardModel.load_from_checkpoint("checkpoints/reward-model.ckpt").tokenizer == "byte"
 
     # The evaluation.
     saved = json.loads(Path("reports/ppo.json").read_text())
@@ -172,7 +174,8 @@ def test_every_documented_command_runs(tmp_path, monkeypatch, capsys):
 
     # The course user's HH-RLHF commands.
     if with_shared:
-        assert "completions/s" in printed and "FLOP floor" in printed
+        completions_per_s = re.search(r"completions/s\s+([\d.]+)", printed)
+        assert completions_per_s and float(completions_per_s.group(1)) > 0 and "FLOP floor" in printed
         for name in ("shraygpt-ppo", "shraygpt-dpo"):
             assert ShrayGPT.load_from_checkpoint(hh / "checkpoints" / f"{name}.ckpt").vocab_size == 50257
         assert RewardModel.load_from_checkpoint(hh / "checkpoints" / "reward-model.ckpt").tokenizer == "r50k_base"

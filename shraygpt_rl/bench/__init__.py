@@ -24,12 +24,17 @@ BENCH_SHAPE = dict(
     vocab_size=50257, block_size=256, d_model=256, n_head=8, d_head=32, n_layers=4,
     num_experts=4, num_experts_per_tok=2, dropout=0.0,
 )  # fmt: skip
-OVERRIDES: list[str] = []  # flags appended to every stage's command (the tests shrink the runs with them)
+# The tests shrink the benchmarks with these: flags appended to every stage's command, and the
+# number of held-out prompts and pairs the figures are measured on.
+OVERRIDES: list[str] = []
+HELD_OUT = 200
 
 
 def demo_data(datamodule: type[ChatDataModule], **overrides) -> ChatDataModule:
-    """The demo's arithmetic data (``configs/sft.yaml``), batched by 100 for evaluation."""
-    return data_from_config(datamodule, ROOT / "configs" / "sft.yaml", **{"batch_size": 100, **overrides})
+    """The demo's arithmetic data (``configs/sft.yaml``) with ``HELD_OUT`` validation and test
+    examples, batched by 100 for evaluation."""
+    sizes = {"batch_size": 100, "val_size": HELD_OUT, "test_size": HELD_OUT}
+    return data_from_config(datamodule, ROOT / "configs" / "sft.yaml", **{**sizes, **overrides})
 
 
 def run_stage(stage: str, *args: str) -> float:

@@ -120,22 +120,20 @@ class OnlineRLStage(StageModule):
         self.perf["generation_s"] = time.perf_counter() - start
         self.perf["generated_tokens"] = float(out.response_mask.sum())
         truncated = ~((out.responses == enc.eot_token) & out.response_mask.bool()).any(dim=1)
-        components = {k: v.to(self.device) for k, v in self.reward_fn.components(prompts, responses, metadata).items()}
-        weights = [getattr(fn, "weight", 1.0) for fn in self.reward_fn.functions]
-        scores = sum(w * r for w, r in zip(weights, components.values()))
+        scores, components = self.reward_fn.score(prompts, responses, metadata)
         if self.training:
             self.rollouts += 1
         return Rollout(
-            out.sequences,
-            out.attention_mask,
-            out.response_mask.float(),
-            out.prompt_length,
-            prompts,
-            responses,
-            metadata,
-            scores.float(),
-            components,
-            truncated,
+            sequences=out.sequences,
+            attention_mask=out.attention_mask,
+            response_mask=out.response_mask.float(),
+            prompt_length=out.prompt_length,
+            prompts=prompts,
+            responses=responses,
+            metadata=metadata,
+            scores=scores.float().to(self.device),
+            components={name: value.to(self.device) for name, value in components.items()},
+            truncated=truncated,
         )
 
     def response_logprobs(self, model, rollout: Rollout, rows: Tensor, entropy: bool = False):

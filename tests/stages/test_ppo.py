@@ -153,10 +153,9 @@ def test_critic_starts_from_the_reward_model_or_the_policy(random_policy, tmp_pa
         _stage(random_policy, reward_model=str(tmp_path / "other.ckpt"))
 
 
-@pytest.mark.slow
 def test_ppo_raises_held_out_success(sft_policy):
     """From the noisy SFT policy and the verifier, 40 rollouts of 64 (a sixth of configs/ppo.yaml's)
-    raise the success rate on 200 held-out prompts by 10 points or more (+22 measured); the KL
+    raise the success rate on 200 held-out prompts by 10 points or more (+21 to +24 measured over seeds); the KL
     stays finite."""
     held_out = demo_data(PromptDataModule)
     before = verifier_success(ShrayGPT.load_from_checkpoint(sft_policy), held_out, split="val")["success"]
