@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from shraygpt_rl.errors import CheckpointError
+
 META = "shraygpt_rl"
 # Constructor arguments that a course checkpoint's ``hyper_parameters`` carries.
 ARCH_KEYS = (
@@ -41,10 +43,6 @@ WRITERS = {
     "shraygpt-instruct.ckpt": "python train.py --stage sft",
     "reward-model.ckpt": "python train.py --stage reward",
 }
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, unreadable or of the wrong kind."""
 
 
 def stamp(checkpoint: dict[str, Any], **entries: Any) -> None:
@@ -125,13 +123,28 @@ def check_writable(path: str | os.PathLike) -> None:
         )
 
 
-def _save(path: str | os.PathLike, ckpt: dict) -> None:
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` that never leaves a half-written file: write a temporary file in the same
+    folder, fsync it, then rename it over ``path``. On failure (a full disk, a folder that cannot
+    be written) the temporary file is removed and ``CheckpointError`` says what happened."""
     path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        reason = err.strerror or type(err).__name__
+        raise CheckpointError(f"Could not write the checkpoint '{path}' ({reason}); nothing was saved there.") from err
+
+
+def _save(path: str | os.PathLike, ckpt: dict) -> None:
     check_writable(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)  # never leave a half-written checkpoint behind
+    atomic_save(ckpt, path)
 
 
 def write_policy_checkpoint(path: str | os.PathLike, state_dict: dict, hparams: dict, stage: str = "") -> None:

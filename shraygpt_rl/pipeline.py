@@ -100,6 +100,7 @@ def pipeline(
     num_prompts: int = 200,
     max_new_tokens: int = 16,
     seed: int = 0,
+    train_seed: int = 0,
     out: str = "reports/pipeline",
 ) -> dict:
     """SFT -> reward model -> PPO (reward model) -> GRPO (verifier) -> DPO, then the held-out table.
@@ -113,6 +114,7 @@ def pipeline(
         num_prompts: Held-out test prompts for the final table.
         max_new_tokens: Longest response in the evaluation.
         seed: Seeds the evaluation's sampling.
+        train_seed: Seeds every stage's training (``--seed_everything``).
         out: Path of the report (``.json`` and ``.png``), without extension.
     """
     steps = [("SFT", "sft", sft), ("reward", "reward", reward), ("PPO", "ppo", ppo), ("GRPO", "grpo", grpo)]
@@ -121,7 +123,7 @@ def pipeline(
     for i, (label, stage, config) in enumerate(steps, 1):
         print(f"\n[{i}/{len(steps)}] {label}: python train.py --stage {stage} --config {config}", flush=True)
         start = time.perf_counter()
-        cli = run_stage(stage, ["--config", config])
+        cli = run_stage(stage, ["--config", config, f"--seed_everything={train_seed}"])
         seconds[label] = round(time.perf_counter() - start, 1)
         exports[label], logs[label] = cli.model.hparams.export_path, cli.trainer.logger.log_dir
         if stage in ("ppo", "grpo"):  # what each online run optimised: the plot puts them side by side

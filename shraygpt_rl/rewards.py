@@ -34,6 +34,8 @@ class RewardFunction:
         weight: Multiplies this function's reward when several are combined.
     """
 
+    requires: tuple[str, ...] = ()  # metadata keys ``score`` reads: checked against the data at startup
+
     def __init__(self, weight: float = 1.0):
         self.weight = weight
 
@@ -84,12 +86,16 @@ class ArithmeticVerifier(Verifier):
 class SortingVerifier(Verifier):
     """+1 if ``Answer:`` lists ``metadata["numbers"]`` sorted (same scale as arithmetic)."""
 
+    requires = ("numbers",)
+
     def score(self, prompt, response, metadata):
         return sorting_reward(response, list(metadata["numbers"]))
 
 
 class TaskVerifier(Verifier):
     """Dispatches on ``metadata["task"]`` to the arithmetic or sorting verifier."""
+
+    requires = ("task",)
 
     @staticmethod
     def covers(metadata: Metadata) -> bool:
@@ -162,6 +168,8 @@ class LexicalPreferenceReward(RewardFunction):
     ``overlap(a, b)`` is the share of b's distinct words that a contains; lengths are in words.
     It reads ``metadata["chosen_response"]`` and ``metadata["rejected_response"]``.
     """
+
+    requires = ("chosen_response", "rejected_response")
 
     def __init__(self, length_coef: float = 0.2, weight: float = 1.0):
         super().__init__(weight)

@@ -4,15 +4,17 @@ benchmarks share.
 ``run_stage("ppo", ["--config", "configs/ppo.yaml", "--trainer.max_steps", "8"])`` builds the
 stage's ``LightningCLI`` and fits it. Every ``__init__`` argument of the stage's LightningModule
 (``--model.*``) and DataModule (``--data.*``) is a flag and a YAML key, as are the Trainer's
-(``--trainer.*``). The project's Trainer defaults: a TensorBoard logger under ``logs/<stage>``,
-``ModelCheckpoint`` (with ``last.ckpt``) under ``checkpoints/<stage>`` and learning-rate
-monitoring. ``--ckpt_path last`` resumes.
+(``--trainer.*``). The project's Trainer defaults: a TensorBoard logger under ``logs/<stage>``
+and learning-rate monitoring. Checkpoints (``shraygpt_rl.resume``): ``checkpoints/<stage>/
+last.ckpt``, written atomically every ``--checkpoint_every`` optimizer steps (0: only at the
+end), at the end and on Ctrl-C or SIGTERM; ``--ckpt_path last`` resumes from it.
 """
 
 from __future__ import annotations
 
 import inspect
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,8 @@ from lightning.pytorch.cli import LightningCLI
 
 from shraygpt_rl.data import PreferenceDataModule, PromptDataModule, SFTDataModule
 from shraygpt_rl.data.datamodules import ChatDataModule
+from shraygpt_rl.errors import ConfigError
+from shraygpt_rl.resume import AtomicCheckpointIO, StepCheckpoint, resolve_ckpt_path
 from shraygpt_rl.stages.dpo import DPOStage
 from shraygpt_rl.stages.grpo import GRPOStage, RLOOStage
 from shraygpt_rl.stages.ppo import PPOStage
@@ -41,7 +45,7 @@ warnings.filterwarnings("ignore", message="LightningCLI's args parameter is inte
 
 
 class ShrayCLI(LightningCLI):
-    """LightningCLI with the project's Trainer defaults and ``--ckpt_path`` to resume a run."""
+    """LightningCLI with the project's Trainer defaults, its checkpoints, and ``--ckpt_path``."""
 
     stage = "sft"
 
@@ -50,10 +54,33 @@ class ShrayCLI(LightningCLI):
             "--ckpt_path",
             type=str | None,
             default=None,
-            help="Checkpoint to resume from; 'last' picks the latest in checkpoints/<stage>/.",
+            help="Checkpoint to resume from; 'last' picks the newest readable one in checkpoints/<stage>/.",
+        )
+        parser.add_argument(
+            "--checkpoint_every",
+            type=int,
+            default=100,
+            help="Write checkpoints/<stage>/last.ckpt every this many optimizer steps (0: only at the end).",
         )
         # Defaults set here stay configurable (``trainer_defaults`` callbacks would not be).
         parser.set_defaults({f"trainer.{key}": value for key, value in trainer_defaults(self.stage).items()})
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> L.Trainer:
+        """Add the atomic checkpoint writer and, unless checkpointing is off, ``StepCheckpoint``."""
+        every = self._get(self.config_init, "checkpoint_every")
+        if every < 0:
+            raise ConfigError(f"--checkpoint_every must be >= 0, got {every}.")
+        if config.get("enable_checkpointing") is not False:
+            callbacks = [*callbacks, StepCheckpoint(dirpath=checkpoint_folder(self.stage), every=every)]
+        plugins = config.get("plugins") or []
+        plugins = plugins if isinstance(plugins, list) else [plugins]
+        config["plugins"] = [AtomicCheckpointIO(), *plugins]
+        return super()._instantiate_trainer(config, callbacks)
+
+
+def checkpoint_folder(stage: str) -> str:
+    """Where a stage's Lightning checkpoints go."""
+    return f"checkpoints/{stage}"
 
 
 def trainer_defaults(stage: str) -> dict[str, Any]:
@@ -65,10 +92,6 @@ def trainer_defaults(stage: str) -> dict[str, Any]:
             "init_args": {"save_dir": "logs", "name": stage},
         },
         "callbacks": [
-            {
-                "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                "init_args": {"dirpath": f"checkpoints/{stage}", "save_last": True, "every_n_train_steps": 100},
-            },
             {
                 "class_path": "lightning.pytorch.callbacks.LearningRateMonitor",
                 "init_args": {"logging_interval": "step"},
@@ -92,10 +115,13 @@ def build_cli(stage: str, args: list[str]) -> ShrayCLI:
     )
 
 
-def run_stage(stage: str, args: list[str]) -> ShrayCLI:
-    """Build the stage's CLI from ``args`` (``--config`` and overrides) and fit it; returns the CLI."""
+def run_stage(stage: str, args: list[str], callbacks: Sequence[L.Callback] = ()) -> ShrayCLI:
+    """Build the stage's CLI from ``args`` (``--config`` and overrides), add ``callbacks`` to its
+    Trainer, and fit it, resuming as ``--ckpt_path`` says; returns the CLI."""
     cli = build_cli(stage, args)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path)
+    cli.trainer.callbacks.extend(callbacks)
+    ckpt_path = resolve_ckpt_path(cli.config.ckpt_path, checkpoint_folder(stage))
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
     return cli
 
 

@@ -22,6 +22,8 @@ from typing import Literal
 
 import tiktoken
 
+from shraygpt_rl.errors import TokenizerError
+
 TokenizerName = Literal["r50k_base", "byte"]
 
 R50K_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"
@@ -32,10 +34,6 @@ _GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s
 
 DEFAULT_SYSTEM_PROMPT = "You are ShrayGPT, a helpful and concise AI assistant."
 _ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
-
-
-class TokenizerError(RuntimeError):
-    """The requested vocabulary is not available."""
 
 
 def get_tokenizer(name: TokenizerName = "r50k_base", path: str | os.PathLike | None = None) -> tiktoken.Encoding:

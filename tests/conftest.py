@@ -65,6 +65,18 @@ def hh_sample() -> Path:
     return shared_file(HH_SAMPLE)
 
 
+def fails(capsys, argv: list[str]) -> str:
+    """Run ``train.py`` with ``argv``, which must stop with exit code 2; return its one sentence."""
+    from shraygpt_rl.cli import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert stopped.value.code == 2, message
+    assert message.startswith("error: ") and message.endswith(".") and message.count(". ") <= 1, message
+    return message.removeprefix("error: ")
+
+
 def tiny_trainer(max_steps: int, **kwargs):
     """A quiet CPU Trainer for stage tests."""
     defaults = dict(

@@ -37,8 +37,9 @@ def demo_data(datamodule: type[ChatDataModule], **overrides) -> ChatDataModule:
     return data_from_config(datamodule, ROOT / "configs" / "sft.yaml", **{**sizes, **overrides})
 
 
-def run_stage(stage: str, *args: str) -> float:
-    """``python train.py --stage <stage> --config configs/<stage>.yaml <args>``; wall seconds."""
+def run_stage(stage: str, *args: str, config: str | None = None) -> float:
+    """``python train.py --stage <stage> --config configs/<config>.yaml <args>``, the config being
+    the stage's own by default; wall seconds."""
     start = time.perf_counter()
-    _run(stage, ["--config", str(ROOT / "configs" / f"{stage}.yaml"), *args, *OVERRIDES])
+    _run(stage, ["--config", str(ROOT / "configs" / f"{config or stage}.yaml"), *args, *OVERRIDES])
     return time.perf_counter() - start

@@ -4,7 +4,7 @@ python -m shraygpt_rl.bench generation   # rollout engine against the course's d
 python -m shraygpt_rl.bench moe          # sparse MoE dispatch against the dense formulation
 python -m shraygpt_rl.bench grpo-step    # one GRPO step at the bench shape: completions/s, time split
 python -m shraygpt_rl.bench stages       # SFT -> reward model -> DPO on the arithmetic task
-python -m shraygpt_rl.bench learning     # SFT -> PPO and GRPO (--stages ... rloo) on arithmetic: held-out success
+python -m shraygpt_rl.bench learning     # SFT -> PPO, GRPO (--stages, --seeds) on arithmetic: held-out success
 
 ``stages`` and ``learning`` train with ``configs/`` and write ``checkpoints/`` and ``logs/`` in the
 current directory, as ``train.py`` does: run them in a scratch folder.
@@ -29,9 +29,10 @@ def main(argv: list[str] | None = None) -> None:
         "--stages",
         nargs="+",
         default=["ppo", "grpo"],
-        choices=["ppo", "grpo", "rloo"],
-        help="learning: the online stages to run after SFT",
+        choices=["ppo", "grpo", "rloo", "reward", "ppo-rm"],
+        help="learning: the configs to run after SFT, in order (ppo-rm needs reward before it)",
     )
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="learning: training seeds")
     parser.add_argument("--tokenizer-path", help="grpo-step: local r50k_base.tiktoken (default: ../shared's)")
     args = parser.parse_args(argv)
     retain_freed_memory()  # as train.py does: see shraygpt_rl.runtime
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.which == "learning":
         from shraygpt_rl.bench.learning import bench_learning
 
-        bench_learning(tuple(args.stages))
+        bench_learning(tuple(args.stages), tuple(args.seeds))
 
 
 if __name__ == "__main__":

@@ -1,12 +1,16 @@
-"""Does online RL work? SFT a tiny policy on noisy arithmetic, then PPO and GRPO against the verifier.
+"""Does online RL work, and for every seed? SFT a tiny policy on noisy arithmetic, then the online
+stages from it; held-out success of each policy, per seed and as min / mean / max over seeds.
 
-Runs ``train.py``'s stages with ``configs/sft.yaml``, ``configs/ppo.yaml`` and ``configs/grpo.yaml``
-(tiny model, CPU), then samples one answer per held-out test prompt from each policy at the
-training temperature (T = 1) and greedily, and prints the verifier's success rates side by side
-with the wall time of each stage.
+Runs ``train.py``'s stages with configs from ``configs/`` (tiny model, CPU): ``sft`` first, then
+each name of ``stages`` (a config name: ``ppo``, ``grpo``, ``rloo``, or ``reward`` then ``ppo-rm``
+for PPO against the reward model, as the pipeline does), each run with ``--seed_everything`` set
+to the seed. Then it samples one answer per held-out test prompt from each policy at the training
+temperature (T = 1) and greedily, and prints the verifier's success rates and each stage's time.
 """
 
 from __future__ import annotations
+
+import statistics
 
 import torch
 
@@ -16,37 +20,40 @@ from shraygpt_rl.evaluate import verifier_success
 from shraygpt_rl.model import ShrayGPT
 from shraygpt_rl.runner import config_section
 
+COLUMNS = {"success": "success T=1", "greedy": "greedy", "mean_reward": "mean reward", "seconds": "train s"}
 
-def bench_learning(stages: tuple[str, ...] = ("ppo", "grpo")) -> dict:
-    """SFT, then each online stage from the SFT policy; print held-out success before and after."""
-    seconds = {"sft": run_stage("sft")}
-    for stage in stages:
-        seconds[stage] = run_stage(stage)
+
+def bench_learning(stages: tuple[str, ...] = ("ppo", "grpo"), seeds: tuple[int, ...] = (0,)) -> dict:
+    """For each seed: SFT, then each of ``stages``; held-out figures of every policy they export."""
     data = demo_data(PromptDataModule)
-    results = {}
-    for stage in seconds:
-        policy = ShrayGPT.load_from_checkpoint(_export_path(stage))
-        sampled = verifier_success(policy, data, temperature=1.0)
-        greedy = verifier_success(policy, data, temperature=0.0)
-        results[stage] = {
-            "success": sampled["success"],
-            "greedy": greedy["success"],
-            "mean_reward": sampled["mean_reward"],
-            "seconds": seconds[stage],
-        }
-    base = results["sft"]["success"]
-    threads = torch.get_num_threads()
-    print(f"\nheld-out arithmetic ({len(data.splits['test'])} test prompts), tiny model, {threads} threads:")
-    print(f"  {'policy':<8} {'success T=1':>12} {'vs SFT':>8} {'greedy':>8} {'mean reward':>12} {'train time':>11}")
-    for stage, r in results.items():
-        gain = "" if stage == "sft" else f"{100 * (r['success'] - base):+.1f} pt"
-        print(
-            f"  {stage:<8} {r['success']:>12.3f} {gain:>8} {r['greedy']:>8.3f} {r['mean_reward']:>12.3f} "
-            f"{r['seconds']:>9.0f} s"
-        )
+    results: dict[str, dict[int, dict[str, float]]] = {}
+    for seed in seeds:
+        for name in ("sft", *stages):
+            seconds = run_stage(name.split("-")[0], f"--seed_everything={seed}", config=name)
+            export = config_section(ROOT / "configs" / f"{name}.yaml", "model")["export_path"]
+            if name.startswith("reward"):
+                continue  # a reward model, not a policy
+            policy = ShrayGPT.load_from_checkpoint(export)
+            sampled = verifier_success(policy, data, temperature=1.0)
+            greedy = verifier_success(policy, data, temperature=0.0)
+            figures = dict(sampled, greedy=greedy["success"], seconds=seconds)
+            results.setdefault(name, {})[seed] = figures
+            print(f"\n[seed {seed}] {name}: held-out success {figures['success']:.3f}", flush=True)
+    report(results, len(data.splits["test"]))
     return results
 
 
-def _export_path(stage: str) -> str:
-    """Where ``configs/<stage>.yaml`` writes its policy."""
-    return config_section(ROOT / "configs" / f"{stage}.yaml", "model")["export_path"]
+def report(results: dict[str, dict[int, dict[str, float]]], prompts: int) -> None:
+    """One row per stage and seed, then min / mean / max over the seeds."""
+    seeds = sorted({seed for by_seed in results.values() for seed in by_seed})
+    print(f"\nheld-out arithmetic ({prompts} test prompts), tiny model, {torch.get_num_threads()} threads:")
+    print(f"  {'policy':<8} {'seed':>6} " + " ".join(f"{title:>12}" for title in COLUMNS.values()))
+    for name, by_seed in results.items():
+        for seed in seeds:
+            row = by_seed[seed]
+            print(f"  {name:<8} {seed:>6} " + " ".join(f"{row[key]:>12.3f}" for key in COLUMNS))
+    if len(seeds) > 1:
+        print(f"\nover seeds {', '.join(map(str, seeds))}: min / mean / max of held-out success at T = 1")
+        for name, by_seed in results.items():
+            values = [row["success"] for row in by_seed.values()]
+            print(f"  {name:<8} {min(values):.3f} / {statistics.mean(values):.3f} / {max(values):.3f}")

@@ -14,6 +14,7 @@ deterministic; under DDP, Lightning's distributed sampler gives each rank a disj
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Any
 
 import datasets
@@ -24,9 +25,12 @@ from tqdm.auto import tqdm
 
 from shraygpt_rl.data.hh_rlhf import HUB_NAME, load_preferences
 from shraygpt_rl.data.tasks import TASKS, make_task
+from shraygpt_rl.errors import DataError, require
 from shraygpt_rl.tokenizer import DEFAULT_SYSTEM_PROMPT, TokenizerName, format_response, get_tokenizer
 
+log = logging.getLogger(__name__)
 _SPLITS = ("train", "val", "test")
+_NOT_METADATA = {"prompt", "prompt_ids", "index"}  # prompt columns; the others are each prompt's metadata
 
 
 @functools.cache
@@ -108,8 +112,17 @@ class ChatDataModule(L.LightningDataModule):
         digits: int = 2,
     ):
         super().__init__()
-        if max_prompt_length >= max_length:
-            raise ValueError(f"max_prompt_length ({max_prompt_length}) must be below max_length ({max_length}).")
+        require(batch_size >= 1, f"batch_size must be at least 1, got {batch_size}.")
+        require(
+            1 <= max_prompt_length < max_length,
+            f"max_prompt_length ({max_prompt_length}) must be at least 1 and below max_length ({max_length}).",
+        )
+        require(num_workers >= 0, f"num_workers must be >= 0, got {num_workers}.")
+        require(train_size is None or train_size >= 1, f"train_size must be at least 1 (or null), got {train_size}.")
+        require(
+            val_size >= 1 and test_size >= 1, f"val_size and test_size must be at least 1, got {val_size}, {test_size}."
+        )
+        require(digits >= 1 and num_terms >= 2 and num_items >= 2, "digits must be >= 1, num_terms and num_items >= 2.")
         self.save_hyperparameters()
         self.splits: dict[str, datasets.Dataset] = {}
 
@@ -167,17 +180,40 @@ class ChatDataModule(L.LightningDataModule):
             system_prompt=hp.system_prompt,
         )
         data = load(split="train")
+        val_size, test_size = self._held_out_sizes(len(data), from_hub=hp.source == HUB_NAME)
         if hp.source == HUB_NAME:
             test = load(split="test")
-            test = test.select(range(min(hp.test_size, len(test))))
+            test = test.select(range(min(test_size, len(test))))
         else:
-            carved = data.train_test_split(test_size=hp.test_size, seed=hp.seed)
+            carved = data.train_test_split(test_size=test_size, seed=hp.seed)
             data, test = carved["train"], carved["test"]
-        carved = data.train_test_split(test_size=hp.val_size, seed=hp.seed)
+        carved = data.train_test_split(test_size=val_size, seed=hp.seed)
         train = carved["train"]
         if hp.train_size is not None:
             train = train.select(range(min(hp.train_size, len(train))))
         return {"train": self.hh_split(train), "val": self.hh_split(carved["test"]), "test": self.hh_split(test)}
+
+    def _held_out_sizes(self, pairs: int, from_hub: bool) -> tuple[int, int]:
+        """``val_size`` and ``test_size``, shrunk (and said so) when the data is too small for them
+        to leave at least half of it for training."""
+        hp = self.hparams
+        test_size = 0 if from_hub else hp.test_size  # the hub has its own test split
+        if pairs < 4:
+            raise DataError(f"'{hp.source}' holds {pairs} valid pairs; training needs at least 4.")
+        if hp.val_size + test_size <= pairs // 2:
+            return hp.val_size, hp.test_size
+        val_size = max(1, min(hp.val_size, pairs // 4))
+        new_test = test_size and max(1, min(test_size, pairs // 4))
+        log.warning(
+            "%s holds %d pairs: validating on %d and testing on %d of them (asked: %d and %d)",
+            hp.source,
+            pairs,
+            val_size,
+            new_test,
+            hp.val_size,
+            hp.test_size,
+        )
+        return val_size, new_test or hp.test_size
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if not self.splits:
@@ -225,6 +261,8 @@ class SFTDataModule(ChatDataModule):
     response_columns = ("response",)
 
     def __init__(self, wrong_fraction: float = 0.0, demos_per_problem: int = 1, packing: bool = False, **kwargs):
+        require(0 <= wrong_fraction <= 1, f"wrong_fraction must be in [0, 1], got {wrong_fraction}.")
+        require(demos_per_problem >= 1, f"demos_per_problem must be at least 1, got {demos_per_problem}.")
         super().__init__(**kwargs)
         self.save_hyperparameters()
 
@@ -328,15 +366,20 @@ class PromptDataModule(ChatDataModule):
     def task_split(self, task, split):
         return task.prompts(split)
 
+    def metadata_keys(self) -> set[str]:
+        """The metadata every prompt carries (what reward functions may read)."""
+        if not self.splits:
+            self.setup()
+        return set(self.splits["train"].column_names) - _NOT_METADATA
+
     def hh_split(self, pairs):
         return pairs.remove_columns(["chosen", "rejected"])
 
     def collate(self, rows):
         prompts = [r["prompt_ids"][-self.hparams.max_prompt_length :] for r in rows]
-        hidden = {"prompt", "prompt_ids", "index"}
         return {
             "input_ids": _pad(prompts, self.tokenizer.eot_token, left=True),
             "attention_mask": _pad([[1] * len(p) for p in prompts], 0, left=True),
             "prompt": [r["prompt"] for r in rows],
-            "metadata": [{k: v for k, v in r.items() if k not in hidden} for r in rows],
+            "metadata": [{k: v for k, v in r.items() if k not in _NOT_METADATA} for r in rows],
         }

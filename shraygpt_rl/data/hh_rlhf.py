@@ -16,10 +16,12 @@ import hashlib
 import json
 import logging
 import re
+import zlib
 from pathlib import Path
 
 import datasets
 
+from shraygpt_rl.errors import DataError
 from shraygpt_rl.tokenizer import DEFAULT_SYSTEM_PROMPT, format_chat, format_response
 
 log = logging.getLogger(__name__)
@@ -32,10 +34,6 @@ _COLUMNS = ("prompt", "chosen", "rejected", "chosen_response", "rejected_respons
 # datasets keys its map cache on the mapped function's own code, not on the helpers it calls, so
 # the hash of this file keys it too: editing the parser invalidates cached results.
 _PARSER_VERSION = hashlib.sha1(Path(__file__).read_bytes()).hexdigest()[:16]
-
-
-class DataError(ValueError):
-    """Input data that cannot be used; the message names where and what is wrong."""
 
 
 class InvalidPairError(ValueError):
@@ -168,11 +166,15 @@ def _data_files(source: Path, split: str, data_dir: str | None) -> list[Path]:
 def _load_file(path: Path, skip_invalid: bool, system_prompt: str | None) -> datasets.Dataset:
     try:
         raw = datasets.load_dataset("json", data_files=str(path), split="train")
+        if len(raw) == 0:
+            raise DataError(f"{path} holds no preference pairs: it is empty.")
         return _validate(raw, str(path), path, skip_invalid, system_prompt)
     except DataError:
         raise
-    except Exception as err:  # malformed JSON, bytes that are not UTF-8, mixed types: find the line
+    except Exception as err:  # malformed JSON, bytes that are not UTF-8, mixed types, a cut-off gzip: find the line
         good, bad = _scan_lines(path)
+        if not good and not bad:
+            raise DataError(f"{path} holds no preference pairs: it is empty.") from err
         if bad and not skip_invalid:
             line, reason = bad[0]
             raise DataError(f"{path}, line {line}: {reason}.") from err
@@ -198,12 +200,15 @@ def _validate(raw: datasets.Dataset, name: str, path: Path | None, skip_invalid:
         remove_columns=raw.column_names,
         desc=f"Parsing {Path(name).name}",
     )
-    errors = parsed["error"]
+    errors = parsed["error"] if len(parsed) else []
     bad = [i for i, e in enumerate(errors) if e]
     if bad and not skip_invalid:
         line = raw["line"][bad[0]] if "line" in raw.column_names else path and _line_of_row(path, bad[0])
         where = f"{path}, line {line}" if path else f"{name}, row {bad[0]}"
         raise DataError(f"{where}: {errors[bad[0]]}.")
+    if len(bad) == len(errors):
+        first = f" (the first: {errors[bad[0]]})" if bad else ""
+        raise DataError(f"{name} holds no valid preference pairs{first}.")
     if bad:
         log.warning("%s: skipped %d invalid rows of %d (first: %s)", name, len(bad), len(errors), errors[bad[0]])
         parsed = parsed.select([i for i, e in enumerate(errors) if not e])
@@ -217,8 +222,9 @@ def _open_bytes(path: Path):
 def _scan_lines(path: Path) -> tuple[list[tuple[int, dict]], list[tuple[int, str]]]:
     """Read ``path`` line by line: ``(line, object)`` for good lines, ``(line, reason)`` for bad ones."""
     good, bad = [], []
-    with _open_bytes(path) as f:
-        for number, raw in enumerate(f, start=1):
+    number = 0
+    try:
+        for number, raw in enumerate(_lines(path), start=1):
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError:
@@ -235,7 +241,14 @@ def _scan_lines(path: Path) -> tuple[list[tuple[int, dict]], list[tuple[int, str
                 bad.append((number, f"expected a JSON object, found a {type(row).__name__}"))
                 continue
             good.append((number, row))
+    except (EOFError, OSError, zlib.error):  # a truncated or corrupt .gz: keep what came before
+        bad.append((number + 1, "the compressed file ends early or is corrupt (a cut-off download?)"))
     return good, bad
+
+
+def _lines(path: Path):
+    with _open_bytes(path) as f:
+        yield from f
 
 
 def _line_of_row(path: Path, row: int) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -12,13 +13,11 @@ import torch
 from torch import Tensor, nn
 
 from shraygpt_rl.checkpoint import check_writable, stamp, stamped
+from shraygpt_rl.errors import TrainingError, require
 from shraygpt_rl.model import ShrayGPT, tiny_config
 from shraygpt_rl.optim import OptimizerName, build_optimizer
 from shraygpt_rl.runtime import retain_freed_memory
-
-
-class ConfigError(ValueError):
-    """Parts of a run that do not fit together, such as a tokenizer bigger than the vocabulary."""
+from shraygpt_rl.stages.checks import check_finite, check_folder_writable, check_lengths, check_tokenizer
 
 
 class StageModule(L.LightningModule):
@@ -38,7 +37,10 @@ class StageModule(L.LightningModule):
         lr_schedule: ``constant`` after warm-up, or ``cosine`` decay to 10% over the run.
         aux_loss_weight: Weight of the MoE load-balancing loss; None takes the checkpoint's.
         export_path: Where the trained model is written at the end of training, in a format the
-            next stage reads by path; None to skip.
+            next stage reads by path; None to skip. A model with non-finite weights or outputs is
+            never exported: the run stops with one sentence instead.
+        max_nonfinite: Stop the run once this many updates in a row had a non-finite loss (each is
+            skipped, counted in ``train/nonfinite_skipped``, and still counts towards ``max_steps``).
     """
 
     kind = "stage"
@@ -55,12 +57,21 @@ class StageModule(L.LightningModule):
         lr_schedule: Literal["constant", "cosine"] = "constant",
         aux_loss_weight: float | None = None,
         export_path: str | None = None,
+        max_nonfinite: int = 10,
     ):
         super().__init__()
+        require(lr >= 0 and muon_lr >= 0, f"Learning rates must be >= 0, got lr={lr} and muon_lr={muon_lr}.")
+        require(weight_decay >= 0, f"weight_decay must be >= 0, got {weight_decay}.")
+        require(warmup_steps >= 0, f"warmup_steps must be >= 0, got {warmup_steps}.")
+        require(
+            aux_loss_weight is None or aux_loss_weight >= 0, f"aux_loss_weight must be >= 0, got {aux_loss_weight}."
+        )
+        require(max_nonfinite >= 1, f"max_nonfinite must be at least 1, got {max_nonfinite}.")
         # Also collects the subclass's __init__ arguments; reward-function objects stay out of the
         # checkpoint (it must load with weights_only=True) and come back from the config.
         self.save_hyperparameters(ignore=["rewards"])
-        self.nonfinite_skipped = 0
+        self.nonfinite_skipped = 0  # updates skipped for a non-finite loss, over the whole run
+        self.nonfinite_in_a_row = 0
         self.reference: nn.Module | None = None
 
     # -- building ------------------------------------------------------------------------------
@@ -93,22 +104,30 @@ class StageModule(L.LightningModule):
 
     # -- checks before training ---------------------------------------------------------------
     def setup(self, stage: str) -> None:
+        """Check, before any training, that the data fits the model and that every file the run
+        will write can be written (``stages/checks.py``)."""
         if self._trainer and self.trainer.strategy.root_device.type == "cpu":
             retain_freed_memory()  # big logits tensors: reuse freed memory instead of page-faulting
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
-        tokenizer = getattr(datamodule, "tokenizer", None)
-        if tokenizer is not None:
-            self.check_vocab(tokenizer)
-        if stage == "fit" and self.hparams.export_path:
-            check_writable(self.hparams.export_path)
+        if getattr(datamodule, "tokenizer", None) is not None:
+            config, data = self.policy_config(), datamodule.hparams
+            check_tokenizer(datamodule.tokenizer, config["vocab_size"])
+            check_lengths(config["block_size"], data.max_length, data.max_prompt_length, self.new_tokens())
+            self.check_data(datamodule)
+        if stage == "fit" and self._trainer:
+            if self.hparams.export_path:
+                check_writable(self.hparams.export_path)
+                check_folder_writable(Path(self.hparams.export_path).parent, "export")
+            for callback in self.trainer.checkpoint_callbacks:
+                if getattr(callback, "dirpath", None):
+                    check_folder_writable(callback.dirpath, "checkpoints")
 
-    def check_vocab(self, tokenizer) -> None:
-        vocab = self.policy_config()["vocab_size"]
-        if tokenizer.n_vocab > vocab:
-            raise ConfigError(
-                f"The tokenizer '{tokenizer.name}' has {tokenizer.n_vocab} tokens but the model's vocabulary has "
-                f"{vocab}; use the tokenizer the model was trained with (--data.tokenizer)."
-            )
+    def new_tokens(self) -> int | None:
+        """Tokens the stage generates after each prompt (the online stages); None: it generates none."""
+        return None
+
+    def check_data(self, datamodule) -> None:
+        """Stage-specific checks of the data (the online stages check their rewards against it)."""
 
     def policy_config(self) -> dict[str, Any]:
         return self.policy.config
@@ -124,20 +143,28 @@ class StageModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def finite_or_skip(self, loss: Tensor) -> Tensor | None:
-        """``loss``, or None (Lightning then skips the update) when it is not finite.
+        """``loss``, or None when it is not finite: Lightning then runs the step without gradients,
+        so the parameters stay as they were and the step still counts towards ``max_steps``.
 
         Skipped updates are counted in ``train/nonfinite_skipped``. Under DDP every rank must
         skip together; with one bad rank, prefer ``--trainer.detect_anomaly`` to find the cause.
         """
         if torch.isfinite(loss):
+            self.nonfinite_in_a_row = 0
             return loss
         self.count_nonfinite()
         return None
 
     def count_nonfinite(self) -> None:
-        """Count one skipped update in ``train/nonfinite_skipped``."""
+        """Count one skipped update; stop the run after ``max_nonfinite`` of them in a row."""
         self.nonfinite_skipped += 1
+        self.nonfinite_in_a_row += 1
         self.log("train/nonfinite_skipped", float(self.nonfinite_skipped), on_step=True)
+        if self.nonfinite_in_a_row >= self.hparams.max_nonfinite:
+            raise TrainingError(
+                f"{self.nonfinite_in_a_row} updates in a row had a non-finite loss (NaN or inf), so training "
+                "stopped; lower the learning rate (--model.lr, --model.muon_lr) or check the starting model."
+            )
 
     # -- monitoring ----------------------------------------------------------------------------
     def log_moe(self, model: ShrayGPT, aux_loss: Tensor, prefix: str = "") -> None:
@@ -164,7 +191,9 @@ class StageModule(L.LightningModule):
 
     def on_train_end(self) -> None:
         if self.hparams.export_path and self.trainer.is_global_zero:
-            self.exported_model().save_checkpoint(self.hparams.export_path, stage=self.kind)
+            model = self.exported_model()
+            check_finite(model, self.hparams.export_path)
+            model.save_checkpoint(self.hparams.export_path, stage=self.kind)
 
 
 def lr_factor(step: int, hp, total: int) -> float:

@@ -25,6 +25,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from shraygpt_rl.errors import require
 from shraygpt_rl.losses import (
     GRPOLossType,
     ScaleRewards,
@@ -72,13 +73,22 @@ class GRPOStage(OnlineRLStage):
         export_path: str | None = "checkpoints/shraygpt-grpo.ckpt",
         **kwargs,
     ):
+        require(
+            num_generations >= 2, f"num_generations must be at least 2 for a group baseline, got {num_generations}."
+        )
+        require(epsilon > 0 and (epsilon_high is None or epsilon_high > 0), "epsilon and epsilon_high must be > 0.")
+        require(beta >= 0, f"beta must be >= 0, got {beta}.")
+        require(num_iterations >= 1, f"num_iterations must be at least 1, got {num_iterations}.")
+        require(num_mini_batches >= 1, f"num_mini_batches must be at least 1, got {num_mini_batches}.")
         super().__init__(export_path=export_path, **kwargs)
-        if num_generations < 2:
-            raise ValueError(f"num_generations must be at least 2 for a group baseline, got {num_generations}.")
         self.frozen_reference(self.policy if beta > 0 else None)
 
     def trainable(self):
         return self.policy
+
+    def check_data(self, datamodule) -> None:
+        super().check_data(datamodule)
+        self.check_minibatches(datamodule.hparams.batch_size * self.hparams.num_generations)
 
     def advantages(self, scores: torch.Tensor) -> torch.Tensor:
         G = self.hparams.num_generations

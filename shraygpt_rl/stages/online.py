@@ -19,10 +19,12 @@ import torch
 from torch import Tensor, nn
 
 from shraygpt_rl.checkpoint import stamp, stamped
+from shraygpt_rl.errors import require
 from shraygpt_rl.generation import response_logits, sample_and_decode
 from shraygpt_rl.losses import entropy_from_logits, masked_mean, token_logprobs
 from shraygpt_rl.rewards import LearnedReward, RewardFunction, TaskVerifier, WeightedSum
 from shraygpt_rl.stages.base import StageModule
+from shraygpt_rl.stages.checks import check_rewards
 
 # A checkpoint taken after a step holds the state after all of that step's updates: the state a
 # resumed run must start the next rollout from, not the "pre-optimization state" Lightning means.
@@ -89,8 +91,17 @@ class OnlineRLStage(StageModule):
     ):
         super().__init__(**kwargs)
         self.automatic_optimization = False
-        if temperature <= 0:
-            raise ValueError(f"online RL samples from the policy: temperature must be > 0, got {temperature}.")
+        require(max_new_tokens >= 1, f"max_new_tokens must be at least 1, got {max_new_tokens}.")
+        require(temperature > 0, f"Online RL samples from the policy: temperature must be > 0, got {temperature}.")
+        require(top_k is None or top_k >= 1, f"top_k must be at least 1 (or null), got {top_k}.")
+        require(top_p is None or 0 < top_p <= 1, f"top_p must be in (0, 1] (or null), got {top_p}.")
+        require(
+            micro_batch_size is None or micro_batch_size >= 1, f"micro_batch_size must be >= 1, got {micro_batch_size}."
+        )
+        require(
+            max_grad_norm is None or max_grad_norm > 0, f"max_grad_norm must be > 0 (or null), got {max_grad_norm}."
+        )
+        require(log_samples_every >= 0, f"log_samples_every must be >= 0, got {log_samples_every}.")
         self.policy = disable_dropout(self.build_policy())
         functions = list(rewards or [])
         if reward_model:
@@ -98,6 +109,18 @@ class OnlineRLStage(StageModule):
         self.reward_fn = WeightedSum(functions or [TaskVerifier()])
         self.perf: dict[str, float] = {}
         self.rollouts = 0  # training rollouts so far (global_step counts optimizer steps)
+
+    def new_tokens(self) -> int:
+        return self.hparams.max_new_tokens
+
+    def check_data(self, datamodule) -> None:
+        if hasattr(datamodule, "metadata_keys"):
+            check_rewards(self.reward_fn.functions, datamodule.metadata_keys(), datamodule.hparams.source)
+
+    def check_minibatches(self, rows: int) -> None:
+        """A rollout of ``rows`` must split into ``num_mini_batches`` equal minibatches."""
+        n = self.hparams.num_mini_batches
+        require(rows % n == 0, f"A rollout of {rows} rows does not split into num_mini_batches={n}; change either.")
 
     def on_fit_start(self) -> None:
         for fn in self.reward_fn.functions:  # learned rewards score on the policy's device
@@ -161,8 +184,7 @@ class OnlineRLStage(StageModule):
 
     # -- minibatches ---------------------------------------------------------------------------
     def minibatches(self, n_rows: int, num_mini_batches: int, shuffle: bool) -> list[Tensor]:
-        if n_rows % num_mini_batches:
-            raise ValueError(f"{n_rows} rollout rows do not split into num_mini_batches={num_mini_batches}.")
+        self.check_minibatches(n_rows)  # a last, smaller batch of prompts can still fail here
         order = torch.randperm(n_rows, device=self.device) if shuffle else torch.arange(n_rows, device=self.device)
         return list(order.chunk(num_mini_batches))
 
@@ -205,16 +227,18 @@ class OnlineRLStage(StageModule):
         Each call is one of Lightning's global steps: ``trainer.max_steps`` counts optimizer
         steps, so one rollout is ``num_iterations * num_mini_batches`` of them (PPO: epochs x
         minibatches), while ``val_check_interval`` and ``log_every_n_steps`` count rollouts.
-        A minibatch whose loss was not finite (``finite=False``) is dropped and counted in
-        ``train/nonfinite_skipped``.
+        A minibatch whose loss was not finite (``finite=False``) is dropped: the optimizer steps
+        without gradients, and the skip is counted in ``train/nonfinite_skipped``.
         """
         optimizer = self.optimizers()
-        if not finite:
-            optimizer.zero_grad()
+        if finite:
+            self.nonfinite_in_a_row = 0
+            if self.hparams.max_grad_norm:
+                clip = self.hparams.max_grad_norm
+                self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+        else:  # no gradients: the step leaves every parameter as it was, yet counts towards max_steps
+            optimizer.zero_grad(set_to_none=True)
             self.count_nonfinite()
-            return
-        if self.hparams.max_grad_norm:
-            self.clip_gradients(optimizer, gradient_clip_val=self.hparams.max_grad_norm, gradient_clip_algorithm="norm")
         optimizer.step()
         optimizer.zero_grad()
         scheduler = self.lr_schedulers()

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from shraygpt_rl.checkpoint import stamp, stamped
+from shraygpt_rl.errors import ConfigError, require
 from shraygpt_rl.losses import (
     AdaptiveKLController,
     KLEstimator,
@@ -37,7 +38,6 @@ from shraygpt_rl.losses import (
     whiten,
 )
 from shraygpt_rl.reward_model import RewardModel
-from shraygpt_rl.stages.base import ConfigError
 from shraygpt_rl.stages.online import MicroStep, OnlineRLStage, Rollout, disable_dropout, policy_metrics
 
 
@@ -94,6 +94,16 @@ class PPOStage(OnlineRLStage):
         export_path: str | None = "checkpoints/shraygpt-ppo.ckpt",
         **kwargs,
     ):
+        require(
+            kl_coef >= 0 and kl_target > 0 and kl_horizon >= 1, "kl_coef must be >= 0, kl_target and kl_horizon > 0."
+        )
+        require(0 <= gamma <= 1 and 0 <= lam <= 1, f"gamma and lam must be in [0, 1], got {gamma} and {lam}.")
+        require(cliprange > 0 and cliprange_value > 0, "cliprange and cliprange_value must be > 0.")
+        require(vf_coef >= 0 and entropy_coef >= 0, "vf_coef and entropy_coef must be >= 0.")
+        require(num_ppo_epochs >= 1, f"num_ppo_epochs must be at least 1, got {num_ppo_epochs}.")
+        require(num_mini_batches >= 1, f"num_mini_batches must be at least 1, got {num_mini_batches}.")
+        require(target_kl is None or target_kl > 0, f"target_kl must be > 0 (or null), got {target_kl}.")
+        require(reward_clip is None or reward_clip > 0, f"reward_clip must be > 0 (or null), got {reward_clip}.")
         super().__init__(export_path=export_path, **kwargs)
         self.critic = self.build_critic(critic_init)
         self.frozen_reference(self.policy if kl_coef > 0 or adaptive_kl else None)
@@ -113,6 +123,10 @@ class PPOStage(OnlineRLStage):
 
     def trainable(self):
         return nn.ModuleList([self.policy, self.critic])
+
+    def check_data(self, datamodule) -> None:
+        super().check_data(datamodule)
+        self.check_minibatches(datamodule.hparams.batch_size)
 
     def critic_values(self, rollout: Rollout, rows: Tensor) -> tuple[Tensor, Tensor]:
         """V(s_t) (r, T): the critic's value at the position before each response token."""

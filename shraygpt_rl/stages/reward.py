@@ -17,6 +17,7 @@ from torchmetrics.classification import BinaryAccuracy
 
 from shraygpt_rl.checkpoint import stamp
 from shraygpt_rl.data import stack_pairs
+from shraygpt_rl.errors import require
 from shraygpt_rl.losses import bradley_terry_loss, reward_centering_loss
 from shraygpt_rl.reward_model import Pooling, RewardModel
 from shraygpt_rl.stages.base import StageModule
@@ -48,6 +49,10 @@ class RewardStage(StageModule):
         export_path: str | None = "checkpoints/reward-model.ckpt",
         **kwargs,
     ):
+        require(
+            center_rewards_coefficient >= 0,
+            f"center_rewards_coefficient must be >= 0, got {center_rewards_coefficient}.",
+        )
         super().__init__(policy=policy, export_path=export_path, **kwargs)
         self.model = RewardModel(self.build_policy(), pooling=pooling)
         self.model.trunk.requires_grad_(not freeze_trunk)

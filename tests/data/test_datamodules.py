@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import logging
+
 import pytest
 import torch
 from lightning.pytorch.utilities.data import _update_dataloader
 from torch.utils.data import DistributedSampler
 
 from shraygpt_rl.data.datamodules import PreferenceDataModule, PromptDataModule, SFTDataModule, truncate_pair
+from shraygpt_rl.errors import ConfigError, DataError
 
 SMALL = {"train_size": 64, "val_size": 16, "test_size": 16, "batch_size": 8}
 
@@ -139,10 +143,31 @@ def test_each_ddp_rank_gets_a_disjoint_shard():
 
 
 def test_bad_lengths_are_refused():
-    with pytest.raises(ValueError, match="must be below max_length"):
+    with pytest.raises(ConfigError, match="must be at least 1 and below max_length"):
         SFTDataModule(max_length=64, max_prompt_length=64)
 
 
 def test_dataloader_batches_are_tensors_of_the_right_dtype():
     batch = next(iter(SFTDataModule(source="arithmetic", **SMALL).train_dataloader()))
     assert all(v.dtype == torch.long for v in batch.values())
+
+
+@pytest.mark.parametrize("pairs", [20, 120])
+def test_a_small_file_shrinks_the_held_out_splits_and_says_so(tmp_path, caplog, pairs):
+    """Before: any file under 400 pairs failed in train_test_split with the default sizes."""
+    path = tmp_path / "small.jsonl"
+    good = {"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: go away"}
+    path.write_text("\n".join(json.dumps(good) for _ in range(pairs)) + "\n")
+    data = PreferenceDataModule(source=str(path), max_length=64, max_prompt_length=32)
+    with caplog.at_level(logging.WARNING):
+        data.setup()
+    sizes = {split: len(rows) for split, rows in data.splits.items()}
+    assert sizes["val"] == sizes["test"] == pairs // 4 and sizes["train"] == pairs - 2 * (pairs // 4)
+    assert f"holds {pairs} pairs: validating on {pairs // 4} and testing on {pairs // 4}" in caplog.text
+
+
+def test_a_file_too_small_to_split_is_one_sentence(tmp_path):
+    path = tmp_path / "tiny.jsonl"
+    path.write_text(json.dumps({"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: a\n\nAssistant: c"}))
+    with pytest.raises(DataError, match="holds 1 valid pairs; training needs at least 4"):
+        PreferenceDataModule(source=str(path)).setup()

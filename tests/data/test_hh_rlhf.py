@@ -165,3 +165,27 @@ def test_blank_lines_do_not_shift_reported_line_numbers(tmp_path):
     path.write_text(json.dumps(GOOD) + "\n\n\n" + json.dumps({"chosen": CHOSEN}) + "\n")
     with pytest.raises(DataError, match="line 4: 'rejected' is missing"):
         load_preferences(path)
+
+
+@pytest.mark.parametrize("name", ["empty.jsonl", "empty.jsonl.gz", "blank.jsonl"])
+def test_an_empty_file_is_one_sentence(tmp_path, name):
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(b"") if name.endswith(".gz") else b"\n\n" if name.startswith("blank") else b"")
+    with pytest.raises(DataError, match=r"holds no preference pairs: it is empty\.$"):
+        load_preferences(path)
+
+
+def test_a_truncated_gzip_names_the_line_where_it_ends(tmp_path):
+    whole = gzip.compress(b"\n".join(json.dumps(GOOD).encode() for _ in range(400)) + b"\n")
+    path = tmp_path / "cut.jsonl.gz"
+    path.write_bytes(whole[: len(whole) // 2])  # a download cut off half-way
+    with pytest.raises(DataError, match=r"cut.jsonl.gz, line \d+: the compressed file ends early or is corrupt"):
+        load_preferences(path)
+    kept = load_preferences(path, skip_invalid=True)  # keeps every complete line before the cut
+    assert 0 < len(kept) < 400
+
+
+def test_skip_invalid_with_nothing_valid_is_one_sentence(tmp_path):
+    path = _write_jsonl(tmp_path / "bad.jsonl", [{"chosen": CHOSEN, "rejected": CHOSEN}] * 3)
+    with pytest.raises(DataError, match=r"holds no valid preference pairs \(the first: chosen and rejected are"):
+        load_preferences(path, skip_invalid=True)

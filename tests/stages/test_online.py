@@ -6,11 +6,16 @@ cached rollout engine or by a training forward, nor on which other rows share it
 
 from __future__ import annotations
 
+import pytest
 import torch
+from conftest import ARITH, fit_online
 
+from shraygpt_rl.errors import TrainingError
 from shraygpt_rl.losses import token_logprobs
 from shraygpt_rl.model import ShrayGPT
+from shraygpt_rl.stages.grpo import GRPOStage
 from shraygpt_rl.stages.online import furthest_from_one
+from shraygpt_rl.stages.ppo import PPOStage
 
 
 def _routing_recorder(model: ShrayGPT):
@@ -100,3 +105,47 @@ def test_ratio_at_start_reports_the_token_furthest_from_one():
     assert furthest_from_one(ratio, mask) == 0.7
     assert furthest_from_one(ratio[:1, :2], mask[:1, :2], so_far=torch.tensor(0.9)) == 1.2
     assert furthest_from_one(ratio[1:], mask[1:], so_far=torch.tensor(1.5)) == 1.5
+
+
+class NaNReward:
+    """A reward that is never finite: every update's loss is NaN."""
+
+    weight, name = 1.0, "nan"
+
+    def __call__(self, prompts, responses, metadata):
+        return torch.full((len(responses),), float("nan"))
+
+
+@pytest.mark.parametrize("stage_class", [GRPOStage, PPOStage])
+def test_skipped_updates_count_towards_max_steps(random_policy, stage_class):
+    """Before: skipped updates did not advance global_step, and a run whose every update was
+    non-finite never reached max_steps. Now it stops there, the policy untouched."""
+    stage = stage_class(
+        policy=random_policy,
+        rewards=[NaNReward()],
+        max_new_tokens=4,
+        optimizer="adamw",
+        export_path=None,
+        log_samples_every=0,
+        max_nonfinite=100,
+    )
+    start = {k: v.clone() for k, v in stage.policy.state_dict().items()}
+    metrics = fit_online(stage, max_steps=6, prompts=dict(ARITH, batch_size=4, train_size=64))
+    assert stage.trainer.global_step == 6 and stage.nonfinite_skipped == 6
+    assert metrics["train/nonfinite_skipped"] == 6
+    assert all(torch.equal(start[k], v) for k, v in stage.policy.state_dict().items())
+
+
+def test_a_run_of_non_finite_updates_stops_in_one_sentence(random_policy):
+    stage = GRPOStage(
+        policy=random_policy,
+        rewards=[NaNReward()],
+        max_new_tokens=4,
+        optimizer="adamw",
+        export_path=None,
+        log_samples_every=0,
+        max_nonfinite=3,
+    )
+    with pytest.raises(TrainingError, match=r"^3 updates in a row had a non-finite loss \(NaN or inf\)"):
+        fit_online(stage, max_steps=50, prompts=dict(ARITH, batch_size=4, train_size=64))
+    assert stage.trainer.global_step == 2  # the third skip stops the run before its step

@@ -10,6 +10,7 @@ from conftest import ARITH, tiny_trainer
 
 from shraygpt_rl.checkpoint import CheckpointError
 from shraygpt_rl.data import SFTDataModule
+from shraygpt_rl.errors import TrainingError
 from shraygpt_rl.model import ShrayGPT
 from shraygpt_rl.stages.sft import SFTStage
 
@@ -82,6 +83,16 @@ def test_non_finite_loss_skips_the_update(tmp_path, monkeypatch):
     assert all(torch.equal(snapshots[0][k], snapshots[1][k]) for k in snapshots[0])
     assert trainer.callback_metrics["train/nonfinite_skipped"] == 1
     assert all(torch.isfinite(p).all() for p in stage.policy.parameters())
+
+
+def test_a_run_of_non_finite_losses_stops_in_one_sentence(tmp_path, monkeypatch):
+    stage, data = _stage(tmp_path, max_nonfinite=4), SFTDataModule(train_size=256, **ARITH)
+    real_loss = stage.loss
+    monkeypatch.setattr(stage, "loss", lambda batch: (real_loss(batch)[0] * float("nan"), real_loss(batch)[1]))
+    trainer = tiny_trainer(50, limit_val_batches=0)
+    with pytest.raises(TrainingError, match="4 updates in a row had a non-finite loss"):
+        trainer.fit(stage, datamodule=data)
+    assert trainer.global_step == 3 and not (tmp_path / "sft.ckpt").exists()
 
 
 def test_export_never_overwrites_a_course_checkpoint(tmp_path, course_ckpt):
