@@ -34,7 +34,7 @@ def split_stage(argv: list[str]) -> tuple[str, list[str]]:
             stage, rest = arg.split("=", 1)[1], argv[:i] + argv[i + 1 :]
             break
     else:
-        raise ConfigError(f"--stage is required: {USAGE % ','.join([*STAGES, *COMMANDS])}")
+        raise ConfigError(f"--stage is required, as in: {USAGE % ','.join([*STAGES, *COMMANDS])}.")
     if stage not in STAGES and stage not in COMMANDS:
         raise ConfigError(f"Unknown stage '{stage}'; choose one of {', '.join([*STAGES, *COMMANDS])}.")
     return stage, rest

@@ -9,10 +9,10 @@ from conftest import ARITH, GradRecorder, SpreadReward, fit_online, tiny_trainer
 
 from shraygpt_rl.bench import demo_data
 from shraygpt_rl.data import PromptDataModule
+from shraygpt_rl.errors import ConfigError
 from shraygpt_rl.evaluate import verifier_success
 from shraygpt_rl.model import ShrayGPT, tiny_config
 from shraygpt_rl.reward_model import RewardModel
-from shraygpt_rl.stages.base import ConfigError
 from shraygpt_rl.stages.online import Rollout
 from shraygpt_rl.stages.ppo import PPOStage
 
