@@ -67,6 +67,9 @@ def check_folder_writable(folder: str | os.PathLike, what: str) -> None:
     """Create ``folder`` and write and remove a probe file in it, so that an unwritable export or
     checkpoint folder is found before training rather than after."""
     folder = Path(folder)
+    blocking = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise CheckpointError(f"Cannot write the {what} in '{folder}': '{blocking}' is a file, not a folder.")
     probe = folder / f".shraygpt-probe-{uuid.uuid4().hex}"
     try:
         folder.mkdir(parents=True, exist_ok=True)

@@ -129,7 +129,7 @@ def test_an_export_path_under_a_regular_file_is_found_before_training(workdir, m
     _no_training(monkeypatch)
     Path("a-file").write_text("not a folder")
     message = fails(capsys, ["--stage", "sft", *SMALL.split(), "--model.export_path", "a-file/sft.ckpt"])
-    assert message.startswith("Cannot write the export in 'a-file'")
+    assert message == "Cannot write the export in 'a-file': 'a-file' is a file, not a folder."
 
 
 def test_a_model_with_non_finite_weights_is_not_exported(tmp_path):
