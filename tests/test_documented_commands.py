@@ -81,7 +81,7 @@ def test_the_commands_are_found():
     commands = [" ".join(c[:4]) for c in documented_commands()]
     assert "python train.py --stage pipeline" in commands
     assert "python train.py --stage eval" in commands
-    assert sum(c.startswith("python -m shraygpt_rl.bench") for c in commands) == 5
+    assert sum(c.startswith("python -m shraygpt_rl.bench") for c in commands) == 6
     assert sum("-hh.yaml" in " ".join(c) for c in documented_commands()) == 3
 
 
