@@ -125,48 +125,73 @@ HUMANS = frozenset(
 
 
 class KeywordReward(RewardFunction):
-    """The "animal stories" exercise: reward animal words, penalise human words and short or
-    repetitive responses, and give a bonus per distinct animal.
+    """Seed 001's "animal stories" reward, exactly as the notebook computes it.
 
-    ``score = animal_weight·#animal words + distinct_bonus·#distinct animals − human_penalty·#human
-    words − short_penalty·[≤ short_words words] − repetition_penalty·[distinct/total ≤ 0.5]``.
-    The defaults reproduce the exercise's checks: "The quick brown fox and a lion met a boy" → 2.6,
-    "a cat and dog" → 2.4, "cat dog lion tiger bear fox" twice → 13.9, and a sentence with no
-    animal → 0.0.
+    With ``words = response.lower().split()`` (whitespace split: punctuation stays attached, as
+    in the seed), ``n = len(words)``, ``a`` the number of words in ``ANIMALS`` and ``h`` the
+    number in ``HUMANS``::
+
+        length_penalty = 0 if n > 4 else -1.0
+        threshold      = max(5, int(0.15 * n))
+        excess         = -0.5 * (a - threshold) if a > threshold else 0
+        unique         = 0.5 * len(set(mentions)) if a > 0 else 0
+        reward         = 1.2 * a - 0.8 * h + length_penalty + excess + unique
+
+    The seed's word lists are not in the seed; ``ANIMALS`` and ``HUMANS`` are the project's, and
+    give its checks: "The quick brown fox and a lion met a boy" → 2.6, "a cat and dog" → 2.4,
+    "cat dog lion tiger bear fox" twice → 13.9, a sentence of five words or more with neither
+    kind of word → 0.0. Every coefficient is an argument; the defaults are the seed's.
     """
 
     def __init__(
         self,
-        animal_weight: float = 1.0,
-        distinct_bonus: float = 0.4,
-        human_penalty: float = 0.2,
-        short_words: int = 4,
-        short_penalty: float = 0.4,
-        repetition_penalty: float = 0.5,
+        animal_weight: float = 1.2,
+        human_penalty: float = 0.8,
+        min_words: int = 4,
+        short_penalty: float = 1.0,
+        repeat_fraction: float = 0.15,
+        min_repeats: int = 5,
+        excess_penalty: float = 0.5,
+        distinct_bonus: float = 0.5,
         weight: float = 1.0,
     ):
         super().__init__(weight)
-        self.animal_weight, self.distinct_bonus, self.human_penalty = animal_weight, distinct_bonus, human_penalty
-        self.short_words, self.short_penalty, self.repetition_penalty = short_words, short_penalty, repetition_penalty
+        self.animal_weight, self.human_penalty = animal_weight, human_penalty
+        self.min_words, self.short_penalty = min_words, short_penalty
+        self.repeat_fraction, self.min_repeats, self.excess_penalty = repeat_fraction, min_repeats, excess_penalty
+        self.distinct_bonus = distinct_bonus
 
     def score(self, prompt, response, metadata):
-        words = re.findall(r"[a-z]+", response.lower())
-        animals = [w for w in words if w in ANIMALS]
-        score = self.animal_weight * len(animals) + self.distinct_bonus * len(set(animals))
-        score -= self.human_penalty * sum(w in HUMANS for w in words)
-        if len(words) <= self.short_words:
-            score -= self.short_penalty
-        if words and len(set(words)) / len(words) <= 0.5:
-            score -= self.repetition_penalty
-        return round(score, 6)  # no float dust: the exercise's figures compare exactly
+        words = response.lower().split()
+        n = len(words)
+        mentions = [w for w in words if w in ANIMALS]
+        a, h = len(mentions), sum(w in HUMANS for w in words)
+        length_penalty = 0.0 if n > self.min_words else -self.short_penalty
+        threshold = max(self.min_repeats, int(self.repeat_fraction * n))
+        excess = -self.excess_penalty * (a - threshold) if a > threshold else 0.0
+        unique = self.distinct_bonus * len(set(mentions)) if a > 0 else 0.0
+        return self.animal_weight * a - self.human_penalty * h + length_penalty + excess + unique
+
+
+def animal_frequency(texts: Sequence[str]) -> float:
+    """Animal words per word over ``texts`` (seed 001's "animal-word frequency"), 0 for no words."""
+    words = [w for text in texts for w in text.lower().split()]
+    return sum(w in ANIMALS for w in words) / len(words) if words else 0.0
 
 
 class LexicalPreferenceReward(RewardFunction):
-    """The HH-RLHF notebook's lexical reward: ``overlap(response, chosen) − overlap(response,
-    rejected) − length_coef · |len(response) − len(chosen)| / len(chosen)``.
+    """Seed 003's lexical reward for HH-RLHF prompts, exactly as the notebook computes it.
 
-    ``overlap(a, b)`` is the share of b's distinct words that a contains; lengths are in words.
+    With ``r = response.strip()`` and ``overlap(a, b) = |words(a) ∩ words(b)| / |words(a)|`` over
+    the distinct lower-cased whitespace-split words (0 when ``a`` has none)::
+
+        length_penalty = min(|len(r) - len(chosen)| / max(len(chosen), 1), 1.0)   # characters
+        reward         = overlap(r, chosen) - overlap(r, rejected) - 0.2 * length_penalty
+
     It reads ``metadata["chosen_response"]`` and ``metadata["rejected_response"]``.
+
+    Args:
+        length_coef: Weight of the length penalty (the seed's 0.2).
     """
 
     requires = ("chosen_response", "rejected_response")
@@ -176,18 +201,15 @@ class LexicalPreferenceReward(RewardFunction):
         self.length_coef = length_coef
 
     @staticmethod
-    def _words(text: str) -> list[str]:
-        return re.findall(r"\w+", text.lower())
+    def overlap(a: str, b: str) -> float:
+        """The share of ``a``'s distinct words that ``b`` also contains."""
+        words_a, words_b = set(a.lower().split()), set(b.lower().split())
+        return len(words_a & words_b) / len(words_a) if words_a else 0.0
 
     def score(self, prompt, response, metadata):
-        words = self._words(response)
-        chosen, rejected = self._words(metadata["chosen_response"]), self._words(metadata["rejected_response"])
-
-        def overlap(reference: list[str]) -> float:
-            return len(set(words) & set(reference)) / max(len(set(reference)), 1)
-
-        length_penalty = abs(len(words) - len(chosen)) / max(len(chosen), 1)
-        return overlap(chosen) - overlap(rejected) - self.length_coef * length_penalty
+        r, chosen, rejected = response.strip(), metadata["chosen_response"], metadata["rejected_response"]
+        length_penalty = min(abs(len(r) - len(chosen)) / max(len(chosen), 1), 1.0)
+        return self.overlap(r, chosen) - self.overlap(r, rejected) - self.length_coef * length_penalty
 
 
 # --------------------------------------------------------------------------------------------

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 from jsonargparse import ArgumentParser
 
 from shraygpt_rl.rewards import (
+    ANIMALS,
+    HUMANS,
     ArithmeticVerifier,
     KeywordReward,
     LearnedReward,
@@ -15,7 +19,50 @@ from shraygpt_rl.rewards import (
     SortingVerifier,
     TaskVerifier,
     WeightedSum,
+    animal_frequency,
 )
+
+
+def seed_001_reward(response: str) -> float:
+    """Seed 001's animal-stories reward, transcribed from the notebook line by line."""
+    words = response.lower().split()
+    n = len(words)
+    mentions = [w for w in words if w in ANIMALS]
+    a = len(mentions)
+    h = len([w for w in words if w in HUMANS])
+    length_penalty = 0 if n > 4 else -1.0
+    threshold = max(5, int(0.15 * n))
+    excess = -0.5 * (a - threshold) if a > threshold else 0
+    unique = 0.5 * len(set(mentions)) if a > 0 else 0
+    return 1.2 * a - 0.8 * h + length_penalty + excess + unique
+
+
+def seed_003_reward(response: str, chosen: str, rejected: str) -> float:
+    """Seed 003's lexical reward, transcribed from the notebook line by line."""
+
+    def overlap(a, b):
+        a_words, b_words = set(a.lower().split()), set(b.lower().split())
+        if not a_words:
+            return 0.0
+        return len(a_words & b_words) / len(a_words)
+
+    r = response.strip()
+    length_penalty = min(abs(len(r) - len(chosen)) / max(len(chosen), 1), 1.0)
+    return overlap(r, chosen) - overlap(r, rejected) - 0.2 * length_penalty
+
+
+def random_texts(seed: int, count: int, vocabulary: list[str]) -> list[str]:
+    """Strings of 0-60 words drawn from ``vocabulary``, in random case, with random spacing."""
+    rng = random.Random(seed)
+    texts = []
+    for _ in range(count):
+        words = [rng.choice(vocabulary) for _ in range(rng.randint(0, 60))]
+        words = [w.upper() if rng.random() < 0.1 else w.capitalize() if rng.random() < 0.2 else w for w in words]
+        texts.append(rng.choice(["", " ", "\n"]) + rng.choice([" ", "  ", "\t"]).join(words) + rng.choice(["", " "]))
+    return texts
+
+
+STORY_WORDS = sorted(ANIMALS)[:12] + sorted(HUMANS)[:6] + "the a and ran over cat. dog, fox! happy day".split()
 
 
 @pytest.mark.parametrize(
@@ -27,23 +74,46 @@ from shraygpt_rl.rewards import (
         ("This is a simple sentence about nothing special", 0.0),
     ],
 )
-def test_keyword_reward_reproduces_the_exercise(text, expected):
-    assert KeywordReward().score("", text, {}) == expected
+def test_keyword_reward_reproduces_the_seed_examples(text, expected):
+    assert KeywordReward().score("", text, {}) == pytest.approx(expected, abs=1e-12)
 
 
-def test_keyword_reward_scores_a_batch():
-    texts = ["The quick brown fox and a lion met a boy", "a cat and dog"]
-    assert torch.equal(KeywordReward()(["", ""], texts, [{}, {}]), torch.tensor([2.6, 2.4]))
+def test_keyword_reward_is_the_seed_formula_on_many_strings():
+    texts = random_texts(0, 2000, STORY_WORDS)
+    got = KeywordReward()([""] * len(texts), texts, [{}] * len(texts))
+    want = torch.tensor([seed_001_reward(t) for t in texts])
+    assert torch.allclose(got, want, atol=1e-5)
+    # The corners of the formula are all visited: short texts, the excess term, humans, no animal.
+    assert {t.strip() == "" for t in texts} == {True, False}
+    assert (want < -0.5).any() and (want > 10).any()
+    # Punctuation stays attached to words, as in the seed: "cat." is not an animal.
+    assert KeywordReward().score("", "a cat. and a dog, ran", {}) == pytest.approx(-0.0)
 
 
 def test_lexical_preference_reward_by_hand():
     meta = {"chosen_response": "the cat sat on the mat", "rejected_response": "dogs bark loudly"}
     reward = LexicalPreferenceReward()
-    # chosen distinct words {the, cat, sat, on, mat}: response covers 3/5; rejected covers 1/3;
-    # lengths 4 vs 6 words: penalty 0.2 * 2/6.
-    assert reward.score("", "the cat sat loudly", meta) == pytest.approx(3 / 5 - 1 / 3 - 0.2 * 2 / 6)
-    assert reward.score("", "the cat sat on the mat", meta) == pytest.approx(1.0)
-    assert reward.score("", "dogs bark loudly", meta) == pytest.approx(-1.0 - 0.2 * 3 / 6)
+    # "the cat sat loudly": 3 of its 4 distinct words are in chosen, 1 in rejected; 18 vs 22 characters.
+    assert reward.score("", "the cat sat loudly", meta) == pytest.approx(3 / 4 - 1 / 4 - 0.2 * 4 / 22)
+    assert reward.score("", "  the cat sat on the mat ", meta) == pytest.approx(1.0)
+    # 16 characters against 22; no word of the response is in chosen.
+    assert reward.score("", "dogs bark loudly", meta) == pytest.approx(0.0 - 1.0 - 0.2 * 6 / 22)
+    assert reward.score("", "", meta) == pytest.approx(-0.2)  # no words: no overlap; length penalty capped at 1
+
+
+def test_lexical_preference_reward_is_the_seed_formula_on_many_strings():
+    vocabulary = "I you the a can help with that sorry not sure here is how to do it Yes no maybe".split()
+    responses, chosen, rejected = (random_texts(seed, 1500, vocabulary) for seed in (1, 2, 3))
+    metadata = [{"chosen_response": c, "rejected_response": r} for c, r in zip(chosen, rejected)]
+    got = LexicalPreferenceReward()([""] * len(responses), responses, metadata)
+    want = torch.tensor([seed_003_reward(x, c, r) for x, c, r in zip(responses, chosen, rejected)])
+    assert torch.allclose(got, want, atol=1e-6)
+    assert (want > 0).any() and (want < 0).any()
+
+
+def test_animal_frequency():
+    assert animal_frequency(["a cat and a dog", "the fox"]) == pytest.approx(3 / 7)
+    assert animal_frequency(["", " "]) == 0.0
 
 
 def test_verifiers_score_batches():
@@ -70,7 +140,7 @@ def test_weighted_sum_and_components():
     assert set(parts) == {"arithmetic_verifier", "keyword_reward"}
     expected = 2.0 * parts["arithmetic_verifier"] + 0.5 * parts["keyword_reward"]
     assert torch.allclose(combined(prompts, responses, metadata), expected)
-    assert parts["arithmetic_verifier"].item() == 1.0 and parts["keyword_reward"].item() == pytest.approx(2.8)
+    assert parts["arithmetic_verifier"].item() == 1.0 and parts["keyword_reward"].item() == pytest.approx(3.4)
 
 
 def test_plain_callables_combine_too():
