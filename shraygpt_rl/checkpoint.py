@@ -26,6 +26,7 @@ import torch
 from shraygpt_rl.errors import CheckpointError
 
 META = "shraygpt_rl"
+MARKER = "shraygpt_rl.json"  # in a folder we export (a Hugging Face model or an adapter): what it holds
 # Constructor arguments that a course checkpoint's ``hyper_parameters`` carries.
 ARCH_KEYS = (
     "vocab_size",
@@ -113,6 +114,10 @@ def check_writable(path: str | os.PathLike) -> None:
     path = Path(path)
     if not path.exists():
         return
+    if path.is_dir():
+        if (path / MARKER).is_file() or not any(path.iterdir()):
+            return
+        raise CheckpointError(f"'{path}' is a folder that shraygpt-rl did not write; choose another export_path.")
     try:
         ours = META in torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:

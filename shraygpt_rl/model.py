@@ -442,6 +442,10 @@ class ShrayGPT(nn.Module):
         """Batched, KV-cached sampling; see ``shraygpt_rl.generation.generate`` for the arguments."""
         return generate(self, idx, max_new_tokens, **kwargs)
 
+    def release_head(self) -> None:
+        """Drop the LM head: a reward model or critic built on this trunk does not use it."""
+        self.head = None
+
     def moe_stats(self) -> dict[str, Tensor]:
         """Routing statistics of the last forward: ``load`` (L, E) and ``router_entropy`` (L,)."""
         moes = [layer.moe for layer in self.layers]

@@ -27,9 +27,10 @@ OptimizerName = Literal["muon_adamw", "adamw"]
 def is_muon_param(name: str, param: torch.Tensor) -> bool:
     """Muon takes 2-D hidden matrices; never embeddings or output heads (``head``, ``value_head``)."""
     module_name = name.rsplit(".", 1)[0].lower()
-    is_embedding = "emb" in module_name
+    is_embedding = "emb" in module_name or module_name.endswith(("wte", "wpe"))  # GPT-Neo names them so
     is_head = module_name.endswith("head")
-    return param.ndim == 2 and not is_embedding and not is_head
+    is_adapter = "lora_" in name  # a rank-r factor: orthogonalising it is not Muon's update of a weight
+    return param.ndim == 2 and not is_embedding and not is_head and not is_adapter
 
 
 def split_params_for_muon(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:

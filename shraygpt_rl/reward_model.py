@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from shraygpt_rl.checkpoint import read_reward_checkpoint, write_reward_checkpoint
 from shraygpt_rl.losses import masked_mean
 from shraygpt_rl.model import ShrayGPT
+from shraygpt_rl.policy import policy_config, policy_from_config
 from shraygpt_rl.tokenizer import format_response, get_tokenizer
 
 Pooling = Literal["last", "mean"]
@@ -29,10 +30,11 @@ def last_token_index(attention_mask: Tensor) -> Tensor:
 
 
 class RewardModel(nn.Module):
-    """ShrayGPT trunk (without its LM head) plus ``value_head``: C -> 1.
+    """A policy's trunk (without its LM head) plus ``value_head``: C -> 1.
 
     Args:
-        trunk: The policy whose blocks become the trunk; its LM head is dropped.
+        trunk: The policy (either backend, ``shraygpt_rl.policy``) whose trunk this becomes; its
+            LM head is dropped.
         pooling: ``last`` real token, or ``mean`` over response tokens.
         tokenizer: Name of the tokenizer ``score`` uses on strings.
         tokenizer_path: Local vocabulary file for that tokenizer.
@@ -42,7 +44,7 @@ class RewardModel(nn.Module):
         self, trunk: ShrayGPT, pooling: Pooling = "last", tokenizer: str = "byte", tokenizer_path: str | None = None
     ):
         super().__init__()
-        trunk.head = None  # the LM head plays no part in a reward model
+        trunk.release_head()  # the LM head plays no part in a reward model
         self.trunk = trunk
         self.value_head = nn.Linear(trunk.config["d_model"], 1)
         nn.init.normal_(self.value_head.weight, std=1 / (trunk.config["d_model"] + 1) ** 0.5)
@@ -52,7 +54,7 @@ class RewardModel(nn.Module):
     @property
     def config(self) -> dict[str, Any]:
         return {
-            "policy_config": self.trunk.config,
+            "policy_config": policy_config(self.trunk),
             "pooling": self.pooling,
             "tokenizer": self.tokenizer,
             "tokenizer_path": self.tokenizer_path,
@@ -62,7 +64,7 @@ class RewardModel(nn.Module):
     def load_from_checkpoint(cls, path: str, map_location: Any = "cpu") -> RewardModel:
         """A trained reward model (exported, or the reward stage's Lightning checkpoint)."""
         config, state_dict = read_reward_checkpoint(path, map_location)
-        trunk = ShrayGPT(**config.pop("policy_config"))
+        trunk = policy_from_config(config.pop("policy_config"))
         model = cls(trunk, **config)
         model.load_state_dict(state_dict)
         return model
@@ -85,10 +87,17 @@ class RewardModel(nn.Module):
             return masked_mean(values, response_mask.float(), dim=1), aux_loss
         return values.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1), aux_loss
 
+    def encoding(self):
+        """The tokenizer ``score`` uses, loaded once per (name, path)."""
+        key = (self.tokenizer, self.tokenizer_path)
+        if getattr(self, "_encoding_key", None) != key:
+            self._encoding, self._encoding_key = get_tokenizer(*key), key
+        return self._encoding
+
     @torch.no_grad()
     def score(self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 32) -> Tensor:
         """Rewards (B,) of responses to prompts, as text (the ``LearnedReward`` slot)."""
-        enc = get_tokenizer(self.tokenizer, self.tokenizer_path)
+        enc = self.encoding()
         device = self.value_head.weight.device
         scores = []
         for start in range(0, len(prompts), batch_size):

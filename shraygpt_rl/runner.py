@@ -119,10 +119,21 @@ def run_stage(stage: str, args: list[str], callbacks: Sequence[L.Callback] = ())
     """Build the stage's CLI from ``args`` (``--config`` and overrides), add ``callbacks`` to its
     Trainer, and fit it, resuming as ``--ckpt_path`` says; returns the CLI."""
     cli = build_cli(stage, args)
+    adopt_policy_tokenizer(cli.model, cli.datamodule)
     cli.trainer.callbacks.extend(callbacks)
     ckpt_path = resolve_ckpt_path(cli.config.ckpt_path, checkpoint_folder(stage))
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
     return cli
+
+
+def adopt_policy_tokenizer(model: L.LightningModule, datamodule: L.LightningDataModule) -> None:
+    """A Hugging Face policy's data is tokenised by the policy's own tokenizer unless the config
+    names another (the default ``byte`` cannot serve such a model, and ``hf`` without a path
+    means the policy's)."""
+    own = model.policy_tokenizer()
+    data = datamodule.hparams
+    if own and (data.tokenizer == "byte" or (data.tokenizer == "hf" and not data.tokenizer_path)):
+        data.tokenizer, data.tokenizer_path = own
 
 
 def config_section(config: str | Path | None, section: str) -> dict[str, Any]:

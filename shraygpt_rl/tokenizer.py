@@ -24,7 +24,7 @@ import tiktoken
 
 from shraygpt_rl.errors import TokenizerError
 
-TokenizerName = Literal["r50k_base", "byte"]
+TokenizerName = Literal["r50k_base", "byte", "hf"]
 
 R50K_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"
 R50K_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
@@ -36,13 +36,50 @@ DEFAULT_SYSTEM_PROMPT = "You are ShrayGPT, a helpful and concise AI assistant."
 _ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
 
 
-def get_tokenizer(name: TokenizerName = "r50k_base", path: str | os.PathLike | None = None) -> tiktoken.Encoding:
-    """Return the named encoding; ``path`` is a local ``r50k_base.tiktoken`` for offline machines."""
+def get_tokenizer(name: TokenizerName = "r50k_base", path: str | os.PathLike | None = None):
+    """Return the named encoding; ``path`` is a local ``r50k_base.tiktoken`` for offline machines,
+    or for ``hf`` the hub name or folder of a Hugging Face tokenizer."""
     if name == "byte":
         return byte_encoding()
     if name == "r50k_base":
         return r50k_base(path)
-    raise ValueError(f"Unknown tokenizer '{name}'; choose 'r50k_base' or 'byte'.")
+    if name == "hf":
+        if not path:
+            raise TokenizerError("--data.tokenizer hf needs --data.tokenizer_path: a hub name or a tokenizer folder.")
+        return HFTokenizer(str(path))
+    raise ValueError(f"Unknown tokenizer '{name}'; choose 'r50k_base', 'byte' or 'hf'.")
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer with the tiktoken calls the project makes (``encode_ordinary``,
+    ``encode_ordinary_batch``, ``decode``, ``eot_token``, ``n_vocab``, ``name``).
+
+    Text is encoded without special tokens, as tiktoken's ``encode_ordinary`` does; the model's
+    EOS token ends responses and pads batches.
+    """
+
+    def __init__(self, source: str):
+        from transformers import AutoTokenizer
+
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(source)
+        except (OSError, ValueError) as err:
+            raise TokenizerError(
+                f"No Hugging Face tokenizer could be loaded from '{source}' (a folder with tokenizer files, or a hub "
+                "name on a machine with network)."
+            ) from err
+        if self.tokenizer.eos_token_id is None:
+            raise TokenizerError(f"The tokenizer of '{source}' has no EOS token, which ends every response.")
+        self.name, self.eot_token, self.n_vocab = source, self.tokenizer.eos_token_id, len(self.tokenizer)
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def encode_ordinary_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.tokenizer(list(texts), add_special_tokens=False)["input_ids"] if texts else []
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, clean_up_tokenization_spaces=False)
 
 
 @functools.cache

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from shraygpt_rl.data.hh_rlhf import HUB_NAME, load_preferences
+from shraygpt_rl.data.sources import kind_of, load_instructions, load_prompts
 from shraygpt_rl.data.tasks import TASKS, make_task
 from shraygpt_rl.errors import DataError, require
 from shraygpt_rl.tokenizer import DEFAULT_SYSTEM_PROMPT, TokenizerName, format_response, get_tokenizer
@@ -71,10 +72,16 @@ class ChatDataModule(L.LightningDataModule):
     """What the three DataModules share: the source, tokenizer, sizes, batching and splits.
 
     Args:
-        source: ``arithmetic`` or ``sorting`` (built in), ``Anthropic/hh-rlhf`` (the hub), or a
-            local ``.jsonl``/``.jsonl.gz`` file or directory in HH-RLHF's format.
-        tokenizer: ``byte`` (built in, for tiny models) or ``r50k_base`` (the course's).
-        tokenizer_path: Local ``r50k_base.tiktoken`` for machines without network.
+        source: ``arithmetic`` or ``sorting`` (built in); ``Anthropic/hh-rlhf`` (the hub), or a
+            local ``.jsonl``/``.jsonl.gz`` file or directory in HH-RLHF's format; instruction
+            data: ``databricks/databricks-dolly-15k`` or a local JSONL with Dolly's columns or
+            ``prompt``/``completion``; plain prompts (online stages): ``stories`` (built in), a
+            ``.txt`` file of one prompt per line, or a JSONL with ``prompt`` (``data/sources.py``).
+        tokenizer: ``byte`` (built in, for tiny models), ``r50k_base`` (the course's), or ``hf``:
+            a Hugging Face tokenizer from ``tokenizer_path``. With a Hugging Face policy, the
+            default (``byte``) becomes the policy's own tokenizer.
+        tokenizer_path: Local ``r50k_base.tiktoken`` for machines without network; for ``hf``, the
+            hub name or folder of the tokenizer.
         batch_size: Samples per batch (per device).
         max_length: Most tokens per sequence, prompt and response together.
         max_prompt_length: Most prompt tokens kept (the end of the prompt) when truncating.
@@ -133,7 +140,15 @@ class ChatDataModule(L.LightningDataModule):
         raise NotImplementedError
 
     def hh_split(self, pairs: datasets.Dataset) -> datasets.Dataset:
+        """The columns this DataModule needs from a source's rows (HH-RLHF pairs, demonstrations or prompts)."""
         raise NotImplementedError
+
+    kinds: tuple[str, ...] = ("preferences", "instructions", "prompts")  # the sources it can use
+
+    def check_kind(self, kind: str) -> None:
+        if kind not in self.kinds:
+            need = " or ".join(self.kinds)
+            raise DataError(f"'{self.hparams.source}' holds {kind}, but this stage needs {need}.")
 
     def collate(self, rows: list[dict]) -> dict[str, Any]:
         raise NotImplementedError
@@ -172,14 +187,21 @@ class ChatDataModule(L.LightningDataModule):
                 system_prompt=hp.system_prompt,
             )
             return {split: self.task_split(task, split) for split in _SPLITS}
-        load = functools.partial(
-            load_preferences,
-            hp.source,
-            data_dir=hp.data_dir,
-            skip_invalid=hp.skip_invalid,
-            system_prompt=hp.system_prompt,
-        )
-        data = load(split="train")
+        kind = kind_of(hp.source)
+        if kind == "preferences":
+            load = functools.partial(
+                load_preferences,
+                hp.source,
+                data_dir=hp.data_dir,
+                skip_invalid=hp.skip_invalid,
+                system_prompt=hp.system_prompt,
+            )
+        elif kind == "instructions":
+            load = functools.partial(load_instructions, hp.source, hp.skip_invalid, hp.system_prompt)
+        else:
+            load = functools.partial(load_prompts, hp.source, hp.skip_invalid)
+        data = load(split="train") if kind == "preferences" else load()
+        self.check_kind(kind)
         val_size, test_size = self._held_out_sizes(len(data), from_hub=hp.source == HUB_NAME)
         if hp.source == HUB_NAME:
             test = load(split="test")
@@ -199,13 +221,13 @@ class ChatDataModule(L.LightningDataModule):
         hp = self.hparams
         test_size = 0 if from_hub else hp.test_size  # the hub has its own test split
         if pairs < 4:
-            raise DataError(f"'{hp.source}' holds {pairs} valid pairs; training needs at least 4.")
+            raise DataError(f"'{hp.source}' holds {pairs} valid examples; training needs at least 4.")
         if hp.val_size + test_size <= pairs // 2:
             return hp.val_size, hp.test_size
         val_size = max(1, min(hp.val_size, pairs // 4))
         new_test = test_size and max(1, min(test_size, pairs // 4))
         log.warning(
-            "%s holds %d pairs: validating on %d and testing on %d of them (asked: %d and %d)",
+            "%s holds %d examples: validating on %d and testing on %d of them (asked: %d and %d)",
             hp.source,
             pairs,
             val_size,
@@ -271,8 +293,10 @@ class SFTDataModule(ChatDataModule):
             return task.sft(split)
         return task.sft(split, self.hparams.wrong_fraction, self.hparams.demos_per_problem)
 
+    kinds = ("preferences", "instructions")
+
     def hh_split(self, pairs):
-        return pairs.rename_column("chosen_response", "response")
+        return pairs if "response" in pairs.column_names else pairs.rename_column("chosen_response", "response")
 
     def setup(self, stage=None):
         first = not self.splits
@@ -316,6 +340,7 @@ class PreferenceDataModule(ChatDataModule):
     """
 
     response_columns = ("chosen_response", "rejected_response")
+    kinds = ("preferences",)
 
     def task_split(self, task, split):
         return task.preferences(split)
@@ -373,7 +398,7 @@ class PromptDataModule(ChatDataModule):
         return set(self.splits["train"].column_names) - _NOT_METADATA
 
     def hh_split(self, pairs):
-        return pairs.remove_columns(["chosen", "rejected"])
+        return pairs.remove_columns([c for c in ("chosen", "rejected") if c in pairs.column_names])
 
     def collate(self, rows):
         prompts = [r["prompt_ids"][-self.hparams.max_prompt_length :] for r in rows]

@@ -10,11 +10,15 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from shraygpt_rl.checkpoint import check_writable, stamp, stamped
 from shraygpt_rl.errors import TrainingError, require
+from shraygpt_rl.lora import AdaptersDisabled, LoRASpec, trainable_fraction
 from shraygpt_rl.model import ShrayGPT, tiny_config
+from shraygpt_rl.policy import export_policy, load_policy, with_lora
+from shraygpt_rl.policy import policy_config as describe_policy
 from shraygpt_rl.optim import OptimizerName, build_optimizer
 from shraygpt_rl.runtime import retain_freed_memory
 from shraygpt_rl.stages.checks import check_finite, check_folder_writable, check_lengths, check_tokenizer
@@ -24,8 +28,10 @@ class StageModule(L.LightningModule):
     """Base of the stage LightningModules.
 
     Args:
-        policy: Checkpoint to start from: the course's ``shraygpt-instruct.ckpt``, a policy this
-            project exported, or any stage's Lightning checkpoint. None: a fresh model built from
+        policy: What to start from: the course's ``shraygpt-instruct.ckpt``, a policy this project
+            exported, any stage's Lightning checkpoint, a Hugging Face causal LM (hub name such as
+            ``roneneldan/TinyStories-33M``, or a ``save_pretrained`` folder), or an adapter folder
+            an earlier LoRA stage exported (merged into its base). None: a fresh model built from
             ``model_config``.
         model_config: ``ShrayGPT`` arguments for a fresh model; None means the tiny CPU model
             (2 layers, 4 experts, vocabulary 320 for the byte tokenizer).
@@ -41,6 +47,11 @@ class StageModule(L.LightningModule):
             never exported: the run stops with one sentence instead.
         max_nonfinite: Stop the run once this many updates in a row had a non-finite loss (each is
             skipped, counted in ``train/nonfinite_skipped``, and still counts towards ``max_steps``).
+        lora: LoRA adapters instead of full fine-tuning, e.g. ``{r: 16, alpha: 32, dropout: 0.05,
+            target_modules: [q_proj, v_proj]}`` (``lora.LoRASpec``); null: full fine-tuning. The base
+            is frozen; the reference is the same model with its adapters off.
+        export_merged: With LoRA and a Hugging Face policy, also export the merged model (in
+            ``<export_path>/merged``). A ShrayGPT export is always merged (the course's format).
     """
 
     kind = "stage"
@@ -58,8 +69,11 @@ class StageModule(L.LightningModule):
         aux_loss_weight: float | None = None,
         export_path: str | None = None,
         max_nonfinite: int = 10,
+        lora: dict[str, Any] | None = None,
+        export_merged: bool = False,
     ):
         super().__init__()
+        LoRASpec.parse(lora)  # a bad spec fails here, in one sentence
         require(lr >= 0 and muon_lr >= 0, f"Learning rates must be >= 0, got lr={lr} and muon_lr={muon_lr}.")
         require(weight_decay >= 0, f"weight_decay must be >= 0, got {weight_decay}.")
         require(warmup_steps >= 0, f"warmup_steps must be >= 0, got {warmup_steps}.")
@@ -75,26 +89,35 @@ class StageModule(L.LightningModule):
         self.reference: nn.Module | None = None
 
     # -- building ------------------------------------------------------------------------------
-    def build_policy(self) -> ShrayGPT:
-        """The starting policy: from ``policy`` if given, else fresh from ``model_config``."""
-        if self.hparams.policy:
-            return ShrayGPT.load_from_checkpoint(self.hparams.policy)
-        return ShrayGPT(**(self.hparams.model_config or tiny_config()))
+    def build_policy(self) -> nn.Module:
+        """The starting policy (either backend, ``shraygpt_rl.policy``): from ``policy`` if given,
+        else a fresh ShrayGPT from ``model_config``; with adapters when ``lora`` is set."""
+        hp = self.hparams
+        model = load_policy(hp.policy) if hp.policy else ShrayGPT(**(hp.model_config or tiny_config()))
+        spec = LoRASpec.parse(hp.lora)
+        return with_lora(model, spec) if spec else model
 
     def frozen_reference(self, model: nn.Module | None) -> None:
-        """Keep a frozen copy of ``model`` as ``self.reference`` (None: no reference).
+        """Keep the starting ``model`` as ``self.reference`` (None: no reference).
 
-        The copy stays outside the module tree: it is not trained and not checkpointed (a resumed
-        run rebuilds it from ``policy``), and ``reference_model`` moves it to the stage's device.
+        With LoRA adapters the reference is ``model`` itself with its adapters off (no copy);
+        otherwise a frozen copy. Either stays outside the module tree: it is not trained and not
+        checkpointed (a resumed run rebuilds it from ``policy``), and ``reference_model`` moves it
+        to the stage's device.
         """
-        frozen = None if model is None else copy.deepcopy(model).requires_grad_(False).eval()
+        if model is None:
+            frozen = None
+        elif getattr(model, "lora", None):
+            frozen = AdaptersDisabled(model)
+        else:
+            frozen = copy.deepcopy(model).requires_grad_(False).eval()
         object.__setattr__(self, "reference", frozen)  # plain attribute: not a submodule
 
     def reference_model(self) -> nn.Module:
         """The frozen reference on the stage's device (a no-op after the first call)."""
         return self.reference.to(self.device)
 
-    def aux_weight(self, model: ShrayGPT) -> float:
+    def aux_weight(self, model: nn.Module) -> float:
         weight = self.hparams.aux_loss_weight
         return model.aux_loss_weight if weight is None else weight
 
@@ -116,8 +139,8 @@ class StageModule(L.LightningModule):
             self.check_data(datamodule)
         if stage == "fit" and self._trainer:
             if self.hparams.export_path:
-                check_writable(self.hparams.export_path)
-                check_folder_writable(Path(self.hparams.export_path).parent, "export")
+                check_writable(self.export_target())
+                check_folder_writable(self.export_target().parent, "export")
             for callback in self.trainer.checkpoint_callbacks:
                 if getattr(callback, "dirpath", None):
                     check_folder_writable(callback.dirpath, "checkpoints")
@@ -130,8 +153,20 @@ class StageModule(L.LightningModule):
         """Stage-specific checks of the data (the online stages check their rewards against it)."""
 
     def policy_config(self) -> dict[str, Any]:
-        return self.policy.config
+        return describe_policy(self.policy)
 
+    def policy_tokenizer(self) -> tuple[str, str] | None:
+        """``("hf", source)`` when the policy is a Hugging Face model: the DataModule's default
+        tokenizer is then the model's own (``runner.run_stage`` sets it)."""
+        config = self.policy_config()
+        return ("hf", config["source"]) if config.get("backend") == "hf" else None
+
+    def on_train_start(self) -> None:
+        """Say, and log, how many parameters train: with LoRA, the adapters and heads only."""
+        trainable, total = trainable_fraction(self.trainable())
+        rank_zero_info(f"Trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.2f}%)")
+        if self.logger is not None:
+            self.logger.log_metrics({"policy/trainable_fraction": trainable / max(total, 1)}, step=0)
     # -- optimization --------------------------------------------------------------------------
     def configure_optimizers(self):
         hp = self.hparams
@@ -167,10 +202,12 @@ class StageModule(L.LightningModule):
             )
 
     # -- monitoring ----------------------------------------------------------------------------
-    def log_moe(self, model: ShrayGPT, aux_loss: Tensor, prefix: str = "") -> None:
+    def log_moe(self, model: nn.Module, aux_loss: Tensor, prefix: str = "") -> None:
         """``moe/aux_loss``, ``moe/load_max`` (busiest expert's share over the uniform share, 1 =
-        balanced) and ``moe/router_entropy`` of the last forward."""
+        balanced) and ``moe/router_entropy`` of the last forward (a dense model logs none)."""
         stats = model.moe_stats()
+        if not stats:
+            return
         experts = stats["load"].size(-1)
         on_step = not prefix
         self.log(f"{prefix}moe/aux_loss", aux_loss.detach(), on_step=on_step, on_epoch=not on_step)
@@ -189,11 +226,22 @@ class StageModule(L.LightningModule):
         """What ``export_path`` receives at the end of training: the policy, unless overridden."""
         return self.policy
 
+    def export_target(self) -> Path:
+        """``export_path``; for a Hugging Face policy, a folder (without the ``.ckpt`` suffix)."""
+        path = Path(self.hparams.export_path)
+        exports_policy = self.exported_model() is getattr(self, "policy", None)
+        if exports_policy and self.policy_tokenizer() and path.suffix == ".ckpt":
+            return path.with_suffix("")
+        return path
+
     def on_train_end(self) -> None:
         if self.hparams.export_path and self.trainer.is_global_zero:
-            model = self.exported_model()
-            check_finite(model, self.hparams.export_path)
-            model.save_checkpoint(self.hparams.export_path, stage=self.kind)
+            model, path = self.exported_model(), self.export_target()
+            check_finite(model, str(path))
+            if model is getattr(self, "policy", None):
+                export_policy(model, path, self.kind, self.hparams.export_merged, started_from=self.hparams.policy)
+            else:
+                model.save_checkpoint(str(path), stage=self.kind)
 
 
 def lr_factor(step: int, hp, total: int) -> float:

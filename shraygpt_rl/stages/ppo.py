@@ -37,6 +37,8 @@ from shraygpt_rl.losses import (
     masked_sum,
     whiten,
 )
+from shraygpt_rl.lora import LoRASpec, share_frozen
+from shraygpt_rl.policy import with_lora
 from shraygpt_rl.reward_model import RewardModel
 from shraygpt_rl.stages.online import MicroStep, OnlineRLStage, Rollout, disable_dropout, policy_metrics
 
@@ -110,15 +112,20 @@ class PPOStage(OnlineRLStage):
         self.kl_ctl = AdaptiveKLController(kl_coef, kl_target, kl_horizon)
 
     def build_critic(self, critic_init) -> RewardModel:
-        reward_model = self.hparams.reward_model
+        """The critic: a scalar head on the reward model's trunk or on the policy's. With LoRA it
+        has its own adapters (seed 001's critic), and a policy-initialised critic shares the
+        policy's frozen base weights instead of copying them."""
+        reward_model, spec = self.hparams.reward_model, LoRASpec.parse(self.hparams.lora)
         if critic_init == "reward_model" and not reward_model:
             raise ConfigError("critic_init='reward_model' needs --model.reward_model (a reward-model checkpoint).")
         if reward_model and critic_init != "policy":
             critic = RewardModel.load_from_checkpoint(reward_model)
             if critic.trunk.config["vocab_size"] != self.policy.config["vocab_size"]:
                 raise ConfigError("The reward model's vocabulary differs from the policy's; it cannot be the critic.")
+            if spec:
+                with_lora(critic.trunk, spec)
         else:
-            critic = RewardModel(copy.deepcopy(self.policy))
+            critic = RewardModel(share_frozen(self.policy) if spec else copy.deepcopy(self.policy))
         return disable_dropout(critic)
 
     def trainable(self):

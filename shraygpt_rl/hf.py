@@ -1,0 +1,175 @@
+"""A Hugging Face causal LM behind the policy interface (``shraygpt_rl.policy``).
+
+``HFCausalLM`` wraps any ``AutoModelForCausalLM`` (TinyStories' GPT-Neo, OPT, …) so that the
+stages, the rollout engine and the reward model call it exactly as they call ShrayGPT:
+
+* ``forward(idx, kv_caches, attention_mask, logits_to_keep) -> (logits, caches, aux_loss)``;
+  the caches are the model's own (``HFCache`` holds transformers' cache object);
+* ``features(idx, attention_mask) -> (hidden, None, aux_loss)`` and ``head``: the decoder's last
+  hidden states and the LM head, so that the head runs on response positions only;
+* ``aux_loss`` is 0 and ``moe_stats()`` is empty: the model is dense.
+
+Positions always come from the attention mask (``cumsum - 1``), in the training forward and in
+every decode step alike, so a left-padded row gets the logits of the unpadded row and the
+sampling log-probabilities equal the training ones.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from shraygpt_rl.checkpoint import MARKER
+from shraygpt_rl.errors import CheckpointError
+
+
+class HFCache:
+    """The model's own KV cache for one generation (transformers builds it on the first call)."""
+
+    def __init__(self) -> None:
+        self.past = None
+
+
+def positions(attention_mask: Tensor) -> Tensor:
+    """Position ids from a (B, T) mask: 0 at each row's first real token, padding clamped to 0."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def offline_hint(source: str) -> str:
+    return (
+        f"Could not load '{source}': it is not a local folder and the Hugging Face hub cannot be reached; "
+        f"download it where there is network (`hf download {source} --local-dir DIR`) and pass that folder "
+        "(--model.policy DIR)."
+    )
+
+
+class HFCausalLM(nn.Module):
+    """A ``transformers`` causal LM with ShrayGPT's calling convention.
+
+    Args:
+        model: The ``PreTrainedModel`` (``AutoModelForCausalLM``).
+        source: The hub name or folder it came from; names the tokenizer and the adapter's base.
+    """
+
+    aux_loss_weight = 0.0
+
+    def __init__(self, model: nn.Module, source: str):
+        super().__init__()
+        self.model = model
+        self.source = source
+        self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+    # -- loading --------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, source: str, dtype: torch.dtype = torch.float32) -> HFCausalLM:
+        """From a hub name or a ``save_pretrained`` folder, in ``dtype`` (float32: exact logprobs)."""
+        from transformers import AutoModelForCausalLM
+
+        try:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        except OSError as err:
+            if Path(source).is_dir():
+                raise CheckpointError(f"'{source}' is not a Hugging Face model folder ({err}).") from err
+            raise CheckpointError(offline_hint(source)) from err
+        return cls(model, source)
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> HFCausalLM:
+        """An uninitialised model of the architecture ``config`` (``self.config``) describes; its
+        weights come from a checkpoint's state dict."""
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        hf_config = dict(config["hf_config"])
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**hf_config))
+        return cls(model, config["source"])
+
+    # -- the policy interface -------------------------------------------------------------------
+    @property
+    def config(self) -> dict[str, Any]:
+        head = self.head
+        return {
+            "backend": "hf",
+            "source": self.source,
+            "vocab_size": head.out_features,
+            "block_size": self.block_size,
+            "d_model": head.in_features,
+            "hf_config": self.model.config.to_dict(),
+        }
+
+    @property
+    def block_size(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 2048))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.head.out_features
+
+    @property
+    def head(self) -> nn.Linear:
+        return self.model.get_output_embeddings()
+
+    def release_head(self) -> None:
+        """Nothing to free: the LM head of these models is tied to the token embedding."""
+
+    def new_kv_caches(self, batch: int, capacity: int, device=None, dtype=None) -> HFCache:
+        return HFCache()
+
+    def forward(
+        self,
+        idx: Tensor,
+        kv_caches: HFCache | None = None,
+        attention_mask: Tensor | None = None,
+        logits_to_keep: int | None = None,
+    ) -> tuple[Tensor, HFCache | None, Tensor]:
+        """Logits (B, T, V) for ``idx`` (B, T) after what ``kv_caches`` holds; ``attention_mask``
+        covers the cached tokens and ``idx``, as in ShrayGPT."""
+        mask = torch.ones_like(idx) if attention_mask is None else attention_mask
+        kwargs = {self._cache_arg: kv_caches.past} if kv_caches is not None else {}
+        out = self.model(
+            input_ids=idx,
+            attention_mask=mask,
+            position_ids=positions(mask)[:, -idx.size(1) :],
+            use_cache=kv_caches is not None,
+            logits_to_keep=logits_to_keep or 0,
+            **kwargs,
+        )
+        if kv_caches is not None:
+            kv_caches.past = getattr(out, "cache", None) or out.past_key_values
+        return out.logits, kv_caches, idx.new_zeros((), dtype=torch.float32)
+
+    def features(self, idx: Tensor, attention_mask: Tensor | None = None) -> tuple[Tensor, None, Tensor]:
+        """The decoder's final hidden states (B, T, C), before the LM head."""
+        mask = torch.ones_like(idx) if attention_mask is None else attention_mask
+        out = self.model.get_decoder()(input_ids=idx, attention_mask=mask, position_ids=positions(mask), use_cache=False)
+        return out.last_hidden_state, None, idx.new_zeros((), dtype=torch.float32)
+
+    def moe_stats(self) -> dict[str, Tensor]:
+        return {}  # a dense model routes nothing
+
+    # -- saving ---------------------------------------------------------------------------------
+    def save_pretrained(self, folder: str | Path, stage: str = "") -> None:
+        """The whole model and its tokenizer in ``folder``, as ``from_pretrained`` reads them."""
+        folder = Path(folder)
+        self.model.save_pretrained(folder)
+        save_tokenizer(self.source, folder)
+        mark(folder, kind="policy", stage=stage, base=self.source)
+
+
+def save_tokenizer(source: str, folder: Path) -> None:
+    """Copy the tokenizer of ``source`` into ``folder`` (when ``source`` has one)."""
+    from transformers import AutoTokenizer
+
+    try:
+        AutoTokenizer.from_pretrained(source).save_pretrained(folder)
+    except (OSError, ValueError):
+        pass  # a model without a tokenizer: the data's tokenizer_path names one
+
+
+def mark(folder: Path, **fields: Any) -> None:
+    """Record that shraygpt-rl wrote ``folder`` (and what it holds), so a rerun may overwrite it."""
+    (folder / MARKER).write_text(json.dumps(fields, indent=1))

@@ -1,0 +1,72 @@
+"""Tiny random-init Hugging Face models for offline tests: GPT-Neo (TinyStories' architecture)
+and OPT, 2 layers of width 64, with a GPT-2 BPE tokenizer made from a tiktoken vocabulary file
+(``../shared/tokenizers/r50k_base.tiktoken`` when present, else a byte-level one of 256 tokens)."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import torch
+
+R50K = Path(__file__).resolve().parents[1].parent / "shared" / "tokenizers" / "r50k_base.tiktoken"
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def gpt2_tokenizer(vocabulary: str, folder: Path):
+    """A GPT-2-style fast tokenizer with ``<|endoftext|>`` as EOS: from r50k, or bytes only."""
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    if vocabulary == "r50k":
+        vocab_file = R50K
+    else:  # 256 single bytes and no merges: byte-level BPE at the smallest size
+        vocab_file = folder / "bytes.tiktoken"
+        folder.mkdir(parents=True, exist_ok=True)
+        vocab_file.write_text("".join(f"{base64.b64encode(bytes([i])).decode()} {i}\n" for i in range(256)))
+    converted = TikTokenConverter(vocab_file=str(vocab_file), pattern=GPT2_PATTERN).converted()
+    eos = converted.get_vocab_size()
+    converted.add_special_tokens(["<|endoftext|>"])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=converted, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    assert tokenizer.eos_token_id == eos
+    return tokenizer
+
+
+def tiny_hf_model(kind: str, folder: Path, vocabulary: str = "byte", seed: int = 0) -> Path:
+    """Write a tiny random ``kind`` (``gpt_neo`` or ``opt``) model and its tokenizer to ``folder``."""
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM, OPTConfig, OPTForCausalLM
+
+    tokenizer = gpt2_tokenizer(vocabulary, folder)
+    vocab, eos = len(tokenizer), tokenizer.eos_token_id
+    torch.manual_seed(seed)
+    if kind == "gpt_neo":
+        config = GPTNeoConfig(
+            vocab_size=vocab,
+            hidden_size=64,
+            num_layers=2,
+            attention_types=[[["global", "local"], 1]],
+            num_heads=4,
+            window_size=256,
+            max_position_embeddings=512,
+            bos_token_id=eos,
+            eos_token_id=eos,
+        )
+        model = GPTNeoForCausalLM(config)
+    else:
+        config = OPTConfig(
+            vocab_size=vocab,
+            hidden_size=64,
+            num_hidden_layers=2,
+            ffn_dim=128,
+            num_attention_heads=4,
+            max_position_embeddings=512,
+            word_embed_proj_dim=64,
+            bos_token_id=eos,
+            eos_token_id=eos,
+            pad_token_id=eos,
+            dropout=0.1,
+        )
+        model = OPTForCausalLM(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
