@@ -72,9 +72,10 @@ class HFCausalLM(nn.Module):
 
         try:
             model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-        except OSError as err:
+        except (OSError, ValueError) as err:  # no file or no network; a config transformers cannot read
             if Path(source).is_dir():
-                raise CheckpointError(f"'{source}' is not a Hugging Face model folder ({err}).") from err
+                reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+                raise CheckpointError(f"'{source}' is not a Hugging Face causal LM folder ({reason}).") from err
             raise CheckpointError(offline_hint(source)) from err
         return cls(model, source)
 

@@ -161,6 +161,13 @@ class AdaptersDisabled(nn.Module):
     def config(self) -> dict[str, Any]:
         return self.policy.config
 
+    @property
+    def block_size(self) -> int:
+        return self.policy.block_size
+
+    def new_kv_caches(self, *args, **kwargs):
+        return self.policy.new_kv_caches(*args, **kwargs)
+
     def to(self, *args, **kwargs):
         return self  # the policy is moved with the stage
 
@@ -186,8 +193,9 @@ def merge_lora(model: nn.Module) -> nn.Module:
             module.merge(adapter_names=[ADAPTER])
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, module.get_base_layer())
-    if hasattr(model, "lora"):
-        del model.lora
+    for attribute in ("lora", "peft_config"):  # a plain model again: a new adapter may go on it
+        if hasattr(model, attribute):
+            delattr(model, attribute)
     return model
 
 

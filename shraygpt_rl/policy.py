@@ -73,6 +73,8 @@ def load_policy(source: str) -> nn.Module:
     if is_adapter_folder(source):
         base = load_policy(adapter_base(source))
         load_adapter(adapter_root(base), source)
+        if isinstance(base, HFCausalLM):
+            base.source = source  # the next adapter is relative to this one, and its tokenizer is here
         return base
     if is_hf_source(source):
         return HFCausalLM.from_pretrained(source)

@@ -172,6 +172,10 @@ class KeywordReward(RewardFunction):
         unique = self.distinct_bonus * len(set(mentions)) if a > 0 else 0.0
         return self.animal_weight * a - self.human_penalty * h + length_penalty + excess + unique
 
+    def report(self, responses: Sequence[str]) -> dict[str, float]:
+        """What held-out evaluation logs besides the reward (``reward/animal_frequency``)."""
+        return {"animal_frequency": animal_frequency(responses)}
+
 
 def animal_frequency(texts: Sequence[str]) -> float:
     """Animal words per word over ``texts`` (seed 001's "animal-word frequency"), 0 for no words."""

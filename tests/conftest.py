@@ -45,6 +45,39 @@ def tiny_model() -> ShrayGPT:
     return ShrayGPT(**tiny_config()).eval()
 
 
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory):
+    """``tiny_hf(kind, vocabulary="byte")``: the folder of a tiny random GPT-Neo or OPT model with
+    its tokenizer (``bench/tiny_hf.py``), written once per session."""
+    from shraygpt_rl.bench.tiny_hf import tiny_hf_model
+
+    made: dict[tuple[str, str], Path] = {}
+
+    def make(kind: str, vocabulary: str = "byte") -> Path:
+        if vocabulary == "r50k":
+            shared_file(R50K_FILE)
+        if (kind, vocabulary) not in made:
+            made[kind, vocabulary] = tiny_hf_model(kind, tmp_path_factory.mktemp(f"{kind}-{vocabulary}"), vocabulary)
+        return made[kind, vocabulary]
+
+    return make
+
+
+@pytest.fixture
+def perturb_adapters():
+    """``perturb_adapters(model)``: give every LoRA adapter a random non-zero B, so that the
+    adapters change the model's outputs (a fresh adapter, B = 0, changes nothing)."""
+
+    def perturb(model: torch.nn.Module, scale: float = 0.5) -> None:
+        generator = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.copy_(torch.randn(param.shape, generator=generator) * scale)
+
+    return perturb
+
+
 @pytest.fixture
 def course_ckpt() -> Path:
     return shared_file(COURSE_CKPT)

@@ -313,6 +313,26 @@ class OnlineRLStage(StageModule):
         if TaskVerifier.covers(rollout.metadata):
             success = TaskVerifier().success(rollout.prompts, rollout.responses, rollout.metadata)
             self.log(f"{split}/success", success.float().mean(), batch_size=size, prog_bar=split == "val")
+        self.log_reports(batch, rollout, split)
+
+    def log_reports(self, batch, rollout: Rollout, split: str) -> None:
+        """What reward functions report besides the reward (``report(responses)``, such as
+        ``KeywordReward``'s animal-word frequency), for the policy and, when there is one, for the
+        reference on the same prompts (``<name>_reference``), as seed 001 compares them."""
+        reporters = [fn for fn in self.reward_fn.functions if hasattr(fn, "report")]
+        if not reporters:
+            return
+        ref_texts = None
+        if self.reference is not None:
+            hp, enc = self.hparams, self.trainer.datamodule.tokenizer
+            ids, mask = batch["input_ids"], batch["attention_mask"]
+            sampling = dict(temperature=hp.temperature, top_k=hp.top_k, top_p=hp.top_p)
+            ref_texts = sample_and_decode(self.reference_model(), ids, mask, enc, hp.max_new_tokens, **sampling)[1]
+        for fn in reporters:
+            for name, value in fn.report(rollout.responses).items():
+                self.log(f"{split}/reward/{name}", value, batch_size=len(rollout))
+            for name, value in (fn.report(ref_texts) if ref_texts is not None else {}).items():
+                self.log(f"{split}/reward/{name}_reference", value, batch_size=len(rollout))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)

@@ -122,7 +122,7 @@ class PPOStage(OnlineRLStage):
             critic = RewardModel.load_from_checkpoint(reward_model)
             if critic.trunk.config["vocab_size"] != self.policy.config["vocab_size"]:
                 raise ConfigError("The reward model's vocabulary differs from the policy's; it cannot be the critic.")
-            if spec:
+            if spec and not getattr(critic.trunk, "lora", None):  # a LoRA reward model brings its own
                 with_lora(critic.trunk, spec)
         else:
             critic = RewardModel(share_frozen(self.policy) if spec else copy.deepcopy(self.policy))

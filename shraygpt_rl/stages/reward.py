@@ -55,7 +55,8 @@ class RewardStage(StageModule):
         )
         super().__init__(policy=policy, export_path=export_path, **kwargs)
         self.model = RewardModel(self.build_policy(), pooling=pooling)
-        self.model.trunk.requires_grad_(not freeze_trunk)
+        if freeze_trunk:  # otherwise the trunk trains as built: whole, or its adapters with LoRA
+            self.model.trunk.requires_grad_(False)
         self.eval_accuracy, self.eval_margin = BinaryAccuracy(), MeanMetric()
         self._eval_rewards: list[Tensor] = []
 

@@ -1,6 +1,7 @@
-"""Tiny random-init Hugging Face models for offline tests: GPT-Neo (TinyStories' architecture)
-and OPT, 2 layers of width 64, with a GPT-2 BPE tokenizer made from a tiktoken vocabulary file
-(``../shared/tokenizers/r50k_base.tiktoken`` when present, else a byte-level one of 256 tokens)."""
+"""Tiny random-init Hugging Face models, for running seed 001's and seed 004's workflows offline
+(the tests and the LoRA benchmark): GPT-Neo (TinyStories' architecture) and OPT, 2 layers of
+width 64, with a GPT-2 BPE tokenizer made from a tiktoken vocabulary file: r50k_base (GPT-2's,
+which GPT-Neo and OPT use; ``../shared`` has it) or a byte-level one of 256 tokens and no merges."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-R50K = Path(__file__).resolve().parents[1].parent / "shared" / "tokenizers" / "r50k_base.tiktoken"
+from shraygpt_rl.bench import R50K
+
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
 
@@ -32,10 +34,11 @@ def gpt2_tokenizer(vocabulary: str, folder: Path):
     return tokenizer
 
 
-def tiny_hf_model(kind: str, folder: Path, vocabulary: str = "byte", seed: int = 0) -> Path:
+def tiny_hf_model(kind: str, folder: str | Path, vocabulary: str = "byte", seed: int = 0) -> Path:
     """Write a tiny random ``kind`` (``gpt_neo`` or ``opt``) model and its tokenizer to ``folder``."""
     from transformers import GPTNeoConfig, GPTNeoForCausalLM, OPTConfig, OPTForCausalLM
 
+    folder = Path(folder)
     tokenizer = gpt2_tokenizer(vocabulary, folder)
     vocab, eos = len(tokenizer), tokenizer.eos_token_id
     torch.manual_seed(seed)
