@@ -77,7 +77,7 @@ class HFCausalLM(nn.Module):
                 reason = str(err).splitlines()[0] if str(err) else type(err).__name__
                 raise CheckpointError(f"'{source}' is not a Hugging Face causal LM folder ({reason}).") from err
             raise CheckpointError(offline_hint(source)) from err
-        return cls(model, source)
+        return cls(model.train(), source)  # transformers returns eval mode; a new ShrayGPT is in train mode
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> HFCausalLM:
