@@ -5,8 +5,9 @@ python -m shraygpt_rl.bench moe          # sparse MoE dispatch against the dense
 python -m shraygpt_rl.bench grpo-step    # one GRPO step at the bench shape: completions/s, time split
 python -m shraygpt_rl.bench stages       # SFT -> reward model -> DPO on the arithmetic task
 python -m shraygpt_rl.bench learning     # SFT -> PPO, GRPO (--stages, --seeds) on arithmetic: held-out success
+python -m shraygpt_rl.bench lora         # seed 001 at toy size: PPO with LoRA on a tiny GPT-Neo, keyword reward
 
-``stages`` and ``learning`` train with ``configs/`` and write ``checkpoints/`` and ``logs/`` in the
+``stages``, ``learning`` and ``lora`` train with ``configs/`` and write ``checkpoints/`` and ``logs/`` in the
 current directory, as ``train.py`` does: run them in a scratch folder.
 """
 
@@ -19,7 +20,7 @@ from shraygpt_rl.runtime import retain_freed_memory
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m shraygpt_rl.bench", description=__doc__.splitlines()[0])
-    parser.add_argument("which", choices=["generation", "moe", "grpo-step", "stages", "learning"])
+    parser.add_argument("which", choices=["generation", "moe", "grpo-step", "stages", "learning", "lora"])
     parser.add_argument("--prompts", type=int, help="generation, grpo-step: prompts (default 16, 8)")
     parser.add_argument("--new-tokens", type=int, help="generation, grpo-step: new tokens per response (64, 48)")
     parser.add_argument("--generations", type=int, default=4, help="grpo-step: completions per prompt")
@@ -33,6 +34,8 @@ def main(argv: list[str] | None = None) -> None:
         help="learning: the configs to run after SFT, in order (ppo-rm needs reward before it)",
     )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="learning: training seeds")
+    parser.add_argument("--sft-steps", type=int, default=300, help="lora: SFT steps of the tiny GPT-Neo")
+    parser.add_argument("--ppo-steps", type=int, default=240, help="lora: PPO optimizer steps (4 per rollout)")
     parser.add_argument("--tokenizer-path", help="grpo-step: local r50k_base.tiktoken (default: ../shared's)")
     args = parser.parse_args(argv)
     retain_freed_memory()  # as train.py does: see shraygpt_rl.runtime
@@ -57,6 +60,10 @@ def main(argv: list[str] | None = None) -> None:
         from shraygpt_rl.bench.learning import bench_learning
 
         bench_learning(tuple(args.stages), tuple(args.seeds))
+    if args.which == "lora":
+        from shraygpt_rl.bench.lora import bench_lora
+
+        bench_lora(args.sft_steps, args.ppo_steps)
 
 
 if __name__ == "__main__":
