@@ -114,6 +114,11 @@ class HFCausalLM(nn.Module):
     def head(self) -> nn.Linear:
         return self.model.get_output_embeddings()
 
+    @property
+    def tokenizer_source(self) -> str:
+        """Where the model's own tokenizer loads from (``AutoTokenizer``): the model's name or folder."""
+        return self.source
+
     def release_head(self) -> None:
         """Nothing to free: the LM head of these models is tied to the token embedding."""
 
@@ -146,7 +151,9 @@ class HFCausalLM(nn.Module):
     def features(self, idx: Tensor, attention_mask: Tensor | None = None) -> tuple[Tensor, None, Tensor]:
         """The decoder's final hidden states (B, T, C), before the LM head."""
         mask = torch.ones_like(idx) if attention_mask is None else attention_mask
-        out = self.model.get_decoder()(input_ids=idx, attention_mask=mask, position_ids=positions(mask), use_cache=False)
+        out = self.model.get_decoder()(
+            input_ids=idx, attention_mask=mask, position_ids=positions(mask), use_cache=False
+        )
         return out.last_hidden_state, None, idx.new_zeros((), dtype=torch.float32)
 
     def moe_stats(self) -> dict[str, Tensor]:

@@ -61,7 +61,9 @@ class LoRASpec:
             return value
         unknown = set(value) - {"r", "alpha", "dropout", "target_modules"}
         if unknown:
-            raise ConfigError(f"--model.lora takes r, alpha, dropout and target_modules, not {', '.join(sorted(unknown))}.")
+            raise ConfigError(
+                f"--model.lora takes r, alpha, dropout and target_modules, not {', '.join(sorted(unknown))}."
+            )
         spec = cls(**{**value, "target_modules": _names(value.get("target_modules"))})
         if spec.r < 1 or spec.alpha <= 0 or not 0 <= spec.dropout < 1:
             raise ConfigError(f"--model.lora needs r >= 1, alpha > 0 and dropout in [0, 1), got {value}.")
@@ -205,7 +207,10 @@ def save_adapter(model: nn.Module, folder: str | Path, base_name: str) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     state = get_peft_model_state_dict(model, adapter_name=ADAPTER)
     peft_config(model, model.lora, base_name).save_pretrained(folder)
-    save_file({f"base_model.model.{k}": v.detach().cpu().contiguous() for k, v in state.items()}, folder / "adapter_model.safetensors")
+    save_file(
+        {f"base_model.model.{k}": v.detach().cpu().contiguous() for k, v in state.items()},
+        folder / "adapter_model.safetensors",
+    )
 
 
 def is_adapter_folder(path: str | Path) -> bool:
@@ -223,7 +228,9 @@ def adapter_base(folder: str | Path) -> str:
 def load_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
     """Put the adapter saved in ``folder`` on ``model`` (its base) and merge it in."""
     config = LoraConfig.from_pretrained(str(folder))
-    spec = LoRASpec(r=config.r, alpha=config.lora_alpha, dropout=0.0, target_modules=_names(sorted(config.target_modules)))
+    spec = LoRASpec(
+        r=config.r, alpha=config.lora_alpha, dropout=0.0, target_modules=_names(sorted(config.target_modules))
+    )
     add_lora(model, spec)
     state = load_file(Path(folder) / "adapter_model.safetensors")
     state = {k.removeprefix("base_model.model."): v for k, v in state.items()}

@@ -442,6 +442,8 @@ class ShrayGPT(nn.Module):
         """Batched, KV-cached sampling; see ``shraygpt_rl.generation.generate`` for the arguments."""
         return generate(self, idx, max_new_tokens, **kwargs)
 
+    tokenizer_source: str | None = None  # a checkpoint does not name its tokenizer: the data's config does
+
     def release_head(self) -> None:
         """Drop the LM head: a reward model or critic built on this trunk does not use it."""
         self.head = None

@@ -13,7 +13,9 @@ answer the same calls, and the stages, the rollout engine and the reward model u
 * ``aux_loss`` is the MoE load-balancing loss (0 for a dense model), weighted by
   ``aux_loss_weight``; ``moe_stats()`` gives the router statistics (empty for a dense model);
 * ``config`` (``vocab_size``, ``block_size``, ``d_model``, …), ``block_size``, ``vocab_size``;
-* ``release_head()`` frees the LM head when the trunk becomes a reward model or critic.
+* ``release_head()`` frees the LM head when the trunk becomes a reward model or critic;
+* ``tokenizer_source``: where the model's own tokenizer loads from, or None (ShrayGPT: the
+  data's config names the tokenizer).
 
 ``load_policy(source)`` reads any source a stage's ``--model.policy`` accepts; ``export_policy``
 writes what the next stage reads back by path.
@@ -31,8 +33,8 @@ from shraygpt_rl.checkpoint import read_policy_checkpoint
 from shraygpt_rl.hf import HFCausalLM, mark, save_tokenizer
 from shraygpt_rl.lora import (
     LoRASpec,
-    add_lora,
     adapter_base,
+    add_lora,
     has_adapters,
     is_adapter_folder,
     load_adapter,
@@ -50,6 +52,7 @@ class Policy(Protocol):
     vocab_size: int
     aux_loss_weight: float
     head: nn.Module
+    tokenizer_source: str | None
 
     def __call__(self, idx: Tensor, kv_caches=None, attention_mask=None, logits_to_keep=None): ...
     def features(self, idx: Tensor, attention_mask: Tensor | None = None): ...

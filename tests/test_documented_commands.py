@@ -4,7 +4,9 @@ One chain in one folder: the demo pipeline first, then the stage-by-stage comman
 evaluation, the benchmarks and the online-RL examples, each finding what the ones before wrote.
 The configs are copies of configs/ cut to a few steps; the benchmarks get size flags. The course
 user's HH-RLHF commands run in a folder of their own, with a small r50k model standing in for the
-course checkpoint, the shared HH-RLHF sample and vocabulary, and bf16 autocast as on a GPU.
+course checkpoint, the shared HH-RLHF sample and vocabulary, and bf16 autocast as on a GPU. The
+notebooks' Hugging Face workflows run in a third, with tiny random GPT-Neo and OPT models standing
+in for the hub's, a small Dolly-format file, and the built-in arithmetic pairs for HH-RLHF.
 """
 
 from __future__ import annotations
@@ -35,7 +37,9 @@ BENCH_SIZES = {
     "generation": "--prompts 2 --new-tokens 4",
     "moe": "--moe-tokens 64",
     "grpo-step": f"--prompts 2 --generations 2 --new-tokens 4 --steps 1 --tokenizer-path {R50K}",
+    "lora": "--sft-steps 20 --ppo-steps 8",
 }
+HUB_MODELS = {"roneneldan/TinyStories-33M": "gpt_neo", "facebook/opt-350m": "opt"}
 SMALL_STAGES = "--trainer.max_steps 8 --trainer.val_check_interval 4 --trainer.limit_val_batches 1 "
 SMALL_STAGES += "--data.train_size 64 --data.val_size 16 --data.test_size 16 --trainer.enable_progress_bar false"
 
@@ -53,13 +57,31 @@ def documented_commands() -> list[list[str]]:
     return commands
 
 
-def small_configs(src: Path, dst: Path, hh: bool) -> None:
+def notebook_config(config: dict, models: dict[str, Path], dolly: Path) -> None:
+    """A Hugging Face workflow's config, offline and small: tiny models for the hub's, a local
+    Dolly file, the built-in pairs for HH-RLHF."""
+    model, data = config["model"], config["data"]
+    model["policy"] = str(models.get(model["policy"], model["policy"]))
+    if "max_new_tokens" in model:  # an online stage
+        model.update(max_new_tokens=8, micro_batch_size=2)
+        model.update(num_generations=2) if "num_generations" in model else None
+    sources = {"databricks/databricks-dolly-15k": str(dolly), "Anthropic/hh-rlhf": "arithmetic"}
+    data.update(source=sources.get(data["source"], data["source"]), max_length=96, max_prompt_length=64)
+    data.update(batch_size=4, val_size=4, test_size=4)
+    data.pop("data_dir", None)
+    config["trainer"].update(max_steps=4, val_check_interval=2, limit_val_batches=1, enable_progress_bar=False)
+
+
+def small_configs(src: Path, dst: Path, hh: bool, models: dict[str, Path] | None = None, dolly: Path | None = None):
     """configs/ as in the repository, with a few steps and small splits; the HH-RLHF ones read
-    the shared sample offline."""
+    the shared sample offline; the Hugging Face ones (given ``models``) take tiny local models."""
     shutil.copytree(src, dst)
     for path in dst.glob("*.yaml"):
         config = yaml.safe_load(path.read_text())
-        if "trainer" not in config:  # pipeline.yaml
+        if config.get("model", {}).get("policy") in HUB_MODELS or path.stem.startswith("opt-"):
+            if models is not None:
+                notebook_config(config, models, dolly)
+        elif "trainer" not in config:  # pipeline.yaml
             config["num_prompts"] = 16
         elif path.stem.endswith("-hh") and hh:
             config["trainer"].update(max_steps=2, val_check_interval=2, limit_val_batches=1, accumulate_grad_batches=1)
@@ -81,7 +103,10 @@ def test_the_commands_are_found():
     commands = [" ".join(c[:4]) for c in documented_commands()]
     assert "python train.py --stage pipeline" in commands
     assert "python train.py --stage eval" in commands
-    assert sum(c.startswith("python -m shraygpt_rl.bench") for c in commands) == 6
+    assert sum(c.startswith("python -m shraygpt_rl.bench") for c in commands) == 7
+    assert (
+        sum(any(w.startswith(("configs/opt-", "configs/tinystories")) for w in c) for c in documented_commands()) == 7
+    )
     assert sum("-hh.yaml" in " ".join(c) for c in documented_commands()) == 3
 
 
@@ -119,11 +144,17 @@ def _resolves(dotted: str) -> bool:
 
 
 @pytest.mark.slow
-def test_every_documented_command_runs(tmp_path, monkeypatch, capsys):
-    demo, hh = tmp_path / "demo", tmp_path / "hh"
+def test_every_documented_command_runs(tmp_path, monkeypatch, capsys, tiny_hf):
+    demo, hh, notebooks = tmp_path / "demo", tmp_path / "hh", tmp_path / "notebooks"
     with_shared = HH_SAMPLE.is_file() and R50K.is_file()
     small_configs(ROOT / "configs", demo / "configs", hh=False)
     small_configs(ROOT / "configs", hh / "configs", hh=True)
+    dolly = tmp_path / "dolly.jsonl"
+    dolly.write_text(
+        "".join(json.dumps({"instruction": f"Say {i}.", "context": "", "response": str(i)}) + "\n" for i in range(24))
+    )
+    models = {name: tiny_hf(kind) for name, kind in HUB_MODELS.items()}
+    small_configs(ROOT / "configs", notebooks / "configs", hh=False, models=models, dolly=dolly)
     (hh / "checkpoints").mkdir()
     torch.manual_seed(0)
     course_stand_in = ShrayGPT(**tiny_config(vocab_size=50257, block_size=256))
@@ -136,7 +167,8 @@ def test_every_documented_command_runs(tmp_path, monkeypatch, capsys):
         needs_shared = any(w.endswith("-hh.yaml") for w in command) or command[3:4] == ["grpo-step"]
         if needs_shared and not with_shared:
             continue
-        monkeypatch.chdir(hh if any(w.endswith("-hh.yaml") for w in command) else demo)
+        notebook = any(w.startswith(("configs/opt-", "configs/tinystories")) for w in command)
+        monkeypatch.chdir(hh if any(w.endswith("-hh.yaml") for w in command) else notebooks if notebook else demo)
         if command[1] == "train.py":
             result = train(command[2:])
             if isinstance(result, dict):
@@ -171,6 +203,12 @@ def test_every_documented_command_runs(tmp_path, monkeypatch, capsys):
     assert "max |sparse - dense|" in printed
     assert all(f"  {stage} " in printed for stage in ("sft", "ppo", "grpo"))
     assert "reward model held-out pairwise accuracy" in printed
+
+    # The notebooks' Hugging Face workflows: adapters, each stage starting from the one before.
+    for name in ("tinystories-ppo", "opt-sft", "opt-ppo", "opt-grpo", "opt-dpo"):
+        assert (notebooks / "checkpoints" / name / "adapter_model.safetensors").is_file(), name
+    assert RewardModel.load_from_checkpoint(notebooks / "checkpoints" / "opt-reward-model.ckpt").tokenizer == "hf"
+    assert "PPO + LoRA (after)" in printed
 
     # The course user's HH-RLHF commands.
     if with_shared:

@@ -77,12 +77,16 @@ def bench_lora(sft_steps: int = 300, ppo_steps: int = 240, samples_per_prompt: i
     trainable, total = trainable_fraction(ppo.model.trainable())
     rows = {
         "SFT (before)": held_out_rewards(load_policy("checkpoints/tiny-sft").eval(), samples_per_prompt, new_tokens),
-        "PPO + LoRA (after)": held_out_rewards(load_policy("checkpoints/tiny-ppo").eval(), samples_per_prompt, new_tokens),
+        "PPO + LoRA (after)": held_out_rewards(
+            load_policy("checkpoints/tiny-ppo").eval(), samples_per_prompt, new_tokens
+        ),
     }
-    print(f"\nSeed 001 at toy size: tiny GPT-Neo, PPO with LoRA against KeywordReward ({rows['SFT (before)']['samples']} held-out continuations each)")
+    samples = rows["SFT (before)"]["samples"]
+    print(f"\nSeed 001 at toy size: tiny GPT-Neo, PPO with LoRA against KeywordReward ({samples} held-out samples)")
     print(f"{'policy':<22}{'mean keyword reward':>22}{'animal frequency':>19}")
     for name, row in rows.items():
         print(f"{name:<22}{row['reward']:>22.3f}{row['animal_frequency']:>19.3f}")
-    print(f"trainable parameters in PPO (actor + critic adapters, value head): {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
+    share = f"{trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"
+    print(f"trainable parameters in PPO (actor and critic adapters, value head): {share}")
     print(f"time: SFT {sft_s:.0f} s ({sft_steps} steps), PPO {ppo_s:.0f} s ({ppo_steps} optimizer steps)")
     return {**rows, "trainable_fraction": trainable / total}

@@ -29,7 +29,9 @@ def gpt2_tokenizer(vocabulary: str, folder: Path):
     converted = TikTokenConverter(vocab_file=str(vocab_file), pattern=GPT2_PATTERN).converted()
     eos = converted.get_vocab_size()
     converted.add_special_tokens(["<|endoftext|>"])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=converted, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=converted, eos_token="<|endoftext|>", bos_token="<|endoftext|>"
+    )
     assert tokenizer.eos_token_id == eos
     return tokenizer
 

@@ -17,9 +17,9 @@ from shraygpt_rl.checkpoint import check_writable, stamp, stamped
 from shraygpt_rl.errors import TrainingError, require
 from shraygpt_rl.lora import AdaptersDisabled, LoRASpec, trainable_fraction
 from shraygpt_rl.model import ShrayGPT, tiny_config
+from shraygpt_rl.optim import OptimizerName, build_optimizer
 from shraygpt_rl.policy import export_policy, load_policy, with_lora
 from shraygpt_rl.policy import policy_config as describe_policy
-from shraygpt_rl.optim import OptimizerName, build_optimizer
 from shraygpt_rl.runtime import retain_freed_memory
 from shraygpt_rl.stages.checks import check_finite, check_folder_writable, check_lengths, check_tokenizer
 
@@ -152,14 +152,18 @@ class StageModule(L.LightningModule):
     def check_data(self, datamodule) -> None:
         """Stage-specific checks of the data (the online stages check their rewards against it)."""
 
+    def trained_policy(self) -> nn.Module:
+        """The policy this stage trains (the reward stage: its reward model's trunk)."""
+        return self.policy
+
     def policy_config(self) -> dict[str, Any]:
-        return describe_policy(self.policy)
+        return describe_policy(self.trained_policy())
 
     def policy_tokenizer(self) -> tuple[str, str] | None:
-        """``("hf", source)`` when the policy is a Hugging Face model: the DataModule's default
-        tokenizer is then the model's own (``runner.run_stage`` sets it)."""
-        config = self.policy_config()
-        return ("hf", config["source"]) if config.get("backend") == "hf" else None
+        """``("hf", name_or_folder)`` when the policy comes with its own tokenizer (a Hugging Face
+        model): the DataModule's default tokenizer is then that one (``runner.run_stage`` sets it)."""
+        source = self.trained_policy().tokenizer_source
+        return ("hf", source) if source else None
 
     def on_train_start(self) -> None:
         """Say, and log, how many parameters train: with LoRA, the adapters and heads only."""
@@ -167,6 +171,7 @@ class StageModule(L.LightningModule):
         rank_zero_info(f"Trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.2f}%)")
         if self.logger is not None:
             self.logger.log_metrics({"policy/trainable_fraction": trainable / max(total, 1)}, step=0)
+
     # -- optimization --------------------------------------------------------------------------
     def configure_optimizers(self):
         hp = self.hparams
@@ -229,8 +234,7 @@ class StageModule(L.LightningModule):
     def export_target(self) -> Path:
         """``export_path``; for a Hugging Face policy, a folder (without the ``.ckpt`` suffix)."""
         path = Path(self.hparams.export_path)
-        exports_policy = self.exported_model() is getattr(self, "policy", None)
-        if exports_policy and self.policy_tokenizer() and path.suffix == ".ckpt":
+        if self.exported_model() is self.trained_policy() and self.policy_tokenizer() and path.suffix == ".ckpt":
             return path.with_suffix("")
         return path
 
@@ -238,7 +242,7 @@ class StageModule(L.LightningModule):
         if self.hparams.export_path and self.trainer.is_global_zero:
             model, path = self.exported_model(), self.export_target()
             check_finite(model, str(path))
-            if model is getattr(self, "policy", None):
+            if model is self.trained_policy():
                 export_policy(model, path, self.kind, self.hparams.export_merged, started_from=self.hparams.policy)
             else:
                 model.save_checkpoint(str(path), stage=self.kind)

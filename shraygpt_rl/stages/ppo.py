@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from shraygpt_rl.checkpoint import stamp, stamped
 from shraygpt_rl.errors import ConfigError, require
+from shraygpt_rl.lora import LoRASpec, share_frozen
 from shraygpt_rl.losses import (
     AdaptiveKLController,
     KLEstimator,
@@ -37,7 +38,6 @@ from shraygpt_rl.losses import (
     masked_sum,
     whiten,
 )
-from shraygpt_rl.lora import LoRASpec, share_frozen
 from shraygpt_rl.policy import with_lora
 from shraygpt_rl.reward_model import RewardModel
 from shraygpt_rl.stages.online import MicroStep, OnlineRLStage, Rollout, disable_dropout, policy_metrics

@@ -8,8 +8,6 @@ scores the last real token or the mean over response tokens. The loss is
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 from torchmetrics import MeanMetric
@@ -60,8 +58,8 @@ class RewardStage(StageModule):
         self.eval_accuracy, self.eval_margin = BinaryAccuracy(), MeanMetric()
         self._eval_rewards: list[Tensor] = []
 
-    def policy_config(self) -> dict[str, Any]:
-        return self.model.trunk.config
+    def trained_policy(self):
+        return self.model.trunk
 
     def exported_model(self) -> RewardModel:
         return self.model

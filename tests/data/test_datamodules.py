@@ -163,11 +163,11 @@ def test_a_small_file_shrinks_the_held_out_splits_and_says_so(tmp_path, caplog, 
         data.setup()
     sizes = {split: len(rows) for split, rows in data.splits.items()}
     assert sizes["val"] == sizes["test"] == pairs // 4 and sizes["train"] == pairs - 2 * (pairs // 4)
-    assert f"holds {pairs} pairs: validating on {pairs // 4} and testing on {pairs // 4}" in caplog.text
+    assert f"holds {pairs} examples: validating on {pairs // 4} and testing on {pairs // 4}" in caplog.text
 
 
 def test_a_file_too_small_to_split_is_one_sentence(tmp_path):
     path = tmp_path / "tiny.jsonl"
     path.write_text(json.dumps({"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: a\n\nAssistant: c"}))
-    with pytest.raises(DataError, match="holds 1 valid pairs; training needs at least 4"):
+    with pytest.raises(DataError, match="holds 1 valid examples; training needs at least 4"):
         PreferenceDataModule(source=str(path)).setup()

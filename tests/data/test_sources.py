@@ -51,7 +51,9 @@ def test_prompt_completion_and_plain_prompts(tmp_path):
     jsonl = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hi", "topic": "greeting"}])
     assert kind_of(str(jsonl)) == "prompts" and load_prompts(str(jsonl))[0] == {"prompt": "Hi", "topic": "greeting"}
     assert kind_of("stories") == "prompts" and load_prompts("stories")["prompt"] == list(STORY_OPENINGS)
-    assert kind_of("databricks/databricks-dolly-15k") == "instructions" and kind_of("Anthropic/hh-rlhf") == "preferences"
+    assert (
+        kind_of("databricks/databricks-dolly-15k") == "instructions" and kind_of("Anthropic/hh-rlhf") == "preferences"
+    )
 
 
 def test_bad_rows_name_the_file_and_line(tmp_path):

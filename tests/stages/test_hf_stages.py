@@ -66,15 +66,36 @@ def test_seed_004_chain_on_opt(tiny_hf, tmp_path, monkeypatch, lora):
     changed_base, changed_adapters = base_and_adapters_changed(sft.model.policy, start)
     assert changed_base != lora and changed_adapters == lora  # with LoRA, only adapters train
 
-    reward = run("reward", "--model.policy", "out/sft", *adapter, "--data.source", "arithmetic",
-                 "--data.train_size", "32", "--model.export_path", "out/rm.ckpt")  # fmt: skip
+    reward = run(
+        "reward",
+        "--model.policy",
+        "out/sft",
+        *adapter,
+        "--data.source",
+        "arithmetic",
+        "--data.train_size",
+        "32",
+        "--model.export_path",
+        "out/rm.ckpt",
+    )
     rm = RewardModel.load_from_checkpoint(tmp_path / "out" / "rm.ckpt")
     assert isinstance(rm.trunk, HFCausalLM) and (getattr(rm.trunk, "lora", None) is not None) == lora
     assert rm.tokenizer == "hf" and rm.score(["User: hi\n\nAssistant:"], ["hello"]).shape == (1,)
     del reward
 
-    ppo = run("ppo", "--model.policy", "out/sft", *adapter, "--model.reward_model", "out/rm.ckpt", *ONLINE,
-              "--data.source", data, "--model.export_path", "out/ppo")  # fmt: skip
+    ppo = run(
+        "ppo",
+        "--model.policy",
+        "out/sft",
+        *adapter,
+        "--model.reward_model",
+        "out/rm.ckpt",
+        *ONLINE,
+        "--data.source",
+        data,
+        "--model.export_path",
+        "out/ppo",
+    )
     metrics = ppo.trainer.callback_metrics
     assert abs(float(metrics["policy/ratio_at_start"]) - 1) < 1e-6
     if lora:  # the reference is the policy with its adapters off: no second copy
@@ -90,11 +111,34 @@ def test_seed_004_chain_on_opt(tiny_hf, tmp_path, monkeypatch, lora):
     )
 
     for stage in ("grpo", "rloo"):
-        out = run(stage, "--model.policy", "out/sft", *adapter, *ONLINE, "--model.num_generations", "2",
-                  "--model.reward_model", "out/rm.ckpt", "--data.source", data, "--model.export_path", f"out/{stage}")  # fmt: skip
+        out = run(
+            stage,
+            "--model.policy",
+            "out/sft",
+            *adapter,
+            *ONLINE,
+            "--model.num_generations",
+            "2",
+            "--model.reward_model",
+            "out/rm.ckpt",
+            "--data.source",
+            data,
+            "--model.export_path",
+            f"out/{stage}",
+        )
         assert float(out.trainer.callback_metrics["policy/ratio_at_start"]) == 1.0
-    dpo = run("dpo", "--model.policy", "out/sft", *adapter, "--data.source", "arithmetic", "--data.train_size", "32",
-              "--model.export_path", "out/dpo")  # fmt: skip
+    dpo = run(
+        "dpo",
+        "--model.policy",
+        "out/sft",
+        *adapter,
+        "--data.source",
+        "arithmetic",
+        "--data.train_size",
+        "32",
+        "--model.export_path",
+        "out/dpo",
+    )
     assert torch.isfinite(dpo.trainer.callback_metrics["train/loss"])
     for stage in ("ppo", "grpo", "rloo", "dpo"):
         assert (tmp_path / "out" / stage / "shraygpt_rl.json").is_file()
@@ -102,9 +146,18 @@ def test_seed_004_chain_on_opt(tiny_hf, tmp_path, monkeypatch, lora):
 
 def test_seed_001_ppo_on_gpt_neo_logs_the_animal_frequency(tiny_hf, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    out = run("ppo", "--config", str(_config("tinystories-ppo.yaml")), "--model.policy", str(tiny_hf("gpt_neo")),
-              "--model.lora", "{r: 4, alpha: 8, dropout: 0.05, target_modules: [q_proj, k_proj, v_proj]}", *ONLINE,
-              "--model.export_path", "out/tinystories-ppo")  # fmt: skip
+    out = run(
+        "ppo",
+        "--config",
+        str(_config("tinystories-ppo.yaml")),
+        "--model.policy",
+        str(tiny_hf("gpt_neo")),
+        "--model.lora",
+        "{r: 4, alpha: 8, dropout: 0.05, target_modules: [q_proj, k_proj, v_proj]}",
+        *ONLINE,
+        "--model.export_path",
+        "out/tinystories-ppo",
+    )
     metrics = out.trainer.callback_metrics
     assert {"val/reward/animal_frequency", "val/reward/animal_frequency_reference"} <= set(metrics)
     assert abs(float(metrics["policy/ratio_at_start"]) - 1) < 1e-6
