@@ -98,6 +98,12 @@ def test_seed_004_chain_on_opt(tiny_hf, tmp_path, monkeypatch, lora):
     )
     metrics = ppo.trainer.callback_metrics
     assert abs(float(metrics["policy/ratio_at_start"]) - 1) < 1e-6
+    names = {id(p): n for n, p in ppo.model.named_parameters()}
+    optimized = [names[id(p)] for group in ppo.trainer.optimizers[0].param_groups for p in group["params"]]
+    if lora:  # only adapters and the critic's value head reach the optimizer
+        assert optimized and all("lora_" in n or n.startswith("critic.value_head") for n in optimized)
+    else:
+        assert len(optimized) == sum(p.requires_grad for p in ppo.model.parameters())
     if lora:  # the reference is the policy with its adapters off: no second copy
         assert isinstance(ppo.model.reference, AdaptersDisabled) and ppo.model.reference.policy is ppo.model.policy
         restarted = load_policy("out/sft").eval()
