@@ -1,10 +1,14 @@
-"""The rollout engine: batched, KV-cached sampling from ShrayGPT.
+"""The rollout engine: batched, KV-cached sampling from ShrayGPT and Hugging Face models.
 
-One prefill over the (left-padded) prompts, then one forward of a single token per row and step
-against preallocated latent caches. Rows stop independently at ``eos_token_id``; finished rows
-are fed padding, which attention and expert dispatch skip. Besides the tokens, ``generate``
-returns what RL needs: the response mask and each sampled token's log-probability under the
-distribution it was sampled from (after temperature, top-k and top-p).
+One prefill over the (left-padded) prompts, then one step of a single token per row. Rows stop
+independently at ``eos_token_id``. Besides the tokens, ``generate`` returns what RL needs: the
+response mask and each sampled token's log-probability under the distribution it was sampled
+from (after temperature, top-k and top-p).
+
+Two loops give the same output. ShrayGPT runs through ``shraygpt_rl.decode.StaticDecoder``: a
+fixed-shape step with no host sync (a CUDA graph on GPU) that looks at the host for EOS only every
+``EOS_CHECK_EVERY`` steps. Other models, and ShrayGPT with ``static=False``, run the eager loop:
+the model's own forward against its cache, finished rows fed padding, one host sync per step.
 """
 
 from __future__ import annotations
@@ -14,7 +18,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from shraygpt_rl.decode import Sampling, StaticDecoder, can_decode, static_decoder
+from shraygpt_rl.sampling import check_sampling, sample_categorical, sample_next_token  # noqa: F401
 from shraygpt_rl.tokenizer import decode_response
+
+EOS_CHECK_EVERY = 16  # decode steps between looks at the host for "every row has ended"
 
 
 @dataclass
@@ -42,82 +50,6 @@ class GenerationOutput:
         return self.sequences[:, self.prompt_length :]
 
 
-def sample_next_token(
-    logits: Tensor,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Sample one token per row from (B, V) logits; return ``(tokens, logprobs)``, each (B,).
-
-    ``temperature == 0`` or ``top_k == 1`` is greedy decoding (logprob 0: a point mass). Top-k
-    keeps the k largest logits (ties included); top-p keeps the smallest set of tokens whose
-    probability reaches p (Holtzman et al., 2020), always at least the most likely one.
-    """
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}.")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be at least 1, got {top_k}.")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}.")
-    if temperature == 0 or top_k == 1:
-        return logits.argmax(dim=-1), logits.new_zeros(logits.shape[:-1], dtype=torch.float32)
-    logits = logits.float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    if top_k is not None and top_k < logits.size(-1):
-        kth = logits.topk(top_k, dim=-1).values[..., -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        outside = probs.cumsum(dim=-1) - probs >= top_p  # mass before this token already >= p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, float("-inf")))
-    # One pass of exp over the vocabulary: unnormalised weights for sampling, and the sampled
-    # token's log-probability as a log-softmax would give it.
-    top = logits.max(dim=-1, keepdim=True).values  # (B, 1)
-    weights = (logits - top).exp_()  # (B, V)
-    tokens = sample_categorical(weights, generator)  # (B,)
-    log_norm = weights.sum(dim=-1).log()  # (B,)
-    return tokens, logits.gather(-1, tokens[:, None]).squeeze(-1) - top.squeeze(-1) - log_norm
-
-
-def sample_categorical(weights: Tensor, generator: torch.Generator | None = None, block: int = 256) -> Tensor:
-    """One index per row of non-negative ``weights`` (B, V), drawn with probability proportional
-    to its weight, by inverse-CDF sampling in two levels.
-
-    ``torch.multinomial`` draws V exponential variates per row; on CPU that was half of all
-    rollout time at a 50k vocabulary. Here a row costs two uniforms and cumulative sums: a block
-    of ``block`` tokens is drawn from the block masses, then a token from that block's weights,
-    with an independent uniform at each level so that ``P(token) = P(block) * P(token | block)``
-    holds to float32 rounding at either level (one level would carry the rounding of a 50k-term
-    sum to every tail token). Zero-weight tokens are never drawn.
-    """
-    B, V = weights.shape
-    weights = weights.float()
-    full = V // block
-    block_mass = weights[:, : full * block].view(B, full, block).sum(-1)  # (B, full): no padded copy
-    if V % block:
-        block_mass = torch.cat([block_mass, weights[:, full * block :].sum(-1, keepdim=True)], dim=1)
-    uniforms = torch.rand(B, 2, 1, generator=generator, device=weights.device)
-    chosen = _invert(block_mass.cumsum(-1), uniforms[:, 0])  # (B, 1) block index
-    columns = chosen * block + torch.arange(block, device=weights.device)  # (B, block)
-    within = weights.gather(1, columns.clamp(max=V - 1)) * (columns < V)  # (B, block)
-    return (chosen * block + _invert(within.cumsum(-1), uniforms[:, 1])).squeeze(1)
-
-
-def _invert(cdf: Tensor, uniform: Tensor) -> Tensor:
-    """The first index whose cumulative mass exceeds ``uniform * total``, per row: (B, 1).
-
-    ``right=True`` skips entries of zero mass; the clamp and ``last`` guard the case where
-    rounding puts the draw at the very top of the range.
-    """
-    index = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True)  # (B, 1)
-    last = (cdf < cdf[:, -1:]).sum(-1, keepdim=True)  # the last index that adds mass
-    return torch.minimum(index, last)
-
-
 def response_logits(
     model, sequences: Tensor, attention_mask: Tensor, prompt_length: int, temperature: float = 1.0
 ) -> tuple[Tensor, Tensor]:
@@ -142,6 +74,7 @@ def generate(
     attention_mask: Tensor | None = None,
     pad_token_id: int | None = None,
     generator: torch.Generator | None = None,
+    static: bool | None = None,
 ) -> GenerationOutput:
     """Sample up to ``max_new_tokens`` tokens after each prompt of ``idx`` (B, P).
 
@@ -156,6 +89,8 @@ def generate(
         attention_mask: (B, P) 1 for prompt tokens and 0 for left padding; None means no padding.
         pad_token_id: Filler after a row's end; defaults to ``eos_token_id``, else 0.
         generator: A seeded ``torch.Generator`` for reproducible sampling.
+        static: Use the static decode step (None: whenever the model supports it, see
+            ``decode.can_decode``); False runs the eager loop.
 
     Returns:
         A ``GenerationOutput`` with N <= ``max_new_tokens`` columns (the loop stops early once
@@ -170,9 +105,18 @@ def generate(
             f"{model.block_size}; shorten the prompts or ask for fewer tokens."
         )
     pad = pad_token_id if pad_token_id is not None else (eos_token_id if eos_token_id is not None else 0)
+    check_sampling(temperature, top_k, top_p)
+    if attention_mask is None:
+        attention_mask = torch.ones_like(idx)
+    if static is None:
+        static = can_decode(model)
+    if static:
+        sampling = Sampling(temperature, top_k, top_p, eos_token_id, pad)
+        decoder = static_decoder(model, B, P + max_new_tokens, sampling)
+        return _generate_static(model, decoder, idx, attention_mask, max_new_tokens, generator)
     device = idx.device
     mask = torch.zeros(B, P + max_new_tokens, dtype=torch.long, device=device)
-    mask[:, :P] = 1 if attention_mask is None else attention_mask
+    mask[:, :P] = attention_mask
     tokens = torch.full((B, max_new_tokens), pad, dtype=idx.dtype, device=device)
     logprobs = torch.zeros(B, max_new_tokens, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
@@ -200,6 +144,53 @@ def generate(
         logprobs=logprobs[:, :n],
         prompt_length=P,
     )
+
+
+def _generate_static(
+    model, decoder: StaticDecoder, idx: Tensor, attention_mask: Tensor, max_new_tokens: int, generator
+) -> GenerationOutput:
+    """``generate`` through the static decoder: prefill, ``max_new_tokens - 1`` steps and a last
+    sample, stopping at the first look at the host that finds every row ended."""
+    B, P = idx.shape
+    N = max_new_tokens
+    restore = None if decoder.sampling.greedy else _draw_uniforms(decoder, N, generator, idx.device)
+    decoder.prefill(model, idx, attention_mask)
+    eos = decoder.sampling.eos_token_id
+    n = 0
+    for n in range(1, N + 1):
+        decoder.step() if n < N else decoder.last()
+        if eos is not None and (n % EOS_CHECK_EVERY == 0 or n == N) and bool(decoder.finished.all()):
+            break
+    mask = torch.cat([attention_mask.to(torch.long), decoder.valid[:, P : P + n].long()], dim=1)
+    if eos is not None and bool(decoder.finished.all()):  # the eager loop stops at the last row's EOS
+        n = int(mask[:, P:].sum(1).max())
+        mask = mask[:, : P + n]
+    if restore is not None:
+        restore(n)
+    return GenerationOutput(
+        sequences=torch.cat([idx, decoder.tokens[:, :n]], dim=1),
+        attention_mask=mask,
+        response_mask=mask[:, P:],
+        logprobs=decoder.logprobs[:, :n].clone(),
+        prompt_length=P,
+    )
+
+
+def _draw_uniforms(decoder: StaticDecoder, steps: int, generator, device):
+    """Draw the sampler's uniforms for every step ahead, in the eager loop's order; returns a
+    function that leaves ``generator`` as if only ``n`` steps had drawn (as the eager loop does)."""
+    generator = generator or (torch.default_generator if device.type == "cpu" else None)
+    if generator is None:  # CUDA's default generator
+        generator = torch.cuda.default_generators[device.index or 0]
+    state = generator.get_state()
+    B = decoder.batch
+    decoder.uniforms[:steps].copy_(torch.rand(steps, B, 2, generator=generator, device=generator.device))
+
+    def restore(n: int) -> None:
+        generator.set_state(state)
+        torch.rand(n, B, 2, generator=generator, device=generator.device)
+
+    return restore
 
 
 @torch.no_grad()

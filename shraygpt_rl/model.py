@@ -32,34 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from shraygpt_rl.checkpoint import read_policy_checkpoint, write_policy_checkpoint
+from shraygpt_rl.decode import apply_rope, rope_freqs, route
 from shraygpt_rl.generation import GenerationOutput, generate
-
-
-# --------------------------------------------------------------------------------------------
-# Rotary position embedding (interleaved pairs, base 10000), computed from explicit positions.
-# --------------------------------------------------------------------------------------------
-def rope_freqs(positions: Tensor, dim: int, base: float = 10000.0) -> Tensor:
-    """Unit complex rotations ``exp(i * pos * base^(-2j/dim))`` for ``positions`` (B, T): (B, T, dim/2)."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) / dim))
-    angles = positions.to(torch.float32)[..., None] * inv_freq  # (B, T, dim/2)
-    return torch.polar(torch.ones_like(angles), angles)
-
-
-def apply_rope(x: Tensor, freqs: Tensor) -> Tensor:
-    """Rotate the pairs ``(x[2j], x[2j+1])`` of ``x`` (B, T, h, D) by ``freqs`` (B, T, D/2).
-
-    Each pair is the complex number ``x[2j] + i x[2j+1]``, so the rotation is one complex product
-    (the course's cos/sin arithmetic in a single kernel). Returns (B, h, T, D), the layout that
-    attention wants; without autograd the product is written straight into that layout.
-    """
-    B, T, h, D = x.shape
-    pairs = torch.view_as_complex(x.float().reshape(B, T, h, D // 2, 2))  # (B, T, h, D/2)
-    if torch.is_grad_enabled():
-        rotated = (pairs * freqs[:, :, None]).transpose(1, 2)
-    else:  # out= has no autograd, but saves the transpose copy on every decode step
-        rotated = torch.empty(B, h, T, D // 2, dtype=pairs.dtype, device=x.device)
-        torch.mul(pairs, freqs[:, :, None], out=rotated.transpose(1, 2))
-    return torch.view_as_real(rotated).flatten(-2).type_as(x)  # (B, h, T, D)
 
 
 # --------------------------------------------------------------------------------------------
@@ -137,8 +111,7 @@ class MultiHeadLatentAttention(nn.Module):
         else:
             k_lat, v_lat = kv_cache.append(k_lat, v_lat)  # (B, Tk, Dl)
         Tk = k_lat.size(1)
-        w_k = self.k_expand.transpose(0, 1).reshape(Dl, H * Dh).to(k_lat.dtype)  # all heads in one matmul
-        k = apply_rope((k_lat @ w_k).view(B, Tk, H, Dh), rope)  # (B, H, Tk, Dh)
+        k = self.keys(k_lat, rope)  # (B, H, Tk, Dh)
         if T == 1:
             y = _decode_attention(q, k, v_lat, attn_mask)
         else:
@@ -152,6 +125,12 @@ class MultiHeadLatentAttention(nn.Module):
             )
         y = torch.einsum("bhtl,hld->bthd", y, self.v_expand.to(y.dtype))  # (B, T, H, Dh)
         return self.proj(y.reshape(B, T, C)), kv_cache
+
+    def keys(self, k_lat: Tensor, rope: Tensor) -> Tensor:
+        """Every head's rotated key (B, H, Tk, Dh) from latent keys (B, Tk, Dl) and ``rope`` (B, Tk, Dh/2)."""
+        B, Tk, Dl = k_lat.shape
+        w_k = self.k_expand.transpose(0, 1).reshape(Dl, -1).to(k_lat.dtype)  # all heads in one matmul
+        return apply_rope((k_lat @ w_k).view(B, Tk, self.n_head, self.d_head), rope)
 
 
 def _decode_attention(q: Tensor, k: Tensor, v_lat: Tensor, mask: Tensor | None) -> Tensor:
@@ -213,9 +192,7 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (S, C)
         xs = x if keep is None else x[keep]  # (S_real, C)
-        probs = self.gate(xs).float().softmax(dim=-1)  # (S_real, E), routing in float32
-        weights, experts = probs.topk(self.top_k, dim=-1)  # (S_real, k)
-        weights = weights / weights.sum(dim=-1, keepdim=True)
+        probs, weights, experts = route(self.gate(xs), self.top_k)  # (S_real, E), (S_real, k) x 2, float32
         mix = self._mix_dense if self.dense else self._mix_sparse
         ys = self.shared_expert(xs) + mix(xs, weights, experts)
         self._record_stats(probs, experts)
@@ -443,6 +420,7 @@ class ShrayGPT(nn.Module):
         return generate(self, idx, max_new_tokens, **kwargs)
 
     tokenizer_source: str | None = None  # a checkpoint does not name its tokenizer: the data's config does
+    static_decoding = True  # generation runs it through shraygpt_rl.decode.StaticDecoder
 
     def release_head(self) -> None:
         """Drop the LM head: a reward model or critic built on this trunk does not use it."""

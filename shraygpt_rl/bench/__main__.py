@@ -1,6 +1,6 @@
 """Benchmarks that print their figures side by side from a single run.
 
-python -m shraygpt_rl.bench generation   # rollout engine against the course's decoding
+python -m shraygpt_rl.bench generation   # rollout engine against the course's decoding (greedy, and top-k 50)
 python -m shraygpt_rl.bench moe          # sparse MoE dispatch against the dense formulation
 python -m shraygpt_rl.bench grpo-step    # one GRPO step at the bench shape: completions/s, time split
 python -m shraygpt_rl.bench stages       # SFT -> reward model -> DPO on the arithmetic task
@@ -23,6 +23,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("which", choices=["generation", "moe", "grpo-step", "stages", "learning", "lora"])
     parser.add_argument("--prompts", type=int, help="generation, grpo-step: prompts (default 16, 8)")
     parser.add_argument("--new-tokens", type=int, help="generation, grpo-step: new tokens per response (64, 48)")
+    parser.add_argument("--top-k", type=int, help="generation: 1 (greedy) or k; default both (16x64, 8x48 top-k 50)")
     parser.add_argument("--generations", type=int, default=4, help="grpo-step: completions per prompt")
     parser.add_argument("--steps", type=int, default=3, help="grpo-step: timed steps, after one warm-up step")
     parser.add_argument("--moe-tokens", type=int, default=1024, help="moe: tokens")
@@ -42,7 +43,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.which == "generation":
         from shraygpt_rl.bench.speed import bench_generation
 
-        bench_generation(args.prompts or 16, args.new_tokens or 64)
+        if args.top_k is None or args.top_k == 1:
+            bench_generation(args.prompts or 16, args.new_tokens or 64, top_k=1)
+        if args.top_k is None or args.top_k != 1:
+            bench_generation(args.prompts or 8, args.new_tokens or 48, top_k=args.top_k or 50)
     if args.which == "moe":
         from shraygpt_rl.bench.speed import bench_moe
 

@@ -10,6 +10,8 @@ import pytest
 import torch
 from conftest import ARITH, fit_online
 
+from shraygpt_rl import decode
+from shraygpt_rl.decode import route
 from shraygpt_rl.errors import TrainingError
 from shraygpt_rl.losses import token_logprobs
 from shraygpt_rl.model import ShrayGPT
@@ -52,20 +54,50 @@ def _likes_to_stop(model: ShrayGPT, eos: int) -> ShrayGPT:
     return model
 
 
-def test_generation_and_training_give_each_token_the_same_logprob_and_routing(tiny_model):
-    """The rollout engine (prefill + one cached token per step, finished rows skipped) and one
-    training forward over prompt + response agree on every sampled token's log-probability and
-    on every token's top-k experts, whatever the batch's padding and composition."""
+def _decode_routing_recorder(monkeypatch, n_layers: int) -> list[list[torch.Tensor]]:
+    """Record, per layer and decode step, the static decoder's top-k experts of every row."""
+    calls: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
+    seen = [0]
+
+    def recording_route(gate_logits, top_k):
+        probs, weights, experts = route(gate_logits, top_k)
+        calls[seen[0] % n_layers].append(experts.sort(dim=-1).values)
+        seen[0] += 1
+        return probs, weights, experts
+
+    monkeypatch.setattr(decode, "route", recording_route)
+    return calls
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_generation_and_training_give_each_token_the_same_logprob_and_routing(tiny_model, monkeypatch, static):
+    """The rollout engine (prefill + one cached token per step; the eager loop skips finished
+    rows, the static decode step computes them and drops the result) and one training forward
+    over prompt + response agree on every sampled token's log-probability and on every token's
+    top-k experts, whatever the batch's padding and composition."""
     model = _likes_to_stop(tiny_model, eos=7)
     ids, prompt_mask = _prompts(model.vocab_size, [5, 11, 8, 3, 11, 7])
-    calls, handles = _routing_recorder(model)
+    calls, handles = _routing_recorder(model)  # the model's own routers: eager steps and the prefill
+    steps = _decode_routing_recorder(monkeypatch, len(model.layers))  # the static decode step's
     out = model.generate(
-        ids, 12, temperature=1.0, eos_token_id=7, attention_mask=prompt_mask, generator=torch.Generator().manual_seed(1)
+        ids,
+        12,
+        temperature=1.0,
+        eos_token_id=7,
+        attention_mask=prompt_mask,
+        generator=torch.Generator().manual_seed(1),
+        static=static,
     )
+    P, N = out.prompt_length, out.response_mask.size(1)
+    real = out.attention_mask.bool()
+    if static:  # each decode step routed every row: keep the rows whose fed token was real, in the
+        # steps the eager loop takes too (the static loop looks for EOS only every few steps)
+        alive = [real[:, P + t] for t in range(min(len(steps[0]), N - 1))]
+        for layer, per_step in enumerate(steps):
+            calls[layer] += [experts[keep] for experts, keep in zip(per_step, alive)]
     generated_routing = [torch.cat(c) for c in calls]
     for c in calls:
         c.clear()
-    P, N = out.prompt_length, out.response_mask.size(1)
     assert (out.response_mask.sum(1) < N).any(), "some rows must stop early for this test to mean much"
 
     with torch.no_grad():
@@ -76,7 +108,6 @@ def test_generation_and_training_give_each_token_the_same_logprob_and_routing(ti
     # Which (row, position) each generation-time router call covered: the prefill's real prompt
     # tokens, then at each decode step the token just sampled by every row still running. The
     # last sampled token is never fed, so generation routed fewer tokens than training.
-    real = out.attention_mask.bool()
     positions = real.nonzero()  # (S, 2) row-major: the order of the training forward's router call
     index = {tuple(p.tolist()): j for j, p in enumerate(positions)}
     fed = [(b, p) for b, p in positions.tolist() if p < P]
