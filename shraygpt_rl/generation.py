@@ -17,8 +17,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from shraygpt_rl.decode import Sampling, StaticDecoder, can_decode, static_decoder
+from shraygpt_rl.losses import entropy_from_logits, token_logprobs
 from shraygpt_rl.sampling import check_sampling, sample_categorical, sample_next_token  # noqa: F401
 from shraygpt_rl.tokenizer import decode_response
 
@@ -60,6 +62,43 @@ def response_logits(
     hidden, _, aux_loss = model.features(sequences, attention_mask=attention_mask)
     logits = model.head(hidden[:, prompt_length - 1 : -1]).float()  # position t predicts token t + 1
     return (logits if temperature == 1.0 else logits / temperature), aux_loss
+
+
+def response_logprobs(
+    model,
+    sequences: Tensor,
+    attention_mask: Tensor,
+    prompt_length: int,
+    temperature: float = 1.0,
+    entropy: bool = False,
+    chunk_rows: int | None = None,
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Log-probabilities (B, N) of the response tokens under ``model`` (and their entropies, or
+    None), with the aux loss: ``response_logits`` followed by the log-softmax.
+
+    With ``chunk_rows``, the head and log-softmax run on that many rows at a time and are
+    recomputed in the backward pass (activation checkpointing), so the (B, N, V) float32 logits
+    never exist at once: at most (chunk_rows, N, V) do, at the cost of a second head product per
+    chunk in the backward. The values are the same, row for row.
+    """
+    hidden, _, aux_loss = model.features(sequences, attention_mask=attention_mask)
+    hidden = hidden[:, prompt_length - 1 : -1]  # (B, N, C): position t predicts token t + 1
+    labels = sequences[:, prompt_length:]  # (B, N)
+    if not chunk_rows or chunk_rows >= hidden.size(0):
+        return (*_head_logprobs(model.head, hidden, labels, temperature, entropy), aux_loss)
+    parts = [
+        checkpoint(_head_logprobs, model.head, h, y, temperature, entropy, use_reentrant=False)
+        for h, y in zip(hidden.split(chunk_rows), labels.split(chunk_rows))
+    ]
+    logprobs = torch.cat([lp for lp, _ in parts])
+    return logprobs, (torch.cat([e for _, e in parts]) if entropy else None), aux_loss
+
+
+def _head_logprobs(head, hidden: Tensor, labels: Tensor, temperature: float, entropy: bool):
+    logits = head(hidden).float()  # (b, N, V)
+    if temperature != 1.0:
+        logits = logits / temperature
+    return token_logprobs(logits, labels), (entropy_from_logits(logits) if entropy else None)
 
 
 @torch.no_grad()

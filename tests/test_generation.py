@@ -155,3 +155,25 @@ def test_sampler_picks_a_lone_token_and_a_lone_block():
     weights[2, 300:302] = 1e-30  # tiny but positive mass is still drawable
     draws = sample_categorical(weights, generator=torch.Generator().manual_seed(0))
     assert draws[0] == 0 and draws[1] == 699 and draws[2] in (300, 301)
+
+
+@pytest.mark.parametrize("entropy", [False, True])
+def test_chunked_head_gives_the_same_logprobs_and_gradients(tiny_model, entropy):
+    """The head and log-softmax run a few rows at a time, recomputed in the backward: the values
+    and every parameter's gradient are those of the whole batch at once."""
+    from shraygpt_rl.generation import response_logprobs
+
+    ids, mask = _left_pad([torch.randint(0, 320, (n,)) for n in (9, 14, 5, 12, 7)])
+    seqs = torch.cat([ids, torch.randint(0, 320, (5, 6))], dim=1)
+    mask = torch.cat([mask, torch.ones(5, 6, dtype=torch.long)], dim=1)
+    results = []
+    for chunk in (None, 2):
+        tiny_model.zero_grad()
+        logprobs, ent, aux = response_logprobs(tiny_model, seqs, mask, ids.size(1), 0.8, entropy, chunk_rows=chunk)
+        (logprobs.square().mean() + (ent.mean() if entropy else 0) + aux).backward()
+        grads = [p.grad.clone() for p in tiny_model.parameters() if p.grad is not None]
+        results.append((logprobs.detach(), None if ent is None else ent.detach(), grads))
+    (a, ea, ga), (b, eb, gb) = results
+    assert torch.allclose(a, b, atol=1e-6) and len(ga) == len(gb)
+    assert entropy == (ea is not None) and (not entropy or torch.allclose(ea, eb, atol=1e-6))
+    assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(ga, gb))

@@ -6,6 +6,7 @@ python -m shraygpt_rl.bench grpo-step    # one GRPO step at the bench shape: com
 python -m shraygpt_rl.bench stages       # SFT -> reward model -> DPO on the arithmetic task
 python -m shraygpt_rl.bench learning     # SFT -> PPO, GRPO (--stages, --seeds) on arithmetic: held-out success
 python -m shraygpt_rl.bench lora         # seed 001 at toy size: PPO with LoRA on a tiny GPT-Neo, keyword reward
+python -m shraygpt_rl.bench gpu --tokenizer-path r50k_base.tiktoken   # course size on a GPU: decode, GRPO, TRL
 
 ``stages``, ``learning`` and ``lora`` train with ``configs/`` and write ``checkpoints/`` and ``logs/`` in the
 current directory, as ``train.py`` does: run them in a scratch folder.
@@ -15,16 +16,17 @@ from __future__ import annotations
 
 import argparse
 
+from shraygpt_rl.bench import R50K
 from shraygpt_rl.runtime import retain_freed_memory
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m shraygpt_rl.bench", description=__doc__.splitlines()[0])
-    parser.add_argument("which", choices=["generation", "moe", "grpo-step", "stages", "learning", "lora"])
+    parser.add_argument("which", choices=["generation", "moe", "grpo-step", "stages", "learning", "lora", "gpu"])
     parser.add_argument("--prompts", type=int, help="generation, grpo-step: prompts (default 16, 8)")
     parser.add_argument("--new-tokens", type=int, help="generation, grpo-step: new tokens per response (64, 48)")
     parser.add_argument("--top-k", type=int, help="generation: 1 (greedy) or k; default both (16x64, 8x48 top-k 50)")
-    parser.add_argument("--generations", type=int, default=4, help="grpo-step: completions per prompt")
+    parser.add_argument("--generations", type=int, help="grpo-step, gpu: completions per prompt (4, 8)")
     parser.add_argument("--steps", type=int, default=3, help="grpo-step: timed steps, after one warm-up step")
     parser.add_argument("--moe-tokens", type=int, default=1024, help="moe: tokens")
     parser.add_argument(
@@ -37,7 +39,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="learning: training seeds")
     parser.add_argument("--sft-steps", type=int, default=300, help="lora: SFT steps of the tiny GPT-Neo")
     parser.add_argument("--ppo-steps", type=int, default=240, help="lora: PPO optimizer steps (4 per rollout)")
-    parser.add_argument("--tokenizer-path", help="grpo-step: local r50k_base.tiktoken (default: ../shared's)")
+    parser.add_argument("--tokenizer-path", help="grpo-step, gpu: local r50k_base.tiktoken (default: ../shared's)")
+    parser.add_argument("--shape", choices=["course", "tiny"], default="course", help="gpu: the model's size")
+    parser.add_argument("--device", default="cuda", help="gpu: where to run (cpu with --shape tiny, for a smoke run)")
+    parser.add_argument("--batches", nargs="+", type=int, default=[8, 32, 128], help="gpu: decode batch sizes")
+    parser.add_argument("--micro-batch-size", type=int, default=32, help="gpu: rows per forward/backward")
+    parser.add_argument("--logprob-chunk-rows", type=int, help="grpo-step, gpu: the update's head in chunks of rows")
     args = parser.parse_args(argv)
     retain_freed_memory()  # as train.py does: see shraygpt_rl.runtime
     if args.which == "generation":
@@ -54,8 +61,24 @@ def main(argv: list[str] | None = None) -> None:
     if args.which == "grpo-step":
         from shraygpt_rl.bench.throughput import bench_grpo_step
 
-        sizes = dict(prompts=args.prompts or 8, generations=args.generations, new_tokens=args.new_tokens or 48)
-        bench_grpo_step(**sizes, steps=args.steps, tokenizer_path=args.tokenizer_path)
+        sizes = dict(prompts=args.prompts or 8, generations=args.generations or 4, new_tokens=args.new_tokens or 48)
+        bench_grpo_step(
+            **sizes, steps=args.steps, tokenizer_path=args.tokenizer_path, logprob_chunk_rows=args.logprob_chunk_rows
+        )
+    if args.which == "gpu":
+        from shraygpt_rl.bench.gpu import bench_gpu
+
+        sizes = dict(prompts=args.prompts or 16, generations=args.generations or 8, new_tokens=args.new_tokens or 128)
+        bench_gpu(
+            args.shape,
+            args.device,
+            tuple(args.batches),
+            **sizes,
+            micro_batch_size=args.micro_batch_size,
+            steps=args.steps,
+            tokenizer_path=args.tokenizer_path or (str(R50K) if R50K.is_file() else None),
+            logprob_chunk_rows=args.logprob_chunk_rows,
+        )
     if args.which == "stages":
         from shraygpt_rl.bench.stages import bench_stages
 

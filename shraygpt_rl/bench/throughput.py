@@ -50,7 +50,12 @@ def step_flops(model: ShrayGPT, rows: int, prompt_tokens: int, new_tokens: int) 
 
 
 def bench_grpo_step(
-    prompts: int = 8, generations: int = 4, new_tokens: int = 48, steps: int = 3, tokenizer_path: str | None = None
+    prompts: int = 8,
+    generations: int = 4,
+    new_tokens: int = 48,
+    steps: int = 3,
+    tokenizer_path: str | None = None,
+    logprob_chunk_rows: int | None = None,
 ) -> dict[str, float]:
     """Time ``steps`` GRPO steps after one warm-up step; print completions/s and the split."""
     path = tokenizer_path or (str(R50K) if R50K.is_file() else None)
@@ -75,6 +80,7 @@ def bench_grpo_step(
         lr=1e-5,
         export_path=None,
         log_samples_every=0,
+        logprob_chunk_rows=logprob_chunk_rows,
     )
     timings = StepTimer()
     trainer = L.Trainer(

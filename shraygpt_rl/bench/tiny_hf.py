@@ -15,13 +15,14 @@ from shraygpt_rl.bench import R50K
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
 
-def gpt2_tokenizer(vocabulary: str, folder: Path):
-    """A GPT-2-style fast tokenizer with ``<|endoftext|>`` as EOS: from r50k, or bytes only."""
+def gpt2_tokenizer(vocabulary: str, folder: Path, vocab_file: str | Path | None = None):
+    """A GPT-2-style fast tokenizer with ``<|endoftext|>`` as EOS: from r50k (``vocab_file``, by
+    default ``../shared``'s), or bytes only."""
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
     if vocabulary == "r50k":
-        vocab_file = R50K
+        vocab_file = vocab_file or R50K
     else:  # 256 single bytes and no merges: byte-level BPE at the smallest size
         vocab_file = folder / "bytes.tiktoken"
         folder.mkdir(parents=True, exist_ok=True)

@@ -20,8 +20,8 @@ from torch import Tensor, nn
 
 from shraygpt_rl.checkpoint import stamp, stamped
 from shraygpt_rl.errors import require
-from shraygpt_rl.generation import response_logits, sample_and_decode
-from shraygpt_rl.losses import entropy_from_logits, masked_mean, token_logprobs
+from shraygpt_rl.generation import response_logprobs, sample_and_decode
+from shraygpt_rl.losses import masked_mean
 from shraygpt_rl.rewards import LearnedReward, RewardFunction, TaskVerifier, WeightedSum
 from shraygpt_rl.stages.base import StageModule
 from shraygpt_rl.stages.checks import check_rewards
@@ -73,6 +73,9 @@ class OnlineRLStage(StageModule):
         micro_batch_size: Rows per forward/backward in an update; None: a whole minibatch.
         max_grad_norm: Gradient clipping by global norm; None for none.
         log_samples_every: Write a few prompt -> response pairs to TensorBoard every so many steps.
+        logprob_chunk_rows: Run the LM head and log-softmax of an update on this many rows at a
+            time, recomputed in the backward, so that a micro-batch's (rows, tokens, vocabulary)
+            float32 logits never exist at once; None: the whole micro-batch.
         **kwargs: ``StageModule``'s arguments (``policy``, ``optimizer``, ``lr``, …).
     """
 
@@ -87,6 +90,7 @@ class OnlineRLStage(StageModule):
         micro_batch_size: int | None = None,
         max_grad_norm: float | None = 1.0,
         log_samples_every: int = 50,
+        logprob_chunk_rows: int | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -102,6 +106,10 @@ class OnlineRLStage(StageModule):
             max_grad_norm is None or max_grad_norm > 0, f"max_grad_norm must be > 0 (or null), got {max_grad_norm}."
         )
         require(log_samples_every >= 0, f"log_samples_every must be >= 0, got {log_samples_every}.")
+        require(
+            logprob_chunk_rows is None or logprob_chunk_rows >= 1,
+            f"logprob_chunk_rows must be >= 1 (or null), got {logprob_chunk_rows}.",
+        )
         self.policy = disable_dropout(self.build_policy())
         functions = list(rewards or [])
         if reward_model:
@@ -162,11 +170,10 @@ class OnlineRLStage(StageModule):
     def response_logprobs(self, model, rollout: Rollout, rows: Tensor, entropy: bool = False):
         """Log-probabilities (r, T) of the response tokens of ``rows`` under ``model``, their
         entropies (or None), and the MoE aux loss."""
-        seqs = rollout.sequences[rows]
-        mask = rollout.attention_mask[rows]
-        logits, aux_loss = response_logits(model, seqs, mask, rollout.prompt_length, self.hparams.temperature)
-        logprobs = token_logprobs(logits, seqs[:, rollout.prompt_length :])
-        return logprobs, (entropy_from_logits(logits) if entropy else None), aux_loss
+        hp = self.hparams
+        seqs, mask = rollout.sequences[rows], rollout.attention_mask[rows]
+        P, chunk = rollout.prompt_length, hp.logprob_chunk_rows
+        return response_logprobs(model, seqs, mask, P, hp.temperature, entropy=entropy, chunk_rows=chunk)
 
     @torch.no_grad()
     def rowwise(self, fn, rollout: Rollout, minibatches: list[Tensor]) -> Tensor:
