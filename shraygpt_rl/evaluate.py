@@ -10,7 +10,12 @@ from a reference policy), and reports:
 * ``kl_to_reference``: ``KL(policy || reference)`` per response in nats, estimated from the
   policy's own samples as the mean of ``sum_t log pi(y_t) - log pi_ref(y_t)`` (the unbiased k1
   estimator; Schulman, "Approximating KL divergence", 2020);
+* ``reward_model_success``: the share of the policy's responses the reward model scores above
+  0 (seed 003's ``evaluate_model``);
 * ``mean_length`` in tokens, and a few side-by-side samples.
+
+``demonstration_scores`` judges a policy on held-out demonstrations instead, as seed 004 judges
+SFT: the perplexity of the reference answers and ROUGE-L of the greedy answer against them.
 """
 
 from __future__ import annotations
@@ -133,6 +138,7 @@ def evaluate_policy(
     report["mean_reward"] = rewards.mean().item() if rewards is not None else None
     scores = reward_model.score(ours.prompts, ours.texts) if reward_model is not None else None
     report["reward_model_score"] = scores.mean().item() if scores is not None else None
+    report["reward_model_success"] = (scores > 0).float().mean().item() if scores is not None else None
     report["kl_to_reference"] = report["win_rate"] = None
     theirs = None
     if reference is not None:
@@ -169,3 +175,74 @@ def reward_model_accuracy(reward_model, datamodule, split: str = "test") -> floa
         scores, _ = reward_model(ids, attention, response)
         hits.append((scores[:B] > scores[B:]).float().cpu())
     return torch.cat(hits).mean().item()
+
+
+# --------------------------------------------------------------------------------------------
+# Demonstrations: perplexity and ROUGE-L (seed 004's SFT evaluation)
+# --------------------------------------------------------------------------------------------
+def split_demonstrations(batch: dict, pad_id: int) -> tuple[Tensor, Tensor, list[list[int]]]:
+    """An ``SFTDataModule`` batch (right-padded, ``loss_mask`` 1 on the answer) as left-padded
+    prompts (B, P), their attention mask, and each row's reference answer without its EOS."""
+    prompts, references = [], []
+    for ids, attention, answer in zip(batch["input_ids"], batch["attention_mask"], batch["loss_mask"]):
+        real = attention.bool()
+        starts = answer.nonzero()
+        cut = int(starts[0]) if len(starts) else int(real.sum())
+        prompts.append(ids[:cut].tolist())
+        references.append([t for t, m in zip(ids.tolist(), answer.tolist()) if m and t != pad_id])
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :], mask[i, width - len(p) :] = torch.tensor(p, dtype=torch.long), 1
+    return ids, mask, references
+
+
+class DemonstrationScores:
+    """Perplexity of held-out demonstrations' answers (torchmetrics ``Perplexity``, over every
+    answer token of every batch) and ROUGE-L F1 of the policy's greedy answer against the
+    reference answer (torchmetrics ``ROUGEScore``), accumulated batch by batch."""
+
+    def __init__(self, max_new_tokens: int = 64):
+        from torchmetrics.text import Perplexity, ROUGEScore
+
+        self.max_new_tokens = max_new_tokens
+        self.perplexity = Perplexity(ignore_index=-100)
+        self.rouge = ROUGEScore(rouge_keys=("rougeL",))
+
+    def to(self, device) -> DemonstrationScores:
+        self.perplexity.to(device)
+        self.rouge.to(device)
+        return self
+
+    @torch.no_grad()
+    def update(self, policy, batch: dict, tokenizer, logits: Tensor | None = None) -> None:
+        """Add a batch; ``logits`` (B, T, V) when the caller already ran the forward."""
+        ids, attention, answer = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
+        if logits is None:
+            logits, _, _ = policy(ids, attention_mask=attention)
+        target = ids[:, 1:].masked_fill(answer[:, 1:] == 0, -100)  # the answer's tokens, EOS included
+        self.perplexity.update(logits[:, :-1].float(), target)
+        if self.max_new_tokens:
+            prompts, mask, references = split_demonstrations(batch, tokenizer.eot_token)
+            _, texts = sample_and_decode(
+                policy, prompts.to(ids.device), mask.to(ids.device), tokenizer, self.max_new_tokens, temperature=0.0
+            )
+            self.rouge.update(texts, [tokenizer.decode(r).strip() for r in references])
+
+    def compute(self) -> dict[str, float]:
+        out = {"perplexity": float(self.perplexity.compute())}
+        if self.max_new_tokens:
+            out["rouge_l"] = float(self.rouge.compute()["rougeL_fmeasure"])
+        self.perplexity.reset()
+        self.rouge.reset()
+        return out
+
+
+def demonstration_scores(policy, datamodule, split: str = "test", max_new_tokens: int = 64) -> dict[str, float]:
+    """``DemonstrationScores`` of ``policy`` over a split of an ``SFTDataModule``."""
+    scores = DemonstrationScores(max_new_tokens).to(_device(policy))
+    policy.eval()
+    for batch in datamodule.plain_dataloader(split, desc="perplexity and ROUGE-L"):
+        scores.update(policy, {k: v.to(_device(policy)) for k, v in batch.items()}, datamodule.tokenizer)
+    return scores.compute()

@@ -6,6 +6,7 @@ count; ``response_mask`` is aligned with ``input_ids`` (1 on response tokens).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -112,7 +113,7 @@ def dpo_loss(
 # --------------------------------------------------------------------------------------------
 # Online RL: statistics, KL estimators, advantages
 # --------------------------------------------------------------------------------------------
-KLEstimator = Literal["k1", "k2", "k3"]
+KLEstimator = Literal["k1", "k2", "k3", "abs"]
 GRPOLossType = Literal["grpo", "dr_grpo", "dapo", "bnpo"]
 ScaleRewards = Literal["group", "batch", "none"]
 
@@ -138,15 +139,18 @@ def whiten(values: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1
 def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, kind: KLEstimator = "k1") -> Tensor:
     """Per-token estimates of KL(pi || pi_ref) from samples of pi (Schulman, "Approximating KL
     divergence", 2020): ``k1 = log r``, ``k2 = (log r)^2 / 2``, ``k3 = (1/r - 1) + log r`` with
-    ``r = pi / pi_ref``; k1 is unbiased, k3 unbiased and always >= 0, k2 biased but low-variance."""
+    ``r = pi / pi_ref``; k1 is unbiased, k3 unbiased and always >= 0, k2 biased but low-variance;
+    ``abs = |log r|`` (seed 004's fourth penalty) is >= 0 and biased upwards, like k2."""
     log_ratio = logprobs - ref_logprobs
     if kind == "k1":
         return log_ratio
+    if kind == "abs":
+        return log_ratio.abs()
     if kind == "k2":
         return 0.5 * log_ratio**2
     if kind == "k3":
         return torch.expm1(-log_ratio) + log_ratio
-    raise ValueError(f"Unknown KL estimator '{kind}'; choose k1, k2 or k3.")
+    raise ValueError(f"Unknown KL estimator '{kind}'; choose k1, k2, k3 or abs.")
 
 
 def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: float = 0.95) -> tuple[Tensor, Tensor]:
@@ -250,6 +254,13 @@ def aggregate_loss(
     raise ValueError(f"Unknown loss_type '{loss_type}'; choose grpo, dr_grpo, dapo or bnpo.")
 
 
+def next_token_loss(logits: Tensor, input_ids: Tensor, loss_mask: Tensor) -> Tensor:
+    """SFT's loss: mean next-token NLL over the tokens where ``loss_mask`` (B, T) is 1, with
+    ``logits`` (B, T, V) predicting ``input_ids[:, 1:]``; the first token cannot be scored."""
+    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten(), reduction="none")
+    return masked_mean(nll, loss_mask[:, 1:].flatten().float())
+
+
 def entropy_from_logits(logits: Tensor) -> Tensor:
     """Entropy of the softmax of (…, V) logits -> (…), in float32."""
     logits = logits.float()
@@ -273,3 +284,41 @@ class AdaptiveKLController:
         error = min(max(current_kl / self.target - 1, -0.2), 0.2)
         self.value *= 1 + error * n_steps / self.horizon
         return self.value
+
+
+# --------------------------------------------------------------------------------------------
+# TRPO (Schulman et al., 2015)
+# --------------------------------------------------------------------------------------------
+def token_kl(old_logprobs: Tensor, logprobs: Tensor) -> Tensor:
+    """Exact per-token ``KL(pi_old || pi) = sum_v p_old(v) (log p_old(v) - log p(v))`` from full
+    (…, V) log-probability tables -> (…): TRPO's constraint, not a sampled estimate."""
+    return (old_logprobs.exp() * (old_logprobs - logprobs)).sum(-1)
+
+
+def conjugate_gradient(
+    matvec: Callable[[Tensor], Tensor], b: Tensor, iters: int = 10, residual_tol: float = 1e-10
+) -> tuple[Tensor, float]:
+    """Solve ``A x = b`` for symmetric positive-definite ``A`` given only ``matvec(v) = A v``
+    (Hestenes and Stiefel, 1952; TRPO's appendix C). Starts at x = 0 and stops after ``iters``
+    steps or once ``|r|^2 < residual_tol``. Returns ``(x, |b - A x|)``, the residual recursed."""
+    x = torch.zeros_like(b)
+    r, p = b.clone(), b.clone()
+    rr = r.dot(r)
+    for _ in range(iters):
+        if rr < residual_tol:
+            break
+        Ap = matvec(p)
+        alpha = rr / p.dot(Ap)
+        x += alpha * p
+        r -= alpha * Ap
+        rr_next = r.dot(r)
+        p = r + (rr_next / rr) * p
+        rr = rr_next
+    return x, float(rr.sqrt())
+
+
+def trpo_step(x: Tensor, hx: Tensor, max_kl: float) -> tuple[Tensor, float]:
+    """The full TRPO step along ``x ~ H^-1 g`` given ``hx = H x``: ``sqrt(2 max_kl / x^T H x) x``, the step on which
+    the quadratic model of the KL equals ``max_kl`` (TRPO eq. 14 and appendix C), and that scale."""
+    scale = float(torch.sqrt(2 * max_kl / x.dot(hx).clamp(min=1e-12)))
+    return scale * x, scale

@@ -11,14 +11,16 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from shraygpt_rl.data import PreferenceDataModule, PromptDataModule
-from shraygpt_rl.evaluate import evaluate_policy, reward_model_accuracy, sample_responses
+from shraygpt_rl.data import PreferenceDataModule, PromptDataModule, SFTDataModule
+from shraygpt_rl.evaluate import demonstration_scores, evaluate_policy, reward_model_accuracy, sample_responses
 from shraygpt_rl.model import ShrayGPT
 from shraygpt_rl.report import plot_report, table, write_json
 from shraygpt_rl.reward_model import RewardModel
 from shraygpt_rl.runner import data_from_config, run_stage
 
 COLUMNS = ("success", "mean_reward", "kl_to_reference", "win_rate", "reward_model_score", "mean_length")
+# what --stage eval adds: the reward model's success rate, and the SFT figures on demonstrations
+EVAL_COLUMNS = (*COLUMNS, "reward_model_success", "perplexity", "rouge_l")
 
 
 def _prompts(config: str | None, num_prompts: int) -> PromptDataModule:
@@ -64,7 +66,11 @@ def evaluate(
     if ref is not None:
         policies["reference"] = evaluate_policy(ref, data, name="reference", **options)
     policies["policy"] = evaluate_policy(model, data, reference=ref, name="policy", **options)
-    print(f"\n{policy} on {policies['policy']['prompts']} held-out prompts:\n{table(policies, COLUMNS)}")
+    demos = data_from_config(SFTDataModule, data_config, test_size=num_prompts, val_size=num_prompts, batch_size=100)
+    for label, candidate in (("reference", ref), ("policy", model)):
+        if candidate is not None:
+            policies[label].update(demonstration_scores(candidate, demos, max_new_tokens=max_new_tokens))
+    print(f"\n{policy} on {policies['policy']['prompts']} held-out prompts:\n{table(policies, EVAL_COLUMNS)}")
     for sample in policies["policy"]["samples"]:
         print(f"\n  prompt:    {sample['prompt'][-120:]!r}\n  policy:    {sample['response']!r}")
         if sample["reference_response"] is not None:

@@ -31,6 +31,7 @@ from shraygpt_rl.stages.grpo import GRPOStage, RLOOStage
 from shraygpt_rl.stages.ppo import PPOStage
 from shraygpt_rl.stages.reward import RewardStage
 from shraygpt_rl.stages.sft import SFTStage
+from shraygpt_rl.stages.trpo import TRPOStage
 
 STAGES: dict[str, tuple[type[L.LightningModule], type[L.LightningDataModule]]] = {
     "sft": (SFTStage, SFTDataModule),
@@ -39,6 +40,7 @@ STAGES: dict[str, tuple[type[L.LightningModule], type[L.LightningDataModule]]] =
     "ppo": (PPOStage, PromptDataModule),
     "grpo": (GRPOStage, PromptDataModule),
     "rloo": (RLOOStage, PromptDataModule),
+    "trpo": (TRPOStage, PromptDataModule),
 }
 # The pipeline and the benchmarks run stages with their own ``args``, not sys.argv: that is meant.
 warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")

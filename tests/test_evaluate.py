@@ -4,6 +4,8 @@ The eval and pipeline commands themselves run in tests/test_documented_commands.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from conftest import ARITH
@@ -60,3 +62,44 @@ def test_report_helpers_by_hand(tmp_path):
     assert latest_run(tmp_path).name == "version_10"
     text = table({"SFT": {"success": 0.5, "win_rate": None}}, ("success", "win_rate"))
     assert text.splitlines()[2].split() == ["SFT", "0.500", "-"]
+
+
+def test_demonstrations_split_into_left_padded_prompts_and_answers():
+    from shraygpt_rl.evaluate import split_demonstrations
+
+    batch = {
+        "input_ids": torch.tensor([[5, 6, 7, 8, 9, 0], [3, 4, 1, 2, 0, 0]]),
+        "attention_mask": torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 0]]),
+        "loss_mask": torch.tensor([[0, 0, 0, 1, 1, 0], [0, 1, 1, 1, 1, 0]]),
+    }
+    ids, mask, answers = split_demonstrations(batch, pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 3]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert answers == [[8, 9], [4, 1, 2]]  # the EOS (0 here) is not part of the reference text
+
+
+def test_demonstration_scores_by_hand(tiny_model):
+    """Perplexity is exp of the mean answer-token NLL over all batches; a policy that answers with
+    the reference text scores ROUGE-L 1, one that answers nothing 0."""
+    from shraygpt_rl.evaluate import DemonstrationScores
+    from shraygpt_rl.losses import next_token_loss
+    from shraygpt_rl.tokenizer import get_tokenizer
+
+    enc = get_tokenizer("byte")
+    torch.manual_seed(0)
+    ids = torch.randint(0, 256, (3, 10))
+    batch = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "loss_mask": (torch.arange(10) >= 6).long().expand(3, 10),
+    }
+    scores = DemonstrationScores(max_new_tokens=0)
+    with torch.no_grad():
+        logits, _, _ = tiny_model(ids)
+    scores.update(tiny_model, batch, enc, logits)
+    expected = math.exp(next_token_loss(logits, ids, batch["loss_mask"]).item())
+    assert scores.compute()["perplexity"] == pytest.approx(expected, rel=1e-5)
+
+    rouge = DemonstrationScores(max_new_tokens=4)
+    rouge.rouge.update(["the cat sat"], ["the cat sat"])
+    rouge.rouge.update(["dog"], ["the cat sat"])
+    assert float(rouge.rouge.compute()["rougeL_fmeasure"]) == pytest.approx(0.5)

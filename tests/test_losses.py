@@ -102,13 +102,17 @@ from shraygpt_rl.losses import (  # noqa: E402
     aggregate_loss,
     clipped_policy_loss,
     clipped_value_loss,
+    conjugate_gradient,
     entropy_from_logits,
     explained_variance,
     gae,
     group_advantages,
     kl_estimate,
     masked_var,
+    next_token_loss,
     rloo_advantages,
+    token_kl,
+    trpo_step,
     whiten,
 )
 
@@ -224,3 +228,43 @@ def test_adaptive_kl_controller_by_hand():
     assert controller.update(current_kl=3.0, n_steps=100) == pytest.approx(
         0.1 * (1 + 0.2 * 256 / 10000) * (1 - 0.2 * 100 / 10000)
     )
+
+
+def test_abs_kl_estimator_by_hand():
+    logp, ref = torch.tensor([-1.0, -2.0, -0.5]), torch.tensor([-1.5, -1.0, -0.5])
+    assert kl_estimate(logp, ref, "abs").tolist() == pytest.approx([0.5, 1.0, 0.0])
+
+
+def test_next_token_loss_by_hand():
+    logits = torch.log(torch.tensor([[[0.5, 0.5], [0.2, 0.8], [0.9, 0.1]]]))  # (1, 3, 2)
+    ids, mask = torch.tensor([[0, 1, 0]]), torch.tensor([[0, 1, 1]])  # position 0 predicts 1: 0.5; 1 predicts 0: 0.2
+    assert next_token_loss(logits, ids, mask).item() == pytest.approx((-math.log(0.5) - math.log(0.2)) / 2)
+    assert next_token_loss(logits, ids, torch.tensor([[0, 0, 1]])).item() == pytest.approx(-math.log(0.2))
+
+
+def test_token_kl_is_the_exact_kl_over_the_vocabulary():
+    p, q = torch.tensor([0.7, 0.2, 0.1]), torch.tensor([0.5, 0.25, 0.25])
+    expected = sum(pi * math.log(pi / qi) for pi, qi in zip(p.tolist(), q.tolist()))
+    assert token_kl(p.log(), q.log()).item() == pytest.approx(expected, rel=1e-6)
+    assert token_kl(p.log(), p.log()).item() == 0.0
+
+
+@pytest.mark.parametrize("n", [5, 40])
+def test_conjugate_gradient_solves_a_random_spd_system(n):
+    g = torch.Generator().manual_seed(n)
+    M = torch.randn(n, n, generator=g, dtype=torch.float64)
+    A = M @ M.T + 0.5 * torch.eye(n, dtype=torch.float64)
+    b = torch.randn(n, generator=g, dtype=torch.float64)
+    x, residual = conjugate_gradient(lambda v: A @ v, b, iters=4 * n)
+    assert torch.allclose(x, torch.linalg.solve(A, b), atol=1e-5)
+    assert residual < 1e-4
+    few, early = conjugate_gradient(lambda v: A @ v, b, iters=2)  # stops after 2 steps
+    assert early > residual and not torch.allclose(few, x, atol=1e-5)
+
+
+def test_trpo_step_meets_the_kl_bound_of_the_quadratic_model():
+    H = torch.tensor([[2.0, 0.5], [0.5, 1.0]])
+    x = torch.tensor([0.3, -0.7])
+    step, scale = trpo_step(x, H @ x, max_kl=0.01)
+    assert 0.5 * step @ H @ step == pytest.approx(0.01, rel=1e-5)
+    assert torch.allclose(step, scale * x)

@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
         "--stages",
         nargs="+",
         default=["ppo", "grpo"],
-        choices=["ppo", "grpo", "rloo", "reward", "ppo-rm"],
+        choices=["ppo", "grpo", "rloo", "trpo", "reward", "ppo-rm"],
         help="learning: the configs to run after SFT, in order (ppo-rm needs reward before it)",
     )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="learning: training seeds")

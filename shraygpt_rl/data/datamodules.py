@@ -20,10 +20,12 @@ from typing import Any
 import datasets
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from lightning.pytorch.utilities import CombinedLoader
+from torch.utils.data import DataLoader, RandomSampler
 from tqdm.auto import tqdm
 
 from shraygpt_rl.data.hh_rlhf import HUB_NAME, load_preferences
+from shraygpt_rl.data.labels import load_judgements
 from shraygpt_rl.data.sources import kind_of, load_instructions, load_prompts
 from shraygpt_rl.data.tasks import TASKS, make_task
 from shraygpt_rl.errors import DataError, require
@@ -188,7 +190,9 @@ class ChatDataModule(L.LightningDataModule):
             )
             return {split: self.task_split(task, split) for split in _SPLITS}
         kind = kind_of(hp.source)
-        if kind == "preferences":
+        if kind == "labels":  # the labelling page's judgements: preference pairs with a strength
+            load, kind = functools.partial(load_judgements, hp.source), "preferences"
+        elif kind == "preferences":
             load = functools.partial(
                 load_preferences,
                 hp.source,
@@ -200,7 +204,7 @@ class ChatDataModule(L.LightningDataModule):
             load = functools.partial(load_instructions, hp.source, hp.skip_invalid, hp.system_prompt)
         else:
             load = functools.partial(load_prompts, hp.source, hp.skip_invalid)
-        data = load(split="train") if kind == "preferences" else load()
+        data = load(split="train") if load.func is load_preferences else load()
         self.check_kind(kind)
         val_size, test_size = self._held_out_sizes(len(data), from_hub=hp.source == HUB_NAME)
         if hp.source == HUB_NAME:
@@ -353,6 +357,8 @@ class PreferenceDataModule(ChatDataModule):
             "prompt": [r["prompt"] for r in rows],
             "index": torch.tensor([r["index"] for r in rows]),
         }
+        if "strength" in rows[0]:  # judged by a person: 2 significantly better, 1 slightly
+            batch["strength"] = torch.tensor([r["strength"] for r in rows], dtype=torch.float32)
         pad, max_length = self.tokenizer.eot_token, self.hparams.max_length
         # Both sides keep the same prompt: truncate it for the longer response.
         prompts = [
@@ -386,7 +392,41 @@ class PromptDataModule(ChatDataModule):
 
     Metadata is every other column: for the built-in tasks ``task``, ``question``, ``numbers`` and
     ``target``; for HH-RLHF ``chosen_response`` and ``rejected_response`` (for lexical rewards).
+
+    With ``ptx_source``, each training batch is ``{"prompts": …, "ptx": …}``: the prompts and a
+    batch of demonstrations for PPO-ptx, drawn with replacement so that there is one per prompt
+    batch (``SFTDataModule``'s batches, with this DataModule's tokenizer, lengths and task options).
+
+    Args:
+        ptx_source: Demonstrations for PPO-ptx: any source ``SFTDataModule`` reads; None: none.
+        ptx_batch_size: Demonstrations per training batch.
+        **kwargs: ``ChatDataModule``'s arguments.
     """
+
+    def __init__(self, ptx_source: str | None = None, ptx_batch_size: int = 8, **kwargs):
+        require(ptx_batch_size >= 1, f"ptx_batch_size must be at least 1, got {ptx_batch_size}.")
+        super().__init__(**kwargs)
+        self.save_hyperparameters()
+        self.ptx: SFTDataModule | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        hp = self.hparams
+        if hp.ptx_source and self.ptx is None:
+            shared = {k: v for k, v in hp.items() if k not in ("source", "batch_size", "ptx_source", "ptx_batch_size")}
+            self.ptx = SFTDataModule(source=hp.ptx_source, batch_size=hp.ptx_batch_size, **shared)
+            self.ptx.setup(stage)
+
+    def train_dataloader(self):
+        prompts = super().train_dataloader()
+        if not self.hparams.ptx_source:
+            return prompts
+        if self.ptx is None:
+            self.setup()
+        demos = self.ptx.splits["train"]
+        sampler = RandomSampler(demos, replacement=True, num_samples=len(prompts) * self.hparams.ptx_batch_size)
+        ptx = DataLoader(demos, batch_size=self.hparams.ptx_batch_size, sampler=sampler, collate_fn=self.ptx.collate)
+        return CombinedLoader({"prompts": prompts, "ptx": ptx}, mode="max_size_cycle")
 
     def task_split(self, task, split):
         return task.prompts(split)

@@ -20,6 +20,7 @@ from pathlib import Path
 import datasets
 
 from shraygpt_rl.data.hh_rlhf import _scan_lines
+from shraygpt_rl.data.labels import is_judgement_file
 from shraygpt_rl.errors import DataError
 from shraygpt_rl.tokenizer import format_prompt
 
@@ -65,7 +66,8 @@ def instruction_prompt(instruction: str, context: str | None = None, system_prom
 
 
 def kind_of(source: str) -> str:
-    """``instructions``, ``prompts`` or ``preferences``: what a (non-task) source holds."""
+    """``instructions``, ``prompts``, ``preferences`` or ``labels`` (the labelling page's judgement
+    file, preference pairs too): what a (non-task) source holds."""
     if source == STORIES:
         return "prompts"
     if source == DOLLY:
@@ -75,6 +77,8 @@ def kind_of(source: str) -> str:
         return "prompts"
     if path.is_file():
         for _, row in _scan_lines(path)[0][:1]:
+            if is_judgement_file(row):
+                return "labels"
             if "instruction" in row or "completion" in row:
                 return "instructions"
             if "prompt" in row and "chosen" not in row:

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from shraygpt_rl.checkpoint import stamp, stamped
-from shraygpt_rl.errors import require
+from shraygpt_rl.errors import ConfigError, require
 from shraygpt_rl.generation import response_logprobs, sample_and_decode
 from shraygpt_rl.losses import masked_mean
 from shraygpt_rl.rewards import LearnedReward, RewardFunction, TaskVerifier, WeightedSum
@@ -121,9 +121,13 @@ class OnlineRLStage(StageModule):
     def new_tokens(self) -> int:
         return self.hparams.max_new_tokens
 
+    supports_ptx = False  # PPO-ptx: only PPO mixes demonstrations into its updates
+
     def check_data(self, datamodule) -> None:
         if hasattr(datamodule, "metadata_keys"):
             check_rewards(self.reward_fn.functions, datamodule.metadata_keys(), datamodule.hparams.source)
+        if getattr(datamodule.hparams, "ptx_source", None) and not self.supports_ptx:
+            raise ConfigError(f"--data.ptx_source is PPO-ptx's; the {self.kind} stage does not use demonstrations.")
 
     def check_minibatches(self, rows: int) -> None:
         """A rollout of ``rows`` must split into ``num_mini_batches`` equal minibatches."""
@@ -207,14 +211,20 @@ class OnlineRLStage(StageModule):
         return iter(rows.split(size))
 
     # -- one update ----------------------------------------------------------------------------
-    def policy_update(self, rows: Tensor, micro_step: Callable[[Tensor, Tensor], MicroStep]) -> dict[str, Tensor]:
+    def policy_update(
+        self,
+        rows: Tensor,
+        micro_step: Callable[[Tensor, Tensor], MicroStep],
+        extra: Callable[[], dict[str, Tensor]] | None = None,
+    ) -> dict[str, Tensor]:
         """One optimizer step over the minibatch ``rows``, accumulated micro-batch by micro-batch.
 
         ``micro_step(micro, rows)`` computes the micro-batch ``micro``'s part of the loss of the
         minibatch ``rows``, so that the backward passes add up to the gradient of the whole
-        minibatch; one optimizer step follows. A non-finite loss in any micro-batch drops the
-        update. Returns the metrics averaged over the micro-batches (weighted by rows) and
-        ``policy/ratio_furthest``.
+        minibatch; ``extra()``, when given, one more term of the update (its ``loss`` and its
+        metrics, such as PPO-ptx's); one optimizer step follows. A non-finite loss in any part
+        drops the update. Returns the metrics averaged over the micro-batches (weighted by rows)
+        and ``policy/ratio_furthest``.
         """
         stats: dict[str, Tensor] = {}
         finite, furthest = True, None
@@ -224,6 +234,12 @@ class OnlineRLStage(StageModule):
             self.manual_backward(step.loss)
             furthest = furthest_from_one(step.ratio, step.mask, furthest)
             accumulate(stats, len(micro) / len(rows), step.metrics)
+        if extra is not None:
+            term = extra()
+            loss = term.pop("loss")
+            finite = finite and bool(torch.isfinite(loss))
+            self.manual_backward(loss)
+            stats.update(term)
         stats["policy/ratio_furthest"] = furthest
         self.optimizer_step(finite)
         return stats
@@ -348,6 +364,14 @@ class OnlineRLStage(StageModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
         self.rollouts = stamped(checkpoint).get("rollouts", 0)
+
+
+def split_ptx(batch: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """A training batch as ``(prompts, demonstrations)``: a ``PromptDataModule`` with a
+    ``ptx_source`` gives both (a ``CombinedLoader``), one without gives prompts alone."""
+    if "prompts" in batch and "ptx" in batch:
+        return batch["prompts"], batch["ptx"]
+    return batch, None
 
 
 def disable_dropout(model: nn.Module) -> nn.Module:

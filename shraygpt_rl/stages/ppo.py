@@ -5,7 +5,9 @@ One step: sample one response per prompt, score it, and give every response toke
 ``-kl_coef * KL_t`` against the frozen reference, plus the score at the last token (Ziegler et
 al., 2019, eq. 2). GAE turns rewards and the critic's values into advantages, which are whitened.
 Then ``num_ppo_epochs`` passes of ``num_mini_batches`` minibatches minimise the clipped policy
-loss plus ``vf_coef`` times the clipped value loss (Schulman et al., 2017, eq. 7 and 9).
+loss plus ``vf_coef`` times the clipped value loss (Schulman et al., 2017, eq. 7 and 9), plus,
+with ``ptx_coef > 0``, PPO-ptx's next-token loss on demonstrations (InstructGPT eq. 2).
+``CriticStage`` holds what TRPO shares with PPO: the critic, the per-token rewards and GAE.
 
 Departures from the papers: the policy and the critic share one optimizer (their parameters are
 disjoint, as with TRL's policy-and-value wrapper); dropout is off; the first epoch visits the
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -36,42 +39,35 @@ from shraygpt_rl.losses import (
     kl_estimate,
     masked_mean,
     masked_sum,
+    next_token_loss,
     whiten,
 )
 from shraygpt_rl.policy import with_lora
 from shraygpt_rl.reward_model import RewardModel
-from shraygpt_rl.stages.online import MicroStep, OnlineRLStage, Rollout, disable_dropout, policy_metrics
+from shraygpt_rl.stages.online import MicroStep, OnlineRLStage, Rollout, disable_dropout, policy_metrics, split_ptx
 
 
-class PPOStage(OnlineRLStage):
-    """PPO against reward functions and/or a reward model, with a critic.
+class CriticStage(OnlineRLStage):
+    """What PPO and TRPO share: one sampled response per prompt, a critic, the per-token KL
+    penalty in the reward, GAE and whitened advantages, and the adaptive KL coefficient.
 
     Args:
         critic_init: Start the critic from the ``reward_model`` checkpoint or from the ``policy``;
             None: the reward model when one is given, else the policy.
         kl_coef: Weight of the per-token KL penalty in the reward (the start value when adaptive).
-        kl_estimator: ``k1`` (the InstructGPT reward) or ``k3`` (always >= 0).
+        kl_estimator: ``k1`` (the InstructGPT reward), ``k2``, ``k3`` (always >= 0) or ``abs``.
         adaptive_kl: Adapt ``kl_coef`` to keep the KL near ``kl_target`` (Ziegler et al., 2019).
         kl_target: Target KL per response, in nats, for the adaptive controller.
         kl_horizon: Horizon of the adaptive controller, in samples.
         gamma: Discount of GAE.
         lam: GAE's lambda.
-        cliprange: Clip range of the policy ratio.
         cliprange_value: Clip range of the value change.
-        vf_coef: Weight of the value loss.
-        entropy_coef: Weight of the entropy bonus; 0 turns it off.
-        num_ppo_epochs: Passes over each rollout batch.
-        num_mini_batches: Optimizer steps per pass.
-        target_kl: Stop the step's remaining updates once a minibatch's approximate KL to the
-            rollout policy exceeds this; None never stops early.
+        num_mini_batches: Optimizer steps per pass over a rollout.
         missing_eos_penalty: Subtracted from the score of responses cut off at ``max_new_tokens``.
         reward_clip: Clip scores to ``[-reward_clip, reward_clip]``; None for no clipping.
         whiten_rewards: Whiten the per-token rewards (keeping their mean) before GAE.
-        export_path: Where the trained policy is written at the end.
         **kwargs: ``OnlineRLStage``'s arguments.
     """
-
-    kind = "ppo"
 
     def __init__(
         self,
@@ -83,30 +79,21 @@ class PPOStage(OnlineRLStage):
         kl_horizon: int = 10000,
         gamma: float = 1.0,
         lam: float = 0.95,
-        cliprange: float = 0.2,
         cliprange_value: float = 0.2,
-        vf_coef: float = 0.1,
-        entropy_coef: float = 0.0,
-        num_ppo_epochs: int = 4,
         num_mini_batches: int = 1,
-        target_kl: float | None = None,
         missing_eos_penalty: float | None = None,
         reward_clip: float | None = None,
         whiten_rewards: bool = False,
-        export_path: str | None = "checkpoints/shraygpt-ppo.ckpt",
         **kwargs,
     ):
         require(
             kl_coef >= 0 and kl_target > 0 and kl_horizon >= 1, "kl_coef must be >= 0, kl_target and kl_horizon > 0."
         )
         require(0 <= gamma <= 1 and 0 <= lam <= 1, f"gamma and lam must be in [0, 1], got {gamma} and {lam}.")
-        require(cliprange > 0 and cliprange_value > 0, "cliprange and cliprange_value must be > 0.")
-        require(vf_coef >= 0 and entropy_coef >= 0, "vf_coef and entropy_coef must be >= 0.")
-        require(num_ppo_epochs >= 1, f"num_ppo_epochs must be at least 1, got {num_ppo_epochs}.")
+        require(cliprange_value > 0, f"cliprange_value must be > 0, got {cliprange_value}.")
         require(num_mini_batches >= 1, f"num_mini_batches must be at least 1, got {num_mini_batches}.")
-        require(target_kl is None or target_kl > 0, f"target_kl must be > 0 (or null), got {target_kl}.")
         require(reward_clip is None or reward_clip > 0, f"reward_clip must be > 0 (or null), got {reward_clip}.")
-        super().__init__(export_path=export_path, **kwargs)
+        super().__init__(**kwargs)
         self.critic = self.build_critic(critic_init)
         self.frozen_reference(self.policy if kl_coef > 0 or adaptive_kl else None)
         self.kl_ctl = AdaptiveKLController(kl_coef, kl_target, kl_horizon)
@@ -128,9 +115,6 @@ class PPOStage(OnlineRLStage):
             critic = RewardModel(share_frozen(self.policy) if spec else copy.deepcopy(self.policy))
         return disable_dropout(critic)
 
-    def trainable(self):
-        return nn.ModuleList([self.policy, self.critic])
-
     def check_data(self, datamodule) -> None:
         super().check_data(datamodule)
         self.check_minibatches(datamodule.hparams.batch_size)
@@ -141,12 +125,11 @@ class PPOStage(OnlineRLStage):
         values, aux_loss = self.critic.values(rollout.sequences[rows], rollout.attention_mask[rows])
         return values[:, -T - 1 : -1], aux_loss
 
-    # -- one step ------------------------------------------------------------------------------
-    def training_step(self, batch, batch_idx):
+    # -- one rollout -----------------------------------------------------------------------------
+    def score(self, rollout: Rollout) -> tuple[list[Tensor], dict[str, Tensor]]:
+        """The first pass's minibatches, and the buffer: old log-probabilities, values,
+        advantages (GAE, whitened) and returns, plus ``scores`` and the per-token ``kl``."""
         hp = self.hparams
-        rollout = self.rollout(batch)
-        self.log_rollout(rollout)
-        start = time.perf_counter()
 
         # Old log-probabilities, reference log-probabilities and values, in the first pass's micro-batches.
         first = self.minibatches(len(rollout), hp.num_mini_batches, shuffle=False)
@@ -161,21 +144,30 @@ class PPOStage(OnlineRLStage):
         rewards, scores, kl = self.token_rewards(rollout, logprobs, ref_logprobs)
         advantages, returns = gae(rewards, values, mask, hp.gamma, hp.lam)
         advantages = whiten(advantages, mask)
-        buffer = dict(logprobs=logprobs, values=values, advantages=advantages, returns=returns)
+        buffer = dict(logprobs=logprobs, values=values, advantages=advantages, returns=returns, scores=scores, kl=kl)
+        return first, buffer
 
-        # num_ppo_epochs passes of num_mini_batches updates, stopped early at target_kl.
-        stats, early_stop = [], False
-        for rows in self.passes(first, hp.num_ppo_epochs):
-            stats.append(self.policy_update(rows, lambda micro, rows: self.loss(rollout, micro, rows, buffer)))
-            early_stop = hp.target_kl is not None and float(stats[-1]["policy/approxkl"]) > hp.target_kl
-            if early_stop:
-                break
+    def value_loss(self, rollout: Rollout, micro: Tensor, buffer: dict[str, Tensor]):
+        """Per-token clipped value losses (r, T) of ``micro``, which were clipped, and the
+        critic's MoE aux loss."""
+        values, aux_critic = self.critic_values(rollout, micro)  # (r, T)
+        hp = self.hparams
+        old, returns = buffer["values"][micro], buffer["returns"][micro]
+        vf_losses, vf_clipped = clipped_value_loss(values, old, returns, hp.cliprange_value)
+        return vf_losses, vf_clipped, aux_critic
 
-        sequence_kl = masked_sum(kl, mask, dim=1)  # (R,) KL of each response, in nats
-        if hp.adaptive_kl:
+    def end_of_rollout(self, rollout: Rollout, buffer: dict[str, Tensor], mean: dict[str, Tensor]) -> None:
+        """Update the adaptive KL coefficient and add the KL, reward and value figures to ``mean``."""
+        mask = rollout.response_mask
+        sequence_kl = masked_sum(buffer["kl"], mask, dim=1)  # (R,) KL of each response, in nats
+        if self.hparams.adaptive_kl:
             self.kl_ctl.update(float(sequence_kl.mean()), len(rollout))
-        self.log_stats(stats, rollout, scores, sequence_kl, values, returns, early_stop)
-        self.log_update(time.perf_counter() - start, float(rollout.attention_mask.sum()) * len(stats) / len(first))
+        scores = buffer["scores"]
+        mean["objective/kl"] = sequence_kl.mean()
+        mean["objective/kl_coef"] = torch.tensor(self.kl_ctl.value)
+        mean["objective/scores"] = scores.mean()
+        mean["objective/rlhf_reward"] = scores.mean() - self.kl_ctl.value * sequence_kl.mean()
+        mean["value/explained_variance"] = explained_variance(buffer["values"], buffer["returns"], mask)
 
     def token_rewards(self, rollout: Rollout, logprobs: Tensor, ref_logprobs: Tensor):
         """Per-token rewards (R, T): ``-kl_coef * KL_t``, plus the score on the last token."""
@@ -193,6 +185,98 @@ class PPOStage(OnlineRLStage):
             rewards = whiten(rewards, mask, shift_mean=False) * mask
         return rewards, scores, kl
 
+    # -- the adaptive KL coefficient travels with the checkpoint --------------------------------
+    def on_save_checkpoint(self, checkpoint):
+        super().on_save_checkpoint(checkpoint)
+        stamp(checkpoint, kl_coef=self.kl_ctl.value)
+
+    def on_load_checkpoint(self, checkpoint):
+        super().on_load_checkpoint(checkpoint)
+        self.kl_ctl.value = stamped(checkpoint).get("kl_coef", self.kl_ctl.value)
+
+
+class PPOStage(CriticStage):
+    """PPO against reward functions and/or a reward model, with a critic.
+
+    Args:
+        cliprange: Clip range of the policy ratio.
+        vf_coef: Weight of the value loss.
+        entropy_coef: Weight of the entropy bonus; 0 turns it off.
+        num_ppo_epochs: Passes over each rollout batch.
+        target_kl: Stop the step's remaining updates once a minibatch's approximate KL to the
+            rollout policy exceeds this; None never stops early.
+        ptx_coef: Weight of PPO-ptx's pretraining term (InstructGPT eq. 2): each update adds
+            ``ptx_coef`` times the next-token loss on a batch of demonstrations, from the
+            DataModule's ``ptx_source``; 0 turns it off.
+        export_path: Where the trained policy is written at the end.
+        **kwargs: ``CriticStage``'s arguments.
+    """
+
+    kind = "ppo"
+    supports_ptx = True
+
+    def __init__(
+        self,
+        cliprange: float = 0.2,
+        vf_coef: float = 0.1,
+        entropy_coef: float = 0.0,
+        num_ppo_epochs: int = 4,
+        target_kl: float | None = None,
+        ptx_coef: float = 0.0,
+        export_path: str | None = "checkpoints/shraygpt-ppo.ckpt",
+        **kwargs,
+    ):
+        require(cliprange > 0, f"cliprange must be > 0, got {cliprange}.")
+        require(vf_coef >= 0 and entropy_coef >= 0, "vf_coef and entropy_coef must be >= 0.")
+        require(num_ppo_epochs >= 1, f"num_ppo_epochs must be at least 1, got {num_ppo_epochs}.")
+        require(target_kl is None or target_kl > 0, f"target_kl must be > 0 (or null), got {target_kl}.")
+        require(ptx_coef >= 0, f"ptx_coef must be >= 0, got {ptx_coef}.")
+        super().__init__(export_path=export_path, **kwargs)
+
+    def trainable(self):
+        return nn.ModuleList([self.policy, self.critic])
+
+    def check_data(self, datamodule) -> None:
+        super().check_data(datamodule)
+        has_ptx = bool(getattr(datamodule.hparams, "ptx_source", None))
+        if self.hparams.ptx_coef > 0 and not has_ptx:
+            raise ConfigError("ptx_coef > 0 needs demonstrations: set --data.ptx_source (an SFT source).")
+
+    def training_step(self, batch, batch_idx):
+        hp = self.hparams
+        batch, ptx = split_ptx(batch)
+        rollout = self.rollout(batch)
+        self.log_rollout(rollout)
+        start = time.perf_counter()
+        first, buffer = self.score(rollout)
+        pretraining = self.ptx_loss(ptx) if hp.ptx_coef > 0 and ptx is not None else None
+
+        # num_ppo_epochs passes of num_mini_batches updates, stopped early at target_kl.
+        stats, early_stop = [], False
+        for rows in self.passes(first, hp.num_ppo_epochs):
+            step = self.policy_update(rows, lambda micro, rows: self.loss(rollout, micro, rows, buffer), pretraining)
+            stats.append(step)
+            early_stop = hp.target_kl is not None and float(stats[-1]["policy/approxkl"]) > hp.target_kl
+            if early_stop:
+                break
+
+        mean = self.mean_of_updates(stats)
+        self.end_of_rollout(rollout, buffer, mean)
+        mean["policy/updates"] = torch.tensor(float(len(stats)))
+        mean["policy/early_stopped"] = torch.tensor(float(early_stop))
+        self.log_step(mean)
+        self.log_update(time.perf_counter() - start, float(rollout.attention_mask.sum()) * len(stats) / len(first))
+
+    def ptx_loss(self, ptx: dict) -> Callable[[], dict[str, Tensor]]:
+        """The pretraining term of each update: ``ptx_coef`` x the next-token loss on ``ptx``."""
+
+        def term() -> dict[str, Tensor]:
+            logits, _, _ = self.policy(ptx["input_ids"], attention_mask=ptx["attention_mask"])
+            loss = next_token_loss(logits, ptx["input_ids"], ptx["loss_mask"])
+            return {"loss": self.hparams.ptx_coef * loss, "objective/ptx_loss": loss.detach()}
+
+        return term
+
     def loss(self, rollout: Rollout, micro: Tensor, rows: Tensor, buffer: dict[str, Tensor]) -> MicroStep:
         """The micro-batch ``micro``'s part of the loss of the minibatch ``rows``.
 
@@ -203,12 +287,9 @@ class PPOStage(OnlineRLStage):
         hp, mask = self.hparams, rollout.response_mask[micro]
         bonus = hp.entropy_coef > 0
         logprobs, entropy, aux_policy = self.response_logprobs(self.policy, rollout, micro, entropy=bonus)
-        values, aux_critic = self.critic_values(rollout, micro)  # (r, T) each
+        vf_losses, vf_clipped, aux_critic = self.value_loss(rollout, micro, buffer)
         old = buffer["logprobs"][micro]
         pg_losses, ratio, pg_clipped = clipped_policy_loss(logprobs, old, buffer["advantages"][micro], hp.cliprange)
-        vf_losses, vf_clipped = clipped_value_loss(
-            values, buffer["values"][micro], buffer["returns"][micro], hp.cliprange_value
-        )
         per_token = pg_losses + hp.vf_coef * vf_losses - (hp.entropy_coef * entropy if bonus else 0.0)
         minibatch_tokens = rollout.response_mask[rows].sum()
         share = len(micro) / len(rows)
@@ -219,23 +300,3 @@ class PPOStage(OnlineRLStage):
         metrics["value/clipfrac"] = masked_mean(vf_clipped, mask)
         metrics["moe/aux_loss"] = aux_policy.detach()
         return MicroStep(masked_sum(per_token, mask) / minibatch_tokens + aux * share, ratio, mask, metrics)
-
-    def log_stats(self, stats, rollout, scores, sequence_kl, values, returns, early_stop: bool) -> None:
-        mean = self.mean_of_updates(stats)
-        mean["objective/kl"] = sequence_kl.mean()
-        mean["objective/kl_coef"] = torch.tensor(self.kl_ctl.value)
-        mean["objective/scores"] = scores.mean()
-        mean["objective/rlhf_reward"] = scores.mean() - self.kl_ctl.value * sequence_kl.mean()
-        mean["value/explained_variance"] = explained_variance(values, returns, rollout.response_mask)
-        mean["policy/updates"] = torch.tensor(float(len(stats)))
-        mean["policy/early_stopped"] = torch.tensor(float(early_stop))
-        self.log_step(mean)
-
-    # -- the adaptive KL coefficient travels with the checkpoint --------------------------------
-    def on_save_checkpoint(self, checkpoint):
-        super().on_save_checkpoint(checkpoint)
-        stamp(checkpoint, kl_coef=self.kl_ctl.value)
-
-    def on_load_checkpoint(self, checkpoint):
-        super().on_load_checkpoint(checkpoint)
-        self.kl_ctl.value = stamped(checkpoint).get("kl_coef", self.kl_ctl.value)

@@ -15,7 +15,7 @@ from torchmetrics.classification import BinaryAccuracy
 
 from shraygpt_rl.checkpoint import stamp
 from shraygpt_rl.data import stack_pairs
-from shraygpt_rl.errors import require
+from shraygpt_rl.errors import ConfigError, require
 from shraygpt_rl.losses import bradley_terry_loss, reward_centering_loss
 from shraygpt_rl.reward_model import Pooling, RewardModel
 from shraygpt_rl.stages.base import StageModule
@@ -28,6 +28,9 @@ class RewardStage(StageModule):
         policy: Checkpoint whose trunk starts the reward model (usually the SFT policy).
         pooling: Score at the ``last`` real token, or the ``mean`` over response tokens.
         margin: Required gap ``r_chosen - r_rejected`` in the loss.
+        margin_from_strength: Take each pair's margin from a person's judgement instead: its
+            ``strength`` (2 for "significantly better", 1 for "slightly"), as the labelling
+            page writes it (``--data.source prefs.jsonl``); Llama 2's margin loss, §3.2.2.
         center_rewards_coefficient: Weight of ``mean((r_chosen + r_rejected)^2)``; 0 turns it off.
         freeze_trunk: Train the scalar head only.
         export_path: Where the reward model is written at the end of training; PPO's critic and
@@ -42,6 +45,7 @@ class RewardStage(StageModule):
         policy: str | None = None,
         pooling: Pooling = "last",
         margin: float = 0.0,
+        margin_from_strength: bool = False,
         center_rewards_coefficient: float = 0.0,
         freeze_trunk: bool = False,
         export_path: str | None = "checkpoints/reward-model.ckpt",
@@ -71,6 +75,14 @@ class RewardStage(StageModule):
     def setup(self, stage):
         super().setup(stage)
         datamodule = getattr(self.trainer, "datamodule", None)
+        if self.hparams.margin_from_strength and datamodule is not None:
+            if not datamodule.splits:
+                datamodule.setup(stage)
+            if "strength" not in datamodule.splits["train"].column_names:
+                raise ConfigError(
+                    f"--model.margin_from_strength needs judged pairs with a strength (a labelling file from "
+                    f"`train.py --stage label`); '{datamodule.hparams.source}' has none."
+                )
         if datamodule is not None:  # ``score`` must tokenise as the training data did
             self.model.tokenizer = datamodule.hparams.tokenizer
             self.model.tokenizer_path = datamodule.hparams.tokenizer_path
@@ -82,9 +94,13 @@ class RewardStage(StageModule):
         scores, aux_loss = self.model(ids, attention, response)
         return scores[:B], scores[B:], aux_loss
 
+    def margin(self, batch) -> Tensor | float:
+        """The pairs' margins (B,) from their judged strength, or the fixed ``margin``."""
+        return batch["strength"] if self.hparams.margin_from_strength else self.hparams.margin
+
     def training_step(self, batch, batch_idx):
         chosen, rejected, aux_loss = self.rewards(batch)
-        loss = bradley_terry_loss(chosen, rejected, self.hparams.margin)
+        loss = bradley_terry_loss(chosen, rejected, self.margin(batch))
         if self.hparams.center_rewards_coefficient:
             loss = loss + self.hparams.center_rewards_coefficient * reward_centering_loss(chosen, rejected)
         self.log("train/loss", loss, on_step=True, prog_bar=True)
@@ -111,7 +127,7 @@ class RewardStage(StageModule):
         self.eval_accuracy.update(torch.sigmoid(chosen - rejected), torch.ones_like(chosen, dtype=torch.long))
         self.eval_margin.update(chosen - rejected)
         self._eval_rewards.append(torch.cat([chosen, rejected]).detach())
-        self.log(f"{split}/loss", bradley_terry_loss(chosen, rejected, self.hparams.margin), batch_size=chosen.numel())
+        self.log(f"{split}/loss", bradley_terry_loss(chosen, rejected, self.margin(batch)), batch_size=chosen.numel())
 
     def _eval_epoch_end(self, split: str) -> None:
         """Pairwise accuracy, margin, and reward mean and std over the whole held-out split."""

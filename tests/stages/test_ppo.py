@@ -169,3 +169,34 @@ def test_ppo_raises_held_out_success(sft_policy):
     print(f"held-out success {before:.3f} -> {after:.3f}")
     assert after > before + 0.10, (before, after)
     assert 0 < trainer.callback_metrics["objective/kl"] < 10
+
+
+def test_ptx_term_lowers_the_policys_sft_loss(random_policy):
+    """PPO-ptx (InstructGPT eq. 2): with ptx_coef > 0 each update also descends the next-token loss
+    on demonstrations, so the policy's held-out SFT loss ends lower than with ptx_coef = 0."""
+    from shraygpt_rl.data import SFTDataModule
+    from shraygpt_rl.stages.sft import SFTStage
+
+    demos = SFTDataModule(**{**ARITH, "batch_size": 64, "val_size": 64})
+    demos.setup()
+    losses = {}
+    for coef in (0.0, 1.0):
+        stage = _stage(random_policy, ptx_coef=coef)
+        prompts = dict(PROMPTS, ptx_source="arithmetic", ptx_batch_size=8)
+        metrics = fit_online(stage, max_steps=16, prompts=prompts)
+        probe = SFTStage(policy=random_policy, export_path=None)
+        probe.policy = stage.policy
+        with torch.no_grad():
+            losses[coef] = torch.stack([probe.loss(b)[0] for b in demos.plain_dataloader("val")]).mean().item()
+        assert ("objective/ptx_loss" in metrics) == (coef > 0)
+    assert losses[1.0] < losses[0.0] - 0.1, losses
+
+
+def test_ptx_needs_demonstrations_and_is_ppos_alone(random_policy):
+    with pytest.raises(ConfigError, match="ptx_source"):
+        fit_online(_stage(random_policy, ptx_coef=0.5), max_steps=1, prompts=PROMPTS)
+    from shraygpt_rl.stages.grpo import GRPOStage
+
+    grpo = GRPOStage(policy=random_policy, rewards=[SpreadReward()], num_generations=2, export_path=None)
+    with pytest.raises(ConfigError, match="PPO-ptx"):
+        fit_online(grpo, max_steps=1, prompts=dict(PROMPTS, ptx_source="arithmetic"))

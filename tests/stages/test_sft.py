@@ -47,7 +47,7 @@ def test_only_the_assistants_tokens_are_targets(tmp_path):
     stage = _stage(tmp_path)
     batch = next(iter(SFTDataModule(**ARITH).val_dataloader()))
     stage.policy = PositionalLogits(batch["input_ids"].size(1), vocab=320)
-    loss, _ = stage.loss(batch)
+    loss = stage.loss(batch)[0]
 
     def shifted(where: torch.Tensor) -> dict:  # every token at ``where`` replaced by another byte
         ids = batch["input_ids"].clone()

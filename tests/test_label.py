@@ -1,0 +1,223 @@
+"""The labelling server: next item, judge, undo, resume, tokens, concurrency, bad requests, escaping."""
+
+from __future__ import annotations
+
+import json
+import threading
+import urllib.error
+import urllib.request
+
+import pytest
+from werkzeug.serving import make_server
+
+from shraygpt_rl.data.labels import Item, LabelStore, active_judgements, read_records, write_items
+from shraygpt_rl.errors import ConfigError
+from shraygpt_rl.label import PAGE, create_app, load_items
+
+HOSTILE = '<script>window.pwned = 1</script><img src=x onerror="window.pwned = 2">'
+
+
+def _items(n: int = 5) -> list[Item]:
+    return [Item(f"What is {i} + {i}?", f"{2 * i}", f"{2 * i + 1}") for i in range(n)]
+
+
+def _client(tmp_path, items=None, token=None, **options):
+    store = LabelStore(items or _items(), tmp_path / "prefs.jsonl", **options)
+    return create_app(store, token).test_client(), store
+
+
+def _get(client, who="ann", **headers):
+    response = client.get("/api/state", headers={"X-Labeller": who, **headers})
+    return response.status_code, response.get_json()
+
+
+def _judge(client, item, choice, who="ann", note=""):
+    response = client.post(
+        "/api/judge", json={"item": item, "choice": choice, "note": note}, headers={"X-Labeller": who}
+    )
+    return response.status_code, response.get_json()
+
+
+def test_the_page_has_the_five_grades_skip_undo_and_progress():
+    for choice in ("A++", "A+", "=", "B+", "B++", "skip"):
+        assert f'data-choice="{choice}"' in PAGE
+    assert 'id="undo"' in PAGE and 'id="progress"' in PAGE and 'id="note"' in PAGE
+    assert "innerHTML" not in PAGE.split("<script>")[1].replace("never innerHTML", "")  # answers go in as text
+
+
+def test_next_item_judge_and_progress(tmp_path):
+    client, store = _client(tmp_path)
+    status, state = _get(client)
+    assert status == 200 and state["done"] == 0 and state["total"] == 5
+    first = state["item"]
+    item = store.by_id[first["id"]]
+    assert {first["a"], first["b"]} == {item.response_a, item.response_b} and first["prompt"] == item.prompt
+    status, after = _judge(client, first["id"], "A++", note="clear")
+    assert status == 200 and after["done"] == 1 and after["item"]["id"] != first["id"]
+    (record,) = read_records(tmp_path / "prefs.jsonl")
+    assert record["type"] == "judgement" and record["choice"] == "A++" and record["strength"] == 2
+    assert record["chosen"] == first["a"] and record["rejected"] == first["b"] and record["note"] == "clear"
+    assert record["shown"] in ("ab", "ba") and record["item"] == first["id"] and record["labeller"] == "ann"
+    shown_a = item.response_a if record["shown"] == "ab" else item.response_b
+    assert shown_a == first["a"]  # the recorded order is the order on screen
+
+
+def test_each_grade_and_skip_is_recorded_as_the_seed_defines_it(tmp_path):
+    client, store = _client(tmp_path, items=_items(6))
+    expected = {"A++": ("a", 2), "A+": ("a", 1), "=": (None, 0), "B+": ("b", 1), "B++": ("b", 2), "skip": (None, 0)}
+    for choice, (side, strength) in expected.items():
+        item = _get(client)[1]["item"]
+        _judge(client, item["id"], choice)
+        record = read_records(tmp_path / "prefs.jsonl")[-1]
+        assert record["strength"] == strength and record["choice"] == choice
+        if side is None:
+            assert record["chosen"] is None and record["rejected"] is None
+        else:
+            other = "b" if side == "a" else "a"
+            assert record["chosen"] == item[side] and record["rejected"] == item[other]
+    assert _get(client)[1] == {"item": None, "done": 6, "total": 6}
+
+
+def test_the_order_of_a_and_b_is_random_per_item_and_stable(tmp_path):
+    store = LabelStore(_items(40), tmp_path / "prefs.jsonl", seed=3)
+    orders = [store.order(item) for item in store.items]
+    assert 10 < orders.count("ab") < 30  # both orders occur
+    assert orders == [LabelStore(_items(40), tmp_path / "other.jsonl", seed=3).order(i) for i in store.items]
+
+
+def test_undo_appends_a_retraction_and_shows_the_item_again(tmp_path):
+    client, _ = _client(tmp_path)
+    first = _get(client)[1]["item"]
+    _judge(client, first["id"], "B+")
+    status, state = client.post("/api/undo", headers={"X-Labeller": "ann"}).status_code, None
+    state = client.get("/api/state", headers={"X-Labeller": "ann"}).get_json()
+    assert status == 200 and state["item"]["id"] == first["id"] and state["done"] == 0
+    records = read_records(tmp_path / "prefs.jsonl")
+    assert [r["type"] for r in records] == ["judgement", "retraction"]
+    assert records[1]["retracts"] == records[0]["id"] and active_judgements(records) == {}
+    assert client.post("/api/undo", headers={"X-Labeller": "ann"}).status_code == 409  # nothing left to undo
+    assert client.post("/api/undo", headers={"X-Labeller": "bob"}).status_code == 409  # not bob's judgement
+
+
+def test_restart_resumes_at_the_first_item_not_judged(tmp_path):
+    client, store = _client(tmp_path)
+    for _ in range(3):
+        _judge(client, _get(client)[1]["item"]["id"], "A+")
+    undone = store.items[2].id
+    client.post("/api/undo", headers={"X-Labeller": "ann"})  # the third judgement is retracted
+    again, _ = _client(tmp_path)  # a new server on the same file
+    status, state = _get(again, who="new")
+    assert state["done"] == 2 and state["item"]["id"] == undone
+
+
+def test_a_judged_item_cannot_be_judged_twice_nor_taken_from_someone(tmp_path):
+    client, _ = _client(tmp_path)
+    ann = _get(client, who="ann")[1]["item"]
+    bob = _get(client, who="bob")[1]["item"]
+    assert ann["id"] != bob["id"]  # never the same item to two people at once
+    assert _judge(client, bob["id"], "A+", who="ann")[0] == 409
+    assert _judge(client, ann["id"], "A+", who="ann")[0] == 200
+    status, body = _judge(client, ann["id"], "B+", who="ann")
+    assert status == 409 and body == {"error": "This item is already judged."}
+    assert len(read_records(tmp_path / "prefs.jsonl")) == 1
+
+
+def test_an_abandoned_item_goes_back_after_its_lease(tmp_path):
+    client, _ = _client(tmp_path, lease_s=0.0)
+    ann = _get(client, who="ann")[1]["item"]
+    assert _get(client, who="bob")[1]["item"]["id"] == ann["id"]  # ann's lease ran out at once
+
+
+@pytest.mark.parametrize(
+    "body,status",
+    [
+        (b"not json", 400),
+        (b"[]", 400),
+        (b'{"choice": "A+"}', 400),
+        (b'{"item": 3, "choice": "A+"}', 400),
+        (b'{"item": "nope", "choice": "A+"}', 404),
+        (b'{"item": "ITEM", "choice": "maybe"}', 400),
+        (b'{"item": "ITEM", "choice": "A+", "note": 5}', 400),
+    ],
+)
+def test_malformed_requests_get_a_4xx_with_one_line_and_write_nothing(tmp_path, body, status):
+    client, store = _client(tmp_path)
+    body = body.replace(b"ITEM", store.items[0].id.encode())
+    response = client.post("/api/judge", data=body, headers={"Content-Type": "application/json", "X-Labeller": "a"})
+    assert response.status_code == status
+    message = response.get_json()["error"]
+    assert message and "\n" not in message and "Traceback" not in message
+    assert not (tmp_path / "prefs.jsonl").exists() or read_records(tmp_path / "prefs.jsonl") == []
+    assert client.get("/nowhere").status_code == 404 and client.delete("/api/judge").status_code == 405
+
+
+def test_off_localhost_every_request_needs_the_token(tmp_path):
+    client, store = _client(tmp_path, token="s3cret")
+    assert client.get("/").status_code == 401 and client.get("/api/state").status_code == 401
+    assert client.get("/api/state", headers={"X-Label-Token": "wrong"}).status_code == 401
+    assert client.post("/api/judge", json={"item": store.items[0].id, "choice": "A+"}).status_code == 401
+    assert client.get("/?token=s3cret").status_code == 200
+    assert client.get("/api/state", headers={"X-Label-Token": "s3cret"}).status_code == 200
+
+
+def test_hostile_answers_are_sent_as_data_and_kept_verbatim(tmp_path):
+    client, _ = _client(tmp_path, items=[Item("prompt <b>bold</b>", HOSTILE, "fine")])
+    state = _get(client)[1]
+    assert HOSTILE in (state["item"]["a"], state["item"]["b"])  # JSON text; the page sets textContent
+    _judge(client, state["item"]["id"], "A+")
+    assert HOSTILE in {read_records(tmp_path / "prefs.jsonl")[0][k] for k in ("chosen", "rejected")}
+
+
+def test_eight_labellers_at_once_store_every_judgement_exactly_once(tmp_path):
+    """Eight threads label over real HTTP until the items run out: every item is judged exactly
+    once, no two people were ever given the same item, and nothing was refused."""
+    store = LabelStore(_items(64), tmp_path / "prefs.jsonl")
+    server = make_server("127.0.0.1", 0, create_app(store), threaded=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}"
+    errors, judged = [], []
+
+    def call(path, who, body=None):
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(
+            url + path, data=data, headers={"X-Labeller": who, "Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(req, timeout=10) as response:
+            return json.loads(response.read())
+
+    def labeller(who):
+        try:
+            state = call("/api/state", who)
+            while state["item"] is not None:
+                judged.append(state["item"]["id"])
+                state = call("/api/judge", who, {"item": state["item"]["id"], "choice": "A+"})
+        except urllib.error.HTTPError as err:
+            errors.append(err.read())
+
+    threads = [threading.Thread(target=labeller, args=(f"l{i}",)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    server.shutdown()
+    records = read_records(tmp_path / "prefs.jsonl")
+    assert errors == [] and len(judged) == 64 == len(set(judged))
+    assert sorted(r["item"] for r in records) == sorted(i.id for i in store.items)
+    assert len({r["labeller"] for r in records}) > 1
+
+
+def test_items_come_from_pairs_or_a_policy_never_both(tmp_path):
+    with pytest.raises(ConfigError, match="either --pairs"):
+        load_items(str(tmp_path / "o.jsonl"), None, None, "arithmetic", 4, 2, None, 8, 1.0, 0)
+    pairs = tmp_path / "pairs.jsonl"
+    write_items(pairs, _items(3))
+    assert load_items(str(tmp_path / "o.jsonl"), str(pairs), None, "arithmetic", 4, 2, None, 8, 1.0, 0) == _items(3)
+
+
+def test_answers_are_sampled_once_and_reused_on_restart(tmp_path, random_policy):
+    out = str(tmp_path / "prefs.jsonl")
+    items = load_items(out, None, random_policy, "arithmetic", 5, 3, None, 6, 1.0, 0)
+    assert len(items) == 5 * 3  # every pair of three answers, for five prompts
+    assert len({i.prompt for i in items}) == 5
+    again = load_items(out, None, "no-such-policy.ckpt", "arithmetic", 5, 3, None, 6, 1.0, 0)  # the sidecar
+    assert again == items
