@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import itertools
 import json
 import re
 import shlex
@@ -24,6 +25,7 @@ import torch
 import yaml
 
 import shraygpt_rl.bench
+import shraygpt_rl.label
 from shraygpt_rl.bench import HH_SAMPLE, R50K, ROOT
 from shraygpt_rl.bench.__main__ import main as bench
 from shraygpt_rl.cli import main as train
@@ -145,6 +147,25 @@ def _resolves(dotted: str) -> bool:
     return False
 
 
+class RobotLabeller:
+    """Stands in for the labelling page's server: instead of serving, it judges every item
+    through the app (A slightly better, every third one B significantly), then stops."""
+
+    def __init__(self, host, port, app, threaded=True):
+        self.client = app.test_client()
+
+    def serve_forever(self):
+        state = self.client.get("/api/state").get_json()
+        for n in itertools.count():
+            if state["item"] is None:
+                return
+            choice = "B++" if n % 3 == 0 else "A+"
+            state = self.client.post("/api/judge", json={"item": state["item"]["id"], "choice": choice}).get_json()
+
+    def server_close(self):
+        pass
+
+
 @pytest.mark.slow
 def test_every_documented_command_runs(tmp_path, monkeypatch, capsys, tiny_hf):
     demo, hh, notebooks = tmp_path / "demo", tmp_path / "hh", tmp_path / "notebooks"
@@ -164,6 +185,7 @@ def test_every_documented_command_runs(tmp_path, monkeypatch, capsys, tiny_hf):
     monkeypatch.setattr(shraygpt_rl.bench, "OVERRIDES", SMALL_STAGES.split())
     monkeypatch.setattr(shraygpt_rl.bench, "HELD_OUT", 16)
 
+    monkeypatch.setattr(shraygpt_rl.label, "make_server", RobotLabeller)
     ran, reports = [], {}
     for command in documented_commands():
         needs_shared = any(w.endswith("-hh.yaml") for w in command) or command[3:4] == ["grpo-step"]

@@ -10,6 +10,7 @@ import urllib.request
 import pytest
 from werkzeug.serving import make_server
 
+from shraygpt_rl.bench import ROOT
 from shraygpt_rl.data.labels import Item, LabelStore, active_judgements, read_records, write_items
 from shraygpt_rl.errors import ConfigError
 from shraygpt_rl.label import PAGE, create_app, load_items
@@ -221,3 +222,46 @@ def test_answers_are_sampled_once_and_reused_on_restart(tmp_path, random_policy)
     assert len({i.prompt for i in items}) == 5
     again = load_items(out, None, "no-such-policy.ckpt", "arithmetic", 5, 3, None, 6, 1.0, 0)  # the sidecar
     assert again == items
+
+
+@pytest.mark.slow
+def test_round_trip_twenty_judgements_train_a_reward_model_above_chance(tmp_path, sft_policy, monkeypatch):
+    """Twenty arithmetic pairs judged through the server, always for the correct answer (by one
+    grade or two) against an answer that gives no number, then ``--stage reward`` on the judgement file with
+    strength margins: the reward model ranks 200 held-out pairs of the same kind above chance."""
+    import random
+
+    from shraygpt_rl.reward_model import RewardModel
+    from shraygpt_rl.runner import run_stage
+
+    def pairs(seed: int, n: int) -> list[Item]:
+        rng = random.Random(seed)
+        out = []
+        for _ in range(n):
+            a, b = rng.randrange(100), rng.randrange(100)
+            wrong = rng.choice(["I don't know.", "Maybe ask a calculator.", "Numbers are hard."])
+            out.append(Item(f"User: What is {a} + {b}?\n\nAssistant:", str(a + b), wrong))
+        return out  # response_a is right
+
+    client, store = _client(tmp_path, items=pairs(0, 20))
+    state = _get(client)[1]
+    for n in range(20):
+        item = store.by_id[state["item"]["id"]]
+        grade = ("A" if state["item"]["a"] == item.response_a else "B") + ("++" if n % 2 else "+")
+        status, state = _judge(client, item.id, grade)
+        assert status == 200
+    assert state["done"] == 20
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "rm.ckpt"
+    args = f"--data.source {tmp_path / 'prefs.jsonl'} --data.val_size 2 --data.test_size 2 --data.batch_size 8 "
+    args += f"--model.policy {sft_policy} --model.margin_from_strength true --model.export_path {out} "
+    args += "--trainer.max_steps 100 --trainer.val_check_interval 50 --trainer.enable_progress_bar false"
+    run_stage("reward", ["--config", str(ROOT / "configs" / "reward.yaml"), *args.split()])
+    model = RewardModel.load_from_checkpoint(str(out)).eval()
+    held_out = pairs(1, 200)
+    prompts = [i.prompt for i in held_out]
+    right = model.score(prompts, [i.response_a for i in held_out])
+    wrong = model.score(prompts, [i.response_b for i in held_out])
+    accuracy = (right > wrong).float().mean().item()
+    print(f"reward model trained on 20 judged pairs: held-out accuracy {accuracy:.3f}")
+    assert accuracy > 0.6
