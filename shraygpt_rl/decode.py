@@ -391,10 +391,13 @@ def static_decoder(model: nn.Module, batch: int, tokens: int, sampling: Sampling
     weights refreshed from the model."""
     dtype = decode_dtype(model)
     device = model.tok_emb.weight.device
+    # Tensors made under inference mode cannot be written outside it (Lightning validates in
+    # inference mode and fits without it): each mode has its own weights and buffers.
+    inference = torch.is_inference_mode_enabled()
     entry = _DECODERS.setdefault(model, {})
-    weights = entry.setdefault(("weights", dtype, device), PackedWeights(dtype, device))
+    weights = entry.setdefault(("weights", dtype, device, inference), PackedWeights(dtype, device))
     weights.refresh(model)
-    key = (batch, capacity_bucket(tokens, device), sampling, dtype, device)
+    key = (batch, capacity_bucket(tokens, device), sampling, dtype, device, inference)
     decoder = entry.pop(key, None) or StaticDecoder(model, batch, key[1], sampling, dtype)
     decoder.weights = weights
     entry[key] = decoder  # most recently used last

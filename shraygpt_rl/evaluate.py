@@ -211,8 +211,10 @@ class DemonstrationScores:
         self.rouge = ROUGEScore(rouge_keys=("rougeL",))
 
     def to(self, device) -> DemonstrationScores:
-        self.perplexity.to(device)
-        self.rouge.to(device)
+        if self.perplexity.device != torch.device(device):
+            with torch.inference_mode(False):
+                self.perplexity.to(device)
+                self.rouge.to(device)
         return self
 
     @torch.no_grad()
@@ -222,7 +224,8 @@ class DemonstrationScores:
         if logits is None:
             logits, _, _ = policy(ids, attention_mask=attention)
         target = ids[:, 1:].masked_fill(answer[:, 1:] == 0, -100)  # the answer's tokens, EOS included
-        self.perplexity.update(logits[:, :-1].float(), target)
+        with torch.inference_mode(False):  # the metric's states stay normal tensors (see ``compute``)
+            self.perplexity.update(logits[:, :-1].float().clone(), target.clone())
         if self.max_new_tokens:
             prompts, mask, references = split_demonstrations(batch, tokenizer.eot_token)
             _, texts = sample_and_decode(
@@ -234,8 +237,9 @@ class DemonstrationScores:
         out = {"perplexity": float(self.perplexity.compute())}
         if self.max_new_tokens:
             out["rouge_l"] = float(self.rouge.compute()["rougeL_fmeasure"])
-        self.perplexity.reset()
-        self.rouge.reset()
+        with torch.inference_mode(False):  # fresh states must be normal tensors: the next update may run outside
+            self.perplexity.reset()  # inference mode (Lightning validates in it, and fits without it)
+            self.rouge.reset()
         return out
 
 

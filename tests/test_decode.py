@@ -180,3 +180,16 @@ def test_bf16_autocast_decodes_with_bf16_packed_weights(wide_model):
     recomputed = token_logprobs(logits[:, out.prompt_length - 1 : -1], out.responses)
     real = out.response_mask.bool()
     assert (recomputed[real] - out.logprobs[real]).abs().max() < 0.1  # bf16 rounding, not a different model
+
+
+def test_inference_mode_and_no_grad_generations_do_not_share_buffers(wide_model):
+    """Lightning validates under inference mode and fits without it; tensors made under one
+    cannot be written under the other, so each mode has its own decoder."""
+    ids, mask = _left_pad([4, 6], wide_model.vocab_size)
+    with torch.inference_mode():
+        first = wide_model.generate(ids, 8, top_k=1, attention_mask=mask)
+    with torch.no_grad():
+        second = wide_model.generate(ids, 8, top_k=1, attention_mask=mask)
+    with torch.inference_mode():
+        third = wide_model.generate(ids, 8, top_k=1, attention_mask=mask)
+    assert torch.equal(first.sequences, second.sequences) and torch.equal(second.sequences, third.sequences)

@@ -68,13 +68,13 @@ def test_non_finite_loss_skips_the_update(tmp_path, monkeypatch):
 
     def flaky(batch):
         calls["n"] += 1
-        nll, aux = real_loss(batch)
+        nll, aux, logits = real_loss(batch)
         if calls["n"] == 3:
             snapshots.append({k: v.clone() for k, v in stage.policy.state_dict().items()})
-            return nll * float("nan"), aux
+            return nll * float("nan"), aux, logits
         if calls["n"] == 4:
             snapshots.append({k: v.clone() for k, v in stage.policy.state_dict().items()})
-        return nll, aux
+        return nll, aux, logits
 
     monkeypatch.setattr(stage, "loss", flaky)
     trainer = tiny_trainer(6, limit_val_batches=0)
@@ -88,7 +88,7 @@ def test_non_finite_loss_skips_the_update(tmp_path, monkeypatch):
 def test_a_run_of_non_finite_losses_stops_in_one_sentence(tmp_path, monkeypatch):
     stage, data = _stage(tmp_path, max_nonfinite=4), SFTDataModule(train_size=256, **ARITH)
     real_loss = stage.loss
-    monkeypatch.setattr(stage, "loss", lambda batch: (real_loss(batch)[0] * float("nan"), real_loss(batch)[1]))
+    monkeypatch.setattr(stage, "loss", lambda batch: (real_loss(batch)[0] * float("nan"), *real_loss(batch)[1:]))
     trainer = tiny_trainer(50, limit_val_batches=0)
     with pytest.raises(TrainingError, match="4 updates in a row had a non-finite loss"):
         trainer.fit(stage, datamodule=data)
