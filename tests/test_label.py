@@ -265,3 +265,15 @@ def test_round_trip_twenty_judgements_train_a_reward_model_above_chance(tmp_path
     accuracy = (right > wrong).float().mean().item()
     print(f"reward model trained on 20 judged pairs: held-out accuracy {accuracy:.3f}")
     assert accuracy > 0.6
+
+
+def test_answers_with_unicode_line_separators_survive_the_file(tmp_path):
+    """Model output can hold U+2028, U+0085 or a form feed: str.splitlines cuts lines there."""
+    odd = "one\u2028two\x85three\x0cfour\rfive"
+    client, store = _client(tmp_path, items=[Item(odd, odd + "!", "plain")])
+    _judge(client, _get(client)[1]["item"]["id"], "A+")
+    (record,) = read_records(tmp_path / "prefs.jsonl")
+    assert record["prompt"] == odd and odd + "!" in (record["chosen"], record["rejected"])
+    pairs = tmp_path / "pairs.jsonl"
+    write_items(pairs, [Item(odd, odd, odd)])
+    assert load_items(str(tmp_path / "o.jsonl"), str(pairs), None, "arithmetic", 1, 2, None, 8, 1.0, 0)[0].prompt == odd

@@ -65,7 +65,7 @@ def read_items(path: str | Path) -> list[Item]:
     if not path.is_file():
         raise DataError(f"No pairs file at '{path}'.")
     items = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for n, line in enumerate(_lines(path), start=1):
         if not line.strip():
             continue
         try:
@@ -93,7 +93,7 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.exists():
         return []
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = _lines(path)
     records = []
     for n, line in enumerate(lines, start=1):
         try:
@@ -280,6 +280,13 @@ class LabelStore:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
+
+
+def _lines(path: Path) -> list[str]:
+    """The file's lines, cut at newlines only: ``str.splitlines`` also cuts at U+2028, U+0085 and
+    other separators, which model output may hold inside a JSON string."""
+    text = path.read_text(encoding="utf-8")
+    return [line for line in text.split("\n") if line.strip()]
 
 
 def _now() -> str:
