@@ -123,11 +123,8 @@ class TRPOStage(CriticStage):
         g, kl_grads, tables, furthest, aux = 0.0, [], [], None, []
         for micro in micros:
             table, aux_loss = self.log_softmax(rollout, micro)  # (r, T, V) with grad; pi_old = pi here
+            surrogate, kl, ratio = self.terms(rollout, micro, table, table.detach(), buffer, n_tokens)  # ratio == 1
             mask = rollout.response_mask[micro]
-            labels = rollout.sequences[micro, rollout.prompt_length :]
-            ratio = torch.exp(table.gather(-1, labels[..., None]).squeeze(-1) - buffer["logprobs"][micro])  # == 1
-            surrogate = masked_sum(ratio * buffer["advantages"][micro], mask) / n_tokens
-            kl = masked_sum(token_kl(table.detach(), table), mask) / n_tokens
             g = g + flat(torch.autograd.grad(surrogate, params, retain_graph=True, allow_unused=True), params)
             kl_grads.append(flat(torch.autograd.grad(kl, params, create_graph=True, allow_unused=True), params))
             tables.append(table.detach())
@@ -165,16 +162,24 @@ class TRPOStage(CriticStage):
     def evaluate(self, rollout, micros, buffer, old_tables) -> tuple[Tensor, Tensor]:
         """The surrogate and the mean token KL(pi_old || pi) of the current policy on the rollout
         (averaged over ranks)."""
-        mask = rollout.response_mask
-        n_tokens = mask.sum().clamp(min=1)
+        n_tokens = rollout.response_mask.sum().clamp(min=1)
         surrogate, kl = 0.0, 0.0
         for micro, old in zip(micros, old_tables):
-            table, _ = self.log_softmax(rollout, micro)
-            labels = rollout.sequences[micro, rollout.prompt_length :]
-            ratio = torch.exp(table.gather(-1, labels[..., None]).squeeze(-1) - buffer["logprobs"][micro])
-            surrogate = surrogate + masked_sum(ratio * buffer["advantages"][micro], mask[micro]) / n_tokens
-            kl = kl + masked_sum(token_kl(old, table), mask[micro]) / n_tokens
+            part_surrogate, part_kl, _ = self.terms(
+                rollout, micro, self.log_softmax(rollout, micro)[0], old, buffer, n_tokens
+            )
+            surrogate, kl = surrogate + part_surrogate, kl + part_kl
         return self.reduce(surrogate), self.reduce(kl)
+
+    def terms(self, rollout, micro, table, old, buffer, n_tokens) -> tuple[Tensor, Tensor, Tensor]:
+        """A micro-batch's share of the surrogate ``E[pi/pi_old A]`` and of the mean token
+        KL(pi_old || pi), from its log-probability tables now (``table``) and at the rollout
+        (``old``), each (r, T, V); and the token ratios (r, T)."""
+        mask = rollout.response_mask[micro]
+        labels = rollout.sequences[micro, rollout.prompt_length :]
+        ratio = torch.exp(table.gather(-1, labels[..., None]).squeeze(-1) - buffer["logprobs"][micro])
+        surrogate = masked_sum(ratio * buffer["advantages"][micro], mask) / n_tokens
+        return surrogate, masked_sum(token_kl(old, table), mask) / n_tokens, ratio
 
     def log_softmax(self, rollout: Rollout, rows: Tensor) -> tuple[Tensor, Tensor]:
         """The policy's log-probability table (r, T, V) at the response positions of ``rows``,
@@ -187,7 +192,7 @@ class TRPOStage(CriticStage):
     def fit_critic(self, rollout: Rollout, buffer: dict[str, Tensor]) -> dict[str, Tensor]:
         """``vf_iters`` optimizer steps of the critic on PPO's clipped value loss, minibatch by
         minibatch (reshuffled after each pass), its gradients averaged over ranks by hand."""
-        hp, optimizer = self.hparams, self.optimizers()
+        hp = self.hparams
         params = [p for p in self.critic.parameters() if p.requires_grad]
         losses, clipped, minibatches = [], [], []
         for _ in range(hp.vf_iters):
@@ -200,18 +205,8 @@ class TRPOStage(CriticStage):
             grads = self.reduce(flat(torch.autograd.grad(loss, params, allow_unused=True), params))
             finite = bool(torch.isfinite(grads).all())
             for p, grad in zip(params, unflat(grads, params)):
-                p.grad = grad if finite else None
-            if finite and hp.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, hp.max_grad_norm)
-            if not finite:
-                self.count_nonfinite()
-            else:
-                self.nonfinite_in_a_row = 0
-            optimizer.step()
-            optimizer.zero_grad()
-            scheduler = self.lr_schedulers()
-            if scheduler is not None:
-                scheduler.step()
+                p.grad = grad
+            self.optimizer_step(finite)  # clips, steps (or skips and counts), steps the schedule
             losses.append(masked_mean(vf_losses.detach(), mask))
             clipped.append(masked_mean(vf_clipped, mask))
         return {"value/loss": torch.stack(losses).mean(), "value/clipfrac": torch.stack(clipped).mean()}
