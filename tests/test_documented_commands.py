@@ -40,6 +40,7 @@ BENCH_SIZES = {
     "moe": "--moe-tokens 64",
     "grpo-step": f"--prompts 2 --generations 2 --new-tokens 4 --steps 1 --tokenizer-path {R50K}",
     "lora": "--sft-steps 20 --ppo-steps 8",
+    "label": "--pairs 3",
     "gpu": "--shape tiny --device cpu --batches 2 --prompts 2 --generations 2 --new-tokens 4 --micro-batch-size 2 "
     "--steps 1",
 }
@@ -107,7 +108,7 @@ def test_the_commands_are_found():
     commands = [" ".join(c[:4]) for c in documented_commands()]
     assert "python train.py --stage pipeline" in commands
     assert "python train.py --stage eval" in commands
-    assert sum(c.startswith("python -m shraygpt_rl.bench") for c in commands) == 8
+    assert sum(c.startswith("python -m shraygpt_rl.bench") for c in commands) == 9
     assert (
         sum(any(w.startswith(("configs/opt-", "configs/tinystories")) for w in c) for c in documented_commands()) == 7
     )

@@ -103,3 +103,16 @@ def test_demonstration_scores_by_hand(tiny_model):
     rouge.rouge.update(["the cat sat"], ["the cat sat"])
     rouge.rouge.update(["dog"], ["the cat sat"])
     assert float(rouge.rouge.compute()["rougeL_fmeasure"]) == pytest.approx(0.5)
+
+
+def test_reward_model_success_is_the_share_scored_above_zero(tiny_model):
+    """Seed 003's evaluate_model: the fraction of responses the reward model scores above 0."""
+
+    class Scorer:
+        def score(self, prompts, responses):
+            return torch.tensor([1.0 if i % 4 == 0 else (0.0 if i % 4 == 1 else -2.0) for i in range(len(responses))])
+
+    data = PromptDataModule(**{**ARITH, "test_size": 12, "batch_size": 12})
+    data.setup()
+    report = evaluate_policy(tiny_model, data, reward_model=Scorer(), max_new_tokens=2)
+    assert report["reward_model_success"] == pytest.approx(3 / 12)  # 0 is not above 0

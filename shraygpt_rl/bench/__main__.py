@@ -7,6 +7,7 @@ python -m shraygpt_rl.bench stages       # SFT -> reward model -> DPO on the ari
 python -m shraygpt_rl.bench learning     # SFT -> PPO, GRPO (--stages, --seeds) on arithmetic: held-out success
 python -m shraygpt_rl.bench lora         # seed 001 at toy size: PPO with LoRA on a tiny GPT-Neo, keyword reward
 python -m shraygpt_rl.bench gpu --tokenizer-path r50k_base.tiktoken   # course size on a GPU: decode, GRPO, TRL
+python -m shraygpt_rl.bench label        # the labelling page: 20 pairs by keyboard in headless Chromium
 
 ``stages``, ``learning`` and ``lora`` train with ``configs/`` and write ``checkpoints/`` and ``logs/`` in the
 current directory, as ``train.py`` does: run them in a scratch folder.
@@ -15,20 +16,25 @@ current directory, as ``train.py`` does: run them in a scratch folder.
 from __future__ import annotations
 
 import argparse
+import sys
 
 from shraygpt_rl.bench import R50K
+from shraygpt_rl.errors import UserError
 from shraygpt_rl.runtime import retain_freed_memory
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m shraygpt_rl.bench", description=__doc__.splitlines()[0])
-    parser.add_argument("which", choices=["generation", "moe", "grpo-step", "stages", "learning", "lora", "gpu"])
+    parser.add_argument(
+        "which", choices=["generation", "moe", "grpo-step", "stages", "learning", "lora", "gpu", "label"]
+    )
     parser.add_argument("--prompts", type=int, help="generation, grpo-step: prompts (default 16, 8)")
     parser.add_argument("--new-tokens", type=int, help="generation, grpo-step: new tokens per response (64, 48)")
     parser.add_argument("--top-k", type=int, help="generation: 1 (greedy) or k; default both (16x64, 8x48 top-k 50)")
     parser.add_argument("--generations", type=int, help="grpo-step, gpu: completions per prompt (4, 8)")
     parser.add_argument("--steps", type=int, default=3, help="grpo-step: timed steps, after one warm-up step")
     parser.add_argument("--moe-tokens", type=int, default=1024, help="moe: tokens")
+    parser.add_argument("--pairs", type=int, default=20, help="label: pairs judged")
     parser.add_argument(
         "--stages",
         nargs="+",
@@ -91,7 +97,15 @@ def main(argv: list[str] | None = None) -> None:
         from shraygpt_rl.bench.lora import bench_lora
 
         bench_lora(args.sft_steps, args.ppo_steps)
+    if args.which == "label":
+        from shraygpt_rl.bench.label import bench_label
+
+        bench_label(args.pairs)
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as err:  # as train.py: one sentence and exit code 2, not a traceback
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -16,10 +16,9 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Literal
 
-import lightning as L
 import torch
 
-from shraygpt_rl.bench.throughput import StepTimer, step_flops
+from shraygpt_rl.bench.throughput import fit_and_time, step_flops
 from shraygpt_rl.data import PromptDataModule
 from shraygpt_rl.decode import Sampling, static_decoder
 from shraygpt_rl.errors import ConfigError
@@ -136,29 +135,15 @@ def bench_grpo(
             export_path=None,
             log_samples_every=0,
         )
-    timer = StepTimer()
     cuda = device.type == "cuda"
-    trainer = L.Trainer(
-        max_steps=steps + 1,
-        accelerator="gpu" if cuda else "cpu",
-        devices=1,
-        precision="bf16-mixed" if cuda else "32-true",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        callbacks=[timer],
-        default_root_dir=tempfile.mkdtemp(prefix="shraygpt-bench-"),
-    )
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    trainer.fit(stage, datamodule=data)
-    measured = timer.steps[1:]  # the first step captures graphs and warms allocators
+    timed = fit_and_time(
+        stage, data, steps, accelerator="gpu" if cuda else "cpu", precision="bf16-mixed" if cuda else "32-true"
+    )
     rows = prompts * generations
-    step_s = sum(s["step_s"] for s in measured) / len(measured)
-    gen_s = sum(s["generation_s"] for s in measured) / len(measured)
-    flops = step_flops(stage.policy, rows, timer.prompt_tokens, new_tokens)
+    step_s, gen_s = timed["step_s"], timed["generation_s"]
+    flops = step_flops(stage.policy, rows, timed["prompt_tokens"], new_tokens)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan")
     return {"completions_per_s": rows / step_s, "step_s": step_s, "generation_s": gen_s, "flops": flops, "peak": peak}
 

@@ -82,39 +82,46 @@ def bench_grpo_step(
         log_samples_every=0,
         logprob_chunk_rows=logprob_chunk_rows,
     )
-    timings = StepTimer()
-    trainer = L.Trainer(
-        max_steps=steps + 1,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        callbacks=[timings],
-    )
     print(
         f"GRPO step: {prompts} prompts x {generations} generations x {new_tokens} new tokens, beta=0, bench "
         f"shape (d_model 256, 4 layers, 8x32 heads, 4 experts top-2, vocab 50257), {torch.get_num_threads()} "
         f"threads"
     )
-    trainer.fit(stage, datamodule=data)
-    measured = timings.steps[1:]  # the first step warms up allocators and kernels
+    timed = fit_and_time(stage, data, steps, accelerator="cpu")
     rows = prompts * generations
-    step_s = sum(s["step_s"] for s in measured) / len(measured)
-    gen_s = sum(s["generation_s"] for s in measured) / len(measured)
-    update_s = sum(s["update_s"] for s in measured) / len(measured)
-    prompt_tokens = timings.prompt_tokens
+    step_s, gen_s, update_s = timed["step_s"], timed["generation_s"], timed["update_s"]
+    prompt_tokens = timed["prompt_tokens"]
     gflops = matmul_gflops()
     floor_s = step_flops(stage.policy, rows, prompt_tokens, new_tokens) / (gflops * 1e9)
-    print(f"  completions/s            {rows / step_s:8.2f}   ({step_s:.2f} s per step, mean of {len(measured)})")
+    print(f"  completions/s            {rows / step_s:8.2f}   ({step_s:.2f} s per step, mean of {steps})")
     print(
         f"  generation               {gen_s:8.2f} s  {gen_s / step_s:5.1%}   {rows * new_tokens / gen_s:7.0f} tokens/s"
     )
     print(f"  update (+ scoring)       {update_s:8.2f} s  {update_s / step_s:5.1%}")
     print(f"  FLOP floor at {gflops:.0f} GFLOP/s fp32 matmul: {floor_s:.2f} s; step / floor = {step_s / floor_s:.2f}x")
     return {"completions_per_s": rows / step_s, "generation_s": gen_s, "update_s": update_s, "floor_s": floor_s}
+
+
+def fit_and_time(stage: L.LightningModule, data, steps: int, **trainer_options) -> dict[str, float]:
+    """Fit ``stage`` for one warm-up step and ``steps`` timed ones, without logging or checkpoints;
+    the timed steps' mean seconds (``step_s``, ``generation_s``, ``update_s``) and prompt tokens."""
+    timer = StepTimer()
+    trainer = L.Trainer(
+        max_steps=steps + 1,
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[timer],
+        default_root_dir=tempfile.mkdtemp(prefix="shraygpt-bench-"),
+        **trainer_options,
+    )
+    trainer.fit(stage, datamodule=data)
+    measured = timer.steps[1:]  # the first step warms up allocators and kernels (and captures graphs)
+    mean = {key: sum(s[key] for s in measured) / len(measured) for key in ("step_s", "generation_s", "update_s")}
+    return {**mean, "prompt_tokens": timer.prompt_tokens}
 
 
 class StepTimer(L.Callback):
