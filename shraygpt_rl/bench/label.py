@@ -10,8 +10,10 @@ import threading
 import time
 from pathlib import Path
 
+from werkzeug.serving import make_server
+
 from shraygpt_rl.data.labels import Item, LabelStore, read_records
-from shraygpt_rl.label import create_app, make_server
+from shraygpt_rl.label import create_app
 
 
 def bench_label(pairs: int = 20) -> dict[str, float] | None:
