@@ -4,33 +4,45 @@ One step: sample one response per prompt and score it exactly as PPO does (``Cri
 per-token ``-kl_coef * KL`` reward against the reference, GAE, whitened advantages). Then, for
 the policy, there is no optimizer:
 
-1. ``g``, the gradient of the surrogate ``L(theta) = E[pi_theta / pi_old * A]`` (a mean over the
-   rollout's response tokens), is taken at the rollout policy, where the ratio is 1.
+1. ``g``, the gradient of the surrogate ``L(theta) = E[sum_t pi_theta / pi_old * A_t]`` (a sum
+   over each response's tokens, a mean over the rollout's responses), is taken at the rollout
+   policy, where the ratio is 1.
 2. ``x ~ (H + damping I)^-1 g`` comes from ``cg_iters`` steps of conjugate gradient, where ``H``
-   is the Hessian of the mean token ``KL(pi_old || pi_theta)`` at the rollout policy (its Fisher
-   matrix) and each product ``H v`` is a double backward pass (Pearlmutter, 1994).
-3. The full step ``sqrt(2 max_kl / x^T H x) x`` is tried, then shrunk by ``backtrack_ratio`` up
-   to ``max_backtracks`` times; the first size at which the surrogate improves and the exact KL
-   measured on the rollout is at most ``max_kl`` is kept. If none is, the parameters are put back
-   bit for bit and the failure is counted.
+   is the Hessian at the rollout policy of the mean response ``KL(pi_old || pi_theta)`` (each
+   response's KL the sum of its states' exact KLs over the vocabulary): its Fisher matrix. Each
+   product ``H v`` is a double backward pass (Pearlmutter, 1994).
+3. The full step ``sqrt(2 delta / x^T H x) x`` is tried, then shrunk by ``backtrack_ratio`` up to
+   ``max_backtracks`` times; the first size is kept at which the measured KL is at most delta
+   (the mean response KL, or the largest state KL: ``kl_constraint``) and the surrogate improves
+   by at least ``accept_ratio`` of what its linear model ``g . step`` expects (the paper's
+   appendix C). If none is, the parameters are put back bit for bit and the failure is counted.
+   delta is ``max_kl``, decaying linearly to ``max_kl_end`` over the run when that is set.
 
-The critic is trained by its own optimizer, ``vf_iters`` minibatch steps per rollout, on PPO's
-clipped value loss. Only trainable parameters take part (with LoRA, the adapters).
+Why per response and not per token: a response here is about twelve tokens, ten of them
+near-certain formatting. A token-mean bound of delta lets the step put about 12 delta nats on
+the one or two uncertain answer tokens, which flips their most likely choice and breaks greedy
+decoding. The paper's KL-bar averages over the unnormalised state visitation, which with
+gamma = 1 is the sum over a response's states: the KL between response distributions.
+``policy/argmax_flip_rate`` (the share of rollout states whose most likely token the step
+changed) and ``trpo/max_state_kl`` show what a step does to the mode.
 
-Departures from the paper, as in Spinning Up's TRPO: the KL of the constraint and of the line
-search is the exact KL over the vocabulary per response token, averaged over tokens (the paper's
-``KL-bar``), so the old log-probability tables of the rollout's response positions are kept
-(tokens x vocabulary floats); the Fisher products keep each micro-batch's graph for the step's
-conjugate-gradient iterations. Under DDP, ``g``, every ``H v``, the line search's figures and the
-critic's gradients are averaged across ranks by the strategy's ``reduce``, so every rank takes
-the same step; nothing goes through DDP's own gradient hooks. ``trainer.max_steps`` counts the
-critic's optimizer steps: one rollout is ``vf_iters`` of them.
+The critic is trained by its own optimizer, ``vf_iters`` minibatch steps per rollout (PPO's 4
+epochs x 2 minibatches by default), on PPO's clipped value loss. Only trainable parameters take
+part (with LoRA, the adapters).
+
+Departures from the paper: the old log-probability tables of the rollout's response positions are
+kept (tokens x vocabulary floats), and the Fisher products keep each micro-batch's graph for the
+step's conjugate-gradient iterations. Under DDP, ``g``, every ``H v``, the line search's figures
+and the critic's gradients are reduced across ranks by the strategy's ``reduce``, so every rank
+takes the same step; nothing goes through DDP's own gradient hooks. ``trainer.max_steps`` counts
+the critic's optimizer steps: one rollout is ``vf_iters`` of them.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -41,12 +53,25 @@ from shraygpt_rl.losses import conjugate_gradient, masked_mean, masked_sum, toke
 from shraygpt_rl.stages.online import Rollout, furthest_from_one
 from shraygpt_rl.stages.ppo import CriticStage
 
+KLConstraint = Literal["response", "max_state"]
+
 
 class TRPOStage(CriticStage):
     """Trust-region policy optimisation with PPO's critic and rewards.
 
     Args:
-        max_kl: The trust region: the most mean token KL(pi_old || pi) a step may take (delta).
+        max_kl: The trust region delta: the most KL(pi_old || pi) a step may take, per response
+            (``kl_constraint="response"``) or at any state (``"max_state"``).
+        max_kl_end: When set, delta moves linearly from ``max_kl`` at the first rollout to this at
+            the last (``trainer.max_steps / vf_iters`` rollouts): smaller late steps settle the
+            policy, as a decaying learning rate does. None keeps ``max_kl``.
+        kl_constraint: ``response``: the mean over responses of each response's KL (the sum of
+            its tokens' KLs), the paper's average KL under the unnormalised state visitation with
+            gamma = 1; ``max_state``: the largest KL at any response state (the paper's Theorem 1
+            bound). The step's direction and first size come from the response KL's quadratic
+            model either way; the line search checks the chosen one.
+        accept_ratio: The line search keeps a step only if the surrogate's actual improvement is
+            at least this share of the improvement its linear model expects (TRPO's appendix C).
         damping: Added to the Fisher matrix's diagonal (``H + damping I``), for conditioning.
         cg_iters: Conjugate-gradient steps towards ``H^-1 g``.
         backtrack_ratio: Factor by which the line search shrinks a rejected step.
@@ -60,16 +85,25 @@ class TRPOStage(CriticStage):
 
     def __init__(
         self,
-        max_kl: float = 0.01,
+        max_kl: float = 0.05,
+        max_kl_end: float | None = None,
+        kl_constraint: KLConstraint = "response",
+        accept_ratio: float = 0.1,
         damping: float = 0.1,
         cg_iters: int = 10,
         backtrack_ratio: float = 0.8,
         max_backtracks: int = 10,
-        vf_iters: int = 4,
+        vf_iters: int = 8,
         export_path: str | None = "checkpoints/shraygpt-trpo.ckpt",
         **kwargs,
     ):
         require(max_kl > 0, f"max_kl must be > 0, got {max_kl}.")
+        require(max_kl_end is None or max_kl_end > 0, f"max_kl_end must be > 0 (or null), got {max_kl_end}.")
+        require(
+            kl_constraint in ("response", "max_state"),
+            f"kl_constraint must be response or max_state, got {kl_constraint!r}.",
+        )
+        require(0 <= accept_ratio < 1, f"accept_ratio must be in [0, 1), got {accept_ratio}.")
         require(damping >= 0, f"damping must be >= 0, got {damping}.")
         require(cg_iters >= 1 and vf_iters >= 1, "cg_iters and vf_iters must be at least 1.")
         require(0 < backtrack_ratio < 1, f"backtrack_ratio must be in (0, 1), got {backtrack_ratio}.")
@@ -83,9 +117,19 @@ class TRPOStage(CriticStage):
     def policy_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.policy.parameters() if p.requires_grad]
 
-    def reduce(self, value: Tensor) -> Tensor:
-        """The mean of ``value`` over DDP ranks (itself on one device)."""
-        return self.trainer.strategy.reduce(value, reduce_op="mean") if self._trainer else value
+    def reduce(self, value: Tensor, op: str = "mean") -> Tensor:
+        """``value`` reduced over DDP ranks by ``op`` (itself on one device)."""
+        return self.trainer.strategy.reduce(value, reduce_op=op) if self._trainer else value
+
+    def trust_region(self) -> float:
+        """This rollout's delta: ``max_kl``, or on the line from it to ``max_kl_end``."""
+        hp = self.hparams
+        max_steps = self.trainer.max_steps if self._trainer else -1
+        if hp.max_kl_end is None or max_steps is None or max_steps < 1:
+            return hp.max_kl
+        total = max(max_steps // hp.vf_iters, 1)
+        progress = min(max(self.rollouts - 1, 0) / max(total - 1, 1), 1.0)
+        return hp.max_kl + (hp.max_kl_end - hp.max_kl) * progress
 
     # -- one step ------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
@@ -102,84 +146,102 @@ class TRPOStage(CriticStage):
 
     def policy_step(self, rollout: Rollout, micros: list[Tensor], buffer: dict[str, Tensor]) -> dict[str, Tensor]:
         """The natural-gradient step with its line search (the module docstring's 1-3)."""
-        hp = self.hparams
+        hp, delta = self.hparams, self.trust_region()
         at_old = self.linearise(rollout, micros, buffer)
         x, residual = conjugate_gradient(at_old.fisher, at_old.g, hp.cg_iters)
-        step, _ = trpo_step(x, at_old.fisher(x), hp.max_kl)
+        step, _ = trpo_step(x, at_old.fisher(x), delta)
         at_old.kl_grads.clear()  # frees the graphs before the line search
-        surrogate_old = self.reduce(masked_mean(buffer["advantages"], rollout.response_mask))  # the ratio is 1
-        found = self.line_search(rollout, micros, buffer, at_old.tables, step, float(at_old.g @ step), surrogate_old)
+        surrogate_old = self.reduce(masked_sum(buffer["advantages"], rollout.response_mask) / len(rollout))  # ratio 1
+        expected = float(at_old.g @ step)
+        found = self.line_search(rollout, micros, buffer, at_old.tables, step, expected, surrogate_old, delta)
         return found | {
             "trpo/cg_residual": torch.tensor(residual),
+            "trpo/max_kl": torch.tensor(delta),
             "policy/ratio_at_start": at_old.ratio_furthest,
             "moe/aux_loss": at_old.aux_loss,
         }
 
     def linearise(self, rollout: Rollout, micros: list[Tensor], buffer: dict[str, Tensor]) -> Linearisation:
-        """At the rollout policy: the surrogate's gradient ``g``, the graphs of the mean token
+        """At the rollout policy: the surrogate's gradient ``g``, the graphs of the response
         KL's gradient (one per micro-batch) for Fisher-vector products, and the log-probability
         tables of pi_old. Gradients and products are averaged over ranks."""
-        params, n_tokens = self.policy_parameters(), rollout.response_mask.sum().clamp(min=1)
+        params = self.policy_parameters()
         g, kl_grads, tables, furthest, aux = 0.0, [], [], None, []
         for micro in micros:
             table, aux_loss = self.log_softmax(rollout, micro)  # (r, T, V) with grad; pi_old = pi here
-            surrogate, kl, ratio = self.terms(rollout, micro, table, table.detach(), buffer, n_tokens)  # ratio == 1
+            surrogate, kl, ratio = self.terms(rollout, micro, table, table.detach(), buffer)  # ratio == 1
             mask = rollout.response_mask[micro]
             g = g + flat(torch.autograd.grad(surrogate, params, retain_graph=True, allow_unused=True), params)
-            kl_grads.append(flat(torch.autograd.grad(kl, params, create_graph=True, allow_unused=True), params))
+            kl_grads.append(
+                flat(torch.autograd.grad(kl.sum() / len(rollout), params, create_graph=True, allow_unused=True), params)
+            )
             tables.append(table.detach())
             furthest = furthest_from_one(ratio, mask, furthest)
             aux.append(aux_loss.detach())
         return Linearisation(self.reduce(g), kl_grads, tables, furthest, torch.stack(aux).mean(), params, self)
 
     @torch.no_grad()
-    def line_search(self, rollout, micros, buffer, old_tables, step: Tensor, expected: float, surrogate_old):
+    def line_search(self, rollout, micros, buffer, old_tables, step: Tensor, expected: float, surrogate_old, delta):
         """Try ``backtrack_ratio^j`` of ``step`` for j = 0 .. ``max_backtracks``; keep the first
-        that improves the surrogate within ``max_kl``, else put the parameters back."""
+        within ``delta`` whose surrogate improves by at least ``accept_ratio`` of the linear
+        model's expectation, else put the parameters back."""
         hp, params = self.hparams, self.policy_parameters()
         start = [p.detach().clone() for p in params]
         fraction = 0.0
         for j in range(hp.max_backtracks + 1):
             fraction = hp.backtrack_ratio**j
             set_flat(params, start, fraction * step)
-            surrogate, kl = self.evaluate(rollout, micros, buffer, old_tables)
-            improvement = surrogate - surrogate_old
-            if improvement > 0 and kl <= hp.max_kl:
+            found = self.evaluate(rollout, micros, buffer, old_tables)
+            improvement = found["surrogate"] - surrogate_old
+            measured = found["kl"] if hp.kl_constraint == "response" else found["max_state_kl"]
+            if measured <= delta and improvement > 0 and improvement >= hp.accept_ratio * fraction * expected:
                 break
         else:
             for p, saved in zip(params, start):
                 p.copy_(saved)
             fraction = 0.0
             self.line_search_failures += 1
+            found["flip_rate"] = torch.tensor(0.0)  # the policy is back where it was
         return {
-            "trpo/kl": kl,
+            "trpo/kl": found["kl"],
+            "trpo/max_state_kl": found["max_state_kl"],
+            "policy/argmax_flip_rate": found["flip_rate"],
             "trpo/step_fraction": torch.tensor(fraction),
             "trpo/surrogate_improvement": improvement,
             "trpo/expected_improvement_ratio": improvement / max(expected * (fraction or 1.0), 1e-12),
             "trpo/line_search_failures": torch.tensor(float(self.line_search_failures)),
         }
 
-    def evaluate(self, rollout, micros, buffer, old_tables) -> tuple[Tensor, Tensor]:
-        """The surrogate and the mean token KL(pi_old || pi) of the current policy on the rollout
-        (averaged over ranks)."""
-        n_tokens = rollout.response_mask.sum().clamp(min=1)
-        surrogate, kl = 0.0, 0.0
+    def evaluate(self, rollout, micros, buffer, old_tables) -> dict[str, Tensor]:
+        """The current policy against the rollout's, on the rollout (reduced over ranks): the
+        surrogate, the mean response KL(pi_old || pi), the largest KL at one state, and the
+        share of response states whose most likely token changed."""
+        surrogate, kl, max_state, flips = 0.0, 0.0, torch.zeros(()), 0.0
+        states = rollout.response_mask.sum().clamp(min=1)
         for micro, old in zip(micros, old_tables):
-            part_surrogate, part_kl, _ = self.terms(
-                rollout, micro, self.log_softmax(rollout, micro)[0], old, buffer, n_tokens
-            )
-            surrogate, kl = surrogate + part_surrogate, kl + part_kl
-        return self.reduce(surrogate), self.reduce(kl)
+            table = self.log_softmax(rollout, micro)[0]  # (r, T, V)
+            part_surrogate, part_kl, _ = self.terms(rollout, micro, table, old, buffer)
+            mask = rollout.response_mask[micro].bool()
+            surrogate, kl = surrogate + part_surrogate, kl + part_kl.sum() / len(rollout)
+            max_state = torch.maximum(max_state, part_kl.max())
+            flips = flips + ((table.argmax(-1) != old.argmax(-1)) & mask).sum()
+        return {
+            "surrogate": self.reduce(surrogate),
+            "kl": self.reduce(kl),
+            "max_state_kl": self.reduce(max_state, "max"),
+            "flip_rate": self.reduce(flips / states),
+        }
 
-    def terms(self, rollout, micro, table, old, buffer, n_tokens) -> tuple[Tensor, Tensor, Tensor]:
-        """A micro-batch's share of the surrogate ``E[pi/pi_old A]`` and of the mean token
-        KL(pi_old || pi), from its log-probability tables now (``table``) and at the rollout
-        (``old``), each (r, T, V); and the token ratios (r, T)."""
+    def terms(self, rollout, micro, table, old, buffer) -> tuple[Tensor, Tensor, Tensor]:
+        """A micro-batch's share of the surrogate ``E[sum_t pi/pi_old A_t]`` (a sum over each
+        response's tokens, a mean over the rollout's responses), its exact KL(pi_old || pi) at
+        each response state (r, T; 0 off the mask), from its log-probability tables now
+        (``table``) and at the rollout (``old``), each (r, T, V); and the token ratios (r, T)."""
         mask = rollout.response_mask[micro]
         labels = rollout.sequences[micro, rollout.prompt_length :]
         ratio = torch.exp(table.gather(-1, labels[..., None]).squeeze(-1) - buffer["logprobs"][micro])
-        surrogate = masked_sum(ratio * buffer["advantages"][micro], mask) / n_tokens
-        return surrogate, masked_sum(token_kl(old, table), mask) / n_tokens, ratio
+        surrogate = masked_sum(ratio * buffer["advantages"][micro], mask) / len(rollout)
+        return surrogate, token_kl(old, table) * mask, ratio
 
     def log_softmax(self, rollout: Rollout, rows: Tensor) -> tuple[Tensor, Tensor]:
         """The policy's log-probability table (r, T, V) at the response positions of ``rows``,

@@ -15,7 +15,7 @@ from shraygpt_rl.bench import ROOT, demo_data
 from shraygpt_rl.data import PromptDataModule
 from shraygpt_rl.evaluate import verifier_success
 from shraygpt_rl.generation import response_logits
-from shraygpt_rl.losses import masked_mean, token_kl
+from shraygpt_rl.losses import masked_sum, token_kl
 from shraygpt_rl.model import ShrayGPT
 from shraygpt_rl.runner import config_section
 from shraygpt_rl.stages.online import Rollout
@@ -65,9 +65,10 @@ def _rollout(stage: TRPOStage, rows: int = 6) -> tuple[Rollout, list[torch.Tenso
 
 
 @pytest.mark.parametrize("micro_batch_size", [None, 2])
-def test_fisher_vector_product_is_the_hessian_of_the_mean_kl(random_policy, perturb_adapters, micro_batch_size):
+def test_fisher_vector_product_is_the_hessian_of_the_response_kl(random_policy, perturb_adapters, micro_batch_size):
     """``(H + damping) v - damping v`` against ``H v`` with H from torch.autograd.functional.hessian
-    of the mean token KL(pi_old || pi_theta), at theta = the rollout policy."""
+    of the mean response KL(pi_old || pi_theta) (a sum over tokens, a mean over responses), at
+    theta = the rollout policy."""
     stage = _stage(random_policy, lora=LORA, damping=0.1, micro_batch_size=micro_batch_size)
     perturb_adapters(stage.policy)  # away from B = 0, where some second derivatives vanish
     rollout, micros, buffer = _rollout(stage)
@@ -81,7 +82,7 @@ def test_fisher_vector_product_is_the_hessian_of_the_mean_kl(random_policy, pert
         tensors = dict(zip(names, unflat(flat_theta, params)))
         policy = _Logits(stage.policy, rollout, stage.hparams.temperature)
         table = torch.func.functional_call(policy, {f"policy.{k}": v for k, v in tensors.items()}, ())
-        return masked_mean(token_kl(old, table.log_softmax(-1)), rollout.response_mask)
+        return masked_sum(token_kl(old, table.log_softmax(-1)), rollout.response_mask) / len(rollout)
 
     H = torch.autograd.functional.hessian(mean_kl, theta)  # (P, P)
     assert H.shape == (256, 256) and H.abs().max() > 0
@@ -103,41 +104,136 @@ class _Logits(torch.nn.Module):
         return response_logits(self.policy, r.sequences, r.attention_mask, r.prompt_length, self.temperature)[0]
 
 
-def _kl_to(stage: TRPOStage, rollout, tables) -> float:
+def _kl_to(stage: TRPOStage, rollout, tables) -> tuple[float, float]:
+    """The mean response KL and the largest state KL of the stage's policy from ``tables``, by a
+    loop over responses and tokens (the stage computes them batched)."""
     with torch.no_grad():
-        rows = torch.arange(len(rollout))
-        table, _ = stage.log_softmax(rollout, rows)
-    return float(masked_mean(token_kl(torch.cat(tables), table), rollout.response_mask))
+        table, _ = stage.log_softmax(rollout, torch.arange(len(rollout)))
+    old, per_response, largest = torch.cat(tables), [], 0.0
+    for i in range(len(rollout)):
+        kls = [float(token_kl(old[i, t], table[i, t])) for t in range(old.size(1)) if rollout.response_mask[i, t]]
+        per_response.append(sum(kls))
+        largest = max([largest, *kls])
+    return sum(per_response) / len(per_response), largest
 
 
-def test_an_accepted_step_stays_inside_the_trust_region(random_policy):
-    stage = _stage(random_policy, max_kl=0.01)
+@pytest.mark.parametrize("kl_constraint", ["response", "max_state"])
+def test_an_accepted_step_stays_inside_the_trust_region(random_policy, kl_constraint):
+    """The measured KL that ``kl_constraint`` names is within max_kl, the figures the step logs are
+    the loop's, and the improvement is at least accept_ratio of the linear model's."""
+    stage = _stage(random_policy, max_kl=0.05, kl_constraint=kl_constraint, accept_ratio=0.1)
     rollout, micros, buffer = _rollout(stage)
     tables = stage.linearise(rollout, micros, buffer).tables
     before = [p.detach().clone() for p in stage.policy_parameters()]
     metrics = stage.policy_step(rollout, micros, buffer)
     assert float(metrics["trpo/step_fraction"]) > 0, "this step should be accepted"
     assert metrics["trpo/surrogate_improvement"] > 0
-    kl = _kl_to(stage, rollout, tables)
-    assert 0 < kl <= 0.01 and kl == pytest.approx(float(metrics["trpo/kl"]), rel=1e-4)
+    assert float(metrics["trpo/expected_improvement_ratio"]) >= 0.1
+    kl, largest = _kl_to(stage, rollout, tables)
+    assert kl == pytest.approx(float(metrics["trpo/kl"]), rel=1e-4)
+    assert largest == pytest.approx(float(metrics["trpo/max_state_kl"]), rel=1e-4)
+    assert 0 < (kl if kl_constraint == "response" else largest) <= 0.05
     assert any(not torch.equal(a, b) for a, b in zip(before, stage.policy_parameters()))
+
+
+def _candidates(improvements, kls, max_state_kls=None):
+    """A stand-in for ``TRPOStage.evaluate`` that gives the line search's j-th candidate the j-th
+    figures (the last ones repeat), and the list of candidates it was asked for."""
+    tried = []
+
+    def evaluate(*args):
+        j = len(tried)
+        tried.append(j)
+        at = lambda values: torch.tensor(values[min(j, len(values) - 1)])  # noqa: E731
+        return {
+            "surrogate": at(improvements),
+            "kl": at(kls),
+            "max_state_kl": at(kls if max_state_kls is None else max_state_kls),
+            "flip_rate": torch.tensor(0.5),
+        }
+
+    return evaluate, tried
 
 
 def test_a_rejected_step_leaves_every_parameter_bit_for_bit(random_policy, monkeypatch):
     stage = _stage(random_policy, max_backtracks=3)
     rollout, micros, buffer = _rollout(stage)
     before = {n: p.detach().clone() for n, p in stage.policy.named_parameters()}
-    tried = []
-
-    def worse(*args):  # every candidate lowers the surrogate
-        tried.append(1)
-        return torch.tensor(-1.0), torch.tensor(0.0)
-
-    monkeypatch.setattr(stage, "evaluate", worse)
+    evaluate, tried = _candidates([-1.0], [0.0])  # every candidate lowers the surrogate
+    monkeypatch.setattr(stage, "evaluate", evaluate)
     metrics = stage.policy_step(rollout, micros, buffer)
     assert len(tried) == 4  # the full step and three shrinkings
     assert float(metrics["trpo/step_fraction"]) == 0 and float(metrics["trpo/line_search_failures"]) == 1
+    assert float(metrics["policy/argmax_flip_rate"]) == 0
     assert all(torch.equal(before[n], p) for n, p in stage.policy.named_parameters())
+
+
+def _line_search(stage, candidates, expected=1.0):
+    """The line search over a unit step whose linear model expects ``expected``, the surrogate
+    starting at 0; its metrics and the candidates it evaluated."""
+    rollout, micros, buffer = _rollout(stage)
+    step = torch.zeros(sum(p.numel() for p in stage.policy_parameters()))
+    evaluate, tried = candidates
+    stage.evaluate = evaluate
+    found = stage.line_search(rollout, micros, buffer, [], step, expected, torch.tensor(0.0), stage.hparams.max_kl)
+    return found, tried
+
+
+def test_the_line_search_wants_a_tenth_of_the_expected_improvement(random_policy):
+    """TRPO's appendix C: a candidate that improves the surrogate, but by less than accept_ratio of
+    what the linear model expects at its size, is shrunk, not kept."""
+    stage = _stage(random_policy, max_kl=0.05, backtrack_ratio=0.5, max_backtracks=3, accept_ratio=0.1)
+    # Expected 1 at the full step, 0.5 at half: 0.05 is under a tenth of both; 0.06 at a quarter is not.
+    found, tried = _line_search(stage, _candidates([0.05, 0.04, 0.06], [0.01]))
+    assert tried == [0, 1, 2] and float(found["trpo/step_fraction"]) == 0.25
+    stage = _stage(random_policy, max_kl=0.05, accept_ratio=0.0)  # any improvement will do
+    found, tried = _line_search(stage, _candidates([0.05], [0.01]))
+    assert tried == [0] and float(found["trpo/step_fraction"]) == 1
+
+
+@pytest.mark.parametrize("kl_constraint", ["response", "max_state"])
+def test_the_line_search_checks_the_kl_the_constraint_names(random_policy, kl_constraint):
+    """Mean response KL 0.01 within delta 0.05 at every size; the largest state KL 0.2, then 0.04.
+    ``response`` keeps the full step, ``max_state`` the first size whose largest state KL fits."""
+    stage = _stage(random_policy, max_kl=0.05, backtrack_ratio=0.5, kl_constraint=kl_constraint)
+    found, tried = _line_search(stage, _candidates([0.9, 0.45], [0.01, 0.01], [0.2, 0.04]))
+    assert float(found["trpo/step_fraction"]) == (1.0 if kl_constraint == "response" else 0.5)
+    found, tried = _line_search(stage, _candidates([0.9], [0.08]))  # over delta at every size
+    assert float(found["trpo/step_fraction"]) == 0 and len(tried) == stage.hparams.max_backtracks + 1
+
+
+def test_the_trust_region_decays_linearly_over_the_rollouts(random_policy):
+    stage = _stage(random_policy, max_kl=0.08, max_kl_end=0.02, vf_iters=2)
+    deltas = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, module, *args):
+            deltas.append(module.trust_region())
+
+    fit_online(stage, max_steps=8, prompts=dict(ARITH, batch_size=4, train_size=32), callbacks=[Record()])
+    assert deltas == pytest.approx([0.08, 0.06, 0.04, 0.02])  # 4 rollouts of vf_iters 2 steps
+    assert _stage(random_policy, max_kl=0.08).trust_region() == 0.08
+
+
+def test_the_flip_rate_counts_states_whose_most_likely_token_changed(random_policy):
+    """``policy/argmax_flip_rate`` after an accepted step against a loop over the response states."""
+    stage = _stage(random_policy, max_kl=0.5, accept_ratio=0.0)
+    rollout, micros, buffer = _rollout(stage)
+    old = torch.cat(stage.linearise(rollout, micros, buffer).tables)
+    metrics = stage.policy_step(rollout, micros, buffer)
+    assert float(metrics["trpo/step_fraction"]) > 0
+    with torch.no_grad():
+        new = stage.log_softmax(rollout, torch.arange(len(rollout)))[0]
+    states = [(i, t) for i in range(len(rollout)) for t in range(old.size(1)) if rollout.response_mask[i, t]]
+    flips = sum(int(old[i, t].argmax() != new[i, t].argmax()) for i, t in states)
+    assert float(metrics["policy/argmax_flip_rate"]) == pytest.approx(flips / len(states))
+    assert flips > 0  # a step this large on a random policy moves some modes
+
+
+def test_bad_trust_region_options_are_refused(random_policy):
+    for bad in (dict(max_kl=0), dict(max_kl_end=-1.0), dict(kl_constraint="token"), dict(accept_ratio=1.0)):
+        with pytest.raises(ValueError):
+            _stage(random_policy, **bad)
 
 
 def test_trpo_trains_the_critic_and_logs_its_figures(random_policy):
@@ -146,7 +242,8 @@ def test_trpo_trains_the_critic_and_logs_its_figures(random_policy):
     metrics = fit_online(stage, max_steps=6, prompts=dict(ARITH, batch_size=8, train_size=32))  # 2 rollouts
     assert stage.global_step == 6
     wanted = "trpo/kl trpo/step_fraction trpo/surrogate_improvement trpo/cg_residual trpo/line_search_failures "
-    wanted += "trpo/expected_improvement_ratio value/loss objective/kl policy/ratio_at_start reward/mean"
+    wanted += "trpo/expected_improvement_ratio trpo/max_state_kl trpo/max_kl policy/argmax_flip_rate "
+    wanted += "value/loss objective/kl policy/ratio_at_start reward/mean"
     assert set(wanted.split()) <= set(metrics)
     assert abs(metrics["policy/ratio_at_start"] - 1) < 1e-4
     assert any(not torch.equal(a, b) for a, b in zip(critic_before, stage.critic.parameters()))
