@@ -114,7 +114,7 @@ def dpo_loss(
 # Online RL: statistics, KL estimators, advantages
 # --------------------------------------------------------------------------------------------
 KLEstimator = Literal["k1", "k2", "k3", "abs"]
-GRPOLossType = Literal["grpo", "dr_grpo", "dapo", "bnpo"]
+GRPOLossType = Literal["grpo", "dr_grpo", "dapo", "bnpo", "group_token_mean"]
 ScaleRewards = Literal["group", "batch", "none"]
 
 
@@ -140,7 +140,14 @@ def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, kind: KLEstimator = "k1"
     """Per-token estimates of KL(pi || pi_ref) from samples of pi (Schulman, "Approximating KL
     divergence", 2020): ``k1 = log r``, ``k2 = (log r)^2 / 2``, ``k3 = (1/r - 1) + log r`` with
     ``r = pi / pi_ref``; k1 is unbiased, k3 unbiased and always >= 0, k2 biased but low-variance;
-    ``abs = |log r|`` (seed 004's fourth penalty) is >= 0 and biased upwards, like k2."""
+    ``abs = |log r|`` (seed 004's fourth penalty) is >= 0 and biased upwards, like k2.
+
+    Seed notebook 000 writes k3 as ``(r - 1) - log r``, evaluated on samples of pi: that is
+    Schulman's k3 for KL(pi_ref || pi), which needs samples of pi_ref. On samples of pi its
+    expectation is ``E_pi[r] - 1 - KL(pi || pi_ref)``, not the KL. Here k3 is the form that is
+    unbiased for KL(pi || pi_ref) on samples of pi: ``(pi_ref/pi - 1) - log(pi_ref/pi)``, that is
+    ``expm1(-log r) + log r``.
+    """
     log_ratio = logprobs - ref_logprobs
     if kind == "k1":
         return log_ratio
@@ -232,12 +239,17 @@ def aggregate_loss(
     max_length: int | None = None,
     num_sequences: int | None = None,
     num_tokens: int | float | Tensor | None = None,
+    group_size: int | None = None,
 ) -> Tensor:
     """Reduce per-token losses (B, T) to a scalar, in a way that is additive over micro-batches.
 
     * ``grpo``: mean over each sequence's tokens, then over sequences (DeepSeekMath, eq. 3).
-    * ``bnpo``, ``dapo``, ``token_mean``: one mean over all tokens of the batch (DAPO, eq. 8).
+    * ``bnpo``, ``dapo``, ``token_mean``: the sum over all tokens divided by ``num_tokens``, by
+      default the batch's token count: one mean over all tokens of the batch (DAPO, eq. 8).
     * ``dr_grpo``: sum over tokens divided by ``sequences * max_length``, a constant (Dr. GRPO).
+    * ``group_token_mean``: mean over all tokens of each group (the ``group_size`` completions of
+      one prompt, consecutive rows, as ``group_advantages`` has them), then over groups (seed
+      notebook 000's aggregation). A batch must hold whole groups.
 
     ``num_sequences`` and ``num_tokens`` are the counts of the whole minibatch when ``losses``
     is one of its micro-batches: then the micro-batch losses add up to the minibatch's loss.
@@ -251,7 +263,13 @@ def aggregate_loss(
         return masked_sum(losses, mask) / max(float(tokens), 1.0)
     if loss_type == "dr_grpo":
         return masked_sum(losses, mask) / (sequences * (max_length or losses.size(1)))
-    raise ValueError(f"Unknown loss_type '{loss_type}'; choose grpo, dr_grpo, dapo or bnpo.")
+    if loss_type == "group_token_mean":
+        if not group_size or losses.size(0) % group_size or sequences % group_size:
+            raise ValueError(f"group_token_mean needs whole groups of group_size={group_size} rows in every batch.")
+        group_sums = masked_sum(losses, mask, dim=1).view(-1, group_size).sum(1)  # (groups,)
+        group_tokens = mask.sum(1).view(-1, group_size).sum(1)  # (groups,)
+        return (group_sums / group_tokens.clamp(min=1)).sum() / (sequences // group_size)
+    raise ValueError(f"Unknown loss_type '{loss_type}'; choose grpo, dr_grpo, dapo, bnpo or group_token_mean.")
 
 
 def next_token_loss(logits: Tensor, input_ids: Tensor, loss_mask: Tensor) -> Tensor:

@@ -172,6 +172,21 @@ def test_k3_is_unbiased_for_the_kl():
         assert estimate == pytest.approx(true_kl, abs=5e-3)
 
 
+def test_seed_000s_k3_is_not_the_kl_on_samples_of_the_policy():
+    """Seed notebook 000 writes k3 as ``(r - 1) - log r`` with r = pi / pi_ref on samples of pi:
+    Schulman's k3 for KL(pi_ref || pi). Its mean tends to E_pi[r] - 1 - KL(pi || pi_ref)
+    (here 1.525 - 1 - 0.277 = 0.248), not the KL (0.277), which kl_estimate's k3 reaches."""
+    torch.manual_seed(0)
+    p, q = torch.tensor([0.6, 0.3, 0.1]), torch.tensor([0.3, 0.3, 0.4])
+    samples = torch.multinomial(p, 200_000, replacement=True)
+    true_kl = (p * (p / q).log()).sum().item()
+    log_r = (p.log() - q.log())[samples]  # log pi/pi_ref on samples of pi
+    notebook = (torch.expm1(log_r) - log_r).mean().item()
+    assert notebook == pytest.approx((p * p / q).sum().item() - 1 - true_kl, abs=5e-3)
+    assert abs(notebook - true_kl) > 0.02
+    assert kl_estimate(p.log()[samples], q.log()[samples], "k3").mean().item() == pytest.approx(true_kl, abs=5e-3)
+
+
 def test_group_and_rloo_advantages_by_hand():
     rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0])  # two prompts of three samples
     assert group_advantages(rewards, 3, "none").tolist() == pytest.approx([2 / 3, -1 / 3, -1 / 3, 0, 0, 0])
@@ -213,6 +228,62 @@ def test_aggregate_loss_by_hand_and_over_micro_batches(loss_type):
         for i in range(2)
     ]
     assert sum(parts).item() == pytest.approx(expected)
+
+
+def test_group_token_mean_by_hand():
+    # Two groups of two rows: (1 + 2 + 3 + 4) / 4 tokens = 2.5, and (2 + 2) / 2 tokens = 2 (the
+    # last row has no tokens); the mean over groups is 2.25 (grpo: 2, dapo: 14 / 6).
+    losses = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0], [2.0, 2.0, 0.0], [6.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0], [1, 1, 0], [0, 0, 0]])
+    assert aggregate_loss(losses, mask, "group_token_mean", group_size=2).item() == pytest.approx(2.25)
+    kwargs = dict(loss_type="group_token_mean", num_sequences=4, group_size=2)
+    parts = [aggregate_loss(losses[i : i + 2], mask[i : i + 2], **kwargs) for i in (0, 2)]
+    assert parts[0].item() == pytest.approx(2.5 / 2) and parts[1].item() == pytest.approx(2.0 / 2)
+    with pytest.raises(ValueError, match="whole groups"):  # a micro-batch that splits a group
+        aggregate_loss(losses[:1], mask[:1], "group_token_mean", num_sequences=4, group_size=2)
+    with pytest.raises(ValueError, match="whole groups"):
+        aggregate_loss(losses, mask, "group_token_mean")
+
+
+@pytest.mark.parametrize(("groups", "group_size", "length"), [(1, 2, 1), (3, 4, 7), (4, 3, 5), (6, 2, 9)])
+def test_group_token_mean_matches_a_naive_loop_and_adds_over_micro_batches(groups, group_size, length):
+    g = torch.Generator().manual_seed(100 * groups + 10 * group_size + length)
+    losses = torch.randn(groups * group_size, length, generator=g)
+    mask = (torch.rand(groups * group_size, length, generator=g) < 0.6).float()  # (R, T)
+    if groups > 2:
+        mask[-group_size:] = 0  # a group without tokens counts as 0
+    expected = 0.0
+    for k in range(groups):
+        total, count = 0.0, 0
+        for i in range(k * group_size, (k + 1) * group_size):
+            for t in range(length):
+                if mask[i, t]:
+                    total, count = total + losses[i, t].item(), count + 1
+        expected += (total / count if count else 0.0) / groups
+    whole = aggregate_loss(losses, mask, "group_token_mean", group_size=group_size)
+    assert whole.item() == pytest.approx(expected, abs=1e-6)
+    for per_micro in range(1, groups + 1):  # micro-batches of whole groups, the last one maybe smaller
+        rows = per_micro * group_size
+        parts = [
+            aggregate_loss(part, m, "group_token_mean", num_sequences=len(losses), group_size=group_size)
+            for part, m in zip(losses.split(rows), mask.split(rows))
+        ]
+        assert sum(parts).item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_dapo_over_ranks_is_one_token_mean():
+    """Each DDP rank divides its token sum by global tokens / world size; the ranks' mean (what DDP
+    does to gradients) is then the token mean over the whole minibatch, while bnpo's, each rank
+    divided by its own count, is not."""
+    g = torch.Generator().manual_seed(0)
+    losses = [torch.randn(4, 6, generator=g) for _ in range(2)]
+    masks = [torch.ones(4, 6), (torch.arange(6) < 2).float().expand(4, 6)]  # 24 and 8 tokens
+    global_tokens = sum(m.sum() for m in masks)
+    dapo = [aggregate_loss(x, m, "dapo", num_tokens=global_tokens / 2) for x, m in zip(losses, masks)]
+    pooled = aggregate_loss(torch.cat(losses), torch.cat(masks), "dapo")
+    assert (sum(dapo) / 2).item() == pytest.approx(pooled.item(), abs=1e-6)
+    bnpo = [aggregate_loss(x, m, "bnpo") for x, m in zip(losses, masks)]
+    assert (sum(bnpo) / 2).item() != pytest.approx(pooled.item(), abs=1e-3)
 
 
 def test_entropy_and_explained_variance():

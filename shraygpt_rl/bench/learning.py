@@ -44,7 +44,9 @@ def bench_learning(stages: tuple[str, ...] = ("ppo", "grpo"), seeds: tuple[int, 
 
 
 def report(results: dict[str, dict[int, dict[str, float]]], prompts: int) -> None:
-    """One row per stage and seed, then min / mean / max over the seeds."""
+    """One row per stage and seed, then min / mean / max over the seeds of held-out success
+    sampled at T = 1 and greedy, and every seed on which an RL policy's greedy success fell
+    below its SFT policy's."""
     seeds = sorted({seed for by_seed in results.values() for seed in by_seed})
     print(f"\nheld-out arithmetic ({prompts} test prompts), tiny model, {torch.get_num_threads()} threads:")
     print(f"  {'policy':<8} {'seed':>6} " + " ".join(f"{title:>12}" for title in COLUMNS.values()))
@@ -53,7 +55,21 @@ def report(results: dict[str, dict[int, dict[str, float]]], prompts: int) -> Non
             row = by_seed[seed]
             print(f"  {name:<8} {seed:>6} " + " ".join(f"{row[key]:>12.3f}" for key in COLUMNS))
     if len(seeds) > 1:
-        print(f"\nover seeds {', '.join(map(str, seeds))}: min / mean / max of held-out success at T = 1")
+        print(f"\nover seeds {', '.join(map(str, seeds))}: min / mean / max of held-out success")
+        print(f"  {'policy':<8} {'sampled at T = 1':>22} {'greedy':>22}")
         for name, by_seed in results.items():
-            values = [row["success"] for row in by_seed.values()]
-            print(f"  {name:<8} {min(values):.3f} / {statistics.mean(values):.3f} / {max(values):.3f}")
+            cells = [spread([row[key] for row in by_seed.values()]) for key in ("success", "greedy")]
+            print(f"  {name:<8} {cells[0]:>22} {cells[1]:>22}")
+    sft = results.get("sft", {})
+    falls = [
+        f"{name} seed {seed} ({row['greedy']:.3f} < {sft[seed]['greedy']:.3f})"
+        for name, by_seed in results.items()
+        if name != "sft"
+        for seed, row in by_seed.items()
+        if seed in sft and row["greedy"] < sft[seed]["greedy"]
+    ]
+    print("\ngreedy success below SFT's: " + (", ".join(falls) if falls else "none"))
+
+
+def spread(values: list[float]) -> str:
+    return f"{min(values):.3f} / {statistics.mean(values):.3f} / {max(values):.3f}"

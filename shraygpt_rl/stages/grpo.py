@@ -2,19 +2,32 @@
 
 Each prompt is sampled ``num_generations`` times; a sample's advantage is its reward relative to
 its group (no critic). The loss is PPO's clipped objective per token, optionally plus
-``beta * k3`` KL to the reference (DeepSeekMath eq. 4), aggregated by ``loss_type``:
+``beta * k3`` KL to the reference (DeepSeekMath eq. 4) and minus ``entropy_coef`` times the
+entropy (PPO's bonus; seed notebook 000 uses one, with ``ent_coef`` 0.01), aggregated by
+``loss_type``:
 
 * ``grpo``: mean over each completion's tokens, then over completions (the paper);
-* ``bnpo``: mean over the tokens of each micro-batch;
-* ``dapo``: mean over all tokens of the minibatch (DAPO, eq. 8), with clip-higher
-  ``epsilon_high`` (DAPO §3.1);
+* ``bnpo``: mean over the tokens of each minibatch on this rank (TRL's ``bnpo``: the local
+  batch's tokens);
+* ``dapo``: mean over all tokens of the minibatch on all DDP ranks together (DAPO, eq. 8; TRL's
+  ``num_items_in_batch``), with clip-higher ``epsilon_high`` (DAPO §3.1). On one device it is
+  ``bnpo``;
 * ``dr_grpo``: sum over tokens divided by ``completions * max_new_tokens``, a constant, and
-  ``scale_rewards="none"`` (Liu et al., 2025: no length or std normalisation).
+  ``scale_rewards="none"`` (Liu et al., 2025: no length or std normalisation);
+* ``group_token_mean``: mean over all tokens of each group (the G completions of one prompt),
+  then over groups (seed notebook 000's aggregation). Minibatches and micro-batches hold whole
+  groups, and the passes after the first shuffle whole groups.
 
-Departures from the papers, as in TRL: with ``num_iterations=1`` the "old" log-probabilities are
-the current ones detached (the ratio is exactly 1 and a forward pass is saved), and the KL uses
-the k3 estimator in the loss rather than in the reward. RLOO (Ahmadian et al., 2024) is the same
-machinery with the leave-one-out baseline and unscaled advantages.
+Every loss type is additive over micro-batches: the loss and its gradient do not depend on
+``micro_batch_size``.
+
+Departures from the papers, as in TRL: with one optimizer step per rollout
+(``num_iterations * num_mini_batches == 1``) the "old" log-probabilities are the current ones
+detached (the ratio is exactly 1 and a forward pass is saved); with more, they are computed
+once before the first update, so that every later minibatch, evaluated after an update, is
+clipped against the rollout policy. The KL uses the k3 estimator in the loss rather than in the
+reward. RLOO (Ahmadian et al., 2024) is the same machinery with the leave-one-out baseline and
+unscaled advantages.
 """
 
 from __future__ import annotations
@@ -45,10 +58,16 @@ class GRPOStage(OnlineRLStage):
     Args:
         num_generations: Completions per prompt (the group size G).
         scale_rewards: ``group`` (DeepSeekMath), ``batch``, or ``none`` (Dr. GRPO).
-        loss_type: ``grpo``, ``dr_grpo``, ``dapo`` or ``bnpo`` (see the module docstring).
+        loss_type: ``grpo``, ``dr_grpo``, ``dapo``, ``bnpo`` or ``group_token_mean`` (see the
+            module docstring). ``group_token_mean`` needs ``micro_batch_size`` and the minibatch
+            size (``batch_size * num_generations / num_mini_batches``) to be multiples of
+            ``num_generations``.
         epsilon: Lower clip range of the ratio.
         epsilon_high: Upper clip range; None means ``epsilon`` (DAPO uses 0.28).
         beta: Weight of the k3 KL to the reference; at 0 no reference model is built.
+        entropy_coef: Weight of the entropy bonus, as PPO's: ``entropy_coef`` times each token's
+            entropy is subtracted from its loss before aggregation; 0 turns it off (seed
+            notebook 000 uses 0.01).
         num_iterations: Optimisation passes over each rollout batch.
         num_mini_batches: Optimizer steps per pass.
         mask_truncated_completions: Leave completions that never reached EOS out of the loss.
@@ -67,6 +86,7 @@ class GRPOStage(OnlineRLStage):
         epsilon: float = 0.2,
         epsilon_high: float | None = None,
         beta: float = 0.0,
+        entropy_coef: float = 0.0,
         num_iterations: int = 1,
         num_mini_batches: int = 1,
         mask_truncated_completions: bool = False,
@@ -78,8 +98,15 @@ class GRPOStage(OnlineRLStage):
         )
         require(epsilon > 0 and (epsilon_high is None or epsilon_high > 0), "epsilon and epsilon_high must be > 0.")
         require(beta >= 0, f"beta must be >= 0, got {beta}.")
+        require(entropy_coef >= 0, f"entropy_coef must be >= 0, got {entropy_coef}.")
         require(num_iterations >= 1, f"num_iterations must be at least 1, got {num_iterations}.")
         require(num_mini_batches >= 1, f"num_mini_batches must be at least 1, got {num_mini_batches}.")
+        micro_batch_size = kwargs.get("micro_batch_size")
+        require(
+            loss_type != "group_token_mean" or not micro_batch_size or micro_batch_size % num_generations == 0,
+            f"loss_type group_token_mean needs micro_batch_size ({micro_batch_size}) to be a multiple of "
+            f"num_generations ({num_generations}).",
+        )
         super().__init__(export_path=export_path, **kwargs)
         self.frozen_reference(self.policy if beta > 0 else None)
 
@@ -89,6 +116,28 @@ class GRPOStage(OnlineRLStage):
     def check_data(self, datamodule) -> None:
         super().check_data(datamodule)
         self.check_minibatches(datamodule.hparams.batch_size * self.hparams.num_generations)
+
+    def check_minibatches(self, rows: int) -> None:
+        """A rollout of ``rows`` must split into ``num_mini_batches`` equal minibatches, and for
+        ``group_token_mean`` into minibatches of whole groups."""
+        super().check_minibatches(rows)
+        hp = self.hparams
+        require(
+            hp.loss_type != "group_token_mean" or (rows // hp.num_mini_batches) % hp.num_generations == 0,
+            f"loss_type group_token_mean needs minibatches of whole groups, but {rows} rows in num_mini_batches="
+            f"{hp.num_mini_batches} are not a multiple of num_generations={hp.num_generations} each; change either.",
+        )
+
+    def minibatches(self, n_rows: int, num_mini_batches: int, shuffle: bool) -> list[Tensor]:
+        """As ``OnlineRLStage.minibatches``, but for ``group_token_mean`` a shuffle moves whole
+        groups (each prompt's G consecutive rows), so that no minibatch splits a group."""
+        G = self.hparams.num_generations
+        if not shuffle or self.hparams.loss_type != "group_token_mean":
+            return super().minibatches(n_rows, num_mini_batches, shuffle)
+        self.check_minibatches(n_rows)
+        groups = torch.randperm(n_rows // G, device=self.device)  # (R / G,)
+        order = (groups[:, None] * G + torch.arange(G, device=self.device)).flatten()  # (R,)
+        return list(order.chunk(num_mini_batches))
 
     def advantages(self, scores: torch.Tensor) -> torch.Tensor:
         G = self.hparams.num_generations
@@ -108,27 +157,48 @@ class GRPOStage(OnlineRLStage):
         if hp.mask_truncated_completions:
             mask[rollout.truncated] = 0
 
-        # Old log-probabilities (only needed with several passes) and reference log-probabilities.
+        # Old log-probabilities, needed as soon as a rollout feeds more than one optimizer step
+        # (every step after the first sees an updated policy), and reference log-probabilities.
         first = self.minibatches(len(rollout), hp.num_mini_batches, shuffle=False)
-        old_logprobs = self.logprobs_under(self.policy, rollout, first) if hp.num_iterations > 1 else None
+        one_step = hp.num_iterations * hp.num_mini_batches == 1
+        old_logprobs = None if one_step else self.logprobs_under(self.policy, rollout, first)
         ref_logprobs = None if self.reference is None else self.logprobs_under(self.reference_model(), rollout, first)
 
         # num_iterations passes of num_mini_batches updates.
         buffer = dict(mask=mask, advantages=advantages, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs)
-        stats = [
-            self.policy_update(rows, lambda micro, rows: self.loss(rollout, micro, rows, buffer))
-            for rows in self.passes(first, hp.num_iterations)
-        ]
+        stats = [self.update(rollout, rows, buffer) for rows in self.passes(first, hp.num_iterations)]
         self.log_stats(stats, rollout)
         self.log_update(time.perf_counter() - start, float(rollout.attention_mask.sum()) * hp.num_iterations)
 
-    def loss(self, rollout: Rollout, micro: Tensor, rows: Tensor, buffer: dict) -> MicroStep:
+    def update(self, rollout: Rollout, rows: Tensor, buffer: dict) -> dict[str, Tensor]:
+        """One optimizer step over the minibatch ``rows``; its token count is taken once, before
+        its micro-batches (under DDP, ``dapo``'s is a collective)."""
+        num_tokens = self.loss_tokens(buffer["mask"][rows])
+        return self.policy_update(rows, lambda micro, rows: self.loss(rollout, micro, rows, buffer, num_tokens))
+
+    def loss_tokens(self, mask: Tensor) -> Tensor:
+        """The token count that normalises the ``bnpo`` and ``dapo`` losses of a minibatch whose
+        tokens on this rank are ``mask`` (rows, T).
+
+        ``bnpo``: this rank's count. ``dapo``: the count over all ranks divided by their number.
+        DDP averages the ranks' gradients, so with each rank's loss ``sum_rank / global_tokens *
+        world_size`` the average is the gradient of one token mean over the whole minibatch
+        (DAPO eq. 8). On one device the two are the same.
+        """
+        tokens = mask.sum()
+        if self.hparams.loss_type == "dapo":  # the mean over ranks: global_tokens / world_size
+            tokens = self.trainer.strategy.reduce(tokens, reduce_op="mean")
+        return tokens
+
+    def loss(self, rollout: Rollout, micro: Tensor, rows: Tensor, buffer: dict, num_tokens: Tensor) -> MicroStep:
         """The micro-batch ``micro``'s part of the loss of the minibatch ``rows``: the clipped
-        objective per token (plus ``beta`` x k3 KL), aggregated by ``loss_type``, plus its share
-        of the MoE aux loss."""
+        objective per token (plus ``beta`` x k3 KL, minus ``entropy_coef`` x entropy), aggregated
+        by ``loss_type`` (``num_tokens``: the minibatch's count, from ``loss_tokens``), plus its
+        share of the MoE aux loss."""
         hp, mask = self.hparams, buffer["mask"][micro]
-        logprobs, _, aux_loss = self.response_logprobs(self.policy, rollout, micro)  # (r, T)
-        # One pass: the "old" policy is the current one, detached (the ratio is exactly 1).
+        bonus = hp.entropy_coef > 0
+        logprobs, entropy, aux_loss = self.response_logprobs(self.policy, rollout, micro, entropy=bonus)  # (r, T)
+        # One optimizer step per rollout: the "old" policy is the current one, detached (ratio exactly 1).
         old = logprobs.detach() if buffer["old_logprobs"] is None else buffer["old_logprobs"][micro]
         losses, ratio, clipped = clipped_policy_loss(
             logprobs, old, buffer["advantages"][micro], hp.epsilon, hp.epsilon_high
@@ -137,14 +207,16 @@ class GRPOStage(OnlineRLStage):
         if buffer["ref_logprobs"] is not None:  # DeepSeekMath eq. 4: the k3 estimator, in the loss
             kl = kl_estimate(logprobs, buffer["ref_logprobs"][micro], "k3")
             losses = losses + hp.beta * kl
-        minibatch_tokens = None if hp.loss_type == "bnpo" else buffer["mask"][rows].sum()
+        if bonus:  # PPO's bonus: the entropy of each token's whole next-token distribution
+            losses = losses - hp.entropy_coef * entropy
         loss = aggregate_loss(
             losses,
             mask,
             hp.loss_type,
             max_length=hp.max_new_tokens,
             num_sequences=len(rows),
-            num_tokens=minibatch_tokens,
+            num_tokens=num_tokens,
+            group_size=hp.num_generations,
         )
         share = len(micro) / len(rows)
         metrics = policy_metrics(logprobs, old, ratio, clipped, mask)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import lightning as L
 import pytest
 import torch
@@ -10,6 +12,7 @@ from conftest import ARITH, GradRecorder, SpreadReward, fit_online, tiny_trainer
 from shraygpt_rl.bench import demo_data
 from shraygpt_rl.data import PromptDataModule
 from shraygpt_rl.evaluate import verifier_success
+from shraygpt_rl.losses import aggregate_loss, clipped_policy_loss
 from shraygpt_rl.model import ShrayGPT
 from shraygpt_rl.stages.grpo import GRPOStage, RLOOStage
 
@@ -34,6 +37,28 @@ def _fit(stage, max_steps: int, callbacks=()) -> dict[str, float]:
     return fit_online(stage, max_steps, PROMPTS, callbacks)
 
 
+class StateRecorder(L.Callback):
+    """A copy of the policy's state just before each optimizer step."""
+
+    def __init__(self):
+        self.states: list[dict[str, torch.Tensor]] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.states.append({k: v.detach().clone() for k, v in pl_module.policy.state_dict().items()})
+
+
+def _record_rollouts(stage: GRPOStage, monkeypatch) -> list:
+    """Make ``stage`` keep every rollout it samples, in the returned list."""
+    rollouts, rollout = [], stage.rollout
+
+    def recording(*args, **kwargs):
+        rollouts.append(rollout(*args, **kwargs))
+        return rollouts[-1]
+
+    monkeypatch.setattr(stage, "rollout", recording)
+    return rollouts
+
+
 def test_ratio_is_one_at_the_start_of_every_rollout(random_policy):
     """Two passes of two minibatches of two micro-batches each: the ratio starts at exactly 1
     and moves once the policy has been updated."""
@@ -44,10 +69,37 @@ def test_ratio_is_one_at_the_start_of_every_rollout(random_policy):
     assert metrics["policy/approxkl"] > 0
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo"])
+def test_later_minibatches_are_clipped_against_the_rollout_policy(random_policy, monkeypatch):
+    """One pass of two minibatches: the second is evaluated after the first update, so its "old"
+    log-probabilities must be the rollout policy's (not its own, detached: a ratio of exactly 1
+    and no clipping). Its gradient is checked against the clipped loss computed by hand."""
+    grads, states = GradRecorder(), StateRecorder()
+    stage = _stage(random_policy, num_mini_batches=2, lr=1e-2, aux_loss_weight=0.0, max_grad_norm=None)
+    rollouts = _record_rollouts(stage, monkeypatch)
+    metrics = _fit(stage, max_steps=2, callbacks=[grads, states])  # one rollout, two updates
+    assert metrics["policy/approxkl"] > 0  # the second minibatch's ratio moved off 1
+
+    rollout, rows = rollouts[0], torch.arange(8, 16)  # the first pass is unshuffled: rows 8-15
+    stage.policy.load_state_dict(states.states[0])  # the rollout policy
+    with torch.no_grad():
+        old = stage.response_logprobs(stage.policy, rollout, rows)[0]  # (8, T)
+    stage.policy.load_state_dict(states.states[1])  # after the first update
+    stage.policy.zero_grad()
+    logprobs = stage.response_logprobs(stage.policy, rollout, rows)[0]
+    advantages = stage.advantages(rollout.scores)[rows, None]  # (8, 1)
+    losses, _, clipped = clipped_policy_loss(logprobs, old, advantages, 0.2)
+    aggregate_loss(losses, rollout.response_mask[rows], "dapo").backward()
+    assert clipped.sum() > 0  # the check covers the clipped branch too
+    for name, param in stage.policy.named_parameters():
+        assert torch.allclose(grads.grads[1][f"policy.{name}"], param.grad, atol=1e-6, rtol=1e-4), name
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo", "bnpo", "group_token_mean"])
 def test_four_accumulated_micro_batches_equal_one_batch(random_policy, loss_type):
-    grads = []
-    for micro_batch_size in (None, 4):  # 16 rows: one micro-batch, or four accumulated
+    """16 rows as one micro-batch or four accumulated: the same loss and the same gradient, for
+    every loss type (bnpo too: it is normalised once per minibatch, not per micro-batch)."""
+    grads, losses = [], []
+    for micro_batch_size in (32, 4):
         recorder = GradRecorder()
         stage = _stage(
             random_policy,
@@ -57,11 +109,66 @@ def test_four_accumulated_micro_batches_equal_one_batch(random_policy, loss_type
             aux_loss_weight=0.0,
             max_grad_norm=None,
         )
-        _fit(stage, max_steps=1, callbacks=[recorder])
+        losses.append(_fit(stage, max_steps=1, callbacks=[recorder])["policy/loss"])
         grads.append(recorder.grads[0])
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5, abs=1e-7)
     assert any(g.abs().max() > 0 for g in grads[0].values())
     for name, whole in grads[0].items():
         assert torch.allclose(grads[1][name], whole, atol=1e-6, rtol=1e-4), name
+
+
+def test_dapo_normalises_by_the_tokens_of_all_ranks(random_policy):
+    """Under DDP, dapo divides each rank's token sum by the mean token count over the ranks
+    (global tokens / world size), bnpo by this rank's count. A stand-in strategy plays a second
+    rank with 30 tokens beside this one's 20."""
+
+    class TwoRanks:
+        def reduce(self, tensor, group=None, reduce_op="mean"):
+            assert reduce_op == "mean"
+            return (tensor + 30.0) / 2
+
+    mask = torch.ones(4, 5)  # (rows, T): 20 tokens on this rank
+    for loss_type, expected in (("dapo", 25.0), ("bnpo", 20.0)):
+        stage = _stage(random_policy, loss_type=loss_type)
+        stage.trainer = SimpleNamespace(strategy=TwoRanks())
+        assert float(stage.loss_tokens(mask)) == expected
+
+
+def test_entropy_bonus_adds_the_gradient_of_the_entropy(random_policy, monkeypatch):
+    """On the same rollout, entropy_coef > 0 changes the gradient by exactly that of
+    -entropy_coef x the token mean of the entropy, computed by hand."""
+    grads, rollouts = {}, {}
+    for coef in (0.0, 0.5):
+        recorder = GradRecorder()
+        stage = _stage(random_policy, entropy_coef=coef, lr=0.0, aux_loss_weight=0.0, max_grad_norm=None)
+        rollouts[coef] = _record_rollouts(stage, monkeypatch)
+        _fit(stage, max_steps=1, callbacks=[recorder])
+        grads[coef] = recorder.grads[0]
+    rollout = rollouts[0.5][0]
+    assert torch.equal(rollouts[0.0][0].sequences, rollout.sequences)  # seeded: the same samples
+
+    stage.policy.zero_grad()  # lr 0: the policy is still the rollout policy
+    entropy = stage.response_logprobs(stage.policy, rollout, torch.arange(len(rollout)), entropy=True)[1]  # (R, T)
+    (-0.5 * aggregate_loss(entropy, rollout.response_mask, "dapo")).backward()
+    assert any(param.grad.abs().max() > 0 for param in stage.policy.parameters())
+    for name, param in stage.policy.named_parameters():
+        difference = grads[0.5][f"policy.{name}"] - grads[0.0][f"policy.{name}"]
+        assert torch.allclose(difference, param.grad, atol=1e-6, rtol=1e-4), name
+
+
+def test_group_token_mean_keeps_groups_whole(random_policy):
+    """Later passes shuffle whole groups, so every minibatch and micro-batch holds whole groups
+    (aggregate_loss refuses any other): two passes of two minibatches train."""
+    options = dict(loss_type="group_token_mean", num_iterations=2, num_mini_batches=2, micro_batch_size=4)
+    stage = _stage(random_policy, **options)
+    orders = set()
+    for _ in range(10):
+        rows = torch.cat(stage.minibatches(16, 2, shuffle=True)).view(-1, 4)  # (groups, G)
+        assert (rows % 4 == torch.arange(4)).all() and (rows // 4 == rows[:, :1] // 4).all()
+        orders.add(tuple(rows[:, 0].tolist()))
+    assert len(orders) > 1  # shuffled
+    metrics = _fit(stage, max_steps=4)
+    assert abs(metrics["policy/ratio_at_start"] - 1) < 1e-4 and metrics["policy/approxkl"] > 0
 
 
 def test_reference_model_only_when_beta_is_positive(random_policy):
@@ -106,6 +213,12 @@ def test_bad_options_are_refused(random_policy):
         _fit(_stage(random_policy, num_mini_batches=3), max_steps=1)
     with pytest.raises(ValueError, match="temperature"):
         _stage(random_policy, temperature=0.0)
+    with pytest.raises(ValueError, match="entropy_coef"):
+        _stage(random_policy, entropy_coef=-0.01)
+    with pytest.raises(ValueError, match="micro_batch_size"):
+        _stage(random_policy, loss_type="group_token_mean", micro_batch_size=6)
+    with pytest.raises(ValueError, match="whole groups"):  # 16 rows in 8 minibatches of 2, with G = 4
+        _fit(_stage(random_policy, loss_type="group_token_mean", num_mini_batches=8), max_steps=1)
 
 
 def test_rloo_baseline_is_the_other_samples_mean(random_policy):
