@@ -77,6 +77,9 @@ class TRPOStage(CriticStage):
         backtrack_ratio: Factor by which the line search shrinks a rejected step.
         max_backtracks: Most shrinkings after the full step before the step is given up.
         vf_iters: The critic's optimizer steps per rollout (minibatches of ``num_mini_batches``).
+        critic_warmup: Rollouts at the start on which only the critic learns: TRPO's advantages
+            are only as good as the critic's credit assignment, and a step taken on a fresh
+            value head's advantages moves tokens that did not decide the reward.
         export_path: Where the trained policy is written at the end.
         **kwargs: ``CriticStage``'s arguments (the critic's learning rate is ``lr``).
     """
@@ -94,6 +97,7 @@ class TRPOStage(CriticStage):
         backtrack_ratio: float = 0.8,
         max_backtracks: int = 10,
         vf_iters: int = 8,
+        critic_warmup: int = 0,
         export_path: str | None = "checkpoints/shraygpt-trpo.ckpt",
         **kwargs,
     ):
@@ -108,6 +112,7 @@ class TRPOStage(CriticStage):
         require(cg_iters >= 1 and vf_iters >= 1, "cg_iters and vf_iters must be at least 1.")
         require(0 < backtrack_ratio < 1, f"backtrack_ratio must be in (0, 1), got {backtrack_ratio}.")
         require(max_backtracks >= 0, f"max_backtracks must be >= 0, got {max_backtracks}.")
+        require(critic_warmup >= 0, f"critic_warmup must be >= 0, got {critic_warmup}.")
         super().__init__(export_path=export_path, **kwargs)
         self.line_search_failures = 0
 
@@ -127,8 +132,8 @@ class TRPOStage(CriticStage):
         max_steps = self.trainer.max_steps if self._trainer else -1
         if hp.max_kl_end is None or max_steps is None or max_steps < 1:
             return hp.max_kl
-        total = max(max_steps // hp.vf_iters, 1)
-        progress = min(max(self.rollouts - 1, 0) / max(total - 1, 1), 1.0)
+        total = max(max_steps // hp.vf_iters - hp.critic_warmup, 1)  # rollouts that move the policy
+        progress = min(max(self.rollouts - hp.critic_warmup - 1, 0) / max(total - 1, 1), 1.0)
         return hp.max_kl + (hp.max_kl_end - hp.max_kl) * progress
 
     # -- one step ------------------------------------------------------------------------------
@@ -138,7 +143,9 @@ class TRPOStage(CriticStage):
         start = time.perf_counter()
         first, buffer = self.score(rollout)
         micros = [micro for mb in first for micro in self.micro_batches(mb)]
-        metrics = self.policy_step(rollout, micros, buffer)
+        metrics = {"moe/aux_loss": torch.zeros((), device=self.device)}
+        if self.rollouts > self.hparams.critic_warmup:
+            metrics = self.policy_step(rollout, micros, buffer)
         metrics |= self.fit_critic(rollout, buffer)
         self.end_of_rollout(rollout, buffer, metrics)
         self.log_step(metrics)
@@ -201,7 +208,8 @@ class TRPOStage(CriticStage):
                 p.copy_(saved)
             fraction = 0.0
             self.line_search_failures += 1
-            found["flip_rate"] = torch.tensor(0.0)  # the policy is back where it was
+            zero = torch.zeros((), device=step.device)  # the policy is back where it was
+            found |= {"kl": zero, "max_state_kl": zero, "flip_rate": zero}
         return {
             "trpo/kl": found["kl"],
             "trpo/max_state_kl": found["max_state_kl"],
