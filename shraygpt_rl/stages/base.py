@@ -256,3 +256,16 @@ def lr_factor(step: int, hp, total: int) -> float:
         return 1.0
     progress = min((step - hp.warmup_steps) / max(total - hp.warmup_steps, 1), 1.0)
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Switch dropout off (as TRL does in RL and DPO): the log-probabilities that score a rollout,
+    or a reference, must come from the same function as those of the first update, so that the
+    ratio starts at 1 and DPO's implicit rewards at 0. Hugging Face models start in train mode,
+    and OPT's dropout is 0.1."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        elif isinstance(getattr(module, "dropout", None), float):
+            module.dropout = 0.0  # attention's dropout probability
+    return model

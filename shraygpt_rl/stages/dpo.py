@@ -18,7 +18,7 @@ from shraygpt_rl.checkpoint import stamp, stamped
 from shraygpt_rl.data import stack_pairs
 from shraygpt_rl.errors import require
 from shraygpt_rl.losses import DPOLossType, dpo_loss, sequence_logprobs
-from shraygpt_rl.stages.base import StageModule
+from shraygpt_rl.stages.base import StageModule, disable_dropout
 
 
 class DPOStage(StageModule):
@@ -48,7 +48,7 @@ class DPOStage(StageModule):
         require(beta > 0, f"beta must be > 0, got {beta}.")
         require(0 <= label_smoothing < 0.5, f"label_smoothing must be in [0, 0.5), got {label_smoothing}.")
         super().__init__(export_path=export_path, **kwargs)
-        self.policy = self.build_policy()
+        self.policy = disable_dropout(self.build_policy())
         self.frozen_reference(None if precompute_ref_logprobs else self.policy)
         self.ref_logps: dict[str, Tensor] = {}  # split -> (num_pairs, 2), filled before training
 

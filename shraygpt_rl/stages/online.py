@@ -23,7 +23,7 @@ from shraygpt_rl.errors import ConfigError, require
 from shraygpt_rl.generation import response_logprobs, sample_and_decode
 from shraygpt_rl.losses import masked_mean
 from shraygpt_rl.rewards import LearnedReward, RewardFunction, TaskVerifier, WeightedSum
-from shraygpt_rl.stages.base import StageModule
+from shraygpt_rl.stages.base import StageModule, disable_dropout
 from shraygpt_rl.stages.checks import check_rewards
 
 # A checkpoint taken after a step holds the state after all of that step's updates: the state a
@@ -372,17 +372,6 @@ def split_ptx(batch: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | N
     if "prompts" in batch and "ptx" in batch:
         return batch["prompts"], batch["ptx"]
     return batch, None
-
-
-def disable_dropout(model: nn.Module) -> nn.Module:
-    """Switch dropout off (as TRL does in RL): the log-probabilities that score the rollout and
-    those of the first update must come from the same function for the ratio to start at 1."""
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
-        elif isinstance(getattr(module, "dropout", None), float):
-            module.dropout = 0.0  # attention's dropout probability
-    return model
 
 
 def furthest_from_one(ratio: Tensor, mask: Tensor, so_far: Tensor | None = None) -> Tensor:

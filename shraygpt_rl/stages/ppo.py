@@ -44,7 +44,8 @@ from shraygpt_rl.losses import (
 )
 from shraygpt_rl.policy import with_lora
 from shraygpt_rl.reward_model import RewardModel
-from shraygpt_rl.stages.online import MicroStep, OnlineRLStage, Rollout, disable_dropout, policy_metrics, split_ptx
+from shraygpt_rl.stages.base import disable_dropout
+from shraygpt_rl.stages.online import MicroStep, OnlineRLStage, Rollout, policy_metrics, split_ptx
 
 
 class CriticStage(OnlineRLStage):

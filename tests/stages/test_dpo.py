@@ -67,6 +67,22 @@ def test_at_the_start_the_policy_is_its_reference(policy_path):
         assert set(METRICS) <= set(metrics)
 
 
+@pytest.mark.parametrize("precompute", [True, False])
+def test_dropout_is_off_so_a_hugging_face_policy_starts_at_its_reference(tiny_hf, precompute):
+    """Tiny OPT has dropout 0.1 and Hugging Face models start in train mode: with dropout on, the
+    policy's log-probabilities at step 0 would differ from the reference's (eval mode), the
+    implicit rewards would not be 0 and the loss not log 2."""
+    folder = str(tiny_hf("opt"))
+    stage = DPOStage(policy=folder, precompute_ref_logprobs=precompute, export_path=None, lr=0.0, beta=0.5)
+    data = PreferenceDataModule(train_size=64, tokenizer="hf", tokenizer_path=folder, **{**ARITH, "batch_size": 64})
+    trainer = tiny_trainer(1, limit_val_batches=0)
+    trainer.fit(stage, datamodule=data)
+    metrics = trainer.callback_metrics
+    assert metrics["train/loss"].item() == pytest.approx(0.6931, abs=1e-4)
+    assert metrics["rewards/chosen"].item() == pytest.approx(0.0, abs=1e-5)
+    assert metrics["rewards/rejected"].item() == pytest.approx(0.0, abs=1e-5)
+
+
 def test_reference_cache_survives_a_checkpoint(policy_path, tmp_path):
     stage = DPOStage(policy=policy_path, export_path=None, optimizer="adamw", lr=1e-3)
     data = PreferenceDataModule(train_size=64, **ARITH)
