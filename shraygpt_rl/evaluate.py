@@ -126,11 +126,14 @@ def evaluate_policy(
     num_samples: int = 4,
     name: str = "policy",
     reference_samples: Responses | None = None,
+    reward_functions: list | None = None,
 ) -> dict:
     """Every held-out figure of one policy (see the module docstring); None where it does not apply.
 
     ``reference_samples`` are the reference's responses when already drawn (``sample_responses``
-    with another seed than the policy's), so that several policies share them."""
+    with another seed than the policy's), so that several policies share them.
+    ``reward_functions`` add ``reward/<name>``, each one's mean reward, and ``reward/<figure>`` for
+    what each reports besides (``KeywordReward``'s ``animal_frequency``)."""
     ours = sample_responses(policy, datamodule, split, temperature, max_new_tokens, seed, desc=f"sampling {name}")
     report: dict = {"prompts": len(ours.texts), "mean_length": ours.lengths.mean().item()}
     rewards, success = _verify(ours) if TaskVerifier.covers(ours.metadata) else (None, None)
@@ -139,6 +142,10 @@ def evaluate_policy(
     scores = reward_model.score(ours.prompts, ours.texts) if reward_model is not None else None
     report["reward_model_score"] = scores.mean().item() if scores is not None else None
     report["reward_model_success"] = (scores > 0).float().mean().item() if scores is not None else None
+    for fn in reward_functions or []:
+        report[f"reward/{fn.name}"] = fn(ours.prompts, ours.texts, ours.metadata).float().mean().item()
+        reported = fn.report(ours.texts) if hasattr(fn, "report") else {}
+        report.update({f"reward/{key}": value for key, value in reported.items()})
     report["kl_to_reference"] = report["win_rate"] = None
     theirs = None
     if reference is not None:

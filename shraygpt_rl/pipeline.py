@@ -12,26 +12,58 @@ import time
 from pathlib import Path
 
 from shraygpt_rl.data import PreferenceDataModule, PromptDataModule, SFTDataModule
-from shraygpt_rl.evaluate import demonstration_scores, evaluate_policy, reward_model_accuracy, sample_responses
+from shraygpt_rl.errors import DataError
+from shraygpt_rl.evaluate import (
+    demonstration_scores,
+    evaluate_policy,
+    reward_model_accuracy,
+    sample_responses,
+)
 from shraygpt_rl.model import ShrayGPT
+from shraygpt_rl.policy import load_policy
 from shraygpt_rl.report import plot_report, table, write_json
 from shraygpt_rl.reward_model import RewardModel
-from shraygpt_rl.runner import data_from_config, run_stage
+from shraygpt_rl.rewards import RewardFunction
+from shraygpt_rl.runner import config_section, data_from_config, run_stage
+from shraygpt_rl.stages.checks import check_rewards
 
 COLUMNS = ("success", "mean_reward", "kl_to_reference", "win_rate", "reward_model_score", "mean_length")
 # what --stage eval adds: the reward model's success rate, and the SFT figures on demonstrations
 EVAL_COLUMNS = (*COLUMNS, "reward_model_success", "perplexity", "rouge_l")
 
 
-def _prompts(config: str | None, num_prompts: int) -> PromptDataModule:
-    """Held-out prompts built as ``config``'s data, so that evaluation prompts look like training's."""
-    return data_from_config(PromptDataModule, config, test_size=num_prompts, val_size=num_prompts, batch_size=100)
+def _prompts(config: str | None, num_prompts: int, policy=None) -> PromptDataModule:
+    """Held-out prompts built as ``config``'s data, so that evaluation prompts look like training's;
+    tokenised by ``policy``'s own tokenizer when it has one and the config names none."""
+    sizes = dict(test_size=num_prompts, val_size=num_prompts, batch_size=100)
+    return data_from_config(PromptDataModule, config, **sizes, **_tokenizer_of(policy, config))
+
+
+def _tokenizer_of(policy, config: str | None) -> dict[str, str]:
+    """A Hugging Face policy's tokenizer as data overrides, unless ``config`` names another (as
+    ``runner.adopt_policy_tokenizer`` does for training)."""
+    source = getattr(policy, "tokenizer_source", None)
+    data = config_section(config, "data")
+    named = data.get("tokenizer", "byte") != "byte" and (data.get("tokenizer") != "hf" or data.get("tokenizer_path"))
+    return {"tokenizer": "hf", "tokenizer_path": source} if source and not named else {}
+
+
+def _demonstrations(config: str | None, num_prompts: int, policy) -> SFTDataModule | None:
+    """Held-out demonstrations from ``config``'s data source, or None when it has none (prompts only)."""
+    sizes = dict(test_size=num_prompts, val_size=num_prompts, batch_size=100)
+    demos = data_from_config(SFTDataModule, config, **sizes, **_tokenizer_of(policy, config))
+    try:
+        demos.setup()
+    except DataError:  # a source of prompts only (its kind is checked when it is read)
+        return None
+    return demos
 
 
 def evaluate(
     policy: str,
     reference: str | None = None,
     reward_model: str | None = None,
+    rewards: list[RewardFunction] | None = None,
     logs: list[str] | None = None,
     data_config: str | None = "configs/sft.yaml",
     num_prompts: int = 200,
@@ -43,34 +75,44 @@ def evaluate(
     """Evaluate a policy on held-out prompts; write ``<out>.json`` and ``<out>.png``.
 
     Args:
-        policy: The policy checkpoint to evaluate.
-        reference: A policy to compare with (usually the SFT policy): KL to it, and the reward
-            model's win rate of the policy's responses over its responses.
+        policy: The policy to evaluate: anything ``--model.policy`` takes (a ShrayGPT checkpoint,
+            a Hugging Face hub name or folder, an adapter folder).
+        reference: A policy to compare with (usually the SFT policy), of the same kinds: KL to
+            it, the reward model's win rate over its responses, and every figure for it too.
         reward_model: A reward-model checkpoint that scores responses and judges the win rate.
+        rewards: Reward functions (``class_path`` entries, as the online stages take them): each
+            one's mean reward, and what it reports besides (``KeywordReward``: seed 001's
+            animal-word frequency), for the policy and the reference.
         logs: TensorBoard folders of training runs (``logs/ppo``) whose reward and KL curves go
             into the plot.
         data_config: A stage config whose ``data:`` section says how prompts are built (source,
-            tokenizer, system prompt); the built-in arithmetic task by default.
+            tokenizer, system prompt); the built-in arithmetic task by default. A Hugging Face
+            policy's own tokenizer is used unless the config names one.
         num_prompts: Held-out prompts (the test split).
         max_new_tokens: Longest response.
         temperature: Sampling temperature (1 samples the policy as RL trained it).
         seed: Seeds the sampling.
         out: Path of the report, without extension.
     """
-    data = _prompts(data_config, num_prompts)
+    model = load_policy(policy).eval()
+    ref = load_policy(reference).eval() if reference else None
+    data = _prompts(data_config, num_prompts, model)
+    if rewards:
+        check_rewards(rewards, data.metadata_keys(), data.hparams.source)
     scorer = RewardModel.load_from_checkpoint(reward_model).eval() if reward_model else None
-    model = ShrayGPT.load_from_checkpoint(policy)
-    ref = ShrayGPT.load_from_checkpoint(reference) if reference else None
-    options = dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, reward_model=scorer)
+    options = dict(
+        max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, reward_model=scorer, reward_functions=rewards
+    )
     policies = {}
     if ref is not None:
         policies["reference"] = evaluate_policy(ref, data, name="reference", **options)
     policies["policy"] = evaluate_policy(model, data, reference=ref, name="policy", **options)
-    demos = data_from_config(SFTDataModule, data_config, test_size=num_prompts, val_size=num_prompts, batch_size=100)
+    demos = _demonstrations(data_config, num_prompts, model)
     for label, candidate in (("reference", ref), ("policy", model)):
-        if candidate is not None:
+        if candidate is not None and demos is not None:
             policies[label].update(demonstration_scores(candidate, demos, max_new_tokens=max_new_tokens))
-    print(f"\n{policy} on {policies['policy']['prompts']} held-out prompts:\n{table(policies, EVAL_COLUMNS)}")
+    columns = [*EVAL_COLUMNS, *sorted({k for r in policies.values() for k in r if k.startswith("reward/")})]
+    print(f"\n{policy} on {policies['policy']['prompts']} held-out prompts:\n{table(policies, columns)}")
     for sample in policies["policy"]["samples"]:
         print(f"\n  prompt:    {sample['prompt'][-120:]!r}\n  policy:    {sample['response']!r}")
         if sample["reference_response"] is not None:

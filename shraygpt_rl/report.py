@@ -128,7 +128,9 @@ def _finish(ax, empty: str) -> None:
 
 def _bars(ax, policies: dict[str, dict]) -> None:
     labels = list(policies)
-    metrics = [m for m in ("success", "mean_reward", "win_rate") if any(policies[p].get(m) is not None for p in labels)]
+    rule_rewards = sorted({m for p in labels for m in policies[p] if m.startswith("reward/")})  # --rewards' figures
+    candidates = ("success", "mean_reward", "win_rate", *rule_rewards)
+    metrics = [m for m in candidates if any(policies[p].get(m) is not None for p in labels)]
     width = 0.8 / max(len(metrics), 1)
     for i, metric in enumerate(metrics):
         values = [policies[p].get(metric) for p in labels]
@@ -139,7 +141,8 @@ def _bars(ax, policies: dict[str, dict]) -> None:
     ax.axhline(0, color="black", linewidth=0.6)
     low = min([0.0] + [policies[p][m] for p in labels for m in metrics if policies[p].get(m) is not None])
     ax.set(title="held-out prompts, sampled at T = 1", ylim=(min(low - 0.1, 0), 1.3))
-    ax.legend(loc="upper left", ncol=len(metrics), fontsize=8)
+    if metrics:
+        ax.legend(loc="upper left", ncol=len(metrics), fontsize=8)
 
 
 def table(policies: dict[str, dict], columns: tuple[str, ...]) -> str:

@@ -1,0 +1,59 @@
+"""``train.py --stage eval`` for any policy: Hugging Face folders and adapters, rule rewards."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from shraygpt_rl.bench import ROOT
+from shraygpt_rl.cli import main
+
+
+def test_eval_reports_a_hugging_face_policy_with_the_seeds_rule_reward(tiny_hf, tmp_path, monkeypatch):
+    """Seed 001's report for a tiny GPT-Neo folder against itself: the keyword reward and the
+    animal-word frequency of policy and reference, tokenised by the model's own tokenizer, from the
+    story openings (no demonstrations: no perplexity). The same model twice: no KL, the same samples."""
+    monkeypatch.chdir(tmp_path)
+    folder = str(tiny_hf("gpt_neo"))
+    args = f"--policy {folder} --reference {folder} --data_config {ROOT / 'configs' / 'tinystories-ppo.yaml'} "
+    args += "--num_prompts 8 --max_new_tokens 8 --out reports/neo"
+    report = main(
+        ["--stage", "eval", *args.split(), "--rewards", '[{"class_path": "shraygpt_rl.rewards.KeywordReward"}]']
+    )
+    policy, reference = report["results"]["policy"], report["results"]["reference"]
+    for figures in (policy, reference):
+        assert {"reward/keyword_reward", "reward/animal_frequency"} <= set(figures)
+        assert "perplexity" not in figures  # story openings have no demonstrations
+    assert policy["kl_to_reference"] == pytest.approx(0.0, abs=1e-5)
+    assert policy["reward/animal_frequency"] == reference["reward/animal_frequency"]
+    assert _responses(policy) == _responses(reference)  # the same seed: the same samples
+    written = json.loads((tmp_path / "reports" / "neo.json").read_text())
+    assert written["results"]["policy"]["reward/keyword_reward"] == policy["reward/keyword_reward"]
+    assert policy["prompts"] == 6  # the 24 built-in openings give 6 test prompts
+
+
+def test_eval_of_an_adapter_folder_differs_from_its_base(tiny_hf, tmp_path, monkeypatch, perturb_adapters):
+    """An adapter folder (what a LoRA stage exports) evaluates as base + adapter: its samples and
+    figures differ from the base's, and the KL to the base is positive."""
+    from shraygpt_rl.lora import LoRASpec
+    from shraygpt_rl.policy import export_policy, load_policy, with_lora
+
+    monkeypatch.chdir(tmp_path)
+    base = str(tiny_hf("gpt_neo"))
+    model = with_lora(load_policy(base), LoRASpec.parse({"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}))
+    perturb_adapters(model, scale=2.0)
+    export_policy(model, tmp_path / "adapter")
+    args = (
+        f"--policy {tmp_path / 'adapter'} --reference {base} --data_config {ROOT / 'configs' / 'tinystories-ppo.yaml'} "
+    )
+    args += "--num_prompts 8 --max_new_tokens 8 --out reports/adapter"
+    report = main(
+        ["--stage", "eval", *args.split(), "--rewards", '[{"class_path": "shraygpt_rl.rewards.KeywordReward"}]']
+    )
+    assert report["results"]["policy"]["kl_to_reference"] > 0.01
+    assert _responses(report["results"]["policy"]) != _responses(report["results"]["reference"])
+
+
+def _responses(figures: dict) -> list[str]:
+    return [sample["response"] for sample in figures["samples"]]
