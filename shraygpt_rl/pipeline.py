@@ -19,7 +19,6 @@ from shraygpt_rl.evaluate import (
     reward_model_accuracy,
     sample_responses,
 )
-from shraygpt_rl.model import ShrayGPT
 from shraygpt_rl.policy import load_policy
 from shraygpt_rl.report import plot_report, table, write_json
 from shraygpt_rl.reward_model import RewardModel
@@ -126,13 +125,13 @@ def evaluate(
 def _evaluate_against_sft(exports: dict[str, str], data, scorer, max_new_tokens: int, seed: int) -> dict:
     """Every exported policy on the same held-out prompts; KL and win rate against the SFT policy,
     whose reference samples all policies share."""
-    sft_policy = ShrayGPT.load_from_checkpoint(exports["SFT"])
+    sft_policy = load_policy(exports["SFT"]).eval()
     options = dict(max_new_tokens=max_new_tokens, seed=seed, reward_model=scorer)
     policies = {"SFT": {**evaluate_policy(sft_policy, data, name="SFT", **options), "kl_to_reference": 0.0}}
     sft_samples = sample_responses(sft_policy, data, max_new_tokens=max_new_tokens, seed=seed + 1)
     for label in ("PPO", "GRPO", "DPO"):
         if label in exports:
-            model = ShrayGPT.load_from_checkpoint(exports[label])
+            model = load_policy(exports[label]).eval()
             policies[label] = evaluate_policy(
                 model, data, reference=sft_policy, name=label, reference_samples=sft_samples, **options
             )
@@ -152,6 +151,10 @@ def pipeline(
     out: str = "reports/pipeline",
 ) -> dict:
     """SFT -> reward model -> PPO (reward model) -> GRPO (verifier) -> DPO, then the held-out table.
+
+    Any configs will do, ShrayGPT's or a Hugging Face model's (``configs/opt-pipeline.yaml``: seed
+    004's chain on OPT-350m with LoRA); the evaluation loads every export as ``--model.policy``
+    would and tokenises with the SFT policy's own tokenizer when it has one.
 
     Args:
         sft: Config of the SFT stage; its ``data:`` section also builds the evaluation prompts.
@@ -179,8 +182,10 @@ def pipeline(
 
     print(f"\n[evaluation] {num_prompts} held-out prompts per policy", flush=True)
     scorer = RewardModel.load_from_checkpoint(exports["reward"]).eval()
-    accuracy = reward_model_accuracy(scorer, data_from_config(PreferenceDataModule, reward, batch_size=100))
-    policies = _evaluate_against_sft(exports, _prompts(sft, num_prompts), scorer, max_new_tokens, seed)
+    sft_policy = load_policy(exports["SFT"])
+    pairs = data_from_config(PreferenceDataModule, reward, batch_size=100, **_tokenizer_of(sft_policy, reward))
+    accuracy = reward_model_accuracy(scorer, pairs)
+    policies = _evaluate_against_sft(exports, _prompts(sft, num_prompts, sft_policy), scorer, max_new_tokens, seed)
     report = {
         "reward_model_accuracy": accuracy,
         "seconds": seconds,
@@ -191,7 +196,7 @@ def pipeline(
     runs = {f"{label} ({optimised[label]})": logs[label] for label in ("PPO", "GRPO") if label in logs}
     png = plot_report(f"{out}.png", runs, policies)
     print(
-        f"\nheld-out arithmetic, one sample per prompt at T = 1 (KL and win rate against the SFT policy):\n"
+        f"\nheld-out prompts, one sample per prompt at T = 1 (KL and win rate against the SFT policy):\n"
         f"{table(policies, COLUMNS)}\nreward model pairwise accuracy on held-out pairs: {accuracy:.3f}\n"
         f"training time: {', '.join(f'{k} {v:.0f} s' for k, v in seconds.items())}\n"
         f"wrote {write_json(f'{out}.json', report)} and {png}"
