@@ -83,11 +83,11 @@ def small_configs(src: Path, dst: Path, hh: bool, models: dict[str, Path] | None
     shutil.copytree(src, dst)
     for path in dst.glob("*.yaml"):
         config = yaml.safe_load(path.read_text())
-        if config.get("model", {}).get("policy") in HUB_MODELS or path.stem.startswith("opt-"):
+        if "trainer" not in config:  # pipeline.yaml, opt-pipeline.yaml
+            config.update(num_prompts=16, **({"max_new_tokens": 8} if path.stem.startswith("opt-") else {}))
+        elif config.get("model", {}).get("policy") in HUB_MODELS or path.stem.startswith("opt-"):
             if models is not None:
                 notebook_config(config, models, dolly)
-        elif "trainer" not in config:  # pipeline.yaml
-            config["num_prompts"] = 16
         elif path.stem.endswith("-hh") and hh:
             config["trainer"].update(max_steps=2, val_check_interval=2, limit_val_batches=1, accumulate_grad_batches=1)
             config["trainer"].update(precision="bf16-mixed", enable_progress_bar=False)
@@ -110,7 +110,7 @@ def test_the_commands_are_found():
     assert "python train.py --stage eval" in commands
     assert sum(c.startswith("python -m shraygpt_rl.bench") for c in commands) == 9
     assert (
-        sum(any(w.startswith(("configs/opt-", "configs/tinystories")) for w in c) for c in documented_commands()) == 7
+        sum(any(w.startswith(("configs/opt-", "configs/tinystories")) for w in c) for c in documented_commands()) == 9
     )
     assert sum("-hh.yaml" in " ".join(c) for c in documented_commands()) == 3
 
@@ -195,9 +195,9 @@ def test_every_documented_command_runs(tmp_path, monkeypatch, capsys, tiny_hf):
         notebook = any(w.startswith(("configs/opt-", "configs/tinystories")) for w in command)
         monkeypatch.chdir(hh if any(w.endswith("-hh.yaml") for w in command) else notebooks if notebook else demo)
         if command[1] == "train.py":
-            result = train(command[2:])
+            result = train([str(models.get(w, w)) if notebook else w for w in command[2:]])  # hub names: tiny models
             if isinstance(result, dict):
-                reports[command[3]] = result
+                reports[f"{command[3]}{'-notebook' if notebook else ''}"] = result
         else:
             which = command[3]
             bench([*command[3:], *BENCH_SIZES.get(which, "").split()])
@@ -234,6 +234,16 @@ def test_every_documented_command_runs(tmp_path, monkeypatch, capsys, tiny_hf):
         assert (notebooks / "checkpoints" / name / "adapter_model.safetensors").is_file(), name
     assert RewardModel.load_from_checkpoint(notebooks / "checkpoints" / "opt-reward-model.ckpt").tokenizer == "hf"
     assert "PPO + LoRA (after)" in printed
+    seed_001 = reports["eval-notebook"]["results"]  # the adapter against its base, by the seed's reward
+    assert all(
+        {"reward/keyword_reward", "reward/animal_frequency"} <= set(seed_001[k]) for k in ("policy", "reference")
+    )
+    assert seed_001["policy"]["kl_to_reference"] is not None
+    seed_004 = reports["pipeline-notebook"]
+    assert list(seed_004["results"]) == ["SFT", "PPO", "GRPO", "DPO"] and 0 <= seed_004["reward_model_accuracy"] <= 1
+    for label in ("PPO", "GRPO", "DPO"):  # scored by the reward model against the SFT policy; no verifier here
+        row = seed_004["results"][label]
+        assert row["win_rate"] is not None and row["reward_model_score"] is not None and row["success"] is None
 
     # The course user's HH-RLHF commands.
     if with_shared:
