@@ -6,7 +6,9 @@ stages, the rollout engine and the reward model call it exactly as they call Shr
 * ``forward(idx, kv_caches, attention_mask, logits_to_keep) -> (logits, caches, aux_loss)``;
   the caches are the model's own (``HFCache`` holds transformers' cache object);
 * ``features(idx, attention_mask) -> (hidden, None, aux_loss)`` and ``head``: the decoder's last
-  hidden states and the LM head, so that the head runs on response positions only;
+  hidden states and the LM head followed by the model's own post-processing of its logits
+  (``LogitHead``: Gemma 2's soft-capping, Cohere's and Granite's scaling), so that the head runs
+  on response positions only and still gives the logits the model samples from;
 * ``aux_loss`` is 0 and ``moe_stats()`` is empty: the model is dense.
 
 Positions always come from the attention mask (``cumsum - 1``), in the training forward and in
@@ -25,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from shraygpt_rl.checkpoint import MARKER
-from shraygpt_rl.errors import CheckpointError
+from shraygpt_rl.errors import CheckpointError, ConfigError
 
 
 class HFCache:
@@ -46,6 +48,44 @@ def offline_hint(source: str) -> str:
         f"download it where there is network (`hf download {source} --local-dir DIR`) and pass that folder "
         "(--model.policy DIR)."
     )
+
+
+class LogitHead(nn.Module):
+    """The LM head, then what the model's own forward does to its logits, read from its config:
+    ``final_logit_softcapping`` (Gemma 2 and 3: ``cap * tanh(logits / cap)``), ``logit_scale``
+    (Cohere: a product) and ``logits_scaling`` (Granite: a quotient). ``HFCausalLM`` checks at
+    load time that ``head(features(x))`` equals the model's forward, so a model that post-processes
+    its logits some other way is refused instead of trained on other logits than it samples from.
+    """
+
+    def __init__(self, linear: nn.Linear, config):
+        super().__init__()
+        self.linear = linear
+        self.cap = getattr(config, "final_logit_softcapping", None)
+        self.scale = getattr(config, "logit_scale", None)
+        self.divisor = getattr(config, "logits_scaling", None)
+
+    @property
+    def weight(self) -> Tensor:
+        return self.linear.weight
+
+    @property
+    def in_features(self) -> int:
+        return self.linear.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.linear.out_features
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        logits = self.linear(hidden)  # (..., V)
+        if self.scale is not None:
+            logits = logits * self.scale
+        if self.divisor is not None:
+            logits = logits / self.divisor
+        if self.cap is not None:
+            logits = torch.tanh(logits / self.cap) * self.cap
+        return logits
 
 
 class HFCausalLM(nn.Module):
@@ -77,7 +117,9 @@ class HFCausalLM(nn.Module):
                 reason = str(err).splitlines()[0] if str(err) else type(err).__name__
                 raise CheckpointError(f"'{source}' is not a Hugging Face causal LM folder ({reason}).") from err
             raise CheckpointError(offline_hint(source)) from err
-        return cls(model.train(), source)  # transformers returns eval mode; a new ShrayGPT is in train mode
+        wrapped = cls(model, source)
+        wrapped.check_head()
+        return wrapped.train()  # transformers returns eval mode; a new ShrayGPT is in train mode
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> HFCausalLM:
@@ -111,8 +153,24 @@ class HFCausalLM(nn.Module):
         return self.head.out_features
 
     @property
-    def head(self) -> nn.Linear:
-        return self.model.get_output_embeddings()
+    def head(self) -> LogitHead:
+        return LogitHead(self.model.get_output_embeddings(), self.model.config)
+
+    @torch.no_grad()
+    def check_head(self) -> None:
+        """``head(features(x))`` must be the model's own logits, or the update would train on other
+        logits than generation samples from: a short check on a few tokens, in eval mode."""
+        was_training = self.training
+        self.eval()
+        idx = torch.arange(1, 9, device=self.head.weight.device)[None] % self.vocab_size  # (1, 8)
+        ours = self.head(self.features(idx)[0]).float()
+        theirs = self.forward(idx)[0].float()
+        self.train(was_training)
+        if not torch.allclose(ours, theirs, atol=1e-4, rtol=1e-4):
+            raise ConfigError(
+                f"'{self.source}' post-processes its logits in a way shraygpt-rl does not reproduce "
+                f"({type(self.model).__name__}: largest gap {float((ours - theirs).abs().max()):.3g})."
+            )
 
     @property
     def tokenizer_source(self) -> str:

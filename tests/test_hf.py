@@ -93,3 +93,48 @@ def test_loading_errors_are_one_sentence(tmp_path, monkeypatch):
         get_tokenizer("hf")
     with pytest.raises(TokenizerError, match="No Hugging Face tokenizer"):
         get_tokenizer("hf", tmp_path / "nothing")
+
+
+def _tiny(tmp_path, kind: str, **extra) -> str:
+    """A tiny random Gemma-2 (final-logit soft-capping), Cohere (logit scale) or Granite (logit
+    divisor) saved as a folder: the models whose forward post-processes the LM head's output."""
+    import transformers
+
+    shape = dict(vocab_size=300, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2)
+    shape.update(num_key_value_heads=1, max_position_embeddings=64, **extra)
+    configs = {
+        "gemma2": ("Gemma2", dict(head_dim=8, final_logit_softcapping=2.0, attn_logit_softcapping=5.0)),
+        "cohere": ("Cohere", dict(logit_scale=0.25)),
+        "granite": ("Granite", dict(logits_scaling=4.0)),
+    }
+    name, own = configs[kind]
+    torch.manual_seed(0)
+    config = getattr(transformers, f"{name}Config")(**shape, **own)
+    folder = tmp_path / kind
+    getattr(transformers, f"{name}ForCausalLM")(config).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "cohere", "granite"])
+def test_logits_post_processed_by_the_model_are_the_ones_trained_on(tmp_path, kind):
+    """Gemma 2 soft-caps its logits (``cap * tanh(z / cap)``), Cohere and Granite scale them: the
+    training forward's log-probabilities (head on response positions) must equal generation's."""
+    policy = load_policy(_tiny(tmp_path, kind)).eval()
+    ids, mask = prompts(vocab=300)
+    out = generate(policy, ids, 12, attention_mask=mask, temperature=1.0)
+    logits, _ = response_logits(policy, out.sequences, out.attention_mask, out.prompt_length)
+    real = out.response_mask.bool()
+    assert torch.allclose(token_logprobs(logits, out.responses)[real], out.logprobs[real], atol=1e-5)
+    raw = policy.model.get_output_embeddings()(policy.features(out.sequences)[0])  # without the post-processing
+    assert not torch.allclose(raw, policy(out.sequences)[0], atol=1e-3)  # so the test would catch a bare head
+
+
+def test_a_model_whose_logits_cannot_be_reproduced_is_refused(tmp_path, monkeypatch):
+    """An unknown post-processing (here: the soft-cap forgotten) stops at load time in one sentence."""
+    from shraygpt_rl.errors import ConfigError
+    from shraygpt_rl.hf import LogitHead
+
+    folder = _tiny(tmp_path, "gemma2")
+    monkeypatch.setattr(LogitHead, "forward", lambda self, hidden: self.linear(hidden))
+    with pytest.raises(ConfigError, match="post-processes its logits"):
+        load_policy(folder)
