@@ -94,6 +94,26 @@ def response_logprobs(
     return logprobs, (torch.cat([e for _, e in parts]) if entropy else None), aux_loss
 
 
+def sequence_logprobs(
+    model, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor, average: bool = False, chunk: int = 4096
+) -> tuple[Tensor, Tensor]:
+    """Sum (or mean) of each row's response-token log-probabilities under ``model``, (B,), and the
+    aux loss: ``losses.sequence_logprobs`` of the model's logits, with the LM head run on the
+    positions that predict a response token only, ``chunk`` of them at a time.
+
+    DPO's rows are prompt then response, right-padded: with a long prompt (HH-RLHF) and a 50k
+    vocabulary the full (B, T, V) logits are gigabytes, nearly all of them never read.
+    """
+    hidden, _, aux_loss = model.features(input_ids, attention_mask=attention_mask)  # (B, T, C)
+    scored = response_mask[:, 1:].bool()  # (B, T-1): position t predicts token t + 1
+    rows = scored.nonzero()[:, 0]  # (N,)
+    states, labels = hidden[:, :-1][scored], input_ids[:, 1:][scored]  # (N, C), (N,)
+    parts = [token_logprobs(model.head(h).float(), y) for h, y in zip(states.split(chunk), labels.split(chunk))]
+    logprobs = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)  # (N,)
+    sums = torch.zeros(input_ids.size(0), device=hidden.device).index_add(0, rows, logprobs)  # (B,)
+    return (sums / scored.sum(1).clamp(min=1) if average else sums), aux_loss
+
+
 def _head_logprobs(head, hidden: Tensor, labels: Tensor, temperature: float, entropy: bool):
     logits = head(hidden).float()  # (b, N, V)
     if temperature != 1.0:

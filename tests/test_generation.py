@@ -177,3 +177,39 @@ def test_chunked_head_gives_the_same_logprobs_and_gradients(tiny_model, entropy)
     assert torch.allclose(a, b, atol=1e-6) and len(ga) == len(gb)
     assert entropy == (ea is not None) and (not entropy or torch.allclose(ea, eb, atol=1e-6))
     assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(ga, gb))
+
+
+@pytest.mark.parametrize("backend", ["shraygpt", "opt", "opt-lora-reference"])
+@pytest.mark.parametrize("average", [False, True])
+def test_sequence_logprobs_on_response_positions_equal_the_full_logits(tiny_hf, perturb_adapters, backend, average):
+    """DPO's log-probabilities with the head on response positions only, in chunks of 5, against
+    ``losses.sequence_logprobs`` of the whole forward's logits: values and gradients."""
+    from shraygpt_rl.generation import sequence_logprobs as sparse
+    from shraygpt_rl.lora import AdaptersDisabled, LoRASpec
+    from shraygpt_rl.losses import sequence_logprobs as dense
+    from shraygpt_rl.model import ShrayGPT, tiny_config
+    from shraygpt_rl.policy import load_policy, with_lora
+
+    torch.manual_seed(0)
+    model = ShrayGPT(**tiny_config()) if backend == "shraygpt" else load_policy(str(tiny_hf("opt")))
+    if backend == "opt-lora-reference":
+        with_lora(model, LoRASpec(r=4, alpha=8, dropout=0.0))
+        perturb_adapters(model)
+        model = AdaptersDisabled(model.eval())  # the policy is not its submodule: eval() first
+    model.eval()
+    ids = torch.randint(1, 256, (4, 12))
+    attention = torch.ones_like(ids)
+    attention[1, 9:] = 0  # right padding, as the pairs have it
+    response = torch.zeros_like(ids)
+    response[:, 6:] = 1
+    response *= attention
+    response[3] = 0  # a row with no response token
+    params = [p for p in model.parameters() if p.requires_grad]  # none for the adapters-off reference
+    ours, _ = sparse(model, ids, attention, response, average=average, chunk=5)
+    theirs = dense(model(ids, attention_mask=attention)[0], ids, response, average=average)
+    assert torch.allclose(ours, theirs, atol=1e-5) and ours.detach()[3].item() == 0.0
+    if params:
+        grads = torch.autograd.grad(ours.sum(), params, allow_unused=True)
+        expected = torch.autograd.grad(theirs.sum(), params, allow_unused=True)
+        for a, b in zip(grads, expected):
+            assert (a is None and b is None) or torch.allclose(a, b, atol=1e-5)

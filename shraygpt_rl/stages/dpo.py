@@ -4,6 +4,10 @@ The loss is a function of ``log pi(y|x) - log pi_ref(y|x)`` for the chosen and r
 responses (see ``losses.dpo_loss``). The reference is either a frozen copy of the starting policy,
 or, with ``precompute_ref_logprobs`` (the default), its log-probabilities computed in one pass
 before training and kept with the checkpoint, so no second model sits in memory while training.
+With LoRA the reference is the policy with its adapters off, which costs no memory: its
+log-probabilities are computed batch by batch, so step 1 does not wait for a pass over the data.
+Log-probabilities come from the LM head on response positions only
+(``generation.sequence_logprobs``): a long prompt's positions never reach the vocabulary.
 
 Departures from the papers, as in TRL: IPO uses length-averaged log-probabilities, and
 ``label_smoothing`` turns the sigmoid loss into conservative DPO.
@@ -17,7 +21,8 @@ from torch import Tensor
 from shraygpt_rl.checkpoint import stamp, stamped
 from shraygpt_rl.data import stack_pairs
 from shraygpt_rl.errors import require
-from shraygpt_rl.losses import DPOLossType, dpo_loss, sequence_logprobs
+from shraygpt_rl.generation import sequence_logprobs
+from shraygpt_rl.losses import DPOLossType, dpo_loss
 from shraygpt_rl.stages.base import StageModule, disable_dropout
 
 
@@ -29,7 +34,8 @@ class DPOStage(StageModule):
         loss_type: ``sigmoid`` (DPO), ``ipo``, ``hinge`` or ``robust``.
         label_smoothing: Assumed rate of flipped preference labels (cDPO, robust DPO).
         precompute_ref_logprobs: Compute the reference log-probabilities once before training
-            instead of keeping a frozen reference model.
+            instead of keeping a frozen reference model; with LoRA the adapters-off reference is
+            used batch by batch instead (it costs no memory).
         export_path: Where the aligned policy is written at the end of training.
         **kwargs: ``StageModule``'s arguments (``policy`` is the SFT checkpoint to start from).
     """
@@ -49,7 +55,8 @@ class DPOStage(StageModule):
         require(0 <= label_smoothing < 0.5, f"label_smoothing must be in [0, 0.5), got {label_smoothing}.")
         super().__init__(export_path=export_path, **kwargs)
         self.policy = disable_dropout(self.build_policy())
-        self.frozen_reference(None if precompute_ref_logprobs else self.policy)
+        free_reference = getattr(self.policy, "lora", None) is not None  # adapters off: no copy, no pass
+        self.frozen_reference(self.policy if free_reference or not precompute_ref_logprobs else None)
         self.ref_logps: dict[str, Tensor] = {}  # split -> (num_pairs, 2), filled before training
 
     def trainable(self):
@@ -60,12 +67,11 @@ class DPOStage(StageModule):
         """Chosen and rejected sequence log-probabilities (B,) under ``model``, and the aux loss."""
         B = batch["chosen_input_ids"].size(0)
         ids, attention, response = stack_pairs(batch)
-        logits, _, aux_loss = model(ids, attention_mask=attention)
-        logps = sequence_logprobs(logits, ids, response, average=self.hparams.loss_type == "ipo")
+        logps, aux_loss = sequence_logprobs(model, ids, attention, response, average=self.hparams.loss_type == "ipo")
         return logps[:B], logps[B:], aux_loss
 
     def on_fit_start(self) -> None:
-        if self.hparams.precompute_ref_logprobs and not self.ref_logps:
+        if self.reference is None and not self.ref_logps:
             self.ref_logps = {split: self._precompute(split) for split in ("train", "val", "test")}
 
     @torch.no_grad()

@@ -83,6 +83,22 @@ def test_dropout_is_off_so_a_hugging_face_policy_starts_at_its_reference(tiny_hf
     assert metrics["rewards/rejected"].item() == pytest.approx(0.0, abs=1e-5)
 
 
+def test_with_lora_the_reference_is_the_policy_with_adapters_off_batch_by_batch(tiny_hf):
+    """No pass over the data before step 1 and no second model: the reference log-probabilities
+    come from the adapters-off policy per batch, and at step 0 they are the policy's."""
+    from shraygpt_rl.lora import AdaptersDisabled
+
+    folder = str(tiny_hf("opt"))
+    lora = {"r": 4, "alpha": 8, "dropout": 0.05, "target_modules": ["q_proj", "v_proj"]}
+    stage = DPOStage(policy=folder, lora=lora, export_path=None, lr=0.0, beta=0.5)
+    assert isinstance(stage.reference, AdaptersDisabled) and stage.reference.policy is stage.policy
+    data = PreferenceDataModule(train_size=64, tokenizer="hf", tokenizer_path=folder, **{**ARITH, "batch_size": 64})
+    trainer = tiny_trainer(1, limit_val_batches=0)
+    trainer.fit(stage, datamodule=data)
+    assert stage.ref_logps == {}  # nothing precomputed
+    assert trainer.callback_metrics["train/loss"].item() == pytest.approx(0.6931, abs=1e-4)
+
+
 def test_reference_cache_survives_a_checkpoint(policy_path, tmp_path):
     stage = DPOStage(policy=policy_path, export_path=None, optimizer="adamw", lr=1e-3)
     data = PreferenceDataModule(train_size=64, **ARITH)
