@@ -123,8 +123,17 @@ def _signature(model: nn.Module) -> tuple:
 BLOCKED = ("head", "up", "down")  # the matrices too large to stay in cache from one step to the next
 
 
-def _onednn_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+def _onednn_available(dtype: torch.dtype) -> bool:
+    """Whether oneDNN's blocked layout serves ``dtype`` on this CPU: its bf16 and fp16 kernels need
+    instructions (AVX-512 BF16, AVX-NE-CONVERT) that many CPUs lack, AMD's and older Intel's among
+    them, and the reorder fails there instead of falling back."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return False
+    if dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if dtype == torch.float16:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    return True
 
 
 class PackedWeights:
@@ -143,7 +152,7 @@ class PackedWeights:
 
     def __init__(self, dtype: torch.dtype, device: torch.device):
         self.dtype = dtype
-        self.blocked = device.type == "cpu" and _onednn_available()
+        self.blocked = device.type == "cpu" and _onednn_available(dtype)
         self.tensors: dict[str, Tensor] = {}
         self.signature: tuple | None = None
 

@@ -110,7 +110,7 @@ def test_a_seeded_generator_ends_where_the_eager_loop_leaves_it(wide_model):
 def test_the_decode_step_traces_as_one_graph(wide_model, monkeypatch, blocked, options):
     """``fullgraph=True`` fails on any graph break: a ``.item()``, a ``bool()`` of a tensor, a
     data-dependent shape. A step that traces whole reads nothing back to the host."""
-    monkeypatch.setattr(decode, "_onednn_available", lambda: blocked and torch.backends.mkldnn.is_available())
+    monkeypatch.setattr(decode, "_onednn_available", lambda dtype: blocked and torch.backends.mkldnn.is_available())
     monkeypatch.setattr(decode, "_DECODERS", type(decode._DECODERS)())
     ids, mask = _left_pad([3, 5], wide_model.vocab_size)
     sampling = Sampling(eos_token_id=7, **options)
@@ -180,6 +180,23 @@ def test_bf16_autocast_decodes_with_bf16_packed_weights(wide_model):
     recomputed = token_logprobs(logits[:, out.prompt_length - 1 : -1], out.responses)
     real = out.response_mask.bool()
     assert (recomputed[real] - out.logprobs[real]).abs().max() < 0.1  # bf16 rounding, not a different model
+
+
+@pytest.mark.parametrize("supported", [False, True])
+def test_bf16_weights_stay_plain_where_onednn_has_no_bf16_kernels(wide_model, monkeypatch, supported):
+    """oneDNN's bf16 reorder needs AVX-512 BF16 or AVX-NE-CONVERT and fails without them (AMD EPYC
+    here): then the bf16 weights stay plain and the step still decodes; float32 stays blocked."""
+    if supported and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("this CPU has no oneDNN bf16 kernels")
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: supported)
+    assert decode.PackedWeights(torch.bfloat16, torch.device("cpu")).blocked == (
+        supported and torch.backends.mkldnn.is_available()
+    )
+    assert decode.PackedWeights(torch.float32, torch.device("cpu")).blocked == torch.backends.mkldnn.is_available()
+    ids, mask = _left_pad([4, 8], wide_model.vocab_size)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = _generate(wide_model, ids, mask, static=True, temperature=1.0)
+    assert out.response_mask.sum() > 0
 
 
 def test_inference_mode_and_no_grad_generations_do_not_share_buffers(wide_model):
