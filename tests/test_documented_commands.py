@@ -168,6 +168,7 @@ class RobotLabeller:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # the whole chain: the demo, the course user's commands and both notebooks' workflows
 def test_every_documented_command_runs(tmp_path, monkeypatch, capsys, tiny_hf):
     demo, hh, notebooks = tmp_path / "demo", tmp_path / "hh", tmp_path / "notebooks"
     with_shared = HH_SAMPLE.is_file() and R50K.is_file()
