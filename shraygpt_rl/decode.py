@@ -1,5 +1,5 @@
-"""ShrayGPT's one-token decode step with fixed shapes and no host sync, and the pieces it shares
-with the training forward (RoPE and expert routing).
+"""ShrayGPT's one-token decode step with fixed shapes and no host sync. It computes RoPE and
+expert routing with the training forward's own functions (``layers.py``).
 
 ``generation.generate`` runs ShrayGPT through ``StaticDecoder``: one eager prefill, then ``step``
 per token. A step samples the next token of every row from the last logits, records it, and runs
@@ -40,46 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from shraygpt_rl.layers import apply_rope, rope_freqs, route
 from shraygpt_rl.sampling import sample_next_token
-
-
-# --------------------------------------------------------------------------------------------
-# Shared with the training forward
-# --------------------------------------------------------------------------------------------
-def rope_freqs(positions: Tensor, dim: int, base: float = 10000.0) -> Tensor:
-    """Unit complex rotations ``exp(i * pos * base^(-2j/dim))`` for ``positions`` (B, T): (B, T, dim/2)."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) / dim))
-    angles = positions.to(torch.float32)[..., None] * inv_freq  # (B, T, dim/2)
-    return torch.polar(torch.ones_like(angles), angles)
-
-
-def apply_rope(x: Tensor, freqs: Tensor) -> Tensor:
-    """Rotate the pairs ``(x[2j], x[2j+1])`` of ``x`` (B, T, h, D) by ``freqs`` (B, T, D/2).
-
-    Each pair is the complex number ``x[2j] + i x[2j+1]``, so the rotation is one complex product
-    (the course's cos/sin arithmetic in a single kernel). Returns (B, h, T, D), the layout that
-    attention wants; without autograd the product is written straight into that layout.
-    """
-    B, T, h, D = x.shape
-    pairs = torch.view_as_complex(x.float().reshape(B, T, h, D // 2, 2))  # (B, T, h, D/2)
-    if torch.is_grad_enabled() or T == 1:  # at T = 1 the transpose is a view: nothing to save
-        rotated = (pairs * freqs[:, :, None]).transpose(1, 2)
-    else:  # out= has no autograd, but saves the transpose copy of a long prefill
-        rotated = torch.empty(B, h, T, D // 2, dtype=pairs.dtype, device=x.device)
-        torch.mul(pairs, freqs[:, :, None], out=rotated.transpose(1, 2))
-    return torch.view_as_real(rotated).flatten(-2).type_as(x)  # (B, h, T, D)
-
-
-def route(gate_logits: Tensor, top_k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Routing of tokens by their gate logits (S, E): ``(probs, weights, experts)``.
-
-    ``probs`` (S, E) is the float32 softmax, ``experts`` (S, k) the top-k experts and ``weights``
-    (S, k) their probabilities renormalised to sum to 1. The training forward and the decode step
-    both route through here, so a token goes to the same experts in rollout and update.
-    """
-    probs = gate_logits.float().softmax(dim=-1)
-    weights, experts = probs.topk(top_k, dim=-1)
-    return probs, weights / weights.sum(dim=-1, keepdim=True), experts
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -35,8 +35,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_save(checkpoint, path)
 
 
-class StepCheckpoint(ModelCheckpoint):
+class StepCheckpoint(Checkpoint):
     """``last.ckpt`` in ``dirpath`` every ``every`` optimizer steps, at the end, and on interrupt.
+
+    Built on Lightning's public ``Checkpoint`` callback and ``trainer.save_checkpoint`` only
+    (``ModelCheckpoint``'s private methods change between releases). Being a ``Checkpoint``, it
+    stops the Trainer from adding its default ``ModelCheckpoint``, and ``trainer.checkpoint_callbacks``
+    lists it.
 
     Args:
         dirpath: The stage's checkpoint folder (``checkpoints/<stage>``).
@@ -44,37 +49,42 @@ class StepCheckpoint(ModelCheckpoint):
     """
 
     def __init__(self, dirpath: str | os.PathLike, every: int = 100):
-        super().__init__(dirpath=dirpath, save_last=True, save_top_k=0, every_n_epochs=0, enable_version_counter=False)
-        self.every = every
+        self.dirpath, self.every = Path(dirpath), every
+        self.saved_step = -1  # the optimizer step of the last checkpoint written
+
+    @property
+    def path(self) -> Path:
+        return self.dirpath / "last.ckpt"
 
     def on_train_start(self, trainer, pl_module) -> None:
-        super().on_train_start(trainer, pl_module)
-        last = Path(self.dirpath) / "last.ckpt"
-        if last.is_file() and self._last_global_step_saved == 0 and trainer.ckpt_path is None:
-            log.warning("%s is a previous run's; this run replaces it (pass --ckpt_path last to resume instead)", last)
+        self.saved_step = trainer.global_step  # a resumed run has written its own step already
+        last = self.path
+        if last.is_file() and trainer.ckpt_path is None:
+            log.warning(
+                "%s is a previous run's; this run replaces it (pass --ckpt_path last to resume instead)", self.path
+            )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step, saved = trainer.global_step, self._last_global_step_saved
-        if self.every and step // self.every > saved // self.every:
-            self._save_last(trainer)
-
-    def on_validation_end(self, trainer, pl_module) -> None:
-        """Validation does not write checkpoints: the step interval does."""
+        if self.every and trainer.global_step // self.every > self.saved_step // self.every:
+            self.save(trainer)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        self._save_last(trainer)
+        self.save(trainer)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         """Ctrl-C or SIGTERM: save what the run has done before it stops. Under DDP every rank
         would have to take part, so there the periodic checkpoints are what survives."""
         if isinstance(exception, KeyboardInterrupt | SIGTERMException) and trainer.world_size == 1:
-            self._save_last(trainer)
+            self.save(trainer)
             if trainer.global_step:
                 log.warning("stopped at step %d; resume with --ckpt_path last", trainer.global_step)
 
-    def _save_last(self, trainer) -> None:
-        if not self._should_skip_saving_checkpoint(trainer):
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+    def save(self, trainer) -> None:
+        """Write ``last.ckpt`` unless this step's is written already or the run is a dry run."""
+        if trainer.fast_dev_run or trainer.sanity_checking or trainer.global_step == self.saved_step:
+            return
+        trainer.save_checkpoint(self.path)  # every rank calls it; the strategy writes on rank 0
+        self.saved_step = trainer.global_step
 
 
 def resolve_ckpt_path(ckpt_path: str | None, folder: str | os.PathLike | None) -> str | None:

@@ -42,8 +42,6 @@ STAGES: dict[str, tuple[type[L.LightningModule], type[L.LightningDataModule]]] =
     "rloo": (RLOOStage, PromptDataModule),
     "trpo": (TRPOStage, PromptDataModule),
 }
-# The pipeline and the benchmarks run stages with their own ``args``, not sys.argv: that is meant.
-warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
 
 
 class ShrayCLI(LightningCLI):
@@ -106,15 +104,17 @@ def build_cli(stage: str, args: list[str]) -> ShrayCLI:
     """The stage's LightningCLI with ``args`` parsed and every object built, not yet fitted."""
     module, datamodule = STAGES[stage]
     cli_class = type("ShrayCLI", (ShrayCLI,), {"stage": stage})
-    return cli_class(
-        module,
-        datamodule,
-        args=args,
-        run=False,
-        seed_everything_default=0,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"prog": f"train.py --stage {stage}"},
-    )
+    with warnings.catch_warnings():  # passing ``args`` rather than sys.argv is this function's point
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
+        return cli_class(
+            module,
+            datamodule,
+            args=args,
+            run=False,
+            seed_everything_default=0,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"prog": f"train.py --stage {stage}"},
+        )
 
 
 def run_stage(stage: str, args: list[str], callbacks: Sequence[L.Callback] = ()) -> ShrayCLI:

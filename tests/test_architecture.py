@@ -111,3 +111,43 @@ def test_the_checker_finds_an_upward_import(layers):
     assert upward_imports("shraygpt_rl.rewards", stage_from_rewards, layers) != []
     downward = "import shraygpt_rl.losses\nfrom shraygpt_rl.data import stack_pairs\n"
     assert upward_imports("shraygpt_rl.stages.dpo", downward, layers) == []
+
+
+def test_the_model_owns_rope_and_routing_and_the_decoder_uses_them(sources):
+    """The static decode step imports RoPE and routing from the model's layers, never the reverse."""
+    assert "shraygpt_rl.layers" in imported_modules(sources["shraygpt_rl.decode"])
+    for owner in ("shraygpt_rl.layers", "shraygpt_rl.model"):
+        assert "shraygpt_rl.decode" not in imported_modules(sources[owner]), owner
+
+
+GLOBAL_SETTERS = re.compile(
+    r"^(warnings\.(filterwarnings|simplefilter|resetwarnings)|logging\.(basicConfig|disable)"
+    r"|torch\.(set_\w+|manual_seed|use_deterministic_algorithms)|os\.(environ\.\w+|putenv))$"
+)
+
+
+def import_time_side_effects(source: str) -> list[str]:
+    """Calls at a module's top level (``if`` blocks included) that change process-wide state:
+    warning filters, logging, torch's global settings, the environment."""
+    found, body = [], list(ast.parse(source).body)
+    while body:
+        node = body.pop()
+        if isinstance(node, ast.If | ast.Try | ast.With):
+            body += [*node.body, *getattr(node, "orelse", []), *getattr(node, "finalbody", [])]
+        elif isinstance(node, ast.Expr) and isinstance(node.value, ast.Call):
+            name = ast.unparse(node.value.func)
+            if GLOBAL_SETTERS.match(name):
+                found.append(name)
+        elif isinstance(node, ast.Assign) and any("os.environ" in ast.unparse(t) for t in node.targets):
+            found.append("os.environ[...] =")
+    return found
+
+
+def test_importing_a_module_changes_no_global_state(sources):
+    assert {m: effects for m, s in sources.items() if (effects := import_time_side_effects(s))} == {}
+
+
+def test_the_side_effect_checker_finds_them():
+    source = 'import warnings\nif True:\n    warnings.filterwarnings("ignore")\nos.environ["X"] = "1"\n'
+    assert sorted(import_time_side_effects(source)) == ["os.environ[...] =", "warnings.filterwarnings"]
+    assert import_time_side_effects('def f():\n    warnings.filterwarnings("ignore")\n') == []

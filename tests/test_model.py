@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from shraygpt_rl.checkpoint import CheckpointError
-from shraygpt_rl.model import MoE, ShrayGPT, apply_rope, rope_freqs, tiny_config
+from shraygpt_rl.layers import MoE, apply_rope, rope_freqs
+from shraygpt_rl.model import ShrayGPT, tiny_config
 
 
 # ---------------------------------------------------------------------------------------------

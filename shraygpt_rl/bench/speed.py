@@ -12,7 +12,8 @@ from collections.abc import Callable
 import torch
 
 from shraygpt_rl.bench import BENCH_SHAPE
-from shraygpt_rl.model import MoE, ShrayGPT
+from shraygpt_rl.layers import MoE
+from shraygpt_rl.model import ShrayGPT
 
 
 def _time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:

@@ -10,7 +10,6 @@ the first update, so that the importance ratio starts at exactly 1.
 from __future__ import annotations
 
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -25,10 +24,6 @@ from shraygpt_rl.losses import masked_mean
 from shraygpt_rl.rewards import LearnedReward, RewardFunction, TaskVerifier, WeightedSum
 from shraygpt_rl.stages.base import StageModule, disable_dropout
 from shraygpt_rl.stages.checks import check_rewards
-
-# A checkpoint taken after a step holds the state after all of that step's updates: the state a
-# resumed run must start the next rollout from, not the "pre-optimization state" Lightning means.
-warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
 
 
 @dataclass

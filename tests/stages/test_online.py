@@ -11,8 +11,8 @@ import torch
 from conftest import ARITH, fit_online
 
 from shraygpt_rl import decode
-from shraygpt_rl.decode import route
 from shraygpt_rl.errors import TrainingError
+from shraygpt_rl.layers import route
 from shraygpt_rl.losses import token_logprobs
 from shraygpt_rl.model import ShrayGPT
 from shraygpt_rl.stages.grpo import GRPOStage
