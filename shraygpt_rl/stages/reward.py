@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torchmetrics import MeanMetric
+from torchmetrics import CatMetric, MeanMetric
 from torchmetrics.classification import BinaryAccuracy
 
 from shraygpt_rl.checkpoint import stamp
@@ -60,7 +60,7 @@ class RewardStage(StageModule):
         if freeze_trunk:  # otherwise the trunk trains as built: whole, or its adapters with LoRA
             self.model.trunk.requires_grad_(False)
         self.eval_accuracy, self.eval_margin = BinaryAccuracy(), MeanMetric()
-        self._eval_rewards: list[Tensor] = []
+        self.eval_rewards = CatMetric()  # every held-out reward, gathered from all ranks at compute
 
     def trained_policy(self):
         return self.model.trunk
@@ -126,17 +126,16 @@ class RewardStage(StageModule):
         chosen, rejected, _ = self.rewards(batch)
         self.eval_accuracy.update(torch.sigmoid(chosen - rejected), torch.ones_like(chosen, dtype=torch.long))
         self.eval_margin.update(chosen - rejected)
-        self._eval_rewards.append(torch.cat([chosen, rejected]).detach())
+        self.eval_rewards.update(torch.cat([chosen, rejected]).detach())
         self.log(f"{split}/loss", bradley_terry_loss(chosen, rejected, self.margin(batch)), batch_size=chosen.numel())
 
     def _eval_epoch_end(self, split: str) -> None:
         """Pairwise accuracy, margin, and reward mean and std over the whole held-out split."""
-        rewards = self.all_gather(torch.cat(self._eval_rewards)).flatten() if self._eval_rewards else None
-        self._eval_rewards.clear()
+        rewards = self.eval_rewards.compute().flatten() if self.eval_rewards.update_count else None
         self.log(f"{split}/accuracy", self.eval_accuracy.compute(), prog_bar=True)
         self.log(f"{split}/margin", self.eval_margin.compute())
         if rewards is not None and rewards.numel() > 1:
             self.log(f"{split}/reward_mean", rewards.mean(), rank_zero_only=True)
             self.log(f"{split}/reward_std", rewards.std(), rank_zero_only=True)
-        self.eval_accuracy.reset()
-        self.eval_margin.reset()
+        for metric in (self.eval_accuracy, self.eval_margin, self.eval_rewards):
+            metric.reset()

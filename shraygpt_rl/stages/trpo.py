@@ -46,6 +46,7 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parameters_to_vector
 
 from shraygpt_rl.errors import require
 from shraygpt_rl.generation import response_logits
@@ -178,10 +179,8 @@ class TRPOStage(CriticStage):
             table, aux_loss = self.log_softmax(rollout, micro)  # (r, T, V) with grad; pi_old = pi here
             surrogate, kl, ratio = self.terms(rollout, micro, table, table.detach(), buffer)  # ratio == 1
             mask = rollout.response_mask[micro]
-            g = g + flat(torch.autograd.grad(surrogate, params, retain_graph=True, allow_unused=True), params)
-            kl_grads.append(
-                flat(torch.autograd.grad(kl.sum() / len(rollout), params, create_graph=True, allow_unused=True), params)
-            )
+            g = g + flat_grad(surrogate, params, retain_graph=True)
+            kl_grads.append(flat_grad(kl.sum() / len(rollout), params, create_graph=True))
             tables.append(table.detach())
             furthest = furthest_from_one(ratio, mask, furthest)
             aux.append(aux_loss.detach())
@@ -197,7 +196,7 @@ class TRPOStage(CriticStage):
         fraction = 0.0
         for j in range(hp.max_backtracks + 1):
             fraction = hp.backtrack_ratio**j
-            set_flat(params, start, fraction * step)
+            add_to(params, start, fraction * step)
             found = self.evaluate(rollout, micros, buffer, old_tables)
             improvement = found["surrogate"] - surrogate_old
             measured = found["kl"] if hp.kl_constraint == "response" else found["max_state_kl"]
@@ -272,9 +271,9 @@ class TRPOStage(CriticStage):
             vf_losses, vf_clipped, aux = self.value_loss(rollout, rows, buffer)
             mask = rollout.response_mask[rows]
             loss = masked_mean(vf_losses, mask) + self.aux_weight(self.critic.trunk) * aux
-            grads = self.reduce(flat(torch.autograd.grad(loss, params, allow_unused=True), params))
+            grads = self.reduce(flat_grad(loss, params))
             finite = bool(torch.isfinite(grads).all())
-            for p, grad in zip(params, unflat(grads, params)):
+            for p, grad in zip(params, split_like(grads, params)):
                 p.grad = grad
             self.optimizer_step(finite)  # clips, steps (or skips and counts), steps the schedule
             losses.append(masked_mean(vf_losses.detach(), mask))
@@ -296,24 +295,28 @@ class Linearisation:
 
     def fisher(self, v: Tensor) -> Tensor:
         """``(H + damping I) v``, H the Hessian of the mean token KL at the rollout policy."""
-        hv = sum(
-            flat(torch.autograd.grad(kg @ v, self.params, retain_graph=True, allow_unused=True), self.params)
-            for kg in self.kl_grads
-        )
+        hv = sum(flat_grad(kg @ v, self.params, retain_graph=True) for kg in self.kl_grads)
         return self.stage.reduce(hv) + self.stage.hparams.damping * v
 
 
-def flat(grads: tuple[Tensor | None, ...], params: list[nn.Parameter]) -> Tensor:
-    """Gradients as one flat vector, zeros for parameters the loss did not reach."""
-    return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params)])
+def flat_grad(output: Tensor, params: list[nn.Parameter], **kwargs) -> Tensor:
+    """``d output / d params`` as one vector in ``parameters_to_vector``'s layout, zeros for
+    parameters ``output`` does not reach; ``kwargs`` go to ``torch.autograd.grad``."""
+    grads = torch.autograd.grad(output, params, materialize_grads=True, **kwargs)
+    return parameters_to_vector(g.contiguous() for g in grads)  # a gradient may be a transposed view
 
 
-def unflat(vector: Tensor, params: list[nn.Parameter]) -> list[Tensor]:
-    """A flat vector cut back into tensors shaped like ``params``."""
+def split_like(vector: Tensor, params: list[nn.Parameter]) -> list[Tensor]:
+    """A flat vector (``parameters_to_vector``'s layout) cut into views shaped like ``params``."""
     return [chunk.view_as(p) for chunk, p in zip(vector.split([p.numel() for p in params]), params)]
 
 
-def set_flat(params: list[nn.Parameter], start: list[Tensor], step: Tensor) -> None:
-    """``params = start + step`` (``step`` flat), in place."""
-    for p, saved, delta in zip(params, start, unflat(step, params)):
+def add_to(params: list[nn.Parameter], start: list[Tensor], step: Tensor) -> None:
+    """``params = start + step`` (``step`` flat), written in place.
+
+    Not ``vector_to_parameters``: it rebinds each ``p.data`` to a slice of a new vector, which
+    detaches the parameters from DDP's gradient buckets and can hand the decoder's weight cache
+    (keyed on ``data_ptr`` and ``_version``) a recycled address that looks unchanged.
+    """
+    for p, saved, delta in zip(params, start, split_like(step, params)):
         p.copy_(saved + delta)

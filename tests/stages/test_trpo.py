@@ -17,7 +17,7 @@ from shraygpt_rl.generation import response_logits
 from shraygpt_rl.losses import masked_sum, token_kl
 from shraygpt_rl.model import ShrayGPT
 from shraygpt_rl.stages.online import Rollout
-from shraygpt_rl.stages.trpo import TRPOStage, unflat
+from shraygpt_rl.stages.trpo import TRPOStage, split_like
 
 LORA = {"r": 1, "alpha": 2, "target_modules": ["wq"]}  # 256 trainable numbers: a Hessian we can afford
 
@@ -77,7 +77,7 @@ def test_fisher_vector_product_is_the_hessian_of_the_response_kl(random_policy, 
     old = torch.cat(at_old.tables)  # (R, T, V), in micro-batch order = row order
 
     def mean_kl(flat_theta):
-        tensors = dict(zip(names, unflat(flat_theta, params)))
+        tensors = dict(zip(names, split_like(flat_theta, params)))
         policy = _Logits(stage.policy, rollout, stage.hparams.temperature)
         table = torch.func.functional_call(policy, {f"policy.{k}": v for k, v in tensors.items()}, ())
         return masked_sum(token_kl(old, table.log_softmax(-1)), rollout.response_mask) / len(rollout)
