@@ -255,3 +255,8 @@ def test_every_documented_command_runs(tmp_path, monkeypatch, capsys, tiny_hf):
         assert RewardModel.load_from_checkpoint(hh / "checkpoints" / "reward-model.ckpt").tokenizer == "r50k_base"
         assert "HH-RLHF reward model held-out accuracy" in printed
     assert len(ran) == len(documented_commands()) - (0 if with_shared else 4)
+
+
+def test_the_readme_stays_short():
+    """The README is the front page: detail belongs in docs/ (issue 23's budget)."""
+    assert len((ROOT / "README.md").read_bytes()) <= 10_240
