@@ -80,7 +80,11 @@ def test_seed_004_chain_on_opt(tiny_hf, tmp_path, monkeypatch, lora):
     )
     rm = RewardModel.load_from_checkpoint(tmp_path / "out" / "rm.ckpt")
     assert isinstance(rm.trunk, HFCausalLM) and (getattr(rm.trunk, "lora", None) is not None) == lora
-    assert rm.tokenizer == "hf" and rm.score(["User: hi\n\nAssistant:"], ["hello"]).shape == (1,)
+    prompts, texts = ["User: hi\n\nAssistant:", "User: 2+2?\n\nAssistant:"], ["hello", "Answer: 4"]
+    with torch.no_grad():  # the export scores as the trained stage does, and tells texts apart
+        scores = rm.eval().score(prompts, texts)
+        assert torch.allclose(scores, reward.model.model.eval().score(prompts, texts), atol=1e-5)
+    assert scores[0] != scores[1]
     del reward
 
     ppo = run(
@@ -125,6 +129,8 @@ def test_seed_004_chain_on_opt(tiny_hf, tmp_path, monkeypatch, lora):
             *ONLINE,
             "--model.num_generations",
             "2",
+            "--model.num_mini_batches",
+            "2",
             "--model.reward_model",
             "out/rm.ckpt",
             "--data.source",
@@ -132,7 +138,8 @@ def test_seed_004_chain_on_opt(tiny_hf, tmp_path, monkeypatch, lora):
             "--model.export_path",
             f"out/{stage}",
         )
-        assert float(out.trainer.callback_metrics["policy/ratio_at_start"]) == 1.0
+        metrics = out.trainer.callback_metrics  # two updates per rollout: the second is off-policy
+        assert abs(float(metrics["policy/ratio_at_start"]) - 1) < 1e-6 and metrics["policy/approxkl"] > 0
     dpo = run(
         "dpo",
         "--model.policy",
@@ -146,6 +153,16 @@ def test_seed_004_chain_on_opt(tiny_hf, tmp_path, monkeypatch, lora):
         "out/dpo",
     )
     assert torch.isfinite(dpo.trainer.callback_metrics["train/loss"])
+    # The precomputed reference is the SFT policy (with LoRA, the policy with its adapters off),
+    # so the first step's loss was log 2; and training moved the policy away from it.
+    batch = next(iter(dpo.datamodule.plain_dataloader("train")))
+    sft_policy = load_policy("out/sft").eval()
+    with torch.no_grad():
+        ref_chosen, ref_rejected = dpo.model.reference_logps(batch, "train")
+        chosen, rejected, _ = dpo.model.logps(sft_policy, batch)
+        trained, _, _ = dpo.model.logps(dpo.model.policy.eval(), batch)
+    assert torch.allclose(ref_chosen, chosen, atol=1e-4) and torch.allclose(ref_rejected, rejected, atol=1e-4)
+    assert not torch.allclose(trained, chosen, atol=1e-4)
     for stage in ("ppo", "grpo", "rloo", "dpo"):
         assert (tmp_path / "out" / stage / "shraygpt_rl.json").is_file()
 
