@@ -29,17 +29,24 @@ def shared_file(path: Path) -> Path:
     return path
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(items):
-    """Every test that learns from the SFT fixture is slow (``-m "not slow"`` skips them)."""
+    """Every test that learns from the SFT fixture is slow (``-m "not slow"`` skips them), and
+    they all run in one worker process (``--dist loadgroup``), which trains the fixture once."""
     for item in items:
         if "sft_policy" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
+            item.add_marker(pytest.mark.xdist_group("sft_policy"))
+
+
+# Torch threads per process: at most 2, and the cores shared out among pytest-xdist's workers.
+THREADS = max(1, min(2, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
 
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
-    torch.set_num_threads(min(torch.get_num_threads(), 2))
+    torch.set_num_threads(min(torch.get_num_threads(), THREADS))
 
 
 @pytest.fixture

@@ -57,15 +57,19 @@ def held_out_rewards(policy, samples_per_prompt: int, max_new_tokens: int, seed:
     return {"reward": float(rewards.mean()), "animal_frequency": animal_frequency(texts), "samples": len(texts)}
 
 
-def bench_lora(sft_steps: int = 300, ppo_steps: int = 240, samples_per_prompt: int = 16) -> dict:
-    """SFT then PPO with LoRA at toy size; prints and returns the figures before and after."""
-    base = tiny_hf_model("gpt_neo", Path("tiny-gpt-neo"))
-    story_demonstrations(Path("story-demos.jsonl"))
+def bench_lora(
+    sft_steps: int = 300, ppo_steps: int = 240, samples_per_prompt: int = 16, seed: int = 0, sft_lr: float = 3e-3
+) -> dict:
+    """SFT then PPO with LoRA at toy size; prints and returns the figures before and after.
+    ``seed`` seeds the tiny model, the demonstrations, both runs and the held-out samples."""
+    base = tiny_hf_model("gpt_neo", Path("tiny-gpt-neo"), seed=seed)
+    story_demonstrations(Path("story-demos.jsonl"), seed=seed)
     small = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+    small += ["--seed_everything", str(seed)]
     start = time.perf_counter()
     sft_args = ["--model.policy", str(base), "--data.source", "story-demos.jsonl", "--data.system_prompt", "null"]
     sft_args += ["--trainer.max_steps", str(sft_steps), "--trainer.limit_val_batches", "1", "--data.batch_size", "32"]
-    sft_args += ["--model.optimizer", "adamw", "--model.lr", "3e-3", "--model.export_path", "checkpoints/tiny-sft"]
+    sft_args += ["--model.optimizer", "adamw", "--model.lr", str(sft_lr), "--model.export_path", "checkpoints/tiny-sft"]
     run_stage("sft", [*sft_args, *small])
     sft_s = time.perf_counter() - start
     new_tokens = 32
@@ -76,9 +80,11 @@ def bench_lora(sft_steps: int = 300, ppo_steps: int = 240, samples_per_prompt: i
     ppo_s = time.perf_counter() - start - sft_s
     trainable, total = trainable_fraction(ppo.model.trainable())
     rows = {
-        "SFT (before)": held_out_rewards(load_policy("checkpoints/tiny-sft").eval(), samples_per_prompt, new_tokens),
+        "SFT (before)": held_out_rewards(
+            load_policy("checkpoints/tiny-sft").eval(), samples_per_prompt, new_tokens, seed
+        ),
         "PPO + LoRA (after)": held_out_rewards(
-            load_policy("checkpoints/tiny-ppo").eval(), samples_per_prompt, new_tokens
+            load_policy("checkpoints/tiny-ppo").eval(), samples_per_prompt, new_tokens, seed
         ),
     }
     samples = rows["SFT (before)"]["samples"]

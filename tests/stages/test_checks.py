@@ -11,33 +11,37 @@ import torch
 from conftest import ARITH, fails, tiny_trainer
 
 from shraygpt_rl.data import PromptDataModule, SFTDataModule
-from shraygpt_rl.errors import TrainingError
+from shraygpt_rl.errors import ConfigError, TrainingError
 from shraygpt_rl.model import ShrayGPT, tiny_config
 from shraygpt_rl.stages import checks
+from shraygpt_rl.stages.dpo import DPOStage
+from shraygpt_rl.stages.grpo import GRPOStage
+from shraygpt_rl.stages.ppo import PPOStage
+from shraygpt_rl.stages.reward import RewardStage
 from shraygpt_rl.stages.sft import SFTStage
 
 SMALL = "--data.train_size 32 --data.val_size 8 --data.test_size 8 --data.system_prompt null --data.max_length 64 "
 SMALL += "--data.max_prompt_length 48 --trainer.max_steps 1 --trainer.enable_progress_bar false"
 
-# (stage, flags, what the sentence says): one per option range the issue listed, and more.
+# (class, options, what the sentence says): one per option range the issue listed, and more. The
+# constructors check them, so the tests build the objects; test_an_option_out_of_range_stops_
+# train_py_in_one_sentence shows the CLI turning such an error into exit code 2.
 OUT_OF_RANGE = [
-    ("grpo", "--model.num_generations 1", "num_generations must be at least 2"),
-    ("grpo", "--model.num_generations 0", "num_generations must be at least 2"),
-    ("grpo", "--model.max_new_tokens 0", "max_new_tokens must be at least 1"),
-    ("grpo", "--data.batch_size 0", "batch_size must be at least 1"),
-    ("grpo", "--data.batch_size -3", "batch_size must be at least 1"),
-    ("grpo", "--model.temperature 0", "temperature must be > 0"),
-    ("ppo", "--model.temperature -1", "temperature must be > 0"),
-    ("sft", "--model.lr -1", "Learning rates must be >= 0"),
-    ("sft", "--data.max_prompt_length 64", "must be at least 1 and below max_length"),
-    ("ppo", "--model.gamma 1.5", "gamma and lam must be in [0, 1]"),
-    ("ppo", "--model.num_mini_batches 3", "does not split into num_mini_batches=3"),
-    ("dpo", "--model.beta 0", "beta must be > 0"),
-    ("dpo", "--model.label_smoothing 0.5", "label_smoothing must be in [0, 0.5)"),
-    ("reward", "--model.center_rewards_coefficient -1", "center_rewards_coefficient must be >= 0"),
-    ("sft", "--data.wrong_fraction 2", "wrong_fraction must be in [0, 1]"),
-    ("sft", "--model.max_nonfinite 0", "max_nonfinite must be at least 1"),
-    ("sft", "--checkpoint_every -1", "--checkpoint_every must be >= 0"),
+    (GRPOStage, dict(num_generations=1), "num_generations must be at least 2"),
+    (GRPOStage, dict(num_generations=0), "num_generations must be at least 2"),
+    (GRPOStage, dict(max_new_tokens=0), "max_new_tokens must be at least 1"),
+    (PromptDataModule, dict(batch_size=0), "batch_size must be at least 1"),
+    (PromptDataModule, dict(batch_size=-3), "batch_size must be at least 1"),
+    (GRPOStage, dict(temperature=0), "temperature must be > 0"),
+    (PPOStage, dict(temperature=-1), "temperature must be > 0"),
+    (SFTStage, dict(lr=-1), "Learning rates must be >= 0"),
+    (SFTDataModule, dict(max_length=64, max_prompt_length=64), "must be at least 1 and below max_length"),
+    (PPOStage, dict(gamma=1.5), "gamma and lam must be in [0, 1]"),
+    (DPOStage, dict(beta=0), "beta must be > 0"),
+    (DPOStage, dict(label_smoothing=0.5), "label_smoothing must be in [0, 0.5)"),
+    (RewardStage, dict(center_rewards_coefficient=-1), "center_rewards_coefficient must be >= 0"),
+    (SFTDataModule, dict(wrong_fraction=2), "wrong_fraction must be in [0, 1]"),
+    (SFTStage, dict(max_nonfinite=0), "max_nonfinite must be at least 1"),
 ]
 
 
@@ -47,10 +51,39 @@ def workdir(tmp_path, monkeypatch, random_policy):
     return random_policy
 
 
-@pytest.mark.parametrize(("stage", "flags", "says"), OUT_OF_RANGE, ids=[f"{s} {f}" for s, f, _ in OUT_OF_RANGE])
-def test_an_option_out_of_range_is_one_sentence(workdir, capsys, stage, flags, says):
-    policy = [] if stage == "sft" else ["--model.policy", workdir]
-    assert says in fails(capsys, ["--stage", stage, *policy, *SMALL.split(), *flags.split()])
+def one_sentence(error: Exception) -> str:
+    message = str(error)
+    assert message.endswith(".") and message.count(". ") <= 1, message
+    return message
+
+
+@pytest.mark.parametrize(
+    ("cls", "options", "says"), OUT_OF_RANGE, ids=[f"{c.__name__} {o}" for c, o, _ in OUT_OF_RANGE]
+)
+def test_an_option_out_of_range_is_one_sentence(random_policy, cls, options, says):
+    if cls.__module__.startswith("shraygpt_rl.stages") and cls not in (SFTStage, RewardStage):
+        options = dict(options, policy=random_policy)
+    with pytest.raises(ConfigError) as refused:
+        cls(**options)
+    assert says in one_sentence(refused.value)
+
+
+def test_a_rollout_that_does_not_split_into_minibatches_is_one_sentence(random_policy):
+    stage = PPOStage(policy=random_policy, num_mini_batches=3, export_path=None)
+    stage.check_minibatches(6)
+    with pytest.raises(ConfigError) as refused:
+        stage.check_minibatches(4)
+    assert "does not split into num_mini_batches=3" in one_sentence(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [("--model.num_generations 1", "num_generations must be at least 2"), ("--checkpoint_every -1", ">= 0")],
+)
+def test_an_option_out_of_range_stops_train_py_in_one_sentence(workdir, capsys, flags, says):
+    """The constructors' errors (and the runner's own option, --checkpoint_every) reach the
+    command line as one sentence and exit code 2 (``fails``)."""
+    assert says in fails(capsys, ["--stage", "grpo", "--model.policy", workdir, *SMALL.split(), *flags.split()])
 
 
 class Never(torch.nn.Module):

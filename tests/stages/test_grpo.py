@@ -93,10 +93,12 @@ def test_later_minibatches_are_clipped_against_the_rollout_policy(random_policy,
         assert torch.allclose(grads.grads[1][f"policy.{name}"], param.grad, atol=1e-6, rtol=1e-4), name
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo", "bnpo", "group_token_mean"])
+# One loss type per normaliser: per sequence, a constant, the minibatch's tokens (bnpo's count is
+# dapo's on one device; test_dapo_normalises_by_the_tokens_of_all_ranks tells them apart), per group.
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo", "group_token_mean"])
 def test_four_accumulated_micro_batches_equal_one_batch(random_policy, loss_type):
     """16 rows as one micro-batch or four accumulated: the same loss and the same gradient, for
-    every loss type (bnpo too: it is normalised once per minibatch, not per micro-batch)."""
+    every normaliser (the token count is taken once per minibatch, not per micro-batch)."""
     grads, losses = [], []
     for micro_batch_size in (32, 4):
         recorder = GradRecorder()

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import lightning as L
 import pytest
 import torch
@@ -292,41 +288,3 @@ TRPO_TEST_ROLLOUTS = 20
 # Gains measured over seeds 0-4 (SHRAYGPT_LEARNING_SEED) at 1 and 2 torch threads: +0.159 to +0.258, so
 # the threshold is the minimum less a margin of about 0.06.
 TRPO_TEST_GAIN = 0.10
-
-
-DDP_SCRIPT = """
-import sys, torch, lightning as L
-sys.path.insert(0, {tests!r})
-from conftest import SpreadReward
-from shraygpt_rl.data import PromptDataModule
-from shraygpt_rl.stages.trpo import TRPOStage
-
-class Save(L.Callback):
-    def on_train_end(self, trainer, module):
-        torch.save(module.state_dict(), f"rank{{trainer.global_rank}}.pt")
-
-stage = TRPOStage(policy={policy!r}, rewards=[SpreadReward()], max_new_tokens=6, optimizer="adamw", lr=1e-3,
-                  export_path=None, log_samples_every=0, vf_iters=2, max_kl=0.05)
-data = PromptDataModule(source="arithmetic", digits=2, system_prompt=None, max_length=64, max_prompt_length=48,
-                        batch_size=4, train_size=32)
-L.seed_everything(0)
-trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=6, logger=False,
-                    enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                    limit_val_batches=0, callbacks=[Save()])
-trainer.fit(stage, datamodule=data)
-"""
-
-
-@pytest.mark.slow
-def test_ddp_ranks_take_the_same_step(random_policy, tmp_path):
-    """Two processes see different prompts, yet g, every Fisher product and the line search's
-    figures are averaged, so both ranks end with the same policy and critic, and it moved."""
-    script = tmp_path / "ddp_trpo.py"
-    script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parents[1]), policy=random_policy))
-    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
-    assert ranks[0].keys() == ranks[1].keys()
-    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
-    start = ShrayGPT.load_from_checkpoint(random_policy).state_dict()
-    assert any(not torch.equal(ranks[0][f"policy.{k}"], v) for k, v in start.items())
