@@ -29,14 +29,23 @@ def shared_file(path: Path) -> Path:
     return path
 
 
+# Seconds allowed to a test that uses the SFT fixture, the fixture's training included.
+SFT_TIMEOUT = 900
+
+
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(items):
     """Every test that learns from the SFT fixture is slow (``-m "not slow"`` skips them), and
-    they all run in one worker process (``--dist loadgroup``), which trains the fixture once."""
+    they all run in one worker process (``--dist loadgroup``), which trains the fixture once.
+
+    pytest-timeout counts a session fixture's setup toward the first test that asks for it, and
+    the fixture alone took 125 s at one thread on an idle AMD EPYC and over 240 s on a busy CI
+    machine, so these tests get a limit of their own."""
     for item in items:
         if "sft_policy" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
             item.add_marker(pytest.mark.xdist_group("sft_policy"))
+            item.add_marker(pytest.mark.timeout(SFT_TIMEOUT))
 
 
 # Torch threads per process: at most 2, and the cores shared out among pytest-xdist's workers.
@@ -164,7 +173,7 @@ def random_policy(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def sft_policy(tmp_path_factory) -> str:
-    """The policy ``configs/sft.yaml`` makes (about 45 s): a tiny model fine-tuned on noisy
+    """The policy ``configs/sft.yaml`` makes (about 2 minutes at one thread): a tiny model fine-tuned on noisy
     arithmetic demonstrations (40% carry slips). Its greedy answers are mostly right, its sampled
     ones right about 40% of the time: room for online RL. Trained once per session."""
     from shraygpt_rl.data import SFTDataModule

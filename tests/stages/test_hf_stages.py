@@ -196,6 +196,8 @@ def _config(name: str):
     return ROOT / "configs" / name
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)  # 2-4 minutes on 2 cores: 1,500 SFT steps, then 400 PPO steps
 def test_ppo_with_a_lora_policy_raises_the_keyword_reward(tmp_path, monkeypatch):
     """Seed 001 at toy size (``bench lora``): a tiny GPT-Neo taught to write stories, then PPO with
     LoRA actor and critic against the seed's animal-stories reward, on held-out openings."""

@@ -265,6 +265,7 @@ def _held_out_spread(policy, data) -> float:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # 90-110 s on an idle 2-core machine, twice that on a busy one
 def test_trpo_raises_held_out_reward(random_policy):
     """From a random tiny policy against ``SpreadReward`` (the share of letters and digits among a
     response's first 8 characters, about a quarter at random), TRPO_TEST_ROLLOUTS rollouts of 32
