@@ -169,19 +169,25 @@ def test_seed_004_chain_on_opt(tiny_hf, tmp_path, monkeypatch, lora):
 
 def test_seed_001_ppo_on_gpt_neo_logs_the_animal_frequency(tiny_hf, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    out = run(
+    out = run_stage(  # the config first: what follows it overrides it (its 400 steps took 30 s)
         "ppo",
-        "--config",
-        str(_config("tinystories-ppo.yaml")),
-        "--model.policy",
-        str(tiny_hf("gpt_neo")),
-        "--model.lora",
-        "{r: 4, alpha: 8, dropout: 0.05, target_modules: [q_proj, k_proj, v_proj]}",
-        *ONLINE,
-        "--model.export_path",
-        "out/tinystories-ppo",
+        [
+            "--config",
+            str(_config("tinystories-ppo.yaml")),
+            *SMALL,
+            "--trainer.val_check_interval",  # one rollout (four PPO epochs), then validation
+            "1",
+            "--model.policy",
+            str(tiny_hf("gpt_neo")),
+            "--model.lora",
+            "{r: 4, alpha: 8, dropout: 0.05, target_modules: [q_proj, k_proj, v_proj]}",
+            *ONLINE,
+            "--model.export_path",
+            "out/tinystories-ppo",
+        ],
     )
     metrics = out.trainer.callback_metrics
+    assert out.trainer.global_step == 4
     assert {"val/reward/animal_frequency", "val/reward/animal_frequency_reference"} <= set(metrics)
     assert abs(float(metrics["policy/ratio_at_start"]) - 1) < 1e-6
     critic, policy = out.model.critic.trunk, out.model.policy
