@@ -201,7 +201,8 @@ def test_every_documented_command_runs(tmp_path, monkeypatch, capsys, tiny_hf):
                 reports[f"{command[3]}{'-notebook' if notebook else ''}"] = result
         else:
             which = command[3]
-            bench([*command[3:], *BENCH_SIZES.get(which, "").split()])
+            seeds = ["--seeds", "0", "1"] if "--seeds" in command else []  # two seeds show the spread over seeds
+            bench([*command[3:], *BENCH_SIZES.get(which, "").split(), *seeds])
         ran.append(" ".join(command[1:4]))
     printed = capsys.readouterr().out
     monkeypatch.chdir(demo)
@@ -229,6 +230,7 @@ def test_every_documented_command_runs(tmp_path, monkeypatch, capsys, tiny_hf):
     assert "max |sparse - dense|" in printed
     assert all(f"  {stage} " in printed for stage in ("sft", "ppo", "grpo"))
     assert "reward model held-out pairwise accuracy" in printed
+    assert "over seeds 0, 1: min / mean / max of held-out success" in printed
 
     # The notebooks' Hugging Face workflows: adapters, each stage starting from the one before.
     for name in ("tinystories-ppo", "opt-sft", "opt-ppo", "opt-grpo", "opt-dpo"):
