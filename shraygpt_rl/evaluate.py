@@ -20,6 +20,8 @@ SFT: the perplexity of the reference answers and ROUGE-L of the greedy answer ag
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +32,27 @@ from shraygpt_rl.generation import response_logits, sample_and_decode
 from shraygpt_rl.losses import masked_sum, token_logprobs
 from shraygpt_rl.model import ShrayGPT
 from shraygpt_rl.rewards import TaskVerifier
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The unbiased pass@k of ``n`` samples of which ``c`` are correct: ``1 - C(n-c, k) / C(n, k)``,
+    the chance that ``k`` of them drawn without replacement hold a correct one (Chen et al.,
+    2021, eq. 1), as the product ``1 - prod_{i=n-c+1}^{n} (1 - k/i)`` that overflows nothing."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}.")
+    if n - c < k:
+        return 1.0
+    product = 1.0
+    for i in range(n - c + 1, n + 1):
+        product *= 1.0 - k / i
+    return 1.0 - product
+
+
+def majority_correct(answers: Sequence[str | None], correct: str) -> bool:
+    """maj@k of one prompt: whether the most frequent extracted answer among ``answers`` (one per
+    sample; None where none could be extracted) is ``correct``; ties go to the answer seen first."""
+    votes = Counter(a for a in answers if a is not None)
+    return bool(votes) and votes.most_common(1)[0][0] == correct
 
 
 @dataclass

@@ -6,6 +6,7 @@ count; ``response_mask`` is aligned with ``input_ids`` (1 on response tokens).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Literal
 
@@ -108,6 +109,60 @@ def dpo_loss(
     else:
         raise ValueError(f"Unknown DPO loss_type '{loss_type}'; choose sigmoid, ipo, hinge or robust.")
     return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+
+
+def simpo_loss(
+    chosen_avg_logps: Tensor, rejected_avg_logps: Tensor, beta: float = 2.0, gamma: float = 1.0
+) -> tuple[Tensor, Tensor, Tensor]:
+    """SimPO's per-pair loss ``-log s(beta avg_c - beta avg_r - gamma)`` and its rewards ``beta avg``
+    (Meng et al., 2024, eq. 6): length-averaged log-probabilities and a target margin ``gamma``,
+    no reference model."""
+    chosen, rejected = beta * chosen_avg_logps, beta * rejected_avg_logps
+    return -F.logsigmoid(chosen - rejected - gamma), chosen.detach(), rejected.detach()
+
+
+def log1mexp(x: Tensor) -> Tensor:
+    """``log(1 - exp(x))`` for ``x < 0``, accurate at both ends (Maechler, 2012)."""
+    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def orpo_loss(chosen_avg_logps: Tensor, rejected_avg_logps: Tensor, lam: float = 0.1) -> tuple[Tensor, Tensor]:
+    """ORPO's per-pair loss ``L_SFT + lam L_OR`` and the log odds ratio (Hong et al., 2024, eqs. 6-7).
+
+    With ``P = exp(average log-probability)`` of a response (eq. 4), ``odds = P / (1 - P)``,
+    ``L_OR = -log s(log odds_c - log odds_r)`` and ``L_SFT`` the chosen response's mean negative
+    log-likelihood; no reference model.
+    """
+    log_odds_ratio = (chosen_avg_logps - log1mexp(chosen_avg_logps)) - (
+        rejected_avg_logps - log1mexp(rejected_avg_logps)
+    )
+    return -chosen_avg_logps - lam * F.logsigmoid(log_odds_ratio), log_odds_ratio.detach()
+
+
+def kto_loss(
+    logps: Tensor,
+    ref_logps: Tensor,
+    desirable: Tensor,
+    kl: Tensor,
+    beta: float = 0.1,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """KTO's per-example loss ``lambda_y - v(x, y)`` and its rewards (Ethayarajh et al., 2024, eq. 8).
+
+    ``r = log pi(y|x) - log pi_ref(y|x)`` of unpaired responses, ``desirable`` (B,) bool; the
+    reference point ``z0 = max(0, kl)`` is the batch's KL estimate, detached as in the paper.
+    ``v = lambda_D s(beta (r - z0))`` for desirable responses, ``lambda_U s(beta (z0 - r))`` else.
+    """
+    rewards = logps - ref_logps  # (B,)
+    z0 = kl.detach().clamp(min=0)
+    value = torch.where(
+        desirable,
+        desirable_weight * torch.sigmoid(beta * (rewards - z0)),
+        undesirable_weight * torch.sigmoid(beta * (z0 - rewards)),
+    )
+    weight = torch.where(desirable, desirable_weight, undesirable_weight).to(value.dtype)
+    return weight - value, beta * rewards.detach()
 
 
 # --------------------------------------------------------------------------------------------

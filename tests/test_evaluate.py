@@ -4,6 +4,7 @@ The eval and pipeline commands themselves run in tests/test_documented_commands.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -11,7 +12,13 @@ import torch
 from conftest import ARITH
 
 from shraygpt_rl.data import PromptDataModule
-from shraygpt_rl.evaluate import evaluate_policy, response_logprobs, sample_responses
+from shraygpt_rl.evaluate import (
+    evaluate_policy,
+    majority_correct,
+    pass_at_k,
+    response_logprobs,
+    sample_responses,
+)
 from shraygpt_rl.model import ShrayGPT, tiny_config
 from shraygpt_rl.report import _smooth, latest_run, table
 
@@ -116,3 +123,24 @@ def test_reward_model_success_is_the_share_scored_above_zero(tiny_model):
     data.setup()
     report = evaluate_policy(tiny_model, data, reward_model=Scorer(), max_new_tokens=2)
     assert report["reward_model_success"] == pytest.approx(3 / 12)  # 0 is not above 0
+
+
+def test_pass_at_k_by_hand_and_against_every_draw():
+    assert pass_at_k(4, 1, 2) == pytest.approx(1 - 3 / 6)  # 1 - C(3,2)/C(4,2)
+    assert pass_at_k(10, 3, 1) == pytest.approx(0.3) and pass_at_k(5, 0, 5) == 0.0 and pass_at_k(5, 4, 2) == 1.0
+    for n in range(1, 8):  # the share of all k-subsets of the n samples that hold a correct one
+        for c in range(n + 1):
+            for k in range(1, n + 1):
+                draws = list(itertools.combinations([True] * c + [False] * (n - c), k))
+                assert pass_at_k(n, c, k) == pytest.approx(sum(map(any, draws)) / len(draws), abs=1e-12)
+    assert 0 < pass_at_k(1000, 1, 500) < 1  # no factorial overflow
+    with pytest.raises(ValueError, match="c <= n"):
+        pass_at_k(4, 5, 2)
+
+
+def test_majority_vote_by_hand():
+    assert majority_correct(["12", "13", "12", None], "12")
+    assert not majority_correct(["13", "12"], "12")  # a tie goes to the answer seen first
+    assert majority_correct(["12", "13"], "12")
+    assert not majority_correct([None, None], "12") and not majority_correct([], "12")
+    assert not majority_correct(["13", None, None, "12", "13"], "12")

@@ -11,10 +11,14 @@ import torch.nn.functional as F
 from shraygpt_rl.losses import (
     bradley_terry_loss,
     dpo_loss,
+    kto_loss,
+    log1mexp,
     masked_mean,
     masked_sum,
+    orpo_loss,
     reward_centering_loss,
     sequence_logprobs,
+    simpo_loss,
     token_logprobs,
 )
 
@@ -339,3 +343,57 @@ def test_trpo_step_meets_the_kl_bound_of_the_quadratic_model():
     step, scale = trpo_step(x, H @ x, max_kl=0.01)
     assert 0.5 * step @ H @ step == pytest.approx(0.01, rel=1e-5)
     assert torch.allclose(step, scale * x)
+
+
+def test_simpo_loss_by_hand():
+    losses, chosen, rejected = simpo_loss(torch.tensor([-0.5, -1.0]), torch.tensor([-1.0, -0.5]), beta=2.0, gamma=1.0)
+    # margins: 2(-0.5) - 2(-1) - 1 = 0 and 2(-1) - 2(-0.5) - 1 = -2
+    assert torch.allclose(losses, torch.tensor([math.log(2), math.log(1 + math.exp(2))]))
+    assert torch.equal(chosen, torch.tensor([-1.0, -2.0])) and torch.equal(rejected, torch.tensor([-2.0, -1.0]))
+    losses, _, _ = simpo_loss(torch.tensor([-1.0]), torch.tensor([-0.5]), beta=2.0, gamma=0.5)
+    assert losses.item() == pytest.approx(math.log(1 + math.exp(1.5)))
+
+
+def test_log1mexp_is_accurate_at_both_ends():
+    x = -torch.logspace(-12, 2, 200, dtype=torch.float64)
+    naive = torch.tensor([math.log(-math.expm1(v)) for v in x.tolist()], dtype=torch.float64)
+    assert torch.allclose(log1mexp(x), naive, rtol=1e-12)
+    assert log1mexp(torch.tensor(-1e-10)).item() == pytest.approx(math.log(1e-10), rel=1e-6)  # float32
+
+
+def test_orpo_loss_by_hand():
+    # P_c = 0.5 (odds 1), P_r = 0.2 (odds 0.25): log odds ratio log 4, L_OR = log 1.25
+    losses, log_odds_ratio = orpo_loss(torch.tensor([math.log(0.5)]), torch.tensor([math.log(0.2)]), lam=0.1)
+    assert log_odds_ratio.item() == pytest.approx(math.log(4))
+    assert losses.item() == pytest.approx(math.log(2) + 0.1 * math.log(1.25))
+    chosen, rejected = -torch.rand(50, dtype=torch.float64) * 5, -torch.rand(50, dtype=torch.float64) * 5
+    odds = [(math.exp(c) / (1 - math.exp(c))) / (math.exp(r) / (1 - math.exp(r))) for c, r in zip(chosen, rejected)]
+    naive = [-c - 0.3 * math.log(o / (1 + o)) for c, o in zip(chosen.tolist(), odds)]  # -log s(log o) = -log(o/(1+o))
+    assert torch.allclose(orpo_loss(chosen, rejected, lam=0.3)[0], torch.tensor(naive, dtype=torch.float64))
+
+
+def test_kto_loss_by_hand():
+    logps, ref = torch.tensor([-2.0, -3.0], requires_grad=True), torch.tensor([-4.0, -1.0])  # rewards 2, -2
+    desirable = torch.tensor([True, False])
+    kl = torch.tensor(0.5, requires_grad=True)
+    losses, rewards = kto_loss(logps, ref, desirable, kl, beta=0.1)
+    sigmoid = lambda v: 1 / (1 + math.exp(-v))  # noqa: E731
+    assert torch.allclose(losses, torch.tensor([1 - sigmoid(0.15), 1 - sigmoid(0.25)]))
+    assert torch.allclose(rewards, torch.tensor([0.2, -0.2]))
+    losses.sum().backward()
+    assert kl.grad is None and logps.grad[0] < 0 < logps.grad[1]  # z0 detached; desirable up, undesirable down
+    losses, _ = kto_loss(logps.detach(), ref, desirable, torch.tensor(-1.0), beta=0.1, desirable_weight=2.0)
+    assert losses[0].item() == pytest.approx(2 * (1 - sigmoid(0.2)))  # a negative KL estimate clamps to 0
+
+
+def test_kto_loss_against_a_loop():
+    logps, ref = torch.randn(40, dtype=torch.float64) * 3, torch.randn(40, dtype=torch.float64) * 3
+    desirable, kl = torch.rand(40) < 0.5, torch.tensor(0.7, dtype=torch.float64)
+    losses, _ = kto_loss(logps, ref, desirable, kl, beta=0.3, desirable_weight=1.0, undesirable_weight=1.5)
+    for i in range(40):
+        r = (logps[i] - ref[i]).item()
+        if desirable[i]:
+            want = 1.0 - 1 / (1 + math.exp(-0.3 * (r - 0.7)))
+        else:
+            want = 1.5 - 1.5 / (1 + math.exp(-0.3 * (0.7 - r)))
+        assert losses[i].item() == pytest.approx(want, abs=1e-12)
