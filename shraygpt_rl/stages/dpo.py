@@ -1,4 +1,5 @@
-"""Direct preference optimisation and its IPO, hinge and robust variants.
+"""Direct preference optimisation, its IPO, hinge and robust variants, and the reference-free
+SimPO and ORPO.
 
 The loss is a function of ``log pi(y|x) - log pi_ref(y|x)`` for the chosen and rejected
 responses (see ``losses.dpo_loss``). The reference is either a frozen copy of the starting policy,
@@ -9,11 +10,17 @@ log-probabilities are computed batch by batch, so step 1 does not wait for a pas
 Log-probabilities come from the LM head on response positions only
 (``generation.sequence_logprobs``): a long prompt's positions never reach the vocabulary.
 
+SimPO (``losses.simpo_loss``) and ORPO (``losses.orpo_loss``) use length-averaged
+log-probabilities of the policy alone: these stages keep no reference and precompute nothing.
+
 Departures from the papers, as in TRL: IPO uses length-averaged log-probabilities, and
-``label_smoothing`` turns the sigmoid loss into conservative DPO.
+``label_smoothing`` turns the sigmoid loss into conservative DPO. ORPO's SFT term is the mean over
+pairs of each chosen response's mean token NLL (the paper averages over tokens, then examples).
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -22,17 +29,22 @@ from shraygpt_rl.checkpoint import stamp, stamped
 from shraygpt_rl.data import stack_pairs
 from shraygpt_rl.errors import require
 from shraygpt_rl.generation import sequence_logprobs
-from shraygpt_rl.losses import DPOLossType, dpo_loss
+from shraygpt_rl.losses import DPOLossType, dpo_loss, orpo_loss, simpo_loss
 from shraygpt_rl.stages.base import StageModule, disable_dropout
+
+REFERENCE_FREE = ("simpo", "orpo")
 
 
 class DPOStage(StageModule):
     """DPO on preference pairs (``PreferenceDataModule`` batches).
 
     Args:
-        beta: Strength of the implicit KL constraint to the reference.
-        loss_type: ``sigmoid`` (DPO), ``ipo``, ``hinge`` or ``robust``.
+        beta: Strength of the implicit KL constraint to the reference; SimPO's reward scale
+            (its paper uses 2 to 2.5) and ORPO's weight lambda of the odds-ratio term (0.1).
+        loss_type: ``sigmoid`` (DPO), ``ipo``, ``hinge`` or ``robust``; ``simpo`` or ``orpo``
+            keep no reference.
         label_smoothing: Assumed rate of flipped preference labels (cDPO, robust DPO).
+        simpo_gamma: SimPO's target reward margin gamma.
         precompute_ref_logprobs: Compute the reference log-probabilities once before training
             instead of keeping a frozen reference model; with LoRA the adapters-off reference is
             used batch by batch instead (it costs no memory).
@@ -45,8 +57,9 @@ class DPOStage(StageModule):
     def __init__(
         self,
         beta: float = 0.1,
-        loss_type: DPOLossType = "sigmoid",
+        loss_type: DPOLossType | Literal["simpo", "orpo"] = "sigmoid",
         label_smoothing: float = 0.0,
+        simpo_gamma: float = 1.0,
         precompute_ref_logprobs: bool = True,
         export_path: str | None = "checkpoints/shraygpt-dpo.ckpt",
         **kwargs,
@@ -55,8 +68,10 @@ class DPOStage(StageModule):
         require(0 <= label_smoothing < 0.5, f"label_smoothing must be in [0, 0.5), got {label_smoothing}.")
         super().__init__(export_path=export_path, **kwargs)
         self.policy = disable_dropout(self.build_policy())
+        self.reference_free = loss_type in REFERENCE_FREE
         free_reference = getattr(self.policy, "lora", None) is not None  # adapters off: no copy, no pass
-        self.frozen_reference(self.policy if free_reference or not precompute_ref_logprobs else None)
+        keep = not self.reference_free and (free_reference or not precompute_ref_logprobs)
+        self.frozen_reference(self.policy if keep else None)
         self.ref_logps: dict[str, Tensor] = {}  # split -> (num_pairs, 2), filled before training
 
     def trainable(self):
@@ -67,11 +82,12 @@ class DPOStage(StageModule):
         """Chosen and rejected sequence log-probabilities (B,) under ``model``, and the aux loss."""
         B = batch["chosen_input_ids"].size(0)
         ids, attention, response = stack_pairs(batch)
-        logps, aux_loss = sequence_logprobs(model, ids, attention, response, average=self.hparams.loss_type == "ipo")
+        average = self.hparams.loss_type in ("ipo", *REFERENCE_FREE)
+        logps, aux_loss = sequence_logprobs(model, ids, attention, response, average=average)
         return logps[:B], logps[B:], aux_loss
 
     def on_fit_start(self) -> None:
-        if self.reference is None and not self.ref_logps:
+        if self.reference is None and not self.ref_logps and not self.reference_free:
             self.ref_logps = {split: self._precompute(split) for split in ("train", "val", "test")}
 
     @torch.no_grad()
@@ -108,16 +124,7 @@ class DPOStage(StageModule):
     # -- steps ---------------------------------------------------------------------------------
     def step(self, batch, split: str):
         chosen, rejected, aux_loss = self.logps(self.policy, batch)
-        ref_chosen, ref_rejected = self.reference_logps(batch, split)
-        losses, chosen_rewards, rejected_rewards = dpo_loss(
-            chosen,
-            rejected,
-            ref_chosen,
-            ref_rejected,
-            self.hparams.beta,
-            self.hparams.loss_type,
-            self.hparams.label_smoothing,
-        )
+        losses, chosen_rewards, rejected_rewards = self.losses(chosen, rejected, batch, split)
         train = split == "train"
         prefix = "" if train else f"{split}/"
         self.log(f"{split}/loss", losses.mean(), on_step=train, on_epoch=not train, batch_size=chosen.numel())
@@ -134,6 +141,16 @@ class DPOStage(StageModule):
         )
         self.log_moe(self.policy, aux_loss, prefix=prefix)
         return losses.mean() + self.aux_weight(self.policy) * aux_loss
+
+    def losses(self, chosen: Tensor, rejected: Tensor, batch, split: str) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-pair losses and the chosen and rejected rewards (B,) of ``loss_type``."""
+        beta, loss_type = self.hparams.beta, self.hparams.loss_type
+        if loss_type == "simpo":
+            return simpo_loss(chosen, rejected, beta, self.hparams.simpo_gamma)
+        if loss_type == "orpo":  # rewards as SimPO's: beta times the mean log-probability
+            return orpo_loss(chosen, rejected, beta)[0], beta * chosen.detach(), beta * rejected.detach()
+        ref_chosen, ref_rejected = self.reference_logps(batch, split)
+        return dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta, loss_type, self.hparams.label_smoothing)
 
     def training_step(self, batch, batch_idx):
         return self.finite_or_skip(self.step(batch, "train"))
