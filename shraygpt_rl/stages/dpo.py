@@ -66,13 +66,19 @@ class DPOStage(StageModule):
     ):
         require(beta > 0, f"beta must be > 0, got {beta}.")
         require(0 <= label_smoothing < 0.5, f"label_smoothing must be in [0, 0.5), got {label_smoothing}.")
+        smooths = loss_type in ("sigmoid", "robust")
+        require(smooths or label_smoothing == 0, f"label_smoothing applies to sigmoid and robust, not {loss_type}.")
+        require(simpo_gamma >= 0, f"simpo_gamma must be >= 0, got {simpo_gamma}.")
         super().__init__(export_path=export_path, **kwargs)
         self.policy = disable_dropout(self.build_policy())
-        self.reference_free = loss_type in REFERENCE_FREE
         free_reference = getattr(self.policy, "lora", None) is not None  # adapters off: no copy, no pass
         keep = not self.reference_free and (free_reference or not precompute_ref_logprobs)
         self.frozen_reference(self.policy if keep else None)
         self.ref_logps: dict[str, Tensor] = {}  # split -> (num_pairs, 2), filled before training
+
+    @property
+    def reference_free(self) -> bool:
+        return self.hparams.loss_type in REFERENCE_FREE
 
     def trainable(self):
         return self.policy

@@ -39,6 +39,8 @@ OUT_OF_RANGE = [
     (PPOStage, dict(gamma=1.5), "gamma and lam must be in [0, 1]"),
     (DPOStage, dict(beta=0), "beta must be > 0"),
     (DPOStage, dict(label_smoothing=0.5), "label_smoothing must be in [0, 0.5)"),
+    (DPOStage, dict(loss_type="simpo", label_smoothing=0.1), "label_smoothing applies to sigmoid and robust"),
+    (DPOStage, dict(loss_type="simpo", simpo_gamma=-1), "simpo_gamma must be >= 0"),
     (RewardStage, dict(center_rewards_coefficient=-1), "center_rewards_coefficient must be >= 0"),
     (SFTDataModule, dict(wrong_fraction=2), "wrong_fraction must be in [0, 1]"),
     (SFTStage, dict(max_nonfinite=0), "max_nonfinite must be at least 1"),
