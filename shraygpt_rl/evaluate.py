@@ -12,7 +12,11 @@ from a reference policy), and reports:
   estimator; Schulman, "Approximating KL divergence", 2020);
 * ``reward_model_success``: the share of the policy's responses the reward model scores above
   0 (seed 003's ``evaluate_model``);
-* ``mean_length`` in tokens, and a few side-by-side samples.
+* ``mean_length`` in tokens, and a few side-by-side samples;
+* ``pass@1``, ``pass@k`` and ``maj@k`` (``pass_k`` > 1, on the built-in tasks): from ``k``
+  more samples per prompt, the unbiased pass@k of Chen et al. (2021) with ``n = k`` (pass@1 is
+  the share of correct samples, averaged over prompts) and whether the majority answer is right
+  (``pass_and_majority``).
 
 ``demonstration_scores`` judges a policy on held-out demonstrations instead, as seed 004 judges
 SFT: the perplexity of the reference answers and ROUGE-L of the greedy answer against them.
@@ -31,7 +35,7 @@ from shraygpt_rl.data import stack_pairs
 from shraygpt_rl.generation import response_logits, sample_and_decode
 from shraygpt_rl.losses import masked_sum, token_logprobs
 from shraygpt_rl.model import ShrayGPT
-from shraygpt_rl.rewards import TaskVerifier
+from shraygpt_rl.rewards import Metadata, TaskVerifier, task_answer
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -53,6 +57,35 @@ def majority_correct(answers: Sequence[str | None], correct: str) -> bool:
     sample; None where none could be extracted) is ``correct``; ties go to the answer seen first."""
     votes = Counter(a for a in answers if a is not None)
     return bool(votes) and votes.most_common(1)[0][0] == correct
+
+
+def pass_columns(k: int) -> tuple[str, ...]:
+    """The figures ``pass_and_majority`` reports for ``k`` samples per prompt; none for k <= 1."""
+    return ("pass@1", f"pass@{k}", f"maj@{k}") if k > 1 else ()
+
+
+def pass_and_majority(
+    prompts: Sequence[str], responses: Sequence[str], metadata: Metadata, k: int
+) -> dict[str, Tensor]:
+    """pass@1, pass@k and maj@k of each prompt from its ``k`` samples, each (B,) float.
+
+    The rows come in groups of ``k`` consecutive samples of one prompt (as ``repeat_interleave``
+    lays them out); the verifier judges each (``TaskVerifier.success``) and ``task_answer``
+    extracts the answers that vote. With ``n = k`` samples, pass@1 is the share that is correct
+    and pass@k is 1 when any is; they are the unbiased estimates all the same.
+    """
+    if k < 1 or len(responses) % k:
+        raise ValueError(f"pass_and_majority needs groups of k >= 1 samples, got {len(responses)} rows and k={k}.")
+    success = TaskVerifier().success(prompts, responses, metadata).view(-1, k)  # (B, k)
+    counts = success.sum(1).tolist()
+    answers = [task_answer(p, r, m) for p, r, m in zip(prompts, responses, metadata)]
+    groups = [answers[i : i + k] for i in range(0, len(answers), k)]
+    majority = [majority_correct([answer for answer, _ in group], group[0][1]) for group in groups]
+    return {
+        "pass@1": torch.tensor([pass_at_k(k, c, 1) for c in counts]),
+        f"pass@{k}": torch.tensor([pass_at_k(k, c, k) for c in counts]),
+        f"maj@{k}": torch.tensor(majority, dtype=torch.float32),
+    }
 
 
 @dataclass
@@ -96,6 +129,44 @@ def sample_responses(
         lengths.append(gen.response_mask.sum(1).float().cpu())
     out.lengths = torch.cat(lengths)
     return out
+
+
+def sample_pass_at_k(
+    policy: ShrayGPT,
+    datamodule,
+    k: int,
+    split: str = "test",
+    temperature: float = 1.0,
+    max_new_tokens: int = 16,
+    seed: int = 0,
+    desc: str | None = None,
+) -> dict[str, float] | None:
+    """pass@1, pass@k and maj@k over the prompts of ``split``, from ``k`` samples per prompt.
+
+    Each batch of prompts is repeated ``k`` times in one batched generate call, as an online
+    rollout does, rather than sampled in ``k`` passes. None when the prompts are not all from
+    the built-in tasks (nothing verifies them); it stops at the first such batch.
+
+    Returns:
+        ``pass_columns(k)`` as keys, each the mean over prompts of ``pass_and_majority``'s figure.
+    """
+    device = _device(policy)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    parts: list[dict[str, Tensor]] = []
+    for batch in datamodule.plain_dataloader(split, desc=desc):
+        if not TaskVerifier.covers(batch["metadata"]):
+            return None
+        ids = batch["input_ids"].to(device).repeat_interleave(k, dim=0)  # (B k, P)
+        mask = batch["attention_mask"].to(device).repeat_interleave(k, dim=0)  # (B k, P)
+        _, texts = sample_and_decode(
+            policy, ids, mask, datamodule.tokenizer, max_new_tokens, temperature=temperature, generator=generator
+        )
+        prompts = [p for p in batch["prompt"] for _ in range(k)]
+        metadata = [m for m in batch["metadata"] for _ in range(k)]
+        parts.append(pass_and_majority(prompts, texts, metadata, k))
+    if not parts:
+        return None
+    return {name: torch.cat([part[name] for part in parts]).mean().item() for name in parts[0]}
 
 
 @torch.no_grad()
@@ -150,13 +221,16 @@ def evaluate_policy(
     name: str = "policy",
     reference_samples: Responses | None = None,
     reward_functions: list | None = None,
+    pass_k: int = 0,
 ) -> dict:
     """Every held-out figure of one policy (see the module docstring); None where it does not apply.
 
     ``reference_samples`` are the reference's responses when already drawn (``sample_responses``
     with another seed than the policy's), so that several policies share them.
     ``reward_functions`` add ``reward/<name>``, each one's mean reward, and ``reward/<figure>`` for
-    what each reports besides (``KeywordReward``'s ``animal_frequency``)."""
+    what each reports besides (``KeywordReward``'s ``animal_frequency``). ``pass_k`` above 1
+    adds ``pass_columns(pass_k)`` from that many more samples per prompt (``sample_pass_at_k``;
+    None off the built-in tasks)."""
     ours = sample_responses(policy, datamodule, split, temperature, max_new_tokens, seed, desc=f"sampling {name}")
     report: dict = {"prompts": len(ours.texts), "mean_length": ours.lengths.mean().item()}
     rewards, success = _verify(ours) if TaskVerifier.covers(ours.metadata) else (None, None)
@@ -169,6 +243,10 @@ def evaluate_policy(
         report[f"reward/{fn.name}"] = fn(ours.prompts, ours.texts, ours.metadata).float().mean().item()
         reported = fn.report(ours.texts) if hasattr(fn, "report") else {}
         report.update({f"reward/{key}": value for key, value in reported.items()})
+    if pass_k > 1:
+        desc = f"pass@{pass_k} of {name}"
+        figures = sample_pass_at_k(policy, datamodule, pass_k, split, temperature, max_new_tokens, seed, desc)
+        report.update(figures or dict.fromkeys(pass_columns(pass_k)))
     report["kl_to_reference"] = report["win_rate"] = None
     theirs = None
     if reference is not None:

@@ -12,10 +12,11 @@ import time
 from pathlib import Path
 
 from shraygpt_rl.data import PreferenceDataModule, PromptDataModule, SFTDataModule
-from shraygpt_rl.errors import DataError
+from shraygpt_rl.errors import DataError, require
 from shraygpt_rl.evaluate import (
     demonstration_scores,
     evaluate_policy,
+    pass_columns,
     reward_model_accuracy,
     sample_responses,
 )
@@ -29,6 +30,7 @@ from shraygpt_rl.stages.checks import check_rewards
 COLUMNS = ("success", "mean_reward", "kl_to_reference", "win_rate", "reward_model_score", "mean_length")
 # what --stage eval adds: the reward model's success rate, and the SFT figures on demonstrations
 EVAL_COLUMNS = (*COLUMNS, "reward_model_success", "perplexity", "rouge_l")
+# both tables end with pass_columns(pass_k): pass@1, pass@k and maj@k, named after the k asked for
 
 
 def _prompts(config: str | None, num_prompts: int, policy=None) -> PromptDataModule:
@@ -69,6 +71,7 @@ def evaluate(
     max_new_tokens: int = 16,
     temperature: float = 1.0,
     seed: int = 0,
+    pass_k: int = 8,
     out: str = "reports/eval",
 ) -> dict:
     """Evaluate a policy on held-out prompts; write ``<out>.json`` and ``<out>.png``.
@@ -91,8 +94,13 @@ def evaluate(
         max_new_tokens: Longest response.
         temperature: Sampling temperature (1 samples the policy as RL trained it).
         seed: Seeds the sampling.
+        pass_k: Samples per held-out prompt for pass@1, pass@k and maj@k with k = pass_k, on the
+            built-in tasks (the unbiased estimator of Chen et al., 2021, and a majority vote over
+            the extracted answers), drawn besides the one sample the other figures use; 0 or 1
+            leaves them out.
         out: Path of the report, without extension.
     """
+    require(pass_k >= 0, f"pass_k must be >= 0 (0 or 1 leaves pass@k out), got {pass_k}.")
     model = load_policy(policy).eval()
     ref = load_policy(reference).eval() if reference else None
     data = _prompts(data_config, num_prompts, model)
@@ -100,7 +108,12 @@ def evaluate(
         check_rewards(rewards, data.metadata_keys(), data.hparams.source)
     scorer = RewardModel.load_from_checkpoint(reward_model).eval() if reward_model else None
     options = dict(
-        max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, reward_model=scorer, reward_functions=rewards
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        seed=seed,
+        reward_model=scorer,
+        reward_functions=rewards,
+        pass_k=pass_k,
     )
     policies = {}
     if ref is not None:
@@ -110,7 +123,11 @@ def evaluate(
     for label, candidate in (("reference", ref), ("policy", model)):
         if candidate is not None and demos is not None:
             policies[label].update(demonstration_scores(candidate, demos, max_new_tokens=max_new_tokens))
-    columns = [*EVAL_COLUMNS, *sorted({k for r in policies.values() for k in r if k.startswith("reward/")})]
+    columns = [
+        *EVAL_COLUMNS,
+        *pass_columns(pass_k),
+        *sorted({k for r in policies.values() for k in r if k.startswith("reward/")}),
+    ]
     print(f"\n{policy} on {policies['policy']['prompts']} held-out prompts:\n{table(policies, columns)}")
     for sample in policies["policy"]["samples"]:
         print(f"\n  prompt:    {sample['prompt'][-120:]!r}\n  policy:    {sample['response']!r}")
@@ -122,11 +139,13 @@ def evaluate(
     return report
 
 
-def _evaluate_against_sft(exports: dict[str, str], data, scorer, max_new_tokens: int, seed: int) -> dict:
+def _evaluate_against_sft(
+    exports: dict[str, str], data, scorer, max_new_tokens: int, seed: int, pass_k: int = 0
+) -> dict:
     """Every exported policy on the same held-out prompts; KL and win rate against the SFT policy,
-    whose reference samples all policies share."""
+    whose reference samples all policies share; pass@k and maj@k for ``pass_k`` > 1."""
     sft_policy = load_policy(exports["SFT"]).eval()
-    options = dict(max_new_tokens=max_new_tokens, seed=seed, reward_model=scorer)
+    options = dict(max_new_tokens=max_new_tokens, seed=seed, reward_model=scorer, pass_k=pass_k)
     policies = {"SFT": {**evaluate_policy(sft_policy, data, name="SFT", **options), "kl_to_reference": 0.0}}
     sft_samples = sample_responses(sft_policy, data, max_new_tokens=max_new_tokens, seed=seed + 1)
     for label in ("PPO", "GRPO", "DPO"):
@@ -148,6 +167,7 @@ def pipeline(
     max_new_tokens: int = 16,
     seed: int = 0,
     train_seed: int = 0,
+    pass_k: int = 8,
     out: str = "reports/pipeline",
 ) -> dict:
     """SFT -> reward model -> PPO (reward model) -> GRPO (verifier) -> DPO, then the held-out table.
@@ -166,8 +186,11 @@ def pipeline(
         max_new_tokens: Longest response in the evaluation.
         seed: Seeds the evaluation's sampling.
         train_seed: Seeds every stage's training (``--seed_everything``).
+        pass_k: Samples per held-out prompt for pass@1, pass@k and maj@k (k = pass_k) of every
+            policy, on the built-in tasks; 0 or 1 leaves them out.
         out: Path of the report (``.json`` and ``.png``), without extension.
     """
+    require(pass_k >= 0, f"pass_k must be >= 0 (0 or 1 leaves pass@k out), got {pass_k}.")
     steps = [("SFT", "sft", sft), ("reward", "reward", reward), ("PPO", "ppo", ppo), ("GRPO", "grpo", grpo)]
     steps = [s for s in [*steps, ("DPO", "dpo", dpo)] if s[2] is not None]
     exports, logs, seconds, optimised = {}, {}, {}, {}
@@ -185,7 +208,8 @@ def pipeline(
     sft_policy = load_policy(exports["SFT"])
     pairs = data_from_config(PreferenceDataModule, reward, batch_size=100, **_tokenizer_of(sft_policy, reward))
     accuracy = reward_model_accuracy(scorer, pairs)
-    policies = _evaluate_against_sft(exports, _prompts(sft, num_prompts, sft_policy), scorer, max_new_tokens, seed)
+    data = _prompts(sft, num_prompts, sft_policy)
+    policies = _evaluate_against_sft(exports, data, scorer, max_new_tokens, seed, pass_k)
     report = {
         "reward_model_accuracy": accuracy,
         "seconds": seconds,
@@ -195,9 +219,11 @@ def pipeline(
     }
     runs = {f"{label} ({optimised[label]})": logs[label] for label in ("PPO", "GRPO") if label in logs}
     png = plot_report(f"{out}.png", runs, policies)
+    extra = f"; pass@k and maj@k from {pass_k} more" if pass_k > 1 else ""
     print(
-        f"\nheld-out prompts, one sample per prompt at T = 1 (KL and win rate against the SFT policy):\n"
-        f"{table(policies, COLUMNS)}\nreward model pairwise accuracy on held-out pairs: {accuracy:.3f}\n"
+        f"\nheld-out prompts, one sample per prompt at T = 1{extra} (KL and win rate against the SFT policy):\n"
+        f"{table(policies, (*COLUMNS, *pass_columns(pass_k)))}\n"
+        f"reward model pairwise accuracy on held-out pairs: {accuracy:.3f}\n"
         f"training time: {', '.join(f'{k} {v:.0f} s' for k, v in seconds.items())}\n"
         f"wrote {write_json(f'{out}.json', report)} and {png}"
     )

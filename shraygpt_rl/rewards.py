@@ -111,6 +111,40 @@ class TaskVerifier(Verifier):
         raise ValueError(f"TaskVerifier needs metadata['task'] to be 'arithmetic' or 'sorting', got {task!r}.")
 
 
+_FIRST_INT = re.compile(r"\s*(-?\d+)")
+_INTS = re.compile(r"-?\d+")
+
+
+def task_answer(prompt: str, response: str, metadata: dict[str, Any]) -> tuple[str | None, str]:
+    """The answer a response to a built-in task prompt gives, and the correct one, both canonical.
+
+    The answer is read as ``TaskVerifier`` reads it, so ``answer == correct`` exactly when the
+    verifier counts a success: arithmetic's first integer after ``Answer:`` (``"019"`` is
+    ``"19"``); sorting's integers on the first line after it, joined by ``", "``. None when there
+    is no ``Answer:`` or nothing it could parse. Majority voting (maj@k) compares these strings.
+
+    Args:
+        prompt: The prompt, for arithmetic without ``metadata["target"]`` (its integers' sum).
+        response: The sampled response.
+        metadata: The prompt's metadata: ``task``, and ``target`` or ``numbers``.
+
+    Returns:
+        ``(answer, correct)``.
+    """
+    task, index = metadata.get("task"), response.find("Answer:")
+    after = None if index < 0 else response[index + len("Answer:") :]
+    if task == "arithmetic":
+        target = metadata.get("target")
+        match = _FIRST_INT.match(after) if after is not None else None
+        answer = str(int(match.group(1))) if match else None
+        return answer, str(int(target) if target is not None else arithmetic_target(prompt))
+    if task == "sorting":
+        found = [int(n) for n in _INTS.findall(after.strip().split("\n", 1)[0])] if after is not None else []
+        answer = ", ".join(map(str, found)) if found else None
+        return answer, ", ".join(map(str, sorted(metadata["numbers"])))
+    raise ValueError(f"task_answer needs metadata['task'] to be 'arithmetic' or 'sorting', got {task!r}.")
+
+
 # --------------------------------------------------------------------------------------------
 # Rule-based rewards
 # --------------------------------------------------------------------------------------------

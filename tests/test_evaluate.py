@@ -11,16 +11,21 @@ import pytest
 import torch
 from conftest import ARITH
 
+from shraygpt_rl import evaluate
 from shraygpt_rl.data import PromptDataModule
+from shraygpt_rl.data.tasks import arithmetic_target
 from shraygpt_rl.evaluate import (
     evaluate_policy,
     majority_correct,
+    pass_and_majority,
     pass_at_k,
+    pass_columns,
     response_logprobs,
+    sample_pass_at_k,
     sample_responses,
 )
 from shraygpt_rl.model import ShrayGPT, tiny_config
-from shraygpt_rl.report import _smooth, latest_run, table
+from shraygpt_rl.report import _smooth, latest_run, plot_report, table
 
 
 class LengthScorer:
@@ -144,3 +149,81 @@ def test_majority_vote_by_hand():
     assert majority_correct(["12", "13"], "12")
     assert not majority_correct([None, None], "12") and not majority_correct([], "12")
     assert not majority_correct(["13", None, None, "12", "13"], "12")
+
+
+def test_pass_and_majority_by_hand():
+    seven, sort = {"task": "arithmetic", "target": 7}, {"task": "sorting", "numbers": [3, 1]}
+    groups = [
+        (seven, ["Answer: 7"] * 4),  # c = 4: every figure 1
+        (seven, ["Answer: 8", "Answer: 7", "Answer: 8", "no answer"]),  # c = 1; 8 wins the vote
+        (sort, ["Answer: 3, 1", "Answer: 1,3", "oops", "Answer: 01, 3"]),  # c = 2; "1, 3" wins it
+        ({"task": "arithmetic", "target": 5}, ["Answer: 6", "Answer: 4", "x", "Answer: 6"]),  # c = 0
+    ]
+    texts = [t for _, group in groups for t in group]
+    metadata = [m for m, group in groups for _ in group]
+    figures = pass_and_majority(["p"] * len(texts), texts, metadata, k=4)
+    assert list(figures) == list(pass_columns(4)) == ["pass@1", "pass@4", "maj@4"]
+    assert figures["pass@1"].tolist() == [1.0, 0.25, 0.5, 0.0]
+    assert figures["pass@4"].tolist() == [1.0, 1.0, 1.0, 0.0]
+    assert figures["maj@4"].tolist() == [1.0, 0.0, 1.0, 0.0]
+    # n = k = 2 over the same rows: pass@2 = 1 - C(2-c, 2) / C(2, 2) per pair
+    pairs = pass_and_majority(["p"] * len(texts), texts, metadata, k=2)
+    assert pairs["pass@2"].tolist() == [1.0, 1.0, 1.0, 0.0, 1.0, 1.0, 0.0, 0.0]
+    assert pairs["maj@2"].tolist() == [1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0]  # ties go to the first answer
+    assert pass_columns(1) == pass_columns(0) == ()
+    with pytest.raises(ValueError, match="groups of k"):
+        pass_and_majority(["p"] * 3, texts[:3], metadata[:3], k=2)
+
+
+def _scripted_sampler(k: int, calls: list):
+    """A stand-in for ``sample_and_decode``: sample ``j`` of a prompt whose sum is ``t`` is right
+    when ``j < t % (k + 1)``, else ``Answer: t + 1``; so each prompt's correct count is known."""
+
+    def sample(policy, ids, mask, tokenizer, max_new_tokens, **options):
+        calls.append(ids.size(0))
+        texts = []
+        for row, (prompt, real) in enumerate(zip(ids, mask)):
+            target = arithmetic_target(tokenizer.decode(prompt[real.bool()].tolist()))
+            right = row % k < target % (k + 1)
+            texts.append(f"Answer: {target if right else target + 1}")
+        return None, texts
+
+    return sample
+
+
+def test_sample_pass_at_k_against_known_counts_batched_or_not(monkeypatch, tiny_model):
+    k, calls = 4, []
+    monkeypatch.setattr(evaluate, "sample_and_decode", _scripted_sampler(k, calls))
+    sizes = {**ARITH, "train_size": 8, "test_size": 24}
+    batched = sample_pass_at_k(tiny_model, PromptDataModule(**{**sizes, "batch_size": 10}), k)
+    assert calls == [40, 40, 16]  # each batch of prompts repeated k times, in one call
+    single = sample_pass_at_k(tiny_model, PromptDataModule(**{**sizes, "batch_size": 1}), k)
+    data = PromptDataModule(**sizes)
+    data.setup()
+    counts = [min(row["target"] % (k + 1), k) for row in data.splits["test"]]
+    assert {0, 1, 2, 4} <= set(counts)  # every case of the vote: none right, a minority, a tie, all
+    assert batched["pass@1"] == pytest.approx(sum(c / k for c in counts) / 24)
+    assert batched["pass@4"] == pytest.approx(sum(c > 0 for c in counts) / 24)
+    assert batched["maj@4"] == pytest.approx(sum(c >= 2 for c in counts) / 24)  # a 2-2 tie goes to the first
+    assert single == pytest.approx(batched)
+
+
+def test_sample_pass_at_k_skips_prompts_no_verifier_covers(monkeypatch, tiny_model):
+    class Stories:
+        def plain_dataloader(self, split, desc=None):
+            return [{"metadata": [{"source": "story"}], "prompt": ["Once"], "input_ids": None}]
+
+    calls = []
+    monkeypatch.setattr(evaluate, "sample_and_decode", _scripted_sampler(2, calls))
+    assert sample_pass_at_k(tiny_model, Stories(), k=2) is None and calls == []
+
+
+def test_evaluate_policy_adds_pass_at_k_and_the_report_takes_it(prompts, tmp_path):
+    torch.manual_seed(0)
+    report = evaluate_policy(ShrayGPT(**tiny_config()), prompts, max_new_tokens=4, pass_k=3)
+    assert {report["pass@1"], report["pass@3"], report["maj@3"]} == {0.0}  # a random model never answers
+    assert "pass@1" not in evaluate_policy(ShrayGPT(**tiny_config()), prompts, max_new_tokens=2)
+    policies = {"SFT": report, "PPO": {"success": 0.5, "pass@1": None}}
+    lines = table(policies, ("success", *pass_columns(3))).splitlines()
+    assert lines[2].split()[-3:] == ["0.000"] * 3 and lines[3].split() == ["PPO", "0.500", "-", "-", "-"]
+    assert plot_report(tmp_path / "report.png", {}, policies).stat().st_size > 0

@@ -7,9 +7,13 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
+from conftest import ARITH, fails
 
 from shraygpt_rl.bench import ROOT
 from shraygpt_rl.cli import main
+from shraygpt_rl.data import PromptDataModule
+from shraygpt_rl.pipeline import _evaluate_against_sft
 
 
 def test_eval_reports_a_hugging_face_policy_with_the_seeds_rule_reward(tiny_hf, tmp_path, monkeypatch):
@@ -27,6 +31,7 @@ def test_eval_reports_a_hugging_face_policy_with_the_seeds_rule_reward(tiny_hf, 
     for figures in (policy, reference):
         assert {"reward/keyword_reward", "reward/animal_frequency"} <= set(figures)
         assert "perplexity" not in figures  # story openings have no demonstrations
+        assert figures["pass@8"] is None  # nor a verifier: no pass@k (--pass_k is 8 by default)
     assert policy["kl_to_reference"] == pytest.approx(0.0, abs=1e-5)
     assert policy["reward/animal_frequency"] == reference["reward/animal_frequency"]
     assert _responses(policy) == _responses(reference)  # the same seed: the same samples
@@ -59,3 +64,31 @@ def test_eval_of_an_adapter_folder_differs_from_its_base(tiny_hf, tmp_path, monk
 
 def _responses(figures: dict) -> list[str]:
     return [sample["response"] for sample in figures["samples"]]
+
+
+def test_eval_reports_pass_at_k_and_maj_at_k_on_the_built_in_tasks(random_policy, tmp_path, monkeypatch, capsys):
+    """``--pass_k`` adds pass@1, pass@k and maj@k to the table and the JSON, for the policy and the
+    reference; ``--pass_k 0`` leaves them out, and a negative one is refused in one sentence."""
+    monkeypatch.chdir(tmp_path)
+    args = f"--policy {random_policy} --data_config {ROOT / 'configs' / 'sft.yaml'} --num_prompts 6 --max_new_tokens 3"
+    report = main(["--stage", "eval", *args.split(), "--reference", random_policy, "--pass_k", "3", "--out", "r/k"])
+    assert "pass@3" in capsys.readouterr().out
+    written = json.loads((tmp_path / "r" / "k.json").read_text())["results"]
+    for label in ("policy", "reference"):
+        assert report["results"][label]["pass@1"] == 0.0  # a random model never answers
+        assert {written[label][name] for name in ("pass@1", "pass@3", "maj@3")} == {0.0}
+    off = main(["--stage", "eval", *args.split(), "--pass_k", "0", "--out", "r/off"])
+    assert not any("@" in name for name in off["results"]["policy"])
+    assert fails(capsys, ["--stage", "eval", *args.split(), "--pass_k", "-1"]).startswith("pass_k must be >= 0")
+
+
+def test_the_pipeline_report_has_pass_at_k_for_every_policy(random_policy):
+    class LengthScorer:
+        def score(self, prompts, responses):
+            return torch.tensor([float(len(r)) for r in responses])
+
+    data = PromptDataModule(**{**ARITH, "train_size": 8, "test_size": 6})
+    exports = {"SFT": random_policy, "GRPO": random_policy}
+    policies = _evaluate_against_sft(exports, data, LengthScorer(), max_new_tokens=3, seed=0, pass_k=2)
+    assert list(policies) == ["SFT", "GRPO"]
+    assert all(policies[label][name] == 0.0 for label in policies for name in ("pass@1", "pass@2", "maj@2"))

@@ -20,6 +20,7 @@ from shraygpt_rl.rewards import (
     TaskVerifier,
     WeightedSum,
     animal_frequency,
+    task_answer,
 )
 
 
@@ -131,6 +132,36 @@ def test_task_verifier_dispatches_on_metadata():
     assert rewards.tolist() == pytest.approx([1.0, -0.2])
     with pytest.raises(ValueError, match="metadata\\['task'\\]"):
         TaskVerifier()(["p"], ["x"], [{}])
+
+
+def test_task_answer_by_hand():
+    arithmetic = {"task": "arithmetic", "target": 19}
+    assert task_answer("p", "Answer: 019 apples", arithmetic) == ("19", "19")
+    assert task_answer("p", "Answer: -3", arithmetic) == ("-3", "19")
+    assert task_answer("p", "Answer: x 19", arithmetic) == (None, "19")  # unparsable, as the verifier reads it
+    assert task_answer("p", "19", arithmetic) == (None, "19")
+    assert task_answer("User: What is 2 + 3?\n\nAssistant:", "Answer: 5", {"task": "arithmetic"}) == ("5", "5")
+    sorting = {"task": "sorting", "numbers": [5, 3, 10]}
+    assert task_answer("p", "Answer: 3,5 ,10\nthen 1", sorting) == ("3, 5, 10", "3, 5, 10")
+    assert task_answer("p", "Answer: 10, 3", sorting) == ("10, 3", "3, 5, 10")
+    assert task_answer("p", "Answer: none", sorting) == (None, "3, 5, 10")
+    with pytest.raises(ValueError, match="metadata\\['task'\\]"):
+        task_answer("p", "Answer: 1", {})
+
+
+def test_task_answer_is_right_exactly_when_the_verifier_says_so():
+    rng = random.Random(0)
+    metadata = [{"task": "arithmetic", "target": 12}, {"task": "sorting", "numbers": [2, 1]}]
+    right = [0, 0]
+    for _ in range(2000):  # near misses of both tasks' answers: prefixes, separators, padding zeros, signs
+        numbers = [rng.choice(["1", "2", "12", "01", "-1", "x"]) for _ in range(rng.randrange(1, 4))]
+        body = "".join(n + rng.choice([", ", ",", " ", "\n", "-", ""]) for n in numbers)
+        response = rng.choice(["", "Answer:", "Answer: ", "so Answer:"]) + body
+        for i, meta in enumerate(metadata):
+            answer, correct = task_answer("p", response, meta)
+            assert (answer == correct) == bool(TaskVerifier().success(["p"], [response], [meta])), (response, meta)
+            right[i] += answer == correct
+    assert min(right) > 10  # both tasks' successes were tried, not only failures
 
 
 def test_weighted_sum_and_components():

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from shraygpt_rl.checkpoint import stamp, stamped
 from shraygpt_rl.errors import ConfigError, require
+from shraygpt_rl.evaluate import pass_and_majority
 from shraygpt_rl.generation import response_logprobs, sample_and_decode
 from shraygpt_rl.losses import masked_mean
 from shraygpt_rl.rewards import LearnedReward, RewardFunction, TaskVerifier, WeightedSum
@@ -71,6 +72,8 @@ class OnlineRLStage(StageModule):
         logprob_chunk_rows: Run the LM head and log-softmax of an update on this many rows at a
             time, recomputed in the backward, so that a micro-batch's (rows, tokens, vocabulary)
             float32 logits never exist at once; None: the whole micro-batch.
+        eval_samples: Samples per held-out prompt in validation; above 1, also log pass@1, pass@k
+            and maj@k with k = eval_samples on the built-in tasks.
         **kwargs: ``StageModule``'s arguments (``policy``, ``optimizer``, ``lr``, …).
     """
 
@@ -86,6 +89,7 @@ class OnlineRLStage(StageModule):
         max_grad_norm: float | None = 1.0,
         log_samples_every: int = 50,
         logprob_chunk_rows: int | None = None,
+        eval_samples: int = 1,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -105,6 +109,7 @@ class OnlineRLStage(StageModule):
             logprob_chunk_rows is None or logprob_chunk_rows >= 1,
             f"logprob_chunk_rows must be >= 1 (or null), got {logprob_chunk_rows}.",
         )
+        require(eval_samples >= 1, f"eval_samples must be at least 1, got {eval_samples}.")
         self.policy = disable_dropout(self.build_policy())
         functions = list(rewards or [])
         if reward_model:
@@ -323,14 +328,24 @@ class OnlineRLStage(StageModule):
 
     def _eval_step(self, batch, split: str) -> None:
         """Held-out rollouts: the training reward, and on the built-in tasks the verifier's
-        success rate (whatever the training reward is: a reward model can be fooled)."""
-        rollout = self.rollout(batch)
+        success rate (whatever the training reward is: a reward model can be fooled).
+
+        With ``eval_samples`` k > 1 on the built-in tasks, each prompt is sampled k times in
+        the one rollout: the figures above average over all samples, and pass@1, pass@k and
+        maj@k are logged per prompt besides (``pass_and_majority``)."""
+        k = self.hparams.eval_samples
+        covered = TaskVerifier.covers(batch["metadata"])
+        rollout = self.rollout(batch, repeats=k if covered else 1)
         size = len(rollout)
         self.log(f"{split}/reward/mean", rollout.scores.mean(), batch_size=size, prog_bar=split == "val")
         self.log(f"{split}/completions/mean_length", rollout.response_mask.sum(1).mean(), batch_size=size)
-        if TaskVerifier.covers(rollout.metadata):
+        if covered:
             success = TaskVerifier().success(rollout.prompts, rollout.responses, rollout.metadata)
             self.log(f"{split}/success", success.float().mean(), batch_size=size, prog_bar=split == "val")
+        if covered and k > 1:
+            figures = pass_and_majority(rollout.prompts, rollout.responses, rollout.metadata, k)
+            prompts = size // k  # each prompt weighs the same across batches, whatever its batch's size
+            self.log_dict({f"{split}/{name}": value.mean() for name, value in figures.items()}, batch_size=prompts)
         self.log_reports(batch, rollout, split)
 
     def log_reports(self, batch, rollout: Rollout, split: str) -> None:

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ARITH, fit_online
+from conftest import ARITH, fit_online, tiny_trainer
 
 from shraygpt_rl import decode
+from shraygpt_rl.data import PromptDataModule
+from shraygpt_rl.data.tasks import arithmetic_target
 from shraygpt_rl.errors import TrainingError
 from shraygpt_rl.layers import route
 from shraygpt_rl.losses import token_logprobs
 from shraygpt_rl.model import ShrayGPT
+from shraygpt_rl.stages import online
 from shraygpt_rl.stages.grpo import GRPOStage
 from shraygpt_rl.stages.online import furthest_from_one
 from shraygpt_rl.stages.ppo import PPOStage
@@ -181,3 +184,40 @@ def test_a_run_of_non_finite_updates_stops_in_one_sentence(random_policy):
     with pytest.raises(TrainingError, match=r"^3 updates in a row had a non-finite loss \(NaN or inf\)"):
         fit_online(stage, max_steps=50, prompts=dict(ARITH, batch_size=4, train_size=64))
     assert stage.trainer.global_step == 2  # the third skip stops the run before its step
+
+
+def _validate(stage) -> dict[str, float]:
+    """Two validation batches of four arithmetic prompts; the logged metrics as floats."""
+    trainer = tiny_trainer(1, limit_val_batches=2)
+    trainer.validate(stage, datamodule=PromptDataModule(**{**ARITH, "batch_size": 4, "train_size": 8}), verbose=False)
+    return {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+def _grpo(policy: str, **options) -> GRPOStage:
+    return GRPOStage(policy=policy, max_new_tokens=4, export_path=None, log_samples_every=0, **options)
+
+
+def test_validation_with_eval_samples_logs_pass_at_k_and_maj_at_k(random_policy):
+    metrics = _validate(_grpo(random_policy, eval_samples=3))
+    one, three, majority = (metrics[f"val/{name}"] for name in ("pass@1", "pass@3", "maj@3"))
+    assert all(0 <= figure <= 1 for figure in (one, three, majority)) and three >= one
+    assert metrics["val/success"] == pytest.approx(one)  # the share of right samples either way
+    assert not any("@" in name for name in _validate(_grpo(random_policy)))  # eval_samples=1: as before
+
+
+def test_validation_samples_each_prompt_eval_samples_times_in_one_rollout(random_policy, monkeypatch):
+    """Scripted answers: of each prompt's four samples only the first is right, so pass@1 is
+    1/4, pass@4 is 1 and the wrong answer wins every vote."""
+    sample, rows = online.sample_and_decode, []
+
+    def first_of_four_right(model, ids, mask, enc, max_new_tokens, **options):
+        out, _ = sample(model, ids, mask, enc, max_new_tokens, **options)
+        rows.append(ids.size(0))
+        targets = [arithmetic_target(enc.decode(row[seen.bool()].tolist())) for row, seen in zip(ids, mask)]
+        return out, [f"Answer: {t if i % 4 == 0 else t + 1}" for i, t in enumerate(targets)]
+
+    monkeypatch.setattr(online, "sample_and_decode", first_of_four_right)
+    metrics = _validate(_grpo(random_policy, eval_samples=4))
+    assert rows == [16, 16]  # 4 prompts x 4 samples per batch, one generate call each
+    assert metrics["val/pass@1"] == pytest.approx(0.25) and metrics["val/success"] == pytest.approx(0.25)
+    assert metrics["val/pass@4"] == 1.0 and metrics["val/maj@4"] == 0.0
