@@ -3,8 +3,9 @@
 A training stage runs through ``shraygpt_rl.runner`` (a LightningCLI per stage: see there for the
 flags and the Trainer defaults). ``eval`` and ``pipeline`` are not training stages: they run
 ``shraygpt_rl.pipeline.evaluate`` and ``pipeline``, whose arguments are flags the same way.
-Without ``--config``, ``configs/<stage>.yaml`` is read when it exists (the demo settings). Bad
-input stops with one sentence on stderr and exit code 2, never a traceback.
+Without ``--config``, ``configs/<stage>.yaml`` is read when it exists (the demo settings; a ``_`` in
+the stage's name is a ``-`` in the file's). Bad input stops with one sentence on stderr and exit
+code 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None):
     retain_freed_memory()  # before the first big allocation: see shraygpt_rl.runtime
     try:
         stage, args = split_stage(list(sys.argv[1:] if argv is None else argv))
-        default = Path("configs") / f"{stage}.yaml"
+        default = Path("configs") / f"{stage.replace('_', '-')}.yaml"  # online_dpo: online-dpo.yaml
         if default.is_file() and not any(a == "--config" or a.startswith("--config=") for a in args):
             print(f"train.py: using {default} (pass --config to use another)", file=sys.stderr)
             args = ["--config", str(default), *args]

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from shraygpt_rl.data import stack_pairs
-from shraygpt_rl.generation import response_logits, sample_and_decode
+from shraygpt_rl.generation import response_logits, sample_and_decode, sequence_logprobs
 from shraygpt_rl.losses import masked_sum, token_logprobs
 from shraygpt_rl.model import ShrayGPT
 from shraygpt_rl.rewards import Metadata, TaskVerifier, task_answer
@@ -282,6 +282,22 @@ def reward_model_accuracy(reward_model, datamodule, split: str = "test") -> floa
         ids, attention, response = (t.to(device) for t in stack_pairs(batch))
         scores, _ = reward_model(ids, attention, response)
         hits.append((scores[:B] > scores[B:]).float().cpu())
+    return torch.cat(hits).mean().item()
+
+
+@torch.no_grad()
+def preference_accuracy(policy, datamodule, split: str = "test", average: bool = False) -> float:
+    """Share of held-out preference pairs whose chosen response ``policy`` gives the higher
+    log-probability (summed over the response's tokens; per token with ``average``): the policy's
+    own ranking, comparable across DPO, its reference-free variants and KTO."""
+    policy.eval()
+    device = _device(policy)
+    hits = []
+    for batch in datamodule.plain_dataloader(split):
+        B = batch["chosen_input_ids"].size(0)
+        ids, attention, response = (t.to(device) for t in stack_pairs(batch))
+        logps, _ = sequence_logprobs(policy, ids, attention, response, average=average)  # (2B,)
+        hits.append((logps[:B] > logps[B:]).float().cpu())
     return torch.cat(hits).mean().item()
 
 

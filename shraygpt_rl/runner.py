@@ -28,6 +28,7 @@ from shraygpt_rl.errors import ConfigError
 from shraygpt_rl.resume import AtomicCheckpointIO, StepCheckpoint, resolve_ckpt_path
 from shraygpt_rl.stages.dpo import DPOStage
 from shraygpt_rl.stages.grpo import GRPOStage, RLOOStage
+from shraygpt_rl.stages.online_dpo import OnlineDPOStage
 from shraygpt_rl.stages.ppo import PPOStage
 from shraygpt_rl.stages.reward import RewardStage
 from shraygpt_rl.stages.sft import SFTStage
@@ -41,6 +42,7 @@ STAGES: dict[str, tuple[type[L.LightningModule], type[L.LightningDataModule]]] =
     "grpo": (GRPOStage, PromptDataModule),
     "rloo": (RLOOStage, PromptDataModule),
     "trpo": (TRPOStage, PromptDataModule),
+    "online_dpo": (OnlineDPOStage, PromptDataModule),
 }
 
 
@@ -136,6 +138,19 @@ def adopt_policy_tokenizer(model: L.LightningModule, datamodule: L.LightningData
     data = datamodule.hparams
     if own and (data.tokenizer == "byte" or (data.tokenizer == "hf" and not data.tokenizer_path)):
         data.tokenizer, data.tokenizer_path = own
+
+
+def stage_of(config: str | Path) -> str:
+    """The stage a config file is for, from its name: the whole name when it names one (with
+    ``-`` for ``_``: ``online-dpo.yaml``), else its first part that does (``ppo-rm``: ppo;
+    ``opt-sft-dolly``: sft; ``dpo-simpo``: dpo)."""
+    stem = Path(config).stem
+    if stem.replace("-", "_") in STAGES:
+        return stem.replace("-", "_")
+    for part in stem.split("-"):
+        if part in STAGES:
+            return part
+    raise ConfigError(f"{Path(config).name} names no stage; put one of {', '.join(STAGES)} in its name.")
 
 
 def config_section(config: str | Path | None, section: str) -> dict[str, Any]:

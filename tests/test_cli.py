@@ -15,7 +15,7 @@ from conftest import fails
 from shraygpt_rl.checkpoint import stamped
 from shraygpt_rl.cli import main, split_stage
 from shraygpt_rl.resume import resolve_ckpt_path
-from shraygpt_rl.runner import STAGES, build_cli
+from shraygpt_rl.runner import STAGES, build_cli, stage_of
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -34,8 +34,8 @@ def workdir(tmp_path, monkeypatch):
 
 
 def _stage_of(config: Path) -> str:
-    """The stage a config is for: the first part of its name that names one (``opt-sft-dolly``: sft)."""
-    return next(part for part in config.stem.split("-") if part in STAGES or part == "pipeline")
+    """The stage a config is for (``runner.stage_of``), or ``pipeline``."""
+    return "pipeline" if "pipeline" in config.stem.split("-") else stage_of(config)
 
 
 def test_there_is_a_config_per_stage():

@@ -33,7 +33,7 @@ from shraygpt_rl.model import ShrayGPT, tiny_config
 from shraygpt_rl.reward_model import RewardModel
 
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-ONLINE = ("ppo", "grpo", "rloo", "trpo")
+ONLINE = ("ppo", "grpo", "rloo", "trpo", "online")
 # What each benchmark's command gets appended, and what every stage a benchmark runs gets.
 BENCH_SIZES = {
     "generation": "--prompts 2 --new-tokens 4",

@@ -227,3 +227,29 @@ def test_evaluate_policy_adds_pass_at_k_and_the_report_takes_it(prompts, tmp_pat
     lines = table(policies, ("success", *pass_columns(3))).splitlines()
     assert lines[2].split()[-3:] == ["0.000"] * 3 and lines[3].split() == ["PPO", "0.500", "-", "-", "-"]
     assert plot_report(tmp_path / "report.png", {}, policies).stat().st_size > 0
+
+
+def test_preference_accuracy_is_a_per_pair_comparison_of_full_forward_logprobs(tiny_model):
+    """Batched through the response-only head, against one pair at a time through the whole
+    model's logits; and the chosen answer gets the higher score exactly when the count says so."""
+    from conftest import ARITH
+
+    from shraygpt_rl.data import PreferenceDataModule
+    from shraygpt_rl.evaluate import preference_accuracy
+
+    data = PreferenceDataModule(**{**ARITH, "train_size": 8, "test_size": 24, "batch_size": 8})
+    data.setup()
+    hits = []
+    for batch in data.plain_dataloader("test"):
+        for i in range(batch["chosen_input_ids"].size(0)):
+            scores = []
+            for side in ("chosen", "rejected"):
+                ids = batch[f"{side}_input_ids"][i : i + 1]
+                attention = batch[f"{side}_attention_mask"][i : i + 1]
+                mask = attention.bool() & ~batch[f"{side}_prompt_mask"][i : i + 1].bool()  # the response
+                with torch.no_grad():
+                    logits = tiny_model(ids, attention_mask=attention)[0]
+                logprobs = torch.log_softmax(logits[0, :-1].float(), -1).gather(-1, ids[0, 1:, None])[:, 0]
+                scores.append(logprobs[mask[0, 1:]].sum().item())
+            hits.append(scores[0] > scores[1])
+    assert preference_accuracy(tiny_model, data) == pytest.approx(sum(hits) / len(hits))

@@ -4,7 +4,7 @@ python -m shraygpt_rl.bench generation   # rollout engine against the course's d
 python -m shraygpt_rl.bench moe          # sparse MoE dispatch against the dense formulation
 python -m shraygpt_rl.bench grpo-step    # one GRPO step at the bench shape: completions/s, time split
 python -m shraygpt_rl.bench stages       # SFT -> reward model -> DPO on the arithmetic task
-python -m shraygpt_rl.bench learning     # SFT -> PPO, GRPO (--stages, --seeds) on arithmetic: held-out success
+python -m shraygpt_rl.bench learning     # SFT -> PPO, GRPO, … (--stages, --seeds) on arithmetic: held-out success
 python -m shraygpt_rl.bench lora         # seed 001 at toy size: PPO with LoRA on a tiny GPT-Neo, keyword reward
 python -m shraygpt_rl.bench gpu --tokenizer-path r50k_base.tiktoken   # course size on a GPU: decode, GRPO, TRL
 python -m shraygpt_rl.bench label        # the labelling page: 20 pairs by keyboard in headless Chromium
@@ -39,7 +39,19 @@ def main(argv: list[str] | None = None) -> None:
         "--stages",
         nargs="+",
         default=["ppo", "grpo"],
-        choices=["ppo", "grpo", "rloo", "trpo", "reward", "ppo-rm"],
+        choices=[
+            "ppo",
+            "grpo",
+            "rloo",
+            "trpo",
+            "online-dpo",
+            "dpo",
+            "dpo-simpo",
+            "dpo-orpo",
+            "kto",
+            "reward",
+            "ppo-rm",
+        ],
         help="learning: the configs to run after SFT, in order (ppo-rm needs reward before it)",
     )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="learning: training seeds")

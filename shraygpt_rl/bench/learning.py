@@ -1,11 +1,14 @@
-"""Does online RL work, and for every seed? SFT a tiny policy on noisy arithmetic, then the online
-stages from it; held-out success of each policy, per seed and as min / mean / max over seeds.
+"""Does RL work, and for every seed? SFT a tiny policy on noisy arithmetic, then each stage from
+it; held-out success of each policy, per seed and as min / mean / max over seeds.
 
 Runs ``train.py``'s stages with configs from ``configs/`` (tiny model, CPU): ``sft`` first, then
-each name of ``stages`` (a config name: ``ppo``, ``grpo``, ``rloo``, or ``reward`` then ``ppo-rm``
-for PPO against the reward model, as the pipeline does), each run with ``--seed_everything`` set
-to the seed. Then it samples one answer per held-out test prompt from each policy at the training
-temperature (T = 1) and greedily, and prints the verifier's success rates and each stage's time.
+each name of ``stages``, a config name: ``ppo``, ``grpo``, ``rloo``, ``trpo``, ``online-dpo``; the
+offline ``dpo``, ``dpo-simpo``, ``dpo-orpo`` and ``kto``; or ``reward`` then ``ppo-rm`` for PPO
+against the reward model, as the pipeline does. Each runs with ``--seed_everything`` set to the
+seed. Then it samples one answer per held-out test prompt from each policy at the training
+temperature (T = 1) and greedily, and prints the verifier's success rates, the share of 200
+held-out preference pairs whose chosen answer the policy finds likelier (``pref. acc.``,
+``evaluate.preference_accuracy``) and each stage's time.
 """
 
 from __future__ import annotations
@@ -15,28 +18,35 @@ import statistics
 import torch
 
 from shraygpt_rl.bench import ROOT, demo_data, run_stage
-from shraygpt_rl.data import PromptDataModule
-from shraygpt_rl.evaluate import verifier_success
+from shraygpt_rl.data import PreferenceDataModule, PromptDataModule
+from shraygpt_rl.evaluate import preference_accuracy, verifier_success
 from shraygpt_rl.model import ShrayGPT
-from shraygpt_rl.runner import config_section
+from shraygpt_rl.runner import config_section, stage_of
 
-COLUMNS = {"success": "success T=1", "greedy": "greedy", "mean_reward": "mean reward", "seconds": "train s"}
+COLUMNS = {
+    "success": "success T=1",
+    "greedy": "greedy",
+    "mean_reward": "mean reward",
+    "prefers_chosen": "pref. acc.",
+    "seconds": "train s",
+}
 
 
 def bench_learning(stages: tuple[str, ...] = ("ppo", "grpo"), seeds: tuple[int, ...] = (0,)) -> dict:
     """For each seed: SFT, then each of ``stages``; held-out figures of every policy they export."""
-    data = demo_data(PromptDataModule)
+    data, pairs = demo_data(PromptDataModule), demo_data(PreferenceDataModule)
     results: dict[str, dict[int, dict[str, float]]] = {}
     for seed in seeds:
         for name in ("sft", *stages):
-            seconds = run_stage(name.split("-")[0], f"--seed_everything={seed}", config=name)
+            seconds = run_stage(stage_of(name), f"--seed_everything={seed}", config=name)
             export = config_section(ROOT / "configs" / f"{name}.yaml", "model")["export_path"]
             if name.startswith("reward"):
                 continue  # a reward model, not a policy
             policy = ShrayGPT.load_from_checkpoint(export)
             sampled = verifier_success(policy, data, temperature=1.0)
             greedy = verifier_success(policy, data, temperature=0.0)
-            figures = dict(sampled, greedy=greedy["success"], seconds=seconds)
+            prefers = preference_accuracy(policy, pairs)
+            figures = dict(sampled, greedy=greedy["success"], prefers_chosen=prefers, seconds=seconds)
             results.setdefault(name, {})[seed] = figures
             print(f"\n[seed {seed}] {name}: held-out success {figures['success']:.3f}", flush=True)
     report(results, len(data.splits["test"]))

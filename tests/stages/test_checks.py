@@ -16,6 +16,7 @@ from shraygpt_rl.model import ShrayGPT, tiny_config
 from shraygpt_rl.stages import checks
 from shraygpt_rl.stages.dpo import DPOStage
 from shraygpt_rl.stages.grpo import GRPOStage
+from shraygpt_rl.stages.online_dpo import OnlineDPOStage
 from shraygpt_rl.stages.ppo import PPOStage
 from shraygpt_rl.stages.reward import RewardStage
 from shraygpt_rl.stages.sft import SFTStage
@@ -30,6 +31,7 @@ OUT_OF_RANGE = [
     (GRPOStage, dict(num_generations=1), "num_generations must be at least 2"),
     (GRPOStage, dict(num_generations=0), "num_generations must be at least 2"),
     (GRPOStage, dict(max_new_tokens=0), "max_new_tokens must be at least 1"),
+    (PPOStage, dict(eval_samples=0), "eval_samples must be at least 1"),
     (PromptDataModule, dict(batch_size=0), "batch_size must be at least 1"),
     (PromptDataModule, dict(batch_size=-3), "batch_size must be at least 1"),
     (GRPOStage, dict(temperature=0), "temperature must be > 0"),
@@ -44,6 +46,9 @@ OUT_OF_RANGE = [
     (RewardStage, dict(center_rewards_coefficient=-1), "center_rewards_coefficient must be >= 0"),
     (SFTDataModule, dict(wrong_fraction=2), "wrong_fraction must be in [0, 1]"),
     (SFTStage, dict(max_nonfinite=0), "max_nonfinite must be at least 1"),
+    (OnlineDPOStage, dict(num_generations=1), "num_generations must be at least 2 to form a pair"),
+    (OnlineDPOStage, dict(loss_type="ipo", label_smoothing=0.1), "label_smoothing applies to sigmoid and robust"),
+    (OnlineDPOStage, dict(rpo_alpha=-1), "rpo_alpha must be >= 0"),
 ]
 
 
