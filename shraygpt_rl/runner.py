@@ -22,12 +22,13 @@ import lightning as L
 import yaml
 from lightning.pytorch.cli import LightningCLI
 
-from shraygpt_rl.data import PreferenceDataModule, PromptDataModule, SFTDataModule
+from shraygpt_rl.data import KTODataModule, PreferenceDataModule, PromptDataModule, SFTDataModule
 from shraygpt_rl.data.datamodules import ChatDataModule
 from shraygpt_rl.errors import ConfigError
 from shraygpt_rl.resume import AtomicCheckpointIO, StepCheckpoint, resolve_ckpt_path
 from shraygpt_rl.stages.dpo import DPOStage
 from shraygpt_rl.stages.grpo import GRPOStage, RLOOStage
+from shraygpt_rl.stages.kto import KTOStage
 from shraygpt_rl.stages.online_dpo import OnlineDPOStage
 from shraygpt_rl.stages.ppo import PPOStage
 from shraygpt_rl.stages.reward import RewardStage
@@ -38,6 +39,7 @@ STAGES: dict[str, tuple[type[L.LightningModule], type[L.LightningDataModule]]] =
     "sft": (SFTStage, SFTDataModule),
     "reward": (RewardStage, PreferenceDataModule),
     "dpo": (DPOStage, PreferenceDataModule),
+    "kto": (KTOStage, KTODataModule),
     "ppo": (PPOStage, PromptDataModule),
     "grpo": (GRPOStage, PromptDataModule),
     "rloo": (RLOOStage, PromptDataModule),

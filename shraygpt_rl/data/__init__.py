@@ -2,6 +2,7 @@
 
 from shraygpt_rl.data.datamodules import (
     ChatDataModule,
+    KTODataModule,
     PreferenceDataModule,
     PromptDataModule,
     SFTDataModule,
@@ -14,6 +15,7 @@ __all__ = [
     "ArithmeticTask",
     "ChatDataModule",
     "DataError",
+    "KTODataModule",
     "PreferenceDataModule",
     "PromptDataModule",
     "SFTDataModule",

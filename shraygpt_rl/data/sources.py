@@ -8,12 +8,15 @@
 * **Prompts** for the online stages: ``stories`` (built-in story openings, seed 001's task), a
   text file of one prompt per line, or a JSONL with a ``prompt`` field. Plain prompts are used as
   they are, without the chat format: the model continues the text.
+* **Unpaired** examples for KTO: a JSONL (or ``.json`` list) of ``prompt``, ``completion`` and a
+  boolean ``label`` (``data/unpaired.py``).
 
 Bad input gets one sentence naming the file and line, unless ``skip_invalid`` drops those rows.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -66,8 +69,9 @@ def instruction_prompt(instruction: str, context: str | None = None, system_prom
 
 
 def kind_of(source: str) -> str:
-    """``instructions``, ``prompts``, ``preferences`` or ``labels`` (the labelling page's judgement
-    file, preference pairs too): what a (non-task) source holds."""
+    """``instructions``, ``prompts``, ``preferences``, ``labels`` (the labelling page's judgement
+    file, preference pairs too) or ``unpaired`` (KTO's labelled completions): what a (non-task)
+    source holds."""
     if source == STORIES:
         return "prompts"
     if source == DOLLY:
@@ -76,14 +80,26 @@ def kind_of(source: str) -> str:
     if path.suffix == ".txt":
         return "prompts"
     if path.is_file():
-        for _, row in _scan_lines(path)[0][:1]:
+        for _, row in _first_row(path):
             if is_judgement_file(row):
                 return "labels"
+            if "label" in row and "completion" in row:
+                return "unpaired"
             if "instruction" in row or "completion" in row:
                 return "instructions"
             if "prompt" in row and "chosen" not in row:
                 return "prompts"
     return "preferences"
+
+
+def _first_row(path: Path) -> list[tuple[int, dict]]:
+    """The first readable row of a JSONL file, or of a ``.json`` file holding a list of rows."""
+    if path.suffix != ".json":
+        return _scan_lines(path)[0][:1]
+    try:
+        return _json_rows(path)[0][:1]
+    except DataError:
+        return []
 
 
 def load_instructions(source: str, skip_invalid: bool = False, system_prompt: str | None = None) -> datasets.Dataset:
@@ -140,14 +156,32 @@ def load_prompts(source: str, skip_invalid: bool = False) -> datasets.Dataset:
 
 
 def _rows(path: Path, skip_invalid: bool) -> list[tuple[int, dict]]:
+    """``(line, row)`` of a JSONL file, or ``(place in the list, row)`` of a ``.json`` list."""
     if not path.is_file():
         raise DataError(f"No such file: '{path}'.")
-    good, bad = _scan_lines(path)
+    good, bad = _json_rows(path) if path.suffix == ".json" else _scan_lines(path)
     if bad and not skip_invalid:
         raise DataError(f"{path}, line {bad[0][0]}: {bad[0][1]}.")
     if bad:
         log.warning("%s: skipped %d unreadable lines (first: line %d, %s)", path, len(bad), *bad[0])
     return good
+
+
+def _json_rows(path: Path) -> tuple[list[tuple[int, dict]], list[tuple[int, str]]]:
+    """``_scan_lines`` for a ``.json`` file holding one list of rows, numbered from 1 by place."""
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{path} is not a JSON file ({type(err).__name__}).") from err
+    if not isinstance(rows, list):
+        raise DataError(f"{path} must hold a JSON list of rows, not a {type(rows).__name__}.")
+    good, bad = [], []
+    for n, row in enumerate(rows, start=1):
+        if isinstance(row, dict):
+            good.append((n, row))
+        else:
+            bad.append((n, f"expected a JSON object, found a {type(row).__name__}"))
+    return good, bad
 
 
 def _field(row: dict, key: str, strip: bool = True) -> str:

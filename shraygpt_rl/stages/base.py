@@ -1,5 +1,6 @@
 """What every stage shares: where the policy comes from, the frozen reference, the optimizer and
-its schedule, MoE monitoring, the non-finite-loss guard, checkpoint bookkeeping and the export."""
+its schedule, MoE monitoring, the non-finite-loss guard, checkpoint bookkeeping and the export;
+and what the offline stages (DPO, KTO) share: reference log-probabilities, cached or not."""
 
 from __future__ import annotations
 
@@ -246,6 +247,64 @@ class StageModule(L.LightningModule):
                 export_policy(model, path, self.kind, self.hparams.export_merged, started_from=self.hparams.policy)
             else:
                 model.save_checkpoint(str(path), stage=self.kind)
+
+
+class CachedReferenceStage(StageModule):
+    """A stage whose loss compares the policy with its reference on fixed data (DPO, KTO).
+
+    The reference's log-probabilities come from the kept reference model (``frozen_reference``)
+    batch by batch, or, when none is kept, from one pass of the untrained policy over each split
+    before training: ``ref_logps[split]`` (rows, K), saved with the checkpoint so that a resumed
+    run never recomputes them from a trained policy. A subclass sets ``self.ref_logps = {}`` and
+    defines ``reference_columns``; batches carry each row's ``index`` in its split.
+    """
+
+    ref_logps: dict[str, Tensor]
+
+    def reference_columns(self, model: nn.Module, batch: dict[str, Any]) -> Tensor:
+        """The (B, K) log-probabilities the loss needs from the reference, under ``model``."""
+        raise NotImplementedError
+
+    def needs_reference_pass(self) -> bool:
+        """Whether ``on_fit_start`` must precompute: no reference model is kept."""
+        return self.reference is None
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        if self.needs_reference_pass() and not self.ref_logps:
+            self.ref_logps = {split: self._precompute(split) for split in ("train", "val", "test")}
+
+    @torch.no_grad()
+    def _precompute(self, split: str) -> Tensor:
+        """One pass of the (still untrained) policy over a split, in eval mode: (rows, K)."""
+        datamodule = self.trainer.datamodule
+        datamodule.setup("fit")
+        out = None
+        was_training = self.policy.training
+        self.policy.eval()
+        for batch in datamodule.plain_dataloader(split, desc=f"Reference logprobs ({split})"):
+            batch = self.transfer_batch_to_device(batch, self.device, 0)
+            columns = self.reference_columns(self.policy, batch).float().cpu()  # (B, K)
+            if out is None:
+                out = torch.zeros(len(datamodule.splits[split]), columns.size(1))
+            out[batch["index"].cpu()] = columns
+        self.policy.train(was_training)
+        return out
+
+    def cached_reference(self, batch: dict[str, Any], split: str) -> Tensor:
+        """``reference_columns`` of the reference for ``batch`` (B, K): computed, or looked up."""
+        if self.reference is not None:
+            with torch.no_grad():
+                return self.reference_columns(self.reference_model(), batch)
+        return self.ref_logps[split][batch["index"].cpu()].to(self.device)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        stamp(checkpoint, ref_logps=self.ref_logps)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self.ref_logps = stamped(checkpoint).get("ref_logps", {})  # never recompute after training
 
 
 def lr_factor(step: int, hp, total: int) -> float:

@@ -25,17 +25,16 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from shraygpt_rl.checkpoint import stamp, stamped
 from shraygpt_rl.data import stack_pairs
 from shraygpt_rl.errors import require
 from shraygpt_rl.generation import sequence_logprobs
 from shraygpt_rl.losses import DPOLossType, dpo_loss, orpo_loss, simpo_loss
-from shraygpt_rl.stages.base import StageModule, disable_dropout
+from shraygpt_rl.stages.base import CachedReferenceStage, disable_dropout
 
 REFERENCE_FREE = ("simpo", "orpo")
 
 
-class DPOStage(StageModule):
+class DPOStage(CachedReferenceStage):
     """DPO on preference pairs (``PreferenceDataModule`` batches).
 
     Args:
@@ -92,40 +91,16 @@ class DPOStage(StageModule):
         logps, aux_loss = sequence_logprobs(model, ids, attention, response, average=average)
         return logps[:B], logps[B:], aux_loss
 
-    def on_fit_start(self) -> None:
-        if self.reference is None and not self.ref_logps and not self.reference_free:
-            self.ref_logps = {split: self._precompute(split) for split in ("train", "val", "test")}
+    def reference_columns(self, model, batch) -> Tensor:
+        chosen, rejected, _ = self.logps(model, batch)
+        return torch.stack([chosen, rejected], dim=1)  # (B, 2)
 
-    @torch.no_grad()
-    def _precompute(self, split: str) -> Tensor:
-        """One pass of the (still untrained) policy over a split, in eval mode."""
-        datamodule = self.trainer.datamodule
-        datamodule.setup("fit")
-        out = torch.zeros(len(datamodule.splits[split]), 2)
-        was_training = self.policy.training
-        self.policy.eval()
-        for batch in datamodule.plain_dataloader(split, desc=f"Reference logprobs ({split})"):
-            batch = self.transfer_batch_to_device(batch, self.device, 0)
-            chosen, rejected, _ = self.logps(self.policy, batch)
-            out[batch["index"].cpu()] = torch.stack([chosen, rejected], dim=1).float().cpu()
-        self.policy.train(was_training)
-        return out
+    def needs_reference_pass(self) -> bool:
+        return super().needs_reference_pass() and not self.reference_free
 
     def reference_logps(self, batch, split: str) -> tuple[Tensor, Tensor]:
-        if self.reference is not None:
-            with torch.no_grad():
-                chosen, rejected, _ = self.logps(self.reference_model(), batch)
-            return chosen, rejected
-        cached = self.ref_logps[split][batch["index"].cpu()].to(self.device)
+        cached = self.cached_reference(batch, split)  # (B, 2)
         return cached[:, 0], cached[:, 1]
-
-    def on_save_checkpoint(self, checkpoint):
-        super().on_save_checkpoint(checkpoint)
-        stamp(checkpoint, ref_logps=self.ref_logps)
-
-    def on_load_checkpoint(self, checkpoint):
-        super().on_load_checkpoint(checkpoint)
-        self.ref_logps = stamped(checkpoint).get("ref_logps", {})  # never recompute after training
 
     # -- steps ---------------------------------------------------------------------------------
     def step(self, batch, split: str):

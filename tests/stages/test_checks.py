@@ -16,6 +16,7 @@ from shraygpt_rl.model import ShrayGPT, tiny_config
 from shraygpt_rl.stages import checks
 from shraygpt_rl.stages.dpo import DPOStage
 from shraygpt_rl.stages.grpo import GRPOStage
+from shraygpt_rl.stages.kto import KTOStage
 from shraygpt_rl.stages.online_dpo import OnlineDPOStage
 from shraygpt_rl.stages.ppo import PPOStage
 from shraygpt_rl.stages.reward import RewardStage
@@ -49,6 +50,11 @@ OUT_OF_RANGE = [
     (OnlineDPOStage, dict(num_generations=1), "num_generations must be at least 2 to form a pair"),
     (OnlineDPOStage, dict(loss_type="ipo", label_smoothing=0.1), "label_smoothing applies to sigmoid and robust"),
     (OnlineDPOStage, dict(rpo_alpha=-1), "rpo_alpha must be >= 0"),
+    (KTOStage, dict(beta=0), "beta must be > 0"),
+    (KTOStage, dict(beta=-0.1), "beta must be > 0"),
+    (KTOStage, dict(desirable_weight=-1), "desirable_weight and undesirable_weight must be >= 0 and not both 0"),
+    (KTOStage, dict(undesirable_weight=-0.5), "desirable_weight and undesirable_weight must be >= 0 and not both 0"),
+    (KTOStage, dict(desirable_weight=0, undesirable_weight=0), "must be >= 0 and not both 0"),
 ]
 
 
