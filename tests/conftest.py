@@ -20,6 +20,10 @@ SFT_CONFIG = ROOT / "configs" / "sft.yaml"
 # The learning tests' seed (the SFT fixture's and each learning run's). Their thresholds are set
 # from the minimum over seeds 0-4 at 1 and 2 torch threads, measured by setting this variable.
 LEARNING_SEED = int(os.environ.get("SHRAYGPT_LEARNING_SEED", "0"))
+# A trained SFT policy to use instead of training the fixture (a checkpoint that ``python train.py
+# --stage sft --seed_everything=<seed>`` exported): measuring thresholds over seeds and threads
+# then trains each seed's SFT policy once.
+SFT_POLICY = os.environ.get("SHRAYGPT_SFT_POLICY")
 
 
 def shared_file(path: Path) -> Path:
@@ -179,6 +183,8 @@ def sft_policy(tmp_path_factory) -> str:
     from shraygpt_rl.data import SFTDataModule
     from shraygpt_rl.stages.sft import SFTStage
 
+    if SFT_POLICY:
+        return SFT_POLICY
     path = tmp_path_factory.mktemp("policy") / "sft.ckpt"
     L.seed_everything(LEARNING_SEED)
     stage = SFTStage(**{**config_section(SFT_CONFIG, "model"), "export_path": str(path)})

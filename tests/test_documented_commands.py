@@ -216,7 +216,7 @@ def test_every_documented_command_runs(tmp_path, monkeypatch, capsys, tiny_hf):
         assert row["kl_to_reference"] is not None and 0 <= row["win_rate"] <= 1 and row["prompts"] == 16
     assert Path("reports/pipeline.png").stat().st_size > 10_000
     assert "[5/5] DPO" in printed and "reward model pairwise accuracy" in printed
-    for name in ("instruct", "ppo", "grpo", "dpo", "rloo"):
+    for name in ("instruct", "ppo", "grpo", "dpo", "rloo", "online-dpo", "kto", "simpo", "orpo"):
         assert ShrayGPT.load_from_checkpoint(f"checkpoints/shraygpt-{name}.ckpt").vocab_size == 320
     assert RewardModel.load_from_checkpoint("checkpoints/reward-model.ckpt").tokenizer == "byte"
 
