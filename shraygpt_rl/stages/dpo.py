@@ -117,6 +117,8 @@ class DPOStage(CachedReferenceStage):
             "logps/chosen": chosen.detach().mean(),
             "logps/rejected": rejected.detach().mean(),
         }
+        if self.hparams.loss_type == "orpo":  # the odds-ratio term's argument (TRL's log_odds_ratio)
+            metrics["objective/log_odds_ratio"] = orpo_loss(chosen.detach(), rejected.detach())[1].mean()
         self.log_dict(
             {prefix + k: v for k, v in metrics.items()}, on_step=train, on_epoch=not train, batch_size=chosen.numel()
         )

@@ -140,6 +140,9 @@ def test_reference_free_losses_keep_no_reference_and_widen_the_margin(policy_pat
     trainer = tiny_trainer(1, limit_val_batches=0)
     trainer.fit(stage, datamodule=data)
     assert trainer.callback_metrics["train/loss"].item() == pytest.approx(pure.mean().item(), rel=1e-4)
+    if loss_type == "orpo":
+        log_odds = orpo_loss(chosen, rejected)[1].mean().item()
+        assert trainer.callback_metrics["objective/log_odds_ratio"].item() == pytest.approx(log_odds, rel=1e-4)
     trainer = tiny_trainer(15, limit_val_batches=0)
     trainer.fit(stage, datamodule=data)
     assert stage.ref_logps == {} and stage.reference is None
