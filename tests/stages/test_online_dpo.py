@@ -19,7 +19,10 @@ from shraygpt_rl.losses import dpo_loss, masked_sum
 from shraygpt_rl.stages.online_dpo import OnlineDPOStage
 
 PROMPTS = dict(ARITH, batch_size=4, train_size=64)
-STEPS, GAIN = 150, 0.10  # the learning test's rollouts, and its threshold (see the test)
+# The learning test's rollouts and threshold. Gains measured from each seed's SFT policy (train.py,
+# one thread) at 1 / 2 torch threads: seed 0 +0.140 / +0.200, seed 1 +0.105 / +0.160, seed 2
+# +0.125 / +0.165; the least, 0.105, halved.
+STEPS, GAIN = 150, 0.05
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
 
 
@@ -149,7 +152,7 @@ def test_tie_count_survives_a_checkpoint(random_policy, tmp_path):
 @pytest.mark.timeout(600)
 def test_online_dpo_raises_held_out_success(sft_policy, sft_success):
     """From the noisy SFT policy, a few rollouts (STEPS of the 1000 that configs/online-dpo.yaml
-    takes, at its settings) raise the verifier's success on 200 held-out prompts."""
+    takes, at its settings) raise the verifier's success on 200 held-out prompts by GAIN or more."""
     held_out = demo_data(PromptDataModule)
     stage = OnlineDPOStage(
         policy=sft_policy,
