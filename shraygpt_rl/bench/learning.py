@@ -58,18 +58,19 @@ def report(results: dict[str, dict[int, dict[str, float]]], prompts: int) -> Non
     sampled at T = 1 and greedy, and every seed on which an RL policy's greedy success fell
     below its SFT policy's."""
     seeds = sorted({seed for by_seed in results.values() for seed in by_seed})
+    w = max(8, *map(len, results))  # the policy column fits the longest config name
     print(f"\nheld-out arithmetic ({prompts} test prompts), tiny model, {torch.get_num_threads()} threads:")
-    print(f"  {'policy':<8} {'seed':>6} " + " ".join(f"{title:>12}" for title in COLUMNS.values()))
+    print(f"  {'policy':<{w}} {'seed':>6} " + " ".join(f"{title:>12}" for title in COLUMNS.values()))
     for name, by_seed in results.items():
         for seed in seeds:
             row = by_seed[seed]
-            print(f"  {name:<8} {seed:>6} " + " ".join(f"{row[key]:>12.3f}" for key in COLUMNS))
+            print(f"  {name:<{w}} {seed:>6} " + " ".join(f"{row[key]:>12.3f}" for key in COLUMNS))
     if len(seeds) > 1:
         print(f"\nover seeds {', '.join(map(str, seeds))}: min / mean / max of held-out success")
-        print(f"  {'policy':<8} {'sampled at T = 1':>22} {'greedy':>22}")
+        print(f"  {'policy':<{w}} {'sampled at T = 1':>22} {'greedy':>22}")
         for name, by_seed in results.items():
             cells = [spread([row[key] for row in by_seed.values()]) for key in ("success", "greedy")]
-            print(f"  {name:<8} {cells[0]:>22} {cells[1]:>22}")
+            print(f"  {name:<{w}} {cells[0]:>22} {cells[1]:>22}")
     sft = results.get("sft", {})
     falls = [
         f"{name} seed {seed} ({row['greedy']:.3f} < {sft[seed]['greedy']:.3f})"
