@@ -108,7 +108,7 @@ def test_the_commands_are_found():
     commands = [" ".join(c[:4]) for c in documented_commands()]
     assert "python train.py --stage pipeline" in commands
     assert "python train.py --stage eval" in commands
-    assert sum(c.startswith("python -m shraygpt_rl.bench") for c in commands) == 9
+    assert sum(c.startswith("python -m shraygpt_rl.bench") for c in commands) == 10
     assert (
         sum(any(w.startswith(("configs/opt-", "configs/tinystories")) for w in c) for c in documented_commands()) == 9
     )
