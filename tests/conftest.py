@@ -246,3 +246,15 @@ class GradRecorder(L.Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         self.grads.append({n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if p.grad is not None})
+
+
+def record_rollouts(stage, monkeypatch) -> list:
+    """Make an online ``stage`` keep every rollout it samples, in the returned list."""
+    rollouts, rollout = [], stage.rollout
+
+    def recording(*args, **kwargs):
+        rollouts.append(rollout(*args, **kwargs))
+        return rollouts[-1]
+
+    monkeypatch.setattr(stage, "rollout", recording)
+    return rollouts

@@ -298,6 +298,25 @@ class CachedReferenceStage(StageModule):
                 return self.reference_columns(self.reference_model(), batch)
         return self.ref_logps[split][batch["index"].cpu()].to(self.device)
 
+    def keep_reference(self, keep: bool) -> None:
+        """Keep the starting policy as the reference when ``keep`` or with LoRA (the adapters-off
+        policy costs no memory and no pass); otherwise none, and ``on_fit_start`` precomputes."""
+        free = getattr(self.policy, "lora", None) is not None
+        self.frozen_reference(self.policy if keep or free else None)
+
+    def step(self, batch: dict[str, Any], split: str) -> Tensor:
+        """The loss of ``batch`` (logging its metrics under ``split``)."""
+        raise NotImplementedError
+
+    def training_step(self, batch, batch_idx):
+        return self.finite_or_skip(self.step(batch, "train"))
+
+    def validation_step(self, batch, batch_idx):
+        self.step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self.step(batch, "test")
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         stamp(checkpoint, ref_logps=self.ref_logps)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from shraygpt_rl.errors import CheckpointError, ConfigError, TrainingError
+from shraygpt_rl.errors import CheckpointError, ConfigError, TrainingError, require
 from shraygpt_rl.reward_model import RewardModel
 
 
@@ -48,6 +48,15 @@ def check_lengths(block_size: int, max_length: int, max_prompt_length: int, max_
             f"--data.max_prompt_length {max_prompt_length} + --model.max_new_tokens {max_new_tokens} exceeds the "
             f"model's block_size {block_size}; lower one of them."
         )
+
+
+def check_dpo_options(beta: float, loss_type: str, label_smoothing: float) -> None:
+    """DPO's (and Online DPO's) options: beta > 0, and label smoothing in [0, 0.5) for the losses
+    that use it (sigmoid and robust), 0 for the others."""
+    require(beta > 0, f"beta must be > 0, got {beta}.")
+    require(0 <= label_smoothing < 0.5, f"label_smoothing must be in [0, 0.5), got {label_smoothing}.")
+    smooths = loss_type in ("sigmoid", "robust")
+    require(smooths or label_smoothing == 0, f"label_smoothing applies to sigmoid and robust, not {loss_type}.")
 
 
 def check_rewards(functions: Iterable, metadata_keys: set[str], source: str) -> None:

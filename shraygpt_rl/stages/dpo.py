@@ -30,6 +30,7 @@ from shraygpt_rl.errors import require
 from shraygpt_rl.generation import sequence_logprobs
 from shraygpt_rl.losses import DPOLossType, dpo_loss, orpo_loss, simpo_loss
 from shraygpt_rl.stages.base import CachedReferenceStage, disable_dropout
+from shraygpt_rl.stages.checks import check_dpo_options
 
 REFERENCE_FREE = ("simpo", "orpo")
 
@@ -63,16 +64,12 @@ class DPOStage(CachedReferenceStage):
         export_path: str | None = "checkpoints/shraygpt-dpo.ckpt",
         **kwargs,
     ):
-        require(beta > 0, f"beta must be > 0, got {beta}.")
-        require(0 <= label_smoothing < 0.5, f"label_smoothing must be in [0, 0.5), got {label_smoothing}.")
-        smooths = loss_type in ("sigmoid", "robust")
-        require(smooths or label_smoothing == 0, f"label_smoothing applies to sigmoid and robust, not {loss_type}.")
+        check_dpo_options(beta, loss_type, label_smoothing)
         require(simpo_gamma >= 0, f"simpo_gamma must be >= 0, got {simpo_gamma}.")
         super().__init__(export_path=export_path, **kwargs)
         self.policy = disable_dropout(self.build_policy())
-        free_reference = getattr(self.policy, "lora", None) is not None  # adapters off: no copy, no pass
-        keep = not self.reference_free and (free_reference or not precompute_ref_logprobs)
-        self.frozen_reference(self.policy if keep else None)
+        if not self.reference_free:
+            self.keep_reference(not precompute_ref_logprobs)
         self.ref_logps: dict[str, Tensor] = {}  # split -> (num_pairs, 2), filled before training
 
     @property
@@ -134,12 +131,3 @@ class DPOStage(CachedReferenceStage):
             return orpo_loss(chosen, rejected, beta)[0], beta * chosen.detach(), beta * rejected.detach()
         ref_chosen, ref_rejected = self.reference_logps(batch, split)
         return dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta, loss_type, self.hparams.label_smoothing)
-
-    def training_step(self, batch, batch_idx):
-        return self.finite_or_skip(self.step(batch, "train"))
-
-    def validation_step(self, batch, batch_idx):
-        self.step(batch, "val")
-
-    def test_step(self, batch, batch_idx):
-        self.step(batch, "test")

@@ -75,8 +75,7 @@ class KTOStage(CachedReferenceStage):
         )
         super().__init__(export_path=export_path, **kwargs)
         self.policy = disable_dropout(self.build_policy())
-        free_reference = getattr(self.policy, "lora", None) is not None  # adapters off: no copy, no pass
-        self.frozen_reference(self.policy if free_reference or not precompute_ref_logprobs else None)
+        self.keep_reference(not precompute_ref_logprobs)
         self.ref_logps: dict[str, Tensor] = {}  # split -> (rows, 2): matched, mismatched
 
     def trainable(self):
@@ -149,12 +148,3 @@ class KTOStage(CachedReferenceStage):
             self.log(
                 f"{prefix}rewards/margins", means["chosen"] - means["rejected"], batch_size=losses.numel(), **options
             )
-
-    def training_step(self, batch, batch_idx):
-        return self.finite_or_skip(self.step(batch, "train"))
-
-    def validation_step(self, batch, batch_idx):
-        self.step(batch, "val")
-
-    def test_step(self, batch, batch_idx):
-        self.step(batch, "test")

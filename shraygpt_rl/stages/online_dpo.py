@@ -28,6 +28,7 @@ from torch import Tensor
 from shraygpt_rl.checkpoint import stamp, stamped
 from shraygpt_rl.errors import require
 from shraygpt_rl.losses import DPOLossType, dpo_loss, masked_mean, masked_sum
+from shraygpt_rl.stages.checks import check_dpo_options
 from shraygpt_rl.stages.online import OnlineRLStage, Rollout
 
 
@@ -59,10 +60,7 @@ class OnlineDPOStage(OnlineRLStage):
         **kwargs,
     ):
         require(num_generations >= 2, f"num_generations must be at least 2 to form a pair, got {num_generations}.")
-        require(beta > 0, f"beta must be > 0, got {beta}.")
-        require(0 <= label_smoothing < 0.5, f"label_smoothing must be in [0, 0.5), got {label_smoothing}.")
-        smooths = loss_type in ("sigmoid", "robust")
-        require(smooths or label_smoothing == 0, f"label_smoothing applies to sigmoid and robust, not {loss_type}.")
+        check_dpo_options(beta, loss_type, label_smoothing)
         require(rpo_alpha >= 0, f"rpo_alpha must be >= 0, got {rpo_alpha}.")
         super().__init__(export_path=export_path, **kwargs)
         self.frozen_reference(self.policy)

@@ -7,7 +7,16 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
-from conftest import ARITH, LEARNING_SEED, GradRecorder, SpreadReward, fit_online, learned, tiny_trainer
+from conftest import (
+    ARITH,
+    LEARNING_SEED,
+    GradRecorder,
+    SpreadReward,
+    fit_online,
+    learned,
+    record_rollouts,
+    tiny_trainer,
+)
 
 from shraygpt_rl.bench import demo_data
 from shraygpt_rl.data import PromptDataModule
@@ -46,18 +55,6 @@ class StateRecorder(L.Callback):
         self.states.append({k: v.detach().clone() for k, v in pl_module.policy.state_dict().items()})
 
 
-def _record_rollouts(stage: GRPOStage, monkeypatch) -> list:
-    """Make ``stage`` keep every rollout it samples, in the returned list."""
-    rollouts, rollout = [], stage.rollout
-
-    def recording(*args, **kwargs):
-        rollouts.append(rollout(*args, **kwargs))
-        return rollouts[-1]
-
-    monkeypatch.setattr(stage, "rollout", recording)
-    return rollouts
-
-
 def test_ratio_is_one_at_the_start_of_every_rollout(random_policy):
     """Two passes of two minibatches of two micro-batches each: the ratio starts at exactly 1
     and moves once the policy has been updated."""
@@ -74,7 +71,7 @@ def test_later_minibatches_are_clipped_against_the_rollout_policy(random_policy,
     and no clipping). Its gradient is checked against the clipped loss computed by hand."""
     grads, states = GradRecorder(), StateRecorder()
     stage = _stage(random_policy, num_mini_batches=2, lr=1e-2, aux_loss_weight=0.0, max_grad_norm=None)
-    rollouts = _record_rollouts(stage, monkeypatch)
+    rollouts = record_rollouts(stage, monkeypatch)
     metrics = _fit(stage, max_steps=2, callbacks=[grads, states])  # one rollout, two updates
     assert metrics["policy/approxkl"] > 0  # the second minibatch's ratio moved off 1
 
@@ -142,7 +139,7 @@ def test_entropy_bonus_adds_the_gradient_of_the_entropy(random_policy, monkeypat
     for coef in (0.0, 0.5):
         recorder = GradRecorder()
         stage = _stage(random_policy, entropy_coef=coef, lr=0.0, aux_loss_weight=0.0, max_grad_norm=None)
-        rollouts[coef] = _record_rollouts(stage, monkeypatch)
+        rollouts[coef] = record_rollouts(stage, monkeypatch)
         _fit(stage, max_steps=1, callbacks=[recorder])
         grads[coef] = recorder.grads[0]
     rollout = rollouts[0.5][0]

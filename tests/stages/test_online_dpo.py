@@ -8,7 +8,16 @@ import math
 import lightning as L
 import pytest
 import torch
-from conftest import ARITH, LEARNING_SEED, GradRecorder, SpreadReward, fit_online, learned, tiny_trainer
+from conftest import (
+    ARITH,
+    LEARNING_SEED,
+    GradRecorder,
+    SpreadReward,
+    fit_online,
+    learned,
+    record_rollouts,
+    tiny_trainer,
+)
 
 from shraygpt_rl.bench import demo_data
 from shraygpt_rl.data import PromptDataModule
@@ -38,17 +47,6 @@ def _stage(policy: str, **kwargs) -> OnlineDPOStage:
         log_samples_every=0,
     )
     return OnlineDPOStage(**{**defaults, **kwargs})
-
-
-def _record_rollouts(stage: OnlineDPOStage, monkeypatch) -> list:
-    rollouts, rollout = [], stage.rollout
-
-    def recording(*args, **kwargs):
-        rollouts.append(rollout(*args, **kwargs))
-        return rollouts[-1]
-
-    monkeypatch.setattr(stage, "rollout", recording)
-    return rollouts
 
 
 def test_pairs_are_each_prompts_best_and_worst_and_ties_are_left_out(random_policy):
@@ -90,7 +88,7 @@ def test_first_step_starts_at_the_reference_and_its_gradient_is_the_dpo_loss(
     )  # lr 0: the gradient recomputed below sees the same weights
     if hf:
         assert isinstance(stage.reference, AdaptersDisabled) and stage.reference.policy is stage.policy
-    grads, rollouts = GradRecorder(), _record_rollouts(stage, monkeypatch)
+    grads, rollouts = GradRecorder(), record_rollouts(stage, monkeypatch)
     metrics = fit_online(stage, 1, {**PROMPTS, **hf}, callbacks=[grads])
     assert metrics["policy/loss"] == pytest.approx(math.log(2), abs=1e-5)
     assert metrics["rewards/chosen"] == pytest.approx(0.0, abs=1e-5)
