@@ -271,33 +271,35 @@ def evaluate_policy(
     return report
 
 
-@torch.no_grad()
 def reward_model_accuracy(reward_model, datamodule, split: str = "test") -> float:
     """Share of held-out preference pairs the reward model ranks right (chosen above rejected)."""
-    reward_model.eval()
-    device = _device(reward_model)
-    hits = []
-    for batch in datamodule.plain_dataloader(split):
-        B = batch["chosen_input_ids"].size(0)
-        ids, attention, response = (t.to(device) for t in stack_pairs(batch))
-        scores, _ = reward_model(ids, attention, response)
-        hits.append((scores[:B] > scores[B:]).float().cpu())
-    return torch.cat(hits).mean().item()
+    return _pair_accuracy(
+        reward_model, lambda ids, attention, response: reward_model(ids, attention, response)[0], datamodule, split
+    )
 
 
-@torch.no_grad()
 def preference_accuracy(policy, datamodule, split: str = "test", average: bool = False) -> float:
     """Share of held-out preference pairs whose chosen response ``policy`` gives the higher
     log-probability (summed over the response's tokens; per token with ``average``): the policy's
     own ranking, comparable across DPO, its reference-free variants and KTO."""
-    policy.eval()
-    device = _device(policy)
+
+    def score(ids, attention, response):
+        return sequence_logprobs(policy, ids, attention, response, average=average)[0]
+
+    return _pair_accuracy(policy, score, datamodule, split)
+
+
+@torch.no_grad()
+def _pair_accuracy(model, score, datamodule, split: str) -> float:
+    """Share of ``split``'s pairs whose chosen row ``score(ids, attention, response)`` (2B,) puts
+    above its rejected row, with ``model`` in eval mode."""
+    model.eval()
+    device = _device(model)
     hits = []
     for batch in datamodule.plain_dataloader(split):
         B = batch["chosen_input_ids"].size(0)
-        ids, attention, response = (t.to(device) for t in stack_pairs(batch))
-        logps, _ = sequence_logprobs(policy, ids, attention, response, average=average)  # (2B,)
-        hits.append((logps[:B] > logps[B:]).float().cpu())
+        scores = score(*(t.to(device) for t in stack_pairs(batch)))  # (2B,)
+        hits.append((scores[:B] > scores[B:]).float().cpu())
     return torch.cat(hits).mean().item()
 
 
