@@ -253,3 +253,29 @@ def test_preference_accuracy_is_a_per_pair_comparison_of_full_forward_logprobs(t
                 scores.append(logprobs[mask[0, 1:]].sum().item())
             hits.append(scores[0] > scores[1])
     assert preference_accuracy(tiny_model, data) == pytest.approx(sum(hits) / len(hits))
+
+
+def test_reward_model_accuracy_is_a_per_pair_comparison(tiny_model):
+    """Batched over the split, against scoring each side of each pair on its own."""
+    from conftest import ARITH
+
+    from shraygpt_rl.data import PreferenceDataModule
+    from shraygpt_rl.evaluate import reward_model_accuracy
+    from shraygpt_rl.reward_model import RewardModel
+
+    torch.manual_seed(1)
+    scorer = RewardModel(tiny_model).eval()
+    torch.nn.init.normal_(scorer.value_head.weight)  # a fresh head may score every row alike
+    data = PreferenceDataModule(**{**ARITH, "train_size": 8, "test_size": 24, "batch_size": 8})
+    data.setup()
+    hits = []
+    for batch in data.plain_dataloader("test"):
+        for i in range(batch["chosen_input_ids"].size(0)):
+            with torch.no_grad():
+                chosen, rejected = (
+                    scorer(batch[f"{side}_input_ids"][i : i + 1], batch[f"{side}_attention_mask"][i : i + 1])[0].item()
+                    for side in ("chosen", "rejected")
+                )
+            hits.append(chosen > rejected)
+    assert 0 < sum(hits) < len(hits)  # both outcomes occur: the comparison is not vacuous
+    assert reward_model_accuracy(scorer, data) == pytest.approx(sum(hits) / len(hits))
