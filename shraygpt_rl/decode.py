@@ -187,7 +187,9 @@ class StaticDecoder:
 
     Buffers: ``caches`` (per layer: keys after RoPE (B, H, cap, Dh), latent values (B, cap, Dl)),
     ``valid`` (B, cap) the real tokens, ``positions`` (B,) the next token's RoPE position,
-    ``finished`` (B,), ``tokens``/``logprobs`` (B, cap) what was sampled, ``uniforms`` (cap, B, 2),
+    ``finished`` (B,), ``force``/``forced`` (B,) the rows fed a given token at the next step
+    (a multi-turn observation) and that token, ``fed`` (B, cap) the tokens that were fed,
+    ``tokens``/``logprobs`` (B, cap) what was sampled, ``uniforms`` (cap, B, 2),
     ``logits`` (B, V) the distribution of the next token, and the device scalars ``start`` (the
     prompt width P) and ``t`` (steps so far). ``step`` reads and writes these and nothing else.
     """
@@ -211,6 +213,9 @@ class StaticDecoder:
         self.valid = torch.zeros(B, cap, dtype=torch.bool, device=device)
         self.positions = torch.zeros(B, dtype=torch.long, device=device)
         self.finished = torch.zeros(B, dtype=torch.bool, device=device)
+        self.force = torch.zeros(B, dtype=torch.bool, device=device)  # rows fed ``forced`` instead of sampling
+        self.forced = torch.zeros(B, dtype=torch.long, device=device)
+        self.fed = torch.zeros(B, cap, dtype=torch.bool, device=device)  # the tokens that were fed (observations)
         self.tokens = torch.zeros(B, cap, dtype=torch.long, device=device)
         self.logprobs = torch.zeros(B, cap, device=device)
         self.uniforms = torch.zeros(cap, B, 2, device=device)
@@ -237,6 +242,8 @@ class StaticDecoder:
         self.valid[:, :P] = attention_mask.bool()
         self.positions.copy_(attention_mask.long().sum(-1))
         self.finished.zero_()
+        self.force.zero_()
+        self.fed.zero_()
         self.tokens.fill_(self.sampling.pad_token_id)
         self.logprobs.zero_()
         self.start.fill_(P)
@@ -285,17 +292,21 @@ class StaticDecoder:
 
     def sample(self) -> tuple[Tensor, Tensor]:
         """Draw the next token of every row from ``self.logits`` and record it at column ``t``
-        (padding for rows that had ended). Returns the tokens (B,) and which rows were alive."""
+        (padding for rows that had ended; ``forced`` for the rows in ``force``, which are fed an
+        observation: log-probability 0, never an end). Returns the tokens (B,) and which rows
+        were alive."""
         s, t = self.sampling, self.t.view(1)
         uniforms = None if s.greedy else self.uniforms.index_select(0, t)[0]  # (B, 2)
         tokens, logprobs = sample_next_token(self.logits, s.temperature, s.top_k, s.top_p, uniforms=uniforms)
         alive = ~self.finished
-        tokens = torch.where(alive, tokens, s.pad_token_id)
+        own = alive & ~self.force  # the policy's own tokens
+        tokens = torch.where(alive, torch.where(self.force, self.forced, tokens), s.pad_token_id)
         self.tokens.index_copy_(1, t, tokens[:, None])
-        self.logprobs.index_copy_(1, t, (logprobs * alive)[:, None])
+        self.logprobs.index_copy_(1, t, (logprobs * own)[:, None])
+        self.fed.index_copy_(1, t, (alive & self.force)[:, None])
         self.valid.index_copy_(1, self.start.view(1) + t, alive[:, None])  # the new token is real if alive
         if s.eos_token_id is not None:
-            self.finished |= alive & (tokens == s.eos_token_id)
+            self.finished |= own & (tokens == s.eos_token_id)
         return tokens, alive
 
     def forward(self, tokens: Tensor) -> Tensor:

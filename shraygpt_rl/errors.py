@@ -32,6 +32,11 @@ class TrainingError(UserError, RuntimeError):
     """A run that cannot go on: updates that keep failing, or a trained model that is broken."""
 
 
+class EnvironmentStepError(UserError, RuntimeError):
+    """A multi-turn environment that raised, answered with something other than text, or never
+    said done; the message names the environment and the turn."""
+
+
 def require(ok: bool, message: str) -> None:
     """Raise ``ConfigError(message)`` unless ``ok``: for checking options at startup."""
     if not ok:

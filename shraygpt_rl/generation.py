@@ -9,6 +9,11 @@ Two loops give the same output. ShrayGPT runs through ``shraygpt_rl.decode.Stati
 fixed-shape step with no host sync (a CUDA graph on GPU) that looks at the host for EOS only every
 ``EOS_CHECK_EVERY`` steps. Other models, and ShrayGPT with ``static=False``, run the eager loop:
 the model's own forward against its cache, finished rows fed padding, one host sync per step.
+
+With ``turns`` (a ``turns.Turns``: an environment and its tools), either loop looks at the host
+after every step: a row whose tool call is complete is fed the observation's tokens, one per step,
+while the others sample (multi-turn rollouts, see ``turns.py``). ``response_mask`` is then 1 on the
+policy's own tokens only; ``attention_mask`` covers the observations too.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from shraygpt_rl.decode import Sampling, StaticDecoder, can_decode, static_decod
 from shraygpt_rl.losses import entropy_from_logits, token_logprobs
 from shraygpt_rl.sampling import check_sampling, sample_categorical, sample_next_token  # noqa: F401
 from shraygpt_rl.tokenizer import decode_response
+from shraygpt_rl.turns import Turns
 
 EOS_CHECK_EVERY = 16  # decode steps between looks at the host for "every row has ended"
 
@@ -34,10 +40,13 @@ class GenerationOutput:
     Attributes:
         sequences: (B, P + N) left-padded prompts followed by right-padded responses.
         attention_mask: (B, P + N) 1 on real prompt and response tokens, 0 on padding.
-        response_mask: (B, N) 1 on sampled tokens up to and including the row's EOS.
+        response_mask: (B, N) 1 on sampled tokens up to and including the row's EOS; 0 on
+            padding and on the observations of a multi-turn rollout (not the policy's tokens).
         logprobs: (B, N) log-probability of each sampled token under the sampling distribution;
             0 where ``response_mask`` is 0, and 0 for greedy decoding (a point mass).
         prompt_length: P, the padded prompt width.
+        turns: Multi-turn rollouts: per row ``turns``, ``tool_calls``, ``tool_errors`` and
+            ``max_turns`` (hit), each (B,); None for single-turn.
     """
 
     sequences: Tensor
@@ -45,6 +54,7 @@ class GenerationOutput:
     response_mask: Tensor
     logprobs: Tensor
     prompt_length: int
+    turns: dict[str, Tensor] | None = None
 
     @property
     def responses(self) -> Tensor:
@@ -134,6 +144,7 @@ def generate(
     pad_token_id: int | None = None,
     generator: torch.Generator | None = None,
     static: bool | None = None,
+    turns: Turns | None = None,
 ) -> GenerationOutput:
     """Sample up to ``max_new_tokens`` tokens after each prompt of ``idx`` (B, P).
 
@@ -150,6 +161,7 @@ def generate(
         generator: A seeded ``torch.Generator`` for reproducible sampling.
         static: Use the static decode step (None: whenever the model supports it, see
             ``decode.can_decode``); False runs the eager loop.
+        turns: Multi-turn state (``turns.Turns``) for the rows: tool calls answered in the loop.
 
     Returns:
         A ``GenerationOutput`` with N <= ``max_new_tokens`` columns (the loop stops early once
@@ -172,13 +184,15 @@ def generate(
     if static:
         sampling = Sampling(temperature, top_k, top_p, eos_token_id, pad)
         decoder = static_decoder(model, B, P + max_new_tokens, sampling)
-        return _generate_static(model, decoder, idx, attention_mask, max_new_tokens, generator)
+        return _generate_static(model, decoder, idx, attention_mask, max_new_tokens, generator, turns)
     device = idx.device
     mask = torch.zeros(B, P + max_new_tokens, dtype=torch.long, device=device)
     mask[:, :P] = attention_mask
     tokens = torch.full((B, max_new_tokens), pad, dtype=idx.dtype, device=device)
     logprobs = torch.zeros(B, max_new_tokens, device=device)
+    fed = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=device)  # observation tokens
     finished = torch.zeros(B, dtype=torch.bool, device=device)
+    force = forced = None
 
     caches = model.new_kv_caches(B, P + max_new_tokens)
     logits, caches, _ = model(idx, caches, attention_mask=mask[:, :P], logits_to_keep=1)
@@ -187,29 +201,38 @@ def generate(
         t = n - 1
         next_tokens, next_logprobs = sample_next_token(logits[:, -1], temperature, top_k, top_p, generator)
         alive = ~finished
+        own = alive  # the policy's tokens: not an observation fed in
+        if turns is not None:
+            force, forced = turns.forced(device)
+            next_tokens, own = torch.where(force, forced, next_tokens), alive & ~force
+            fed[:, t] = alive & force
         tokens[:, t] = torch.where(alive, next_tokens, pad)
-        logprobs[:, t] = next_logprobs * alive
+        logprobs[:, t] = next_logprobs * own
         mask[:, P + t] = alive  # the token just sampled is real for rows that had not ended
         if eos_token_id is not None:
-            finished |= alive & (next_tokens == eos_token_id)
-            if bool(finished.all()):  # one host sync per step; lets every row stop early
-                break
+            finished |= own & (next_tokens == eos_token_id)
+        if turns is not None:
+            finished[turns.record(t, tokens[:, t], alive, force)] = True
+        if (eos_token_id is not None or turns is not None) and bool(finished.all()):
+            break  # one host sync per step; lets every row stop early
         if n < max_new_tokens:
             logits, caches, _ = model(tokens[:, t : t + 1], caches, attention_mask=mask[:, : P + n])
     return GenerationOutput(
         sequences=torch.cat([idx, tokens[:, :n]], dim=1),
         attention_mask=mask[:, : P + n],
-        response_mask=mask[:, P : P + n],
+        response_mask=mask[:, P : P + n] * ~fed[:, :n],
         logprobs=logprobs[:, :n],
         prompt_length=P,
+        turns=None if turns is None else turns.stats(),
     )
 
 
 def _generate_static(
-    model, decoder: StaticDecoder, idx: Tensor, attention_mask: Tensor, max_new_tokens: int, generator
+    model, decoder: StaticDecoder, idx: Tensor, attention_mask: Tensor, max_new_tokens: int, generator, turns=None
 ) -> GenerationOutput:
     """``generate`` through the static decoder: prefill, ``max_new_tokens - 1`` steps and a last
-    sample, stopping at the first look at the host that finds every row ended."""
+    sample, stopping at the first look at the host that finds every row ended (with ``turns``,
+    a look after every step, which also feeds the observations)."""
     B, P = idx.shape
     N = max_new_tokens
     restore = None if decoder.sampling.greedy else _draw_uniforms(decoder, N, generator, idx.device)
@@ -217,21 +240,30 @@ def _generate_static(
     eos = decoder.sampling.eos_token_id
     n = 0
     for n in range(1, N + 1):
+        if turns is not None:
+            force, forced = turns.forced(idx.device)
+            decoder.force.copy_(force), decoder.forced.copy_(forced)
         decoder.step() if n < N else decoder.last()
-        if eos is not None and (n % EOS_CHECK_EVERY == 0 or n == N) and bool(decoder.finished.all()):
+        if turns is not None:
+            ended = turns.record(n - 1, decoder.tokens[:, n - 1], decoder.valid[:, P + n - 1], force)
+            decoder.finished[ended] = True
+            if bool(decoder.finished.all()):
+                break
+        elif eos is not None and (n % EOS_CHECK_EVERY == 0 or n == N) and bool(decoder.finished.all()):
             break
     mask = torch.cat([attention_mask.to(torch.long), decoder.valid[:, P : P + n].long()], dim=1)
-    if eos is not None and bool(decoder.finished.all()):  # the eager loop stops at the last row's EOS
-        n = int(mask[:, P:].sum(1).max())
+    if (eos is not None or turns is not None) and bool(decoder.finished.all()):
+        n = int(mask[:, P:].sum(1).max())  # the eager loop stops at the last row's end
         mask = mask[:, : P + n]
     if restore is not None:
         restore(n)
     return GenerationOutput(
         sequences=torch.cat([idx, decoder.tokens[:, :n]], dim=1),
         attention_mask=mask,
-        response_mask=mask[:, P:],
+        response_mask=mask[:, P:] * ~decoder.fed[:, :n],
         logprobs=decoder.logprobs[:, :n].clone(),
         prompt_length=P,
+        turns=None if turns is None else turns.stats(),
     )
 
 
@@ -263,15 +295,27 @@ def sample_and_decode(
     top_k: int | None = None,
     top_p: float | None = None,
     generator: torch.Generator | None = None,
+    environment=None,
+    prompts: list[str] | None = None,
+    metadata: list[dict] | None = None,
+    max_turns: int = 4,
 ) -> tuple[GenerationOutput, list[str]]:
     """Sample a response per prompt row in eval mode, and decode each up to its EOS.
 
     What a rollout and a held-out evaluation both do. Dropout is off while sampling and the
     model's mode is restored after. Rows end at the tokenizer's ``<|endoftext|>``.
 
+    With an ``environment`` (``environments.Environment``), the rollout is multi-turn: tool calls
+    are answered in the loop (``turns.Turns``, up to ``max_turns`` policy turns per row), given
+    each row's ``prompts`` text and ``metadata``. The texts then hold the observations too.
+
     Returns:
         The ``GenerationOutput`` and the response texts (without the EOS).
     """
+    turns = None
+    if environment is not None:
+        metadata = metadata if metadata is not None else [{} for _ in range(len(input_ids))]
+        turns = Turns(environment, tokenizer, prompts, metadata, max_turns, max_new_tokens)
     was_training = model.training
     model.eval()
     try:
@@ -285,8 +329,10 @@ def sample_and_decode(
             eos_token_id=tokenizer.eot_token,
             attention_mask=attention_mask,
             generator=generator,
+            turns=turns,
         )
     finally:
         model.train(was_training)
-    texts = [decode_response(tokenizer, row[mask.bool()]) for row, mask in zip(out.responses, out.response_mask)]
+    real = out.attention_mask[:, out.prompt_length :].bool()  # the policy's tokens and the observations
+    texts = [decode_response(tokenizer, row[mask]) for row, mask in zip(out.responses, real)]
     return out, texts

@@ -1,0 +1,169 @@
+"""Multi-turn rollouts: the host-side bookkeeping of ``generation.generate`` with an environment.
+
+The decode loop samples one token per row per step, as for single-turn rollouts. ``Turns``
+watches each row's tokens. When the text of a row's current turn contains the environment's
+``stop`` string (a complete tool call), it asks ``environment.step(prompt, text, metadata)``
+for the observation, tokenises it on its own and queues its tokens. In the steps that follow,
+that row is fed its queued tokens one per step instead of sampling (``forced``), while every
+other row keeps sampling: the observation goes into the row's KV cache through the same step
+that decodes, the batch keeps its fixed shape, and no row waits for another.
+
+Token in, token out: the sequence trained on is the one sampled, token for token. Nothing is
+re-tokenised at a turn boundary, so the log-probabilities of the policy's tokens are those of the
+rollout, and the observation's tokens are marked as not the policy's (``response_mask`` 0,
+log-probability 0) so that no loss, KL or advantage counts them.
+
+A row ends at EOS (the environment is asked once more and must say done: None), when the
+environment answers a tool call with None, when its ``max_turns``-th turn ends in another tool
+call (counted in ``max_turns_hit``), or when it runs out of ``max_new_tokens``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from shraygpt_rl.errors import ConfigError, EnvironmentStepError
+
+
+class Turns:
+    """Per-row turn state for one ``generate`` call over ``len(prompts)`` rows.
+
+    Args:
+        environment: An object with a ``stop`` string, a ``name``, ``calls``/``errors`` counters
+            and ``step(prompt, text, metadata) -> str | None`` (``environments.Environment``).
+        tokenizer: The policy's tokenizer (``encode_ordinary``, ``decode``, ``eot_token``).
+        prompts: Each row's prompt text.
+        metadata: Each row's metadata (passed to ``step``).
+        max_turns: Most policy turns per row (1: the policy's first tool call ends the row).
+        capacity: The response columns (``max_new_tokens``), to cut observations that overflow.
+    """
+
+    def __init__(
+        self, environment, tokenizer, prompts: list[str], metadata: list[dict[str, Any]], max_turns: int, capacity: int
+    ):
+        if max_turns < 1:
+            raise ConfigError(f"max_turns must be at least 1, got {max_turns}.")
+        stop = getattr(environment, "stop", None)
+        if not isinstance(stop, str) or not stop:
+            raise ConfigError(
+                f"Environment {_name(environment)} has no stop string; "
+                "set its `stop` to the text that ends a tool call."
+            )
+        self.env, self.enc, self.prompts, self.metadata = environment, tokenizer, prompts, metadata
+        self.max_turns, self.capacity, self.stop = max_turns, capacity, stop
+        B = len(prompts)
+        self.window = len(stop.encode())  # a token holds at least one byte: the stop spans at most this many
+        self.last_byte = stop[-1]
+        self.queue: list[list[int]] = [[] for _ in range(B)]  # observation tokens still to feed
+        self.turn: list[list[int]] = [[] for _ in range(B)]  # the current turn's policy tokens
+        self.response: list[list[int]] = [[] for _ in range(B)]  # every response token so far
+        self.turns = torch.ones(B, dtype=torch.long)
+        self.tool_calls = torch.zeros(B, dtype=torch.long)
+        self.tool_errors = torch.zeros(B, dtype=torch.long)
+        self.max_turns_hit = torch.zeros(B, dtype=torch.bool)
+        self.cut = 0  # observations cut to fit the context
+        self._ends: dict[int, bool] = {}  # token -> whether its text holds the stop's last character
+
+    # -- what the next step feeds --------------------------------------------------------------
+    def forced(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """(force (B,) bool, tokens (B,) long): the rows fed an observation token at the next step."""
+        force = torch.tensor([bool(q) for q in self.queue])
+        tokens = torch.tensor([q[0] if q else 0 for q in self.queue])
+        return force.to(device), tokens.to(device)
+
+    # -- what the last step produced -----------------------------------------------------------
+    def record(self, column: int, tokens: Tensor, alive: Tensor, force: Tensor) -> list[int]:
+        """Take in step ``column``'s tokens (B,) (``alive`` rows were real, ``force`` rows fed an
+        observation token). Returns the rows to end now (they stop without EOS)."""
+        end = []
+        for b, (token, real, fed) in enumerate(zip(tokens.tolist(), alive.tolist(), force.tolist())):
+            if not real:
+                continue
+            self.response[b].append(token)
+            if fed:
+                self.queue[b].pop(0)
+                continue
+            if token == self.enc.eot_token:
+                self._ask(b, at_eos=True)
+                continue
+            self.turn[b].append(token)
+            if self._calls(b) and self._tool_call(b, column):
+                end.append(b)
+        return end
+
+    def _calls(self, b: int) -> bool:
+        """Whether row ``b``'s current turn now holds the stop string (one decode of a few tokens,
+        and only after a token that could complete it)."""
+        token = self.turn[b][-1]
+        if token not in self._ends:
+            self._ends[token] = self.last_byte in self.enc.decode([token]) if token < self.enc.n_vocab else False
+        return self._ends[token] and self.stop in self.enc.decode(self.turn[b][-self.window :])
+
+    def _tool_call(self, b: int, column: int) -> bool:
+        """Answer row ``b``'s tool call; True when the row ends here instead."""
+        if int(self.turns[b]) >= self.max_turns:
+            self.max_turns_hit[b] = True
+            return True
+        observation = self._ask(b, at_eos=False)
+        if observation is None:
+            return True
+        ids = self.enc.encode_ordinary(observation)
+        room = self.capacity - (column + 1)
+        if len(ids) > room:
+            self.cut += 1
+            if self.cut == 1:
+                warnings.warn(
+                    f"The observation of environment {_name(self.env)} at turn {int(self.turns[b])} has {len(ids)} "
+                    f"tokens and only {room} response tokens are left; it is cut "
+                    "(raise max_new_tokens to keep it whole).",
+                    stacklevel=2,
+                )
+            ids = ids[:room]
+        self.queue[b] = ids
+        self.turn[b] = []
+        self.turns[b] += 1
+        return False
+
+    def _ask(self, b: int, at_eos: bool) -> str | None:
+        """``environment.step`` for row ``b``, with its counters read per row; one sentence on misuse."""
+        text = self.enc.decode([t for t in self.response[b] if t < self.enc.n_vocab and t != self.enc.eot_token])
+        if not at_eos:
+            text = text[: text.rindex(self.stop) + len(self.stop)]  # a token may run past the stop string
+        calls, errors = getattr(self.env, "calls", 0), getattr(self.env, "errors", 0)
+        turn = int(self.turns[b])
+        try:
+            observation = self.env.step(self.prompts[b], text, self.metadata[b])
+        except Exception as error:
+            raise EnvironmentStepError(
+                f"Environment {_name(self.env)} raised {error!r} at turn {turn} of row {b}."
+            ) from error
+        if observation is not None and not isinstance(observation, str):
+            raise EnvironmentStepError(
+                f"Environment {_name(self.env)} returned a {type(observation).__name__} at turn {turn} of row {b}; "
+                "step must return the observation text or None (done)."
+            )
+        if at_eos and observation is not None:
+            raise EnvironmentStepError(
+                f"Environment {_name(self.env)} never says done: it answered the end of text at turn {turn} of row {b} "
+                "with an observation; step must return None once the policy has answered."
+            )
+        self.tool_calls[b] += getattr(self.env, "calls", 0) - calls
+        self.tool_errors[b] += getattr(self.env, "errors", 0) - errors
+        return observation
+
+    def stats(self) -> dict[str, Tensor]:
+        """Per row: ``turns``, ``tool_calls``, ``tool_errors`` and ``max_turns`` (hit)."""
+        return {
+            "turns": self.turns.clone(),
+            "tool_calls": self.tool_calls.clone(),
+            "tool_errors": self.tool_errors.clone(),
+            "max_turns": self.max_turns_hit.clone(),
+        }
+
+
+def _name(environment) -> str:
+    return f"'{getattr(environment, 'name', type(environment).__name__)}'"

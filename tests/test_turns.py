@@ -1,0 +1,252 @@
+"""Multi-turn rollouts in the engine: observations fed, not sampled; static = eager = row by row;
+the rollout's log-probabilities recovered by a training forward; max_turns; the error cases."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shraygpt_rl.environments import Calculator, Environment
+from shraygpt_rl.errors import ConfigError, EnvironmentStepError
+from shraygpt_rl.generation import generate, response_logprobs, sample_and_decode
+from shraygpt_rl.lora import LoRASpec
+from shraygpt_rl.policy import load_policy, with_lora
+from shraygpt_rl.tokenizer import byte_encoding
+from shraygpt_rl.turns import Turns
+
+OBSERVATION = "<r>"
+
+
+class Echo(Environment):
+    """Answers every call with ``OBSERVATION`` (or what ``answer`` returns); stop is one byte."""
+
+    def __init__(self, stop: str, answer=lambda text: OBSERVATION):
+        super().__init__()
+        self.stop, self.answer = stop, answer
+
+    def step(self, prompt, text, metadata):
+        if not text.endswith(self.stop):
+            return None
+        self.calls += 1
+        return self.answer(text)
+
+
+class Encoding:
+    """The byte encoding with another EOS (a token a random model emits)."""
+
+    def __init__(self, eot_token: int = 256):
+        self.base, self.eot_token, self.n_vocab = byte_encoding(), eot_token, 256
+
+    def encode_ordinary(self, text):
+        return self.base.encode_ordinary(text)
+
+    def decode(self, ids):
+        return self.base.decode([i for i in ids if i < 256])
+
+
+def prompts(batch: int = 4, width: int = 6, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(97, 123, (batch, width), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # left padding
+    return ids, mask
+
+
+def a_stop(out) -> str:
+    """The printable byte ``out`` samples most often: a stop string a rollout will hit."""
+    tokens = [t for t in out.responses.flatten().tolist() if 33 <= t < 127]
+    return chr(max(set(tokens), key=tokens.count))
+
+
+def run(model, ids, mask, env, max_new_tokens=40, enc=None, max_turns=4, **kwargs):
+    enc = enc or Encoding()
+    turns = Turns(env, enc, ["p"] * len(ids), [{}] * len(ids), max_turns, max_new_tokens)
+    return generate(model, ids, max_new_tokens, attention_mask=mask, eos_token_id=enc.eot_token, turns=turns, **kwargs)
+
+
+def observation_texts(out) -> list[list[str]]:
+    """Each row's runs of fed (attended but not the policy's) tokens, as text."""
+    fed = out.attention_mask[:, out.prompt_length :].bool() & ~out.response_mask.bool()
+    texts = []
+    for row, mask in zip(out.responses.tolist(), fed.tolist()):
+        runs, current = [], []
+        for token, is_fed in zip(row, mask):
+            if is_fed:
+                current.append(token)
+            elif current:
+                runs.append(bytes(current).decode()), current.clear()
+        texts.append(runs + ([bytes(current).decode()] if current else []))
+    return texts
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+def test_static_and_eager_loops_agree(tiny_model, sampled):
+    ids, mask = prompts()
+    sampling = dict(generator=torch.Generator().manual_seed(3)) if sampled else dict(top_k=1)
+    stop = a_stop(generate(tiny_model, ids, 40, attention_mask=mask, **sampling))
+    if sampled:
+        sampling["generator"].manual_seed(3)
+    static = run(tiny_model, ids, mask, Echo(stop), static=True, **sampling)
+    if sampled:
+        sampling["generator"].manual_seed(3)
+    eager = run(tiny_model, ids, mask, Echo(stop), static=False, **sampling)
+    assert int(static.turns["tool_calls"].sum()) >= 2
+    assert torch.equal(static.sequences, eager.sequences)
+    assert torch.equal(static.response_mask, eager.response_mask)
+    assert torch.equal(static.attention_mask, eager.attention_mask)
+    assert torch.allclose(static.logprobs, eager.logprobs, atol=1e-5)
+    assert all(torch.equal(static.turns[k], eager.turns[k]) for k in static.turns)
+
+
+@pytest.mark.parametrize("static", [True, False])
+def test_batched_turns_equal_row_by_row(tiny_model, static):
+    """Rows call the tool at different steps and end at different steps; each row's tokens and
+    masks are those it gets alone."""
+    ids, mask = prompts()
+    stop = a_stop(generate(tiny_model, ids, 40, attention_mask=mask, top_k=1))
+    first = run(tiny_model, ids, mask, Echo(stop), top_k=1, static=static)
+    own = first.response_mask[2].nonzero()[:, 0]
+    enc = Encoding(eot_token=first.responses[2, own[own >= 20][0]].item())  # row 2 (at least) ends by EOS
+    batched = run(tiny_model, ids, mask, Echo(stop), enc=enc, top_k=1, static=static)
+    lengths = batched.attention_mask[:, batched.prompt_length :].sum(1)
+    assert len(set(lengths.tolist())) > 1 and len(set(batched.turns["turns"].tolist())) > 1
+    for i in range(len(ids)):
+        keep = mask[i].bool()
+        alone = run(
+            tiny_model, ids[i : i + 1, keep], mask[i : i + 1, keep], Echo(stop), enc=enc, top_k=1, static=static
+        )
+        n = alone.responses.size(1)
+        assert torch.equal(batched.responses[i, :n], alone.responses[0])
+        assert torch.equal(batched.response_mask[i, :n], alone.response_mask[0])
+        assert not batched.attention_mask[i, batched.prompt_length + n :].any()
+        assert all(int(batched.turns[k][i]) == int(alone.turns[k][0]) for k in batched.turns)
+
+
+def test_observations_are_fed_and_never_the_policys(tiny_model):
+    ids, mask = prompts()
+    stop = a_stop(generate(tiny_model, ids, 40, attention_mask=mask, top_k=1))
+    env = Echo(stop, answer=lambda text: f"<{len(text)}>")
+    out = run(tiny_model, ids, mask, env, top_k=1, max_new_tokens=60)
+    runs = observation_texts(out)
+    assert sum(map(len, runs)) == env.calls == int(out.turns["tool_calls"].sum()) >= 2
+    for row, texts in enumerate(runs):
+        assert len(texts) == int(out.turns["tool_calls"][row])
+        assert all(t.startswith("<") and t.endswith(">") for t in texts)
+    fed = out.attention_mask[:, out.prompt_length :].bool() & ~out.response_mask.bool()
+    assert (out.logprobs[fed] == 0).all()
+
+
+@pytest.mark.parametrize("static", [True, False])
+def test_a_training_forward_recovers_the_rollout_logprobs(tiny_model, static):
+    """The policy's tokens after an observation are scored with the observation in context: if
+    the observation had not reached the KV cache (or were re-tokenised), they would differ."""
+    ids, mask = prompts(batch=8)
+    g = torch.Generator().manual_seed(5)
+    stop = a_stop(generate(tiny_model, ids, 60, attention_mask=mask, generator=g))
+    out = run(tiny_model, ids, mask, Echo(stop), 60, generator=g.manual_seed(5), static=static, temperature=0.9)
+    with torch.no_grad():
+        logprobs, _, _ = response_logprobs(tiny_model, out.sequences, out.attention_mask, out.prompt_length, 0.9)
+    own = out.response_mask.bool()
+    fed = out.attention_mask[:, out.prompt_length :].bool() & ~own
+    after = own & (fed.long().cumsum(1) > 0)  # the policy's tokens that follow an observation
+    assert fed.sum() >= 3 and after.sum() >= 10
+    assert torch.allclose(logprobs[own], out.logprobs[own], atol=1e-5)
+    assert (logprobs[fed] < -1e-3).all()  # an observation token, had it leaked into the loss, would count
+
+
+@pytest.mark.parametrize("kind", ["gpt_neo", "opt"])
+def test_hugging_face_policies_with_lora_take_turns(tiny_hf, perturb_adapters, kind):
+    policy = load_policy(str(tiny_hf(kind))).eval()
+    with_lora(policy, LoRASpec(r=4, alpha=8, dropout=0.0))
+    perturb_adapters(policy)
+    ids, mask = prompts()
+    g = torch.Generator().manual_seed(1)
+    stop = a_stop(generate(policy, ids, 30, attention_mask=mask, generator=g))
+    out = run(policy, ids, mask, Echo(stop), max_new_tokens=30, generator=g.manual_seed(1))
+    assert int(out.turns["tool_calls"].sum()) >= 1
+    logprobs, _, _ = response_logprobs(policy, out.sequences, out.attention_mask, out.prompt_length)
+    own = out.response_mask.bool()
+    assert torch.allclose(logprobs[own], out.logprobs[own], atol=1e-5)
+    for i in range(len(ids)):  # row by row, greedy
+        keep = mask[i].bool()
+        alone = run(policy, ids[i : i + 1, keep], mask[i : i + 1, keep], Echo(stop), max_new_tokens=30, top_k=1)
+        batched = run(policy, ids, mask, Echo(stop), max_new_tokens=30, top_k=1)
+        n = alone.responses.size(1)
+        assert torch.equal(batched.responses[i, :n], alone.responses[0])
+
+
+def test_max_turns_ends_a_row_that_keeps_calling(tiny_model):
+    ids, mask = prompts()
+    stop = a_stop(generate(tiny_model, ids, 40, attention_mask=mask, top_k=1))
+    unlimited = run(tiny_model, ids, mask, Echo(stop), top_k=1, max_turns=100)
+    assert int(unlimited.turns["turns"].max()) > 2
+    out = run(tiny_model, ids, mask, Echo(stop), top_k=1, max_turns=2)
+    assert int(out.turns["turns"].max()) == 2
+    hit = out.turns["max_turns"]
+    assert torch.equal(hit, unlimited.turns["turns"] > 2)
+    for row in hit.nonzero()[:, 0].tolist():  # the row's second call is its last token
+        own = out.response_mask[row].nonzero()[:, 0]
+        last = out.responses[row, own[-1]].item()
+        assert chr(last) == stop and not out.attention_mask[row, out.prompt_length + own[-1] + 1 :].any()
+
+
+def test_sample_and_decode_returns_the_whole_transcript(tiny_model):
+    ids, mask = prompts()
+    stop = a_stop(generate(tiny_model, ids, 40, attention_mask=mask, top_k=1))
+    out, texts = sample_and_decode(
+        tiny_model, ids, mask, byte_encoding(), 40, top_k=1, environment=Echo(stop), prompts=["p"] * 4
+    )
+    assert sum(text.count(OBSERVATION) for text in texts) == int(out.turns["tool_calls"].sum()) >= 2
+
+
+class Raises(Echo):
+    def step(self, prompt, text, metadata):
+        raise KeyError("boom")
+
+
+class Number(Echo):
+    def step(self, prompt, text, metadata):
+        return 7
+
+
+class NeverDone(Echo):
+    def step(self, prompt, text, metadata):
+        return "more"
+
+
+@pytest.mark.parametrize(
+    "env,match",
+    [
+        (Raises, r"Environment 'raises' raised KeyError\('boom'\) at turn 1 of row \d\."),
+        (Number, r"Environment 'number' returned a int at turn 1 of row \d; step must return"),
+    ],
+)
+def test_a_broken_environment_is_named_with_its_turn(tiny_model, env, match):
+    ids, mask = prompts()
+    stop = a_stop(generate(tiny_model, ids, 40, attention_mask=mask, top_k=1))
+    with pytest.raises(EnvironmentStepError, match=match):
+        run(tiny_model, ids, mask, env(stop), top_k=1)
+
+
+def test_an_environment_that_never_says_done_is_named(tiny_model):
+    ids, mask = prompts()
+    free = generate(tiny_model, ids, 40, attention_mask=mask, top_k=1)
+    enc = Encoding(eot_token=free.responses[0, 3].item())
+    with pytest.raises(EnvironmentStepError, match=r"Environment 'never_done' never says done: .* at turn 1 of row"):
+        run(tiny_model, ids, mask, NeverDone("\x00"), enc=enc, top_k=1)
+
+
+def test_bad_options_are_refused():
+    with pytest.raises(ConfigError, match="max_turns must be at least 1"):
+        Turns(Calculator(), byte_encoding(), ["p"], [{}], 0, 10)
+    with pytest.raises(ConfigError, match="Environment 'echo' has no stop string"):
+        Turns(Echo(""), byte_encoding(), ["p"], [{}], 2, 10)
+
+
+def test_an_observation_longer_than_the_context_is_cut_with_a_warning(tiny_model):
+    ids, mask = prompts()
+    stop = a_stop(generate(tiny_model, ids, 40, attention_mask=mask, top_k=1))
+    with pytest.warns(UserWarning, match="The observation of environment 'echo' at turn 1 has 500 tokens"):
+        out = run(tiny_model, ids, mask, Echo(stop, answer=lambda text: "x" * 500), top_k=1)
+    assert out.responses.size(1) == 40
+    assert out.attention_mask[:, out.prompt_length :].all()  # every row called, then was fed to the end
