@@ -1,12 +1,13 @@
 """Environments for multi-turn rollouts: the policy writes, calls a tool, reads its answer, goes on.
 
 An environment is a plain Python class with a ``stop`` string and a ``step`` method. A
-multi-turn rollout is to stop each row when its text ends with ``stop`` (the tool call is
-complete) and ask
-``step(prompt, text, metadata)`` what comes next: a string, the observation appended to the row's
-context (tokenised and prefilled; it is not the policy's and is never trained on), or None when
-the policy's turn was its answer and the episode is over. A YAML config is to pick one by class
-path, as it picks rewards. A 20-line example, an environment that looks words up in a dictionary::
+multi-turn rollout (``turns.py``) stops each row's turn when its text contains ``stop`` (the tool
+call is complete) and asks ``step(prompt, text, metadata)`` what comes next: a string, the
+observation appended to the row's context (tokenised and fed in; it is not the policy's and is
+never trained on), or None when the policy's turn was its answer and the episode is over. At the
+policy's EOS it is asked once more and must return None. A YAML config picks one by class path
+(``model.environment``), as it picks rewards. A 20-line example, an environment that looks
+words up in a dictionary::
 
     class Dictionary(Environment):
         stop = "</lookup>"
@@ -26,11 +27,8 @@ path, as it picks rewards. A 20-line example, an environment that looks words up
                 return "<result>unknown word</result>"
             return f"<result>{meaning}</result>"
 
-The reward is to come at the end, from the stage's ``rewards`` as for single-turn rollouts (the
-task's verifier scoring the final answer).
-
-Not yet wired: the rollout engine's multi-turn generation and the stages' masking of observation
-tokens are issue 26's next steps; this module is the interface and the built-in calculator.
+The reward comes at the end, from the stage's ``rewards`` as for single-turn rollouts (the task's
+verifier scoring the final answer).
 """
 
 from __future__ import annotations

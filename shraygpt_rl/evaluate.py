@@ -111,16 +111,27 @@ def sample_responses(
     max_new_tokens: int = 16,
     seed: int = 0,
     desc: str | None = None,
+    environment=None,
+    max_turns: int = 4,
 ) -> Responses:
-    """Sample one response per prompt of ``split``, batch by batch, with a seeded generator."""
+    """Sample one response per prompt of ``split``, batch by batch, with a seeded generator (and,
+    with an ``environment``, its tool calls answered: multi-turn rollouts)."""
     device = _device(policy)
     generator = torch.Generator(device=device).manual_seed(seed)
     out = Responses([], [], [], torch.zeros(0), [])
     lengths = []
     for batch in datamodule.plain_dataloader(split, desc=desc):
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        tools = dict(environment=environment, prompts=batch["prompt"], metadata=batch["metadata"], max_turns=max_turns)
         gen, texts = sample_and_decode(
-            policy, ids, mask, datamodule.tokenizer, max_new_tokens, temperature=temperature, generator=generator
+            policy,
+            ids,
+            mask,
+            datamodule.tokenizer,
+            max_new_tokens,
+            temperature=temperature,
+            generator=generator,
+            **tools,
         )
         out.texts += texts
         out.prompts += batch["prompt"]
@@ -140,6 +151,8 @@ def sample_pass_at_k(
     max_new_tokens: int = 16,
     seed: int = 0,
     desc: str | None = None,
+    environment=None,
+    max_turns: int = 4,
 ) -> dict[str, float] | None:
     """pass@1, pass@k and maj@k over the prompts of ``split``, from ``k`` samples per prompt.
 
@@ -158,11 +171,19 @@ def sample_pass_at_k(
             return None
         ids = batch["input_ids"].to(device).repeat_interleave(k, dim=0)  # (B k, P)
         mask = batch["attention_mask"].to(device).repeat_interleave(k, dim=0)  # (B k, P)
-        _, texts = sample_and_decode(
-            policy, ids, mask, datamodule.tokenizer, max_new_tokens, temperature=temperature, generator=generator
-        )
         prompts = [p for p in batch["prompt"] for _ in range(k)]
         metadata = [m for m in batch["metadata"] for _ in range(k)]
+        tools = dict(environment=environment, prompts=prompts, metadata=metadata, max_turns=max_turns)
+        _, texts = sample_and_decode(
+            policy,
+            ids,
+            mask,
+            datamodule.tokenizer,
+            max_new_tokens,
+            temperature=temperature,
+            generator=generator,
+            **tools,
+        )
         parts.append(pass_and_majority(prompts, texts, metadata, k))
     if not parts:
         return None
@@ -190,10 +211,13 @@ def verifier_success(
     temperature: float = 1.0,
     max_new_tokens: int = 16,
     seed: int = 0,
+    environment=None,
+    max_turns: int = 4,
 ) -> dict[str, float]:
     """The task verifier's success rate and mean reward, and the mean length, of one sampled
-    response per held-out prompt."""
-    responses = sample_responses(policy, datamodule, split, temperature, max_new_tokens, seed)
+    response per held-out prompt (with an ``environment``: multi-turn, its tools answering)."""
+    tools = dict(environment=environment, max_turns=max_turns)
+    responses = sample_responses(policy, datamodule, split, temperature, max_new_tokens, seed, **tools)
     rewards, success = _verify(responses)
     return {
         "success": success.float().mean().item(),

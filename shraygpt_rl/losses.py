@@ -220,6 +220,10 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: 
 
     ``delta_t = r_t + gamma V_{t+1} - V_t`` and ``A_t = delta_t + gamma lam A_{t+1}``, with
     ``V`` and ``A`` zero after the last real token. Returns ``(advantages, returns = A + V)``.
+
+    "Next" is the next token where ``mask`` is 1: tokens masked out in the middle of a row (a
+    tool's observation in a multi-turn rollout: not the policy's actions) are skipped, as if the
+    row were the policy's tokens alone, and get advantage 0.
     """
     mask = mask.to(values.dtype)
     values = values * mask
@@ -229,7 +233,9 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: 
     for t in reversed(range(values.size(1))):  # (B,) at a time: T steps, no per-sample Python
         delta = rewards[:, t] + gamma * next_value - values[:, t]
         advantages[:, t] = (delta + gamma * lam * next_advantage) * mask[:, t]
-        next_value, next_advantage = values[:, t], advantages[:, t]
+        acted = mask[:, t].bool()  # a masked token passes the next action's value and advantage on
+        next_value = torch.where(acted, values[:, t], next_value)
+        next_advantage = torch.where(acted, advantages[:, t], next_advantage)
     return advantages, advantages + values
 
 

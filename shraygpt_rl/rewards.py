@@ -93,7 +93,8 @@ class SortingVerifier(Verifier):
 
 
 class TaskVerifier(Verifier):
-    """Dispatches on ``metadata["task"]`` to the arithmetic or sorting verifier."""
+    """Dispatches on ``metadata["task"]`` to the arithmetic verifier (``arithmetic`` and
+    ``multiplication``, whose ``target`` is the product) or the sorting one."""
 
     requires = ("task",)
 
@@ -104,11 +105,11 @@ class TaskVerifier(Verifier):
 
     def score(self, prompt, response, metadata):
         task = metadata.get("task")
-        if task == "arithmetic":
+        if task in ("arithmetic", "multiplication"):  # multiplication's target is the product
             return ArithmeticVerifier().score(prompt, response, metadata)
         if task == "sorting":
             return SortingVerifier().score(prompt, response, metadata)
-        raise ValueError(f"TaskVerifier needs metadata['task'] to be 'arithmetic' or 'sorting', got {task!r}.")
+        raise ValueError(f"TaskVerifier needs metadata['task'] to be one of {', '.join(TASKS)}, got {task!r}.")
 
 
 _FIRST_INT = re.compile(r"\s*(-?\d+)")
@@ -133,7 +134,7 @@ def task_answer(prompt: str, response: str, metadata: dict[str, Any]) -> tuple[s
     """
     task, index = metadata.get("task"), response.find("Answer:")
     after = None if index < 0 else response[index + len("Answer:") :]
-    if task == "arithmetic":
+    if task in ("arithmetic", "multiplication"):
         target = metadata.get("target")
         match = _FIRST_INT.match(after) if after is not None else None
         answer = str(int(match.group(1))) if match else None
@@ -142,7 +143,7 @@ def task_answer(prompt: str, response: str, metadata: dict[str, Any]) -> tuple[s
         found = [int(n) for n in _INTS.findall(after.strip().split("\n", 1)[0])] if after is not None else []
         answer = ", ".join(map(str, found)) if found else None
         return answer, ", ".join(map(str, sorted(metadata["numbers"])))
-    raise ValueError(f"task_answer needs metadata['task'] to be 'arithmetic' or 'sorting', got {task!r}.")
+    raise ValueError(f"task_answer needs metadata['task'] to be one of {', '.join(TASKS)}, got {task!r}.")
 
 
 # --------------------------------------------------------------------------------------------

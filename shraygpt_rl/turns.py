@@ -101,7 +101,9 @@ class Turns:
         token = self.turn[b][-1]
         if token not in self._ends:
             self._ends[token] = self.last_byte in self.enc.decode([token]) if token < self.enc.n_vocab else False
-        return self._ends[token] and self.stop in self.enc.decode(self.turn[b][-self.window :])
+        return self._ends[token] and self.stop in self.enc.decode(
+            [t for t in self.turn[b][-self.window :] if t < self.enc.n_vocab]
+        )
 
     def _tool_call(self, b: int, column: int) -> bool:
         """Answer row ``b``'s tool call; True when the row ends here instead."""
@@ -117,9 +119,8 @@ class Turns:
             self.cut += 1
             if self.cut == 1:
                 warnings.warn(
-                    f"The observation of environment {_name(self.env)} at turn {int(self.turns[b])} has {len(ids)} "
-                    f"tokens and only {room} response tokens are left; it is cut "
-                    "(raise max_new_tokens to keep it whole).",
+                    f"Environment {_name(self.env)} answered with more tokens than the response has room for; "
+                    "the observation is cut (raise max_new_tokens to keep it whole).",
                     stacklevel=2,
                 )
             ids = ids[:room]

@@ -108,7 +108,7 @@ def test_the_commands_are_found():
     commands = [" ".join(c[:4]) for c in documented_commands()]
     assert "python train.py --stage pipeline" in commands
     assert "python train.py --stage eval" in commands
-    assert sum(c.startswith("python -m shraygpt_rl.bench") for c in commands) == 10
+    assert sum(c.startswith("python -m shraygpt_rl.bench") for c in commands) == 11
     assert (
         sum(any(w.startswith(("configs/opt-", "configs/tinystories")) for w in c) for c in documented_commands()) == 9
     )
@@ -231,6 +231,12 @@ def test_every_documented_command_runs(tmp_path, monkeypatch, capsys, tiny_hf):
     assert all(f"  {stage} " in printed for stage in ("sft", "ppo", "grpo"))
     assert "reward model held-out pairwise accuracy" in printed
     assert "over seeds 0, 1: min / mean / max of held-out success" in printed
+    assert "held-out 3-digit multiplication" in printed and "GRPO, tool" in printed
+    assert re.search(r"static +with tools .* ratio [\d.]+x", printed) and "eager   with tools" in printed
+
+    # Tools: the multi-turn demo's policies.
+    for name in ("tools-instruct", "grpo-tools"):
+        assert ShrayGPT.load_from_checkpoint(f"checkpoints/shraygpt-{name}.ckpt").vocab_size == 320
 
     # The notebooks' Hugging Face workflows: adapters, each stage starting from the one before.
     for name in ("tinystories-ppo", "opt-sft", "opt-ppo", "opt-grpo", "opt-dpo"):

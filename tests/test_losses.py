@@ -140,6 +140,31 @@ def test_gae_matches_a_naive_loop():
     assert torch.allclose(returns, advantages + values * mask)
 
 
+def test_gae_skips_masked_tokens_between_actions():
+    """Observations (mask 0 in the middle of a row) are skipped: each row's advantages equal
+    GAE over its policy tokens alone, compacted, and are 0 on the observations."""
+    torch.manual_seed(1)
+    rewards, values = torch.randn(4, 9), torch.randn(4, 9)
+    mask = torch.tensor(
+        [
+            [1, 1, 0, 0, 1, 1, 1, 0, 0],
+            [1, 0, 1, 0, 1, 0, 1, 0, 0],
+            [0, 0, 1, 1, 1, 1, 1, 1, 1],
+            [1, 1, 1, 1, 1, 1, 1, 1, 1],
+        ]
+    )
+    rewards = rewards * mask  # rewards live on actions
+    advantages, returns = gae(rewards, values, mask, 0.95, 0.9)
+    for b in range(4):
+        acted = mask[b].bool()
+        alone, alone_returns = gae(
+            rewards[b, acted][None], values[b, acted][None], torch.ones(1, int(acted.sum())), 0.95, 0.9
+        )
+        assert torch.allclose(advantages[b, acted], alone[0], atol=1e-6)
+        assert torch.allclose(returns[b, acted], alone_returns[0], atol=1e-6)
+        assert (advantages[b, ~acted] == 0).all()
+
+
 def test_gae_by_hand_with_gamma_one():
     # One sequence, V = (1, 2), r = (0, 3), gamma = lam = 1: A_1 = 3 - 2 = 1, A_0 = 0 + 2 - 1 + 1 = 2.
     advantages, returns = gae(torch.tensor([[0.0, 3.0]]), torch.tensor([[1.0, 2.0]]), torch.ones(1, 2), 1.0, 1.0)

@@ -246,7 +246,7 @@ def test_bad_options_are_refused():
 def test_an_observation_longer_than_the_context_is_cut_with_a_warning(tiny_model):
     ids, mask = prompts()
     stop = a_stop(generate(tiny_model, ids, 40, attention_mask=mask, top_k=1))
-    with pytest.warns(UserWarning, match="The observation of environment 'echo' at turn 1 has 500 tokens"):
+    with pytest.warns(UserWarning, match="Environment 'echo' answered with more tokens than the response has room for"):
         out = run(tiny_model, ids, mask, Echo(stop, answer=lambda text: "x" * 500), top_k=1)
     assert out.responses.size(1) == 40
     assert out.attention_mask[:, out.prompt_length :].all()  # every row called, then was fed to the end

@@ -30,11 +30,11 @@ OVERRIDES: list[str] = []
 HELD_OUT = 200
 
 
-def demo_data(datamodule: type[ChatDataModule], **overrides) -> ChatDataModule:
-    """The demo's arithmetic data (``configs/sft.yaml``) with ``HELD_OUT`` validation and test
-    examples, batched by 100 for evaluation."""
+def demo_data(datamodule: type[ChatDataModule], config: str = "sft", **overrides) -> ChatDataModule:
+    """The demo's data (arithmetic, from ``configs/sft.yaml``; another config's with ``config``)
+    with ``HELD_OUT`` validation and test examples, batched by 100 for evaluation."""
     sizes = {"batch_size": 100, "val_size": HELD_OUT, "test_size": HELD_OUT}
-    return data_from_config(datamodule, ROOT / "configs" / "sft.yaml", **{**sizes, **overrides})
+    return data_from_config(datamodule, ROOT / "configs" / f"{config}.yaml", **{**sizes, **overrides})
 
 
 def run_stage(stage: str, *args: str, config: str | None = None) -> float:

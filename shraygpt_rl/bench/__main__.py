@@ -5,6 +5,7 @@ python -m shraygpt_rl.bench moe          # sparse MoE dispatch against the dense
 python -m shraygpt_rl.bench grpo-step    # one GRPO step at the bench shape: completions/s, time split
 python -m shraygpt_rl.bench stages       # SFT -> reward model -> DPO on the arithmetic task
 python -m shraygpt_rl.bench learning     # SFT -> PPO, GRPO, … (--stages, --seeds) on arithmetic: held-out success
+python -m shraygpt_rl.bench learning --stages tools   # SFT -> GRPO with a calculator on 3-digit multiplication
 python -m shraygpt_rl.bench lora         # seed 001 at toy size: PPO with LoRA on a tiny GPT-Neo, keyword reward
 python -m shraygpt_rl.bench gpu --tokenizer-path r50k_base.tiktoken   # course size on a GPU: decode, GRPO, TRL
 python -m shraygpt_rl.bench label        # the labelling page: 20 pairs by keyboard in headless Chromium
@@ -51,8 +52,10 @@ def main(argv: list[str] | None = None) -> None:
             "kto",
             "reward",
             "ppo-rm",
+            "tools",
         ],
-        help="learning: the configs to run after SFT, in order (ppo-rm needs reward before it)",
+        help="learning: the configs to run after SFT, in order (ppo-rm needs reward before it); tools: "
+        "SFT and GRPO with a calculator on multiplication (bench/tools.py)",
     )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="learning: training seeds")
     parser.add_argument("--sft-steps", type=int, default=300, help="lora: SFT steps of the tiny GPT-Neo")
@@ -104,7 +107,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.which == "learning":
         from shraygpt_rl.bench.learning import bench_learning
 
-        bench_learning(tuple(args.stages), tuple(args.seeds))
+        stages = tuple(s for s in args.stages if s != "tools")
+        if stages:
+            bench_learning(stages, tuple(args.seeds))
+        if "tools" in args.stages:
+            from shraygpt_rl.bench.tools import bench_tools
+
+            bench_tools(tuple(args.seeds))
     if args.which == "lora":
         from shraygpt_rl.bench.lora import bench_lora
 

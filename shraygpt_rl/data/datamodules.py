@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 from typing import Any
 
 import datasets
@@ -32,7 +33,7 @@ from shraygpt_rl.data.labels import load_judgements
 from shraygpt_rl.data.sources import kind_of, load_instructions, load_prompts
 from shraygpt_rl.data.tasks import TASKS, make_task
 from shraygpt_rl.data.unpaired import load_unpaired, partners, unpair
-from shraygpt_rl.errors import DataError, require
+from shraygpt_rl.errors import ConfigError, DataError, require
 from shraygpt_rl.tokenizer import DEFAULT_SYSTEM_PROMPT, TokenizerName, format_response, get_tokenizer
 
 log = logging.getLogger(__name__)
@@ -54,13 +55,24 @@ def truncate_pair(prompt: list[int], response: list[int], max_length: int, max_p
     return prompt, response
 
 
-def _tokenize(batch: dict, columns: tuple[str, ...], tokenizer: str, tokenizer_path: str | None) -> dict:
-    """``datasets.map`` body: prompt ids, and response ids ending in EOS for each response column."""
+def _tokenize(
+    batch: dict, columns: tuple[str, ...], tokenizer: str, tokenizer_path: str | None, observations: str | None = None
+) -> dict:
+    """``datasets.map`` body: prompt ids, and response ids ending in EOS for each response column.
+
+    With ``observations`` (a regex), the spans it matches are tokenised on their own, as a
+    multi-turn rollout feeds a tool's answer, and ``{column}_fed`` marks their tokens."""
     enc = _encoding(tokenizer, tokenizer_path)
     out = {"prompt_ids": enc.encode_ordinary_batch(batch["prompt"])}
     for column in columns:
         texts = [format_response(text) for text in batch[column]]
-        out[f"{column}_ids"] = [ids + [enc.eot_token] for ids in enc.encode_ordinary_batch(texts)]
+        if observations is None:
+            out[f"{column}_ids"] = [ids + [enc.eot_token] for ids in enc.encode_ordinary_batch(texts)]
+            continue
+        pieces = [re.split(f"({observations})", text) for text in texts]  # policy, observation, policy, …
+        encoded = [[enc.encode_ordinary(piece) for piece in row] for row in pieces]
+        out[f"{column}_ids"] = [[t for ids in row for t in ids] + [enc.eot_token] for row in encoded]
+        out[f"{column}_fed"] = [[i % 2 for i, ids in enumerate(row) for _ in ids] + [0] for row in encoded]
     return out
 
 
@@ -102,7 +114,7 @@ class ChatDataModule(L.LightningDataModule):
         skip_invalid: Drop invalid HH-RLHF rows (and log how many) instead of stopping.
         num_terms: Arithmetic: numbers to add.
         num_items: Sorting: list length.
-        digits: Built-in tasks: largest number of digits per number.
+        digits: Built-in tasks: largest number of digits per number (multiplication: of each operand).
     """
 
     def __init__(
@@ -175,6 +187,7 @@ class ChatDataModule(L.LightningDataModule):
         raw = self._raw_splits()
         hp = self.hparams
         kwargs = {"columns": self.response_columns, "tokenizer": hp.tokenizer, "tokenizer_path": hp.tokenizer_path}
+        kwargs["observations"] = hp.get("observations")
         for split, data in raw.items():
             data = data.add_column("index", list(range(len(data))))  # row ids, e.g. for cached reference logps
             self.splits[split] = data.map(_tokenize, batched=True, fn_kwargs=kwargs, desc=f"Tokenizing {split}")
@@ -288,14 +301,30 @@ class SFTDataModule(ChatDataModule):
             not independently (see ``VerifiableTask.sft``).
         packing: Concatenate examples into ``max_length`` rows (no cross-example attention mask:
             the EOS between examples separates them, as in GPT pre-training).
+        observations: A regex for the tool observations in demonstrations (``<result>.*?</result>``
+            for the calculator): tokenised on their own, as a multi-turn rollout feeds them, and
+            left out of the loss; None: every response token is trained on.
         **kwargs: ``ChatDataModule``'s arguments.
     """
 
     response_columns = ("response",)
 
-    def __init__(self, wrong_fraction: float = 0.0, demos_per_problem: int = 1, packing: bool = False, **kwargs):
+    def __init__(
+        self,
+        wrong_fraction: float = 0.0,
+        demos_per_problem: int = 1,
+        packing: bool = False,
+        observations: str | None = None,
+        **kwargs,
+    ):
         require(0 <= wrong_fraction <= 1, f"wrong_fraction must be in [0, 1], got {wrong_fraction}.")
         require(demos_per_problem >= 1, f"demos_per_problem must be at least 1, got {demos_per_problem}.")
+        if observations is not None:
+            try:
+                groups = re.compile(observations).groups
+            except re.error as error:
+                raise ConfigError(f"observations is not a valid regex ({error}): {observations!r}.") from None
+            require(groups == 0, f"observations must have no capture groups (write (?:…)), got {observations!r}.")
         super().__init__(**kwargs)
         self.save_hyperparameters()
 
@@ -331,7 +360,8 @@ class SFTDataModule(ChatDataModule):
         if "prompt_ids" not in row:  # already packed
             return row
         prompt, response = self._fit(row["prompt_ids"], row["response_ids"])
-        return {"input_ids": prompt + response, "loss_mask": [0] * len(prompt) + [1] * len(response)}
+        fed = row.get("response_fed") or [0] * len(response)  # a tool's observation is not trained on
+        return {"input_ids": prompt + response, "loss_mask": [0] * len(prompt) + [1 - f for f in fed[: len(response)]]}
 
     def collate(self, rows):
         examples = [self.example(r) for r in rows]

@@ -2,6 +2,9 @@
 
 * ``arithmetic``: "What is 12 + 7?"; the answer is ``Answer: 19``.
 * ``sorting``: "Sort in ascending order: 5, 3, 9, 1"; the answer is ``Answer: 1, 3, 5, 9``.
+* ``multiplication``: "What is 123 * 456?", for a policy with a calculator (``environments``): the
+  demonstration calls it, ``<calc>123*456</calc>``, reads ``<result>56088</result>`` and answers
+  ``Answer: 56088``. Scored as arithmetic is, against the product.
 
 Each task yields, per split (train, val, test; disjoint problems): SFT demonstrations with a
 configurable fraction of deliberately wrong answers, preference pairs (correct against wrong), and
@@ -20,7 +23,7 @@ import datasets
 from shraygpt_rl.tokenizer import DEFAULT_SYSTEM_PROMPT, format_prompt, format_response
 
 Split = Literal["train", "val", "test"]
-TASKS = ("arithmetic", "sorting")
+TASKS = ("arithmetic", "sorting", "multiplication")
 _INT = re.compile(r"-?\d+")
 
 
@@ -282,12 +285,64 @@ class SortingTask(VerifiableTask):
         return "Answer: " + ", ".join(map(str, wrong))
 
 
+class MultiplicationTask(VerifiableTask):
+    """Multiply two ``digits``-digit numbers with a calculator: too hard for a tiny model in its
+    head, easy with the tool once it copies the operands right.
+
+    Demonstrations call the tool (``environments.Calculator``'s format) and copy its result; the
+    deliberately wrong ones (``wrong_fraction``) call it with one operand's digit changed, and copy
+    that (wrong) result, as a careless annotator would.
+
+    Args:
+        digits: Digits of each operand (the first one never 0).
+        **kwargs: ``VerifiableTask``'s arguments.
+    """
+
+    name = "multiplication"
+
+    def __init__(self, digits: int = 3, **kwargs):
+        super().__init__(**kwargs)
+        if digits < 1:
+            raise ValueError(f"multiplication needs digits >= 1, got {digits}.")
+        self.digits = digits
+
+    def sample(self, rng):
+        low = 10 ** (self.digits - 1)
+        return [rng.randrange(low, 10 * low) for _ in range(2)]
+
+    def question(self, numbers):
+        return f"What is {numbers[0]} * {numbers[1]}?"
+
+    def target(self, numbers):
+        return numbers[0] * numbers[1]
+
+    @staticmethod
+    def worked(a: int, b: int) -> str:
+        """The demonstration for the call ``a*b``: the call, the tool's answer, the answer."""
+        return f"<calc>{a}*{b}</calc><result>{a * b}</result>\nAnswer: {a * b}"
+
+    def answer(self, numbers):
+        return self.worked(*numbers)
+
+    def wrong_answer(self, numbers, rng):
+        """One digit of one operand changed (never to a leading 0) before the call."""
+        operands = [str(n) for n in numbers]
+        i, j = rng.randrange(2), rng.randrange(self.digits)
+        digits = [d for d in "0123456789" if d != operands[i][j] and not (j == 0 and d == "0" and self.digits > 1)]
+        operands[i] = operands[i][:j] + rng.choice(digits) + operands[i][j + 1 :]
+        return self.worked(int(operands[0]), int(operands[1]))
+
+
 def make_task(name: str, **kwargs) -> VerifiableTask:
-    """``arithmetic`` or ``sorting`` with the given options (options of the other task are ignored)."""
+    """``arithmetic``, ``sorting`` or ``multiplication`` with the given options (options of the
+    other tasks are ignored)."""
     if name == "arithmetic":
         kwargs.pop("num_items", None)
         return ArithmeticTask(**kwargs)
     if name == "sorting":
         kwargs.pop("num_terms", None)
         return SortingTask(**kwargs)
+    if name == "multiplication":
+        kwargs.pop("num_items", None), kwargs.pop("num_terms", None)
+        return MultiplicationTask(**kwargs)
     raise ValueError(f"Unknown task '{name}'; choose one of {', '.join(TASKS)}.")

@@ -84,7 +84,7 @@ class StageModule(L.LightningModule):
         require(max_nonfinite >= 1, f"max_nonfinite must be at least 1, got {max_nonfinite}.")
         # Also collects the subclass's __init__ arguments; reward-function objects stay out of the
         # checkpoint (it must load with weights_only=True) and come back from the config.
-        self.save_hyperparameters(ignore=["rewards"])
+        self.save_hyperparameters(ignore=["rewards", "environment"])
         self.nonfinite_skipped = 0  # updates skipped for a non-finite loss, over the whole run
         self.nonfinite_in_a_row = 0
         self.reference: nn.Module | None = None

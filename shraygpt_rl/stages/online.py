@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from shraygpt_rl.checkpoint import stamp, stamped
+from shraygpt_rl.environments import Environment
 from shraygpt_rl.errors import ConfigError, require
 from shraygpt_rl.evaluate import pass_and_majority
 from shraygpt_rl.generation import response_logprobs, sample_and_decode
@@ -41,6 +42,7 @@ class Rollout:
     scores: Tensor  # (R,) total reward of each response
     components: dict[str, Tensor] = field(default_factory=dict)  # each reward function's part
     truncated: Tensor | None = None  # (R,) bool: the response never reached EOS
+    turns: dict[str, Tensor] | None = None  # multi-turn: (R,) turns, tool_calls, tool_errors, max_turns
 
     def __len__(self) -> int:
         return self.sequences.size(0)
@@ -74,6 +76,11 @@ class OnlineRLStage(StageModule):
             float32 logits never exist at once; None: the whole micro-batch.
         eval_samples: Samples per held-out prompt in validation; above 1, also log pass@1, pass@k
             and maj@k with k = eval_samples on the built-in tasks.
+        environment: Tools for multi-turn rollouts (YAML: a ``class_path`` entry, such as
+            ``shraygpt_rl.environments.Calculator``): each tool call is answered in the rollout,
+            and the answers are context, never trained on. None: single-turn rollouts.
+        max_turns: Most policy turns per multi-turn rollout (a row still calling the tool then
+            ends, counted in ``rollout/max_turns``).
         **kwargs: ``StageModule``'s arguments (``policy``, ``optimizer``, ``lr``, …).
     """
 
@@ -90,10 +97,18 @@ class OnlineRLStage(StageModule):
         log_samples_every: int = 50,
         logprob_chunk_rows: int | None = None,
         eval_samples: int = 1,
+        environment: Environment | None = None,
+        max_turns: int = 4,
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.automatic_optimization = False
+        require(max_turns >= 1, f"max_turns must be at least 1, got {max_turns}.")
+        if environment is not None and not (isinstance(getattr(environment, "stop", None), str) and environment.stop):
+            name = type(environment).__name__
+            raise ConfigError(
+                f"The environment {name} has no stop string: set its `stop` to the text that ends a tool call."
+            )
         require(max_new_tokens >= 1, f"max_new_tokens must be at least 1, got {max_new_tokens}.")
         require(temperature > 0, f"Online RL samples from the policy: temperature must be > 0, got {temperature}.")
         require(top_k is None or top_k >= 1, f"top_k must be at least 1 (or null), got {top_k}.")
@@ -115,6 +130,7 @@ class OnlineRLStage(StageModule):
         if reward_model:
             functions.append(LearnedReward(checkpoint=reward_model))
         self.reward_fn = WeightedSum(functions or [TaskVerifier()])
+        self.environment = environment
         self.perf: dict[str, float] = {}
         self.rollouts = 0  # training rollouts so far (global_step counts optimizer steps)
 
@@ -149,9 +165,9 @@ class OnlineRLStage(StageModule):
         prompts = [p for p in batch["prompt"] for _ in range(repeats)]
         metadata = [m for m in batch["metadata"] for _ in range(repeats)]
         start = time.perf_counter()
-        out, responses = sample_and_decode(
-            self.policy, ids, mask, enc, hp.max_new_tokens, temperature=hp.temperature, top_k=hp.top_k, top_p=hp.top_p
-        )
+        sampling = dict(temperature=hp.temperature, top_k=hp.top_k, top_p=hp.top_p)
+        tools = dict(environment=self.environment, prompts=prompts, metadata=metadata, max_turns=hp.max_turns)
+        out, responses = sample_and_decode(self.policy, ids, mask, enc, hp.max_new_tokens, **sampling, **tools)
         self.perf["generation_s"] = time.perf_counter() - start
         self.perf["generated_tokens"] = float(out.response_mask.sum())
         truncated = ~((out.responses == enc.eot_token) & out.response_mask.bool()).any(dim=1)
@@ -169,6 +185,7 @@ class OnlineRLStage(StageModule):
             scores=scores.float().to(self.device),
             components={name: value.to(self.device) for name, value in components.items()},
             truncated=truncated,
+            turns=None if out.turns is None else {k: v.to(self.device) for k, v in out.turns.items()},
         )
 
     def response_logprobs(self, model, rollout: Rollout, rows: Tensor, entropy: bool = False):
@@ -277,6 +294,7 @@ class OnlineRLStage(StageModule):
         metrics["completions/mean_length"] = lengths.mean()
         metrics["completions/truncated_fraction"] = rollout.truncated.float().mean()
         metrics["perf/generation_tokens_per_s"] = self.perf["generated_tokens"] / max(self.perf["generation_s"], 1e-9)
+        metrics.update(turn_metrics(rollout))
         self.log_dict({k: float(v) for k, v in metrics.items()}, on_step=True, batch_size=len(rollout))
         self.log("reward", rollout.scores.mean(), prog_bar=True, logger=False, batch_size=len(rollout))
         if self.hparams.log_samples_every and self.rollouts % self.hparams.log_samples_every == 0:
@@ -339,6 +357,7 @@ class OnlineRLStage(StageModule):
         size = len(rollout)
         self.log(f"{split}/reward/mean", rollout.scores.mean(), batch_size=size, prog_bar=split == "val")
         self.log(f"{split}/completions/mean_length", rollout.response_mask.sum(1).mean(), batch_size=size)
+        self.log_dict({f"{split}/{name}": value for name, value in turn_metrics(rollout).items()}, batch_size=size)
         if covered:
             success = TaskVerifier().success(rollout.prompts, rollout.responses, rollout.metadata)
             self.log(f"{split}/success", success.float().mean(), batch_size=size, prog_bar=split == "val")
@@ -382,6 +401,14 @@ def split_ptx(batch: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | N
     if "prompts" in batch and "ptx" in batch:
         return batch["prompts"], batch["ptx"]
     return batch, None
+
+
+def turn_metrics(rollout: Rollout) -> dict[str, Tensor]:
+    """``rollout/turns``, ``rollout/tool_calls`` and ``rollout/tool_errors`` (means per response)
+    and ``rollout/max_turns`` (the share of responses cut at ``max_turns``); none single-turn."""
+    if rollout.turns is None:
+        return {}
+    return {f"rollout/{name}": value.float().mean() for name, value in rollout.turns.items()}
 
 
 def furthest_from_one(ratio: Tensor, mask: Tensor, so_far: Tensor | None = None) -> Tensor:

@@ -180,7 +180,8 @@ class CriticStage(OnlineRLStage):
             scores = scores.clamp(-hp.reward_clip, hp.reward_clip)
         kl = kl_estimate(logprobs, ref_logprobs, hp.kl_estimator) * mask  # (R, T)
         rewards = -self.kl_ctl.value * kl
-        last = (mask.sum(1).long() - 1).clamp(min=0)  # (R,) index of each response's last token
+        columns = torch.arange(mask.size(1), device=mask.device)
+        last = (mask.bool() * columns).amax(1)  # (R,) each response's last policy token (observations sit between)
         rewards[torch.arange(len(rewards), device=rewards.device), last] += scores
         if hp.whiten_rewards:
             rewards = whiten(rewards, mask, shift_mean=False) * mask

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 import pytest
 import torch
@@ -171,3 +172,34 @@ def test_a_file_too_small_to_split_is_one_sentence(tmp_path):
     path.write_text(json.dumps({"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: a\n\nAssistant: c"}))
     with pytest.raises(DataError, match="holds 1 valid examples; training needs at least 4"):
         PreferenceDataModule(source=str(path)).setup()
+
+
+OBSERVATIONS = "<result>.*?</result>"
+
+
+@pytest.mark.parametrize("tokenizer", ["byte", "r50k_base"])
+def test_tool_demonstrations_train_on_the_policys_tokens_only(tokenizer, request):
+    """The tool's answer is tokenised on its own, as a rollout feeds it, and left out of the loss:
+    the response is the call's tokens, the answer's, then the rest's, each encoded alone."""
+    path = str(request.getfixturevalue("r50k_file")) if tokenizer == "r50k_base" else None
+    dm = SFTDataModule(
+        source="multiplication", digits=3, observations=OBSERVATIONS, tokenizer=tokenizer, tokenizer_path=path,
+        system_prompt=None, max_length=112, max_prompt_length=48, **SMALL,
+    )  # fmt: skip
+    batch = next(iter(dm.train_dataloader()))
+    enc = dm.tokenizer
+    for ids, attn, loss in zip(batch["input_ids"], batch["attention_mask"], batch["loss_mask"]):
+        start = int(loss.nonzero()[0])  # the response's first token
+        response, fed = ids[start : int(attn.sum())].tolist(), (1 - loss[start : int(attn.sum())]).tolist()
+        call, observation, rest = re.split(f"({OBSERVATIONS})", enc.decode(response[:-1]))
+        pieces = [enc.encode_ordinary(piece) for piece in (call, observation, rest)]
+        assert call.startswith(" <calc>") and call.endswith("</calc>") and rest.startswith("\nAnswer: ")
+        assert response == pieces[0] + pieces[1] + pieces[2] + [enc.eot_token]
+        assert fed == [0] * len(pieces[0]) + [1] * len(pieces[1]) + [0] * (len(pieces[2]) + 1)
+
+
+def test_bad_observation_patterns_are_refused():
+    with pytest.raises(ConfigError, match="observations is not a valid regex"):
+        SFTDataModule(source="multiplication", observations="<result>(", **SMALL)
+    with pytest.raises(ConfigError, match="observations must have no capture groups"):
+        SFTDataModule(source="multiplication", observations="<result>(.*)</result>", **SMALL)

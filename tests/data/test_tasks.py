@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 
 import pytest
 
 from shraygpt_rl.data.tasks import (
     ArithmeticTask,
+    MultiplicationTask,
     SortingTask,
     arithmetic_reward,
     arithmetic_target,
@@ -129,3 +131,22 @@ def test_make_task_and_bad_options():
         ArithmeticTask(num_terms=1)
     with pytest.raises(ValueError, match="wrong_fraction must be in"):
         ArithmeticTask().sft("train", wrong_fraction=1.5)
+
+
+def test_multiplication_demonstrations_call_the_tool_and_noise_changes_one_operand_digit():
+    task = MultiplicationTask(num_train=3000)
+    sft = task.sft("train", wrong_fraction=0.4)
+    assert abs(1 - sum(sft["correct"]) / len(sft) - 0.4) < 0.03
+    call = re.compile(r"^<calc>(\d+)\*(\d+)</calc><result>(\d+)</result>\nAnswer: (\d+)$")
+    for row in sft:
+        a, b = row["numbers"]
+        x, y, result, answer = map(int, call.match(row["response"]).groups())
+        assert result == answer == x * y  # the tool's answer, copied
+        assert row["target"] == a * b and 100 <= a < 1000 and 100 <= b < 1000
+        changed = [(u, v) for u, v in zip(f"{a}{b}", f"{x}{y}") if u != v]
+        assert len(changed) == (0 if row["correct"] else 1) and len(str(x)) == len(str(y)) == 3
+        assert arithmetic_reward(row["response"], row["target"]) == (1.0 if row["correct"] else -0.2)
+    assert task.prompts("test")[0]["question"] == "What is {} * {}?".format(*task.problems("test")[0])
+    assert isinstance(make_task("multiplication", digits=2, num_terms=3, num_items=4), MultiplicationTask)
+    with pytest.raises(ValueError, match="multiplication needs digits >= 1"):
+        MultiplicationTask(digits=0)
