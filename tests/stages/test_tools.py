@@ -71,7 +71,7 @@ def test_grpo_trains_on_the_policys_tokens_only(random_policy, stop, monkeypatch
     assert metrics["policy/ratio_at_start"] == 1.0
     assert metrics["rollout/turns"] == pytest.approx(1 + metrics["rollout/tool_calls"])
     for row in range(len(rollout)):  # the unmasked runs are the observations, whole
-        text = bytes(rollout.responses[row][fed[row]].tolist()).decode()
+        text = bytes(rollout.sequences[row, rollout.prompt_length :][fed[row]].tolist()).decode()
         assert text == OBSERVATION * int(rollout.turns["tool_calls"][row])
 
     def gradient(mask: torch.Tensor) -> list[torch.Tensor]:
