@@ -2,13 +2,13 @@
 
 from shraygpt_rl.data.datamodules import (
     ChatDataModule,
-    KTODataModule,
     PreferenceDataModule,
     PromptDataModule,
     SFTDataModule,
     stack_pairs,
 )
 from shraygpt_rl.data.hh_rlhf import DataError, load_preferences
+from shraygpt_rl.data.kto import KTODataModule
 from shraygpt_rl.data.tasks import ArithmeticTask, SortingTask
 
 __all__ = [

@@ -8,8 +8,9 @@ deterministic; under DDP, Lightning's distributed sampler gives each rank a disj
 
 * ``SFTDataModule``: ``input_ids``, ``attention_mask``, ``loss_mask`` (1 on assistant tokens).
 * ``PreferenceDataModule``: ``{chosen,rejected}_{input_ids,attention_mask,prompt_mask}``.
-* ``KTODataModule``: unpaired ``input_ids``, ``attention_mask``, ``response_mask``, ``label``,
-  and the same three tensors, prefixed ``kl_``, for each prompt with its partner's completion.
+* ``KTODataModule`` (``data/kto.py``): unpaired ``input_ids``, ``attention_mask``,
+  ``response_mask``, ``label``, and the same three tensors, prefixed ``kl_``, for each prompt with
+  its partner's completion.
 * ``PromptDataModule``: left-padded ``input_ids`` and ``attention_mask`` for generation, plus the
   ``prompt`` strings and per-prompt ``metadata`` that reward functions read.
 """
@@ -32,7 +33,7 @@ from shraygpt_rl.data.hh_rlhf import HUB_NAME, load_preferences
 from shraygpt_rl.data.labels import load_judgements
 from shraygpt_rl.data.sources import kind_of, load_instructions, load_prompts
 from shraygpt_rl.data.tasks import TASKS, make_task
-from shraygpt_rl.data.unpaired import load_unpaired, partners, unpair
+from shraygpt_rl.data.unpaired import load_unpaired
 from shraygpt_rl.errors import ConfigError, DataError, require
 from shraygpt_rl.tokenizer import DEFAULT_SYSTEM_PROMPT, TokenizerName, format_response, get_tokenizer
 
@@ -407,54 +408,6 @@ class PreferenceDataModule(ChatDataModule):
             batch[f"{side}_input_ids"] = _pad([p + r for p, r in zip(prompts, responses)], pad)
             batch[f"{side}_attention_mask"] = _pad([[1] * (len(p) + len(r)) for p, r in zip(prompts, responses)], 0)
             batch[f"{side}_prompt_mask"] = _pad([[1] * len(p) + [0] * len(r) for p, r in zip(prompts, responses)], 0)
-        return batch
-
-
-class KTODataModule(ChatDataModule):
-    """Unpaired examples for KTO (``data/unpaired.py``): a file of ``prompt``, ``completion``,
-    ``label`` rows read as it is, or preference pairs split in two, chosen desirable and rejected
-    undesirable. Held-out splits are carved from the pairs, so both halves of a pair stay together.
-
-    Each batch holds the right-padded ``input_ids``, ``attention_mask``, ``response_mask`` (1 on
-    completion tokens), ``label`` (B,) bool (true: desirable), the rows' ``index`` and ``prompt``
-    strings, and ``kl_input_ids``, ``kl_attention_mask``, ``kl_response_mask``: each row's prompt
-    with its partner's completion, the mismatched pairs of KTO's KL estimate. The partner is fixed
-    per row (``unpaired.partners``, seeded by ``seed`` and the split) rather than the next row of
-    the batch, as TRL takes it: reference log-probabilities of the mismatched pairs can then be
-    computed once before training and stay exact whatever the shuffled batches hold.
-    """
-
-    response_columns = ("completion",)
-    kinds = ("preferences", "unpaired")
-
-    def task_split(self, task, split):
-        return unpair(task.preferences(split))
-
-    def hh_split(self, rows):
-        return rows if "label" in rows.column_names else unpair(rows)
-
-    def setup(self, stage=None):
-        first = not self.splits
-        super().setup(stage)
-        if first:
-            for split, data in self.splits.items():
-                partner = partners(len(data), f"{self.hparams.seed}-kto-{split}")
-                completions = list(data["completion_ids"])
-                data = data.add_column("partner", partner)
-                self.splits[split] = data.add_column("kl_completion_ids", [completions[p] for p in partner])
-
-    def collate(self, rows):
-        batch: dict[str, Any] = {
-            "prompt": [r["prompt"] for r in rows],
-            "index": torch.tensor([r["index"] for r in rows]),
-            "label": torch.tensor([r["label"] for r in rows], dtype=torch.bool),
-        }
-        pad = self.tokenizer.eot_token
-        for prefix, column in (("", "completion_ids"), ("kl_", "kl_completion_ids")):
-            fitted = [self._fit(r["prompt_ids"], r[column]) for r in rows]
-            batch[f"{prefix}input_ids"] = _pad([p + c for p, c in fitted], pad)
-            batch[f"{prefix}attention_mask"] = _pad([[1] * (len(p) + len(c)) for p, c in fitted], 0)
-            batch[f"{prefix}response_mask"] = _pad([[0] * len(p) + [1] * len(c) for p, c in fitted], 0)
         return batch
 
 

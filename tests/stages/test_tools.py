@@ -14,8 +14,10 @@ from shraygpt_rl.generation import generate
 from shraygpt_rl.losses import aggregate_loss, clipped_policy_loss, gae
 from shraygpt_rl.model import ShrayGPT
 from shraygpt_rl.policy import load_policy
-from shraygpt_rl.stages.grpo import GRPOStage
+from shraygpt_rl.stages.grpo import GRPOStage, RLOOStage
+from shraygpt_rl.stages.online_dpo import OnlineDPOStage
 from shraygpt_rl.stages.ppo import PPOStage
+from shraygpt_rl.stages.trpo import TRPOStage
 
 PROMPTS = dict(ARITH, batch_size=4, train_size=64)
 OBSERVATION = "[ok]"
@@ -113,6 +115,22 @@ def test_ppo_scores_the_last_policy_token_and_skips_observations(random_policy, 
     acted = mask[row].bool()
     expected = gae(rewards[row, acted][None], values[row, acted][None], torch.ones(1, int(acted.sum())), 1.0, 0.95)[0]
     assert advantages[row, first] == pytest.approx(float(expected[0, 0]), abs=1e-5)
+
+
+@pytest.mark.parametrize("stage_class", [RLOOStage, TRPOStage, OnlineDPOStage])
+def test_the_other_online_stages_take_turns(random_policy, stop, stage_class, monkeypatch):
+    """RLOO, TRPO and Online DPO share the rollout: they train with tools and log the turns
+    (their losses read ``response_mask``, which GRPO's and PPO's tests above check)."""
+    stage = stage_class(
+        policy=random_policy, rewards=[SpreadReward()], environment=Echo(stop), max_new_tokens=24,
+        export_path=None, log_samples_every=0,
+        **({"num_generations": 4} if stage_class is not TRPOStage else {}),
+    )  # fmt: skip
+    rollouts = record_rollouts(stage, monkeypatch)
+    trpo = stage_class is TRPOStage  # one sample per prompt, and its critic's steps count: 16 prompts, 1 rollout
+    metrics = fit_online(stage, 8 if trpo else 2, dict(PROMPTS, batch_size=16) if trpo else PROMPTS, [])
+    assert any(fed_tokens(r).any() for r in rollouts)
+    assert metrics["rollout/turns"] == pytest.approx(1 + metrics["rollout/tool_calls"])
 
 
 def test_a_lora_hugging_face_policy_takes_turns(tiny_hf, monkeypatch):
