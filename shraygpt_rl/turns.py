@@ -57,7 +57,7 @@ class Turns:
         self.max_turns, self.capacity, self.stop = max_turns, capacity, stop
         B = len(prompts)
         self.window = len(stop.encode())  # a token holds at least one byte: the stop spans at most this many
-        self.last_byte = stop[-1]
+        self.last_char = stop[-1]
         self.queue: list[list[int]] = [[] for _ in range(B)]  # observation tokens still to feed
         self.turn: list[list[int]] = [[] for _ in range(B)]  # the current turn's policy tokens
         self.response: list[list[int]] = [[] for _ in range(B)]  # every response token so far
@@ -100,7 +100,7 @@ class Turns:
         and only after a token that could complete it)."""
         token = self.turn[b][-1]
         if token not in self._ends:
-            self._ends[token] = self.last_byte in self.enc.decode([token]) if token < self.enc.n_vocab else False
+            self._ends[token] = self.last_char in self.enc.decode([token]) if token < self.enc.n_vocab else False
         return self._ends[token] and self.stop in self.enc.decode(
             [t for t in self.turn[b][-self.window :] if t < self.enc.n_vocab]
         )
