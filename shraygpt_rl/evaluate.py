@@ -246,6 +246,8 @@ def evaluate_policy(
     reference_samples: Responses | None = None,
     reward_functions: list | None = None,
     pass_k: int = 0,
+    environment=None,
+    max_turns: int = 4,
 ) -> dict:
     """Every held-out figure of one policy (see the module docstring); None where it does not apply.
 
@@ -254,8 +256,12 @@ def evaluate_policy(
     ``reward_functions`` add ``reward/<name>``, each one's mean reward, and ``reward/<figure>`` for
     what each reports besides (``KeywordReward``'s ``animal_frequency``). ``pass_k`` above 1
     adds ``pass_columns(pass_k)`` from that many more samples per prompt (``sample_pass_at_k``;
-    None off the built-in tasks)."""
-    ours = sample_responses(policy, datamodule, split, temperature, max_new_tokens, seed, desc=f"sampling {name}")
+    None off the built-in tasks). With an ``environment``, every sample is a multi-turn rollout
+    with its tools (``max_turns``), the reference's too; the KL covers the policy's tokens only."""
+    tools = dict(environment=environment, max_turns=max_turns)
+    ours = sample_responses(
+        policy, datamodule, split, temperature, max_new_tokens, seed, desc=f"sampling {name}", **tools
+    )
     report: dict = {"prompts": len(ours.texts), "mean_length": ours.lengths.mean().item()}
     rewards, success = _verify(ours) if TaskVerifier.covers(ours.metadata) else (None, None)
     report["success"] = success.float().mean().item() if success is not None else None
@@ -269,7 +275,7 @@ def evaluate_policy(
         report.update({f"reward/{key}": value for key, value in reported.items()})
     if pass_k > 1:
         desc = f"pass@{pass_k} of {name}"
-        figures = sample_pass_at_k(policy, datamodule, pass_k, split, temperature, max_new_tokens, seed, desc)
+        figures = sample_pass_at_k(policy, datamodule, pass_k, split, temperature, max_new_tokens, seed, desc, **tools)
         report.update(figures or dict.fromkeys(pass_columns(pass_k)))
     report["kl_to_reference"] = report["win_rate"] = None
     theirs = None
@@ -277,7 +283,7 @@ def evaluate_policy(
         gap = response_logprobs(policy, ours, temperature) - response_logprobs(reference, ours, temperature)
         report["kl_to_reference"] = gap.mean().item()
         theirs = reference_samples or sample_responses(
-            reference, datamodule, split, temperature, max_new_tokens, seed + 1, desc="sampling the reference"
+            reference, datamodule, split, temperature, max_new_tokens, seed + 1, "sampling the reference", **tools
         )
         if reward_model is not None:
             other = reward_model.score(theirs.prompts, theirs.texts)

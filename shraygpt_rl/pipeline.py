@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from shraygpt_rl.data import PreferenceDataModule, PromptDataModule, SFTDataModule
+from shraygpt_rl.environments import Environment
 from shraygpt_rl.errors import DataError, require
 from shraygpt_rl.evaluate import (
     demonstration_scores,
@@ -72,6 +73,8 @@ def evaluate(
     temperature: float = 1.0,
     seed: int = 0,
     pass_k: int = 8,
+    environment: Environment | None = None,
+    max_turns: int = 4,
     out: str = "reports/eval",
 ) -> dict:
     """Evaluate a policy on held-out prompts; write ``<out>.json`` and ``<out>.png``.
@@ -98,9 +101,14 @@ def evaluate(
             built-in tasks (the unbiased estimator of Chen et al., 2021, and a majority vote over
             the extracted answers), drawn besides the one sample the other figures use; 0 or 1
             leaves them out.
+        environment: Tools for multi-turn rollouts (``class_path``, as the online stages take
+            it: ``shraygpt_rl.environments.Calculator``): every sample, the reference's too, has
+            its tool calls answered. None: single-turn.
+        max_turns: Most policy turns per multi-turn sample.
         out: Path of the report, without extension.
     """
     require(pass_k >= 0, f"pass_k must be >= 0 (0 or 1 leaves pass@k out), got {pass_k}.")
+    require(max_turns >= 1, f"max_turns must be at least 1, got {max_turns}.")
     model = load_policy(policy).eval()
     ref = load_policy(reference).eval() if reference else None
     data = _prompts(data_config, num_prompts, model)
@@ -114,6 +122,8 @@ def evaluate(
         reward_model=scorer,
         reward_functions=rewards,
         pass_k=pass_k,
+        environment=environment,
+        max_turns=max_turns,
     )
     policies = {}
     if ref is not None:

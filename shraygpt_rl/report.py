@@ -147,9 +147,11 @@ def _bars(ax, policies: dict[str, dict]) -> None:
 
 def table(policies: dict[str, dict], columns: tuple[str, ...]) -> str:
     """A fixed-width text table: one row per policy, ``-`` where a figure does not apply."""
-    head = f"{'policy':<10}" + "".join(f"{c.replace('_', ' '):>20}" for c in columns)
+    names = [c.replace("_", " ") for c in columns]
+    widths = [max(12, len(name) + 2) for name in names]  # a space between any two titles
+    head = f"{'policy':<10}" + "".join(f"{name:>{w}}" for name, w in zip(names, widths))
     rows = [head, "-" * len(head)]
     for label, report in policies.items():
         cells = [report.get(c) for c in columns]
-        rows.append(f"{label:<10}" + "".join(f"{'-' if v is None else f'{v:.3f}':>20}" for v in cells))
+        rows.append(f"{label:<10}" + "".join(f"{'-' if v is None else f'{v:.3f}':>{w}}" for v, w in zip(cells, widths)))
     return "\n".join(rows)

@@ -234,9 +234,11 @@ def test_every_documented_command_runs(tmp_path, monkeypatch, capsys, tiny_hf):
     assert "held-out 3-digit multiplication" in printed and "GRPO, tool" in printed
     assert re.search(r"static +with tools .* ratio [\d.]+x", printed) and "eager   with tools" in printed
 
-    # Tools: the multi-turn demo's policies.
+    # Tools: the multi-turn demo's policies, and their evaluation with the calculator.
     for name in ("tools-instruct", "grpo-tools"):
         assert ShrayGPT.load_from_checkpoint(f"checkpoints/shraygpt-{name}.ckpt").vocab_size == 320
+    tools = json.loads(Path("reports/tools.json").read_text())["results"]
+    assert all(tools[k]["success"] is not None and tools[k]["pass@8"] is not None for k in ("policy", "reference"))
 
     # The notebooks' Hugging Face workflows: adapters, each stage starting from the one before.
     for name in ("tinystories-ppo", "opt-sft", "opt-ppo", "opt-grpo", "opt-dpo"):

@@ -74,6 +74,8 @@ def test_report_helpers_by_hand(tmp_path):
     assert latest_run(tmp_path).name == "version_10"
     text = table({"SFT": {"success": 0.5, "win_rate": None}}, ("success", "win_rate"))
     assert text.splitlines()[2].split() == ["SFT", "0.500", "-"]
+    long = table({"SFT": {"mean_length": 2.0, "reward_model_success": 1.0}}, ("mean_length", "reward_model_success"))
+    assert long.splitlines()[0].split() == ["policy", "mean", "length", "reward", "model", "success"]
 
 
 def test_demonstrations_split_into_left_padded_prompts_and_answers():
