@@ -103,6 +103,22 @@ def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def _sample_batch(policy, batch: dict, datamodule, repeats: int, max_new_tokens, temperature, generator, tools):
+    """``sample_and_decode`` of a prompt batch, each prompt ``repeats`` times in one call (with
+    ``tools``' environment, multi-turn). Returns the output, the texts, and the repeated prompts
+    and metadata."""
+    device = _device(policy)
+    ids = batch["input_ids"].to(device).repeat_interleave(repeats, dim=0)  # (B r, P)
+    mask = batch["attention_mask"].to(device).repeat_interleave(repeats, dim=0)  # (B r, P)
+    prompts = [p for p in batch["prompt"] for _ in range(repeats)]
+    metadata = [m for m in batch["metadata"] for _ in range(repeats)]
+    gen, texts = sample_and_decode(
+        policy, ids, mask, datamodule.tokenizer, max_new_tokens, temperature=temperature, generator=generator,
+        prompts=prompts, metadata=metadata, **tools,
+    )  # fmt: skip
+    return gen, texts, prompts, metadata
+
+
 def sample_responses(
     policy: ShrayGPT,
     datamodule,
@@ -116,23 +132,12 @@ def sample_responses(
 ) -> Responses:
     """Sample one response per prompt of ``split``, batch by batch, with a seeded generator (and,
     with an ``environment``, its tool calls answered: multi-turn rollouts)."""
-    device = _device(policy)
-    generator = torch.Generator(device=device).manual_seed(seed)
+    generator = torch.Generator(device=_device(policy)).manual_seed(seed)
+    tools = dict(environment=environment, max_turns=max_turns)
     out = Responses([], [], [], torch.zeros(0), [])
     lengths = []
     for batch in datamodule.plain_dataloader(split, desc=desc):
-        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        tools = dict(environment=environment, prompts=batch["prompt"], metadata=batch["metadata"], max_turns=max_turns)
-        gen, texts = sample_and_decode(
-            policy,
-            ids,
-            mask,
-            datamodule.tokenizer,
-            max_new_tokens,
-            temperature=temperature,
-            generator=generator,
-            **tools,
-        )
+        gen, texts, _, _ = _sample_batch(policy, batch, datamodule, 1, max_new_tokens, temperature, generator, tools)
         out.texts += texts
         out.prompts += batch["prompt"]
         out.metadata += batch["metadata"]
@@ -163,26 +168,14 @@ def sample_pass_at_k(
     Returns:
         ``pass_columns(k)`` as keys, each the mean over prompts of ``pass_and_majority``'s figure.
     """
-    device = _device(policy)
-    generator = torch.Generator(device=device).manual_seed(seed)
+    generator = torch.Generator(device=_device(policy)).manual_seed(seed)
+    tools = dict(environment=environment, max_turns=max_turns)
     parts: list[dict[str, Tensor]] = []
     for batch in datamodule.plain_dataloader(split, desc=desc):
         if not TaskVerifier.covers(batch["metadata"]):
             return None
-        ids = batch["input_ids"].to(device).repeat_interleave(k, dim=0)  # (B k, P)
-        mask = batch["attention_mask"].to(device).repeat_interleave(k, dim=0)  # (B k, P)
-        prompts = [p for p in batch["prompt"] for _ in range(k)]
-        metadata = [m for m in batch["metadata"] for _ in range(k)]
-        tools = dict(environment=environment, prompts=prompts, metadata=metadata, max_turns=max_turns)
-        _, texts = sample_and_decode(
-            policy,
-            ids,
-            mask,
-            datamodule.tokenizer,
-            max_new_tokens,
-            temperature=temperature,
-            generator=generator,
-            **tools,
+        _, texts, prompts, metadata = _sample_batch(
+            policy, batch, datamodule, k, max_new_tokens, temperature, generator, tools
         )
         parts.append(pass_and_majority(prompts, texts, metadata, k))
     if not parts:
