@@ -27,6 +27,7 @@ from shraygpt_rl.reward_model import RewardModel
 from shraygpt_rl.rewards import RewardFunction
 from shraygpt_rl.runner import config_section, data_from_config, run_stage
 from shraygpt_rl.stages.checks import check_rewards
+from shraygpt_rl.turns import check_turns
 
 COLUMNS = ("success", "mean_reward", "kl_to_reference", "win_rate", "reward_model_score", "mean_length")
 # what --stage eval adds: the reward model's success rate, and the SFT figures on demonstrations
@@ -108,7 +109,7 @@ def evaluate(
         out: Path of the report, without extension.
     """
     require(pass_k >= 0, f"pass_k must be >= 0 (0 or 1 leaves pass@k out), got {pass_k}.")
-    require(max_turns >= 1, f"max_turns must be at least 1, got {max_turns}.")
+    check_turns(environment, max_turns)
     model = load_policy(policy).eval()
     ref = load_policy(reference).eval() if reference else None
     data = _prompts(data_config, num_prompts, model)

@@ -45,14 +45,8 @@ class Turns:
     def __init__(
         self, environment, tokenizer, prompts: list[str], metadata: list[dict[str, Any]], max_turns: int, capacity: int
     ):
-        if max_turns < 1:
-            raise ConfigError(f"max_turns must be at least 1, got {max_turns}.")
-        stop = getattr(environment, "stop", None)
-        if not isinstance(stop, str) or not stop:
-            raise ConfigError(
-                f"Environment {_name(environment)} has no stop string; "
-                "set its `stop` to the text that ends a tool call."
-            )
+        check_turns(environment, max_turns)
+        stop = environment.stop
         self.env, self.enc, self.prompts, self.metadata = environment, tokenizer, prompts, metadata
         self.max_turns, self.capacity, self.stop = max_turns, capacity, stop
         B = len(prompts)
@@ -67,10 +61,19 @@ class Turns:
         self.max_turns_hit = torch.zeros(B, dtype=torch.bool)
         self.cut = 0  # observations cut to fit the context
         self._ends: dict[int, bool] = {}  # token -> whether its text holds the stop's last character
+        self._idle: tuple[Tensor, Tensor] | None = None  # ``forced`` when no row is fed
 
     # -- what the next step feeds --------------------------------------------------------------
     def forced(self, device: torch.device) -> tuple[Tensor, Tensor]:
         """(force (B,) bool, tokens (B,) long): the rows fed an observation token at the next step."""
+        if not any(self.queue):  # most steps: nothing to feed, no tensors to build
+            if self._idle is None or self._idle[0].device != device:
+                B = len(self.queue)
+                self._idle = (
+                    torch.zeros(B, dtype=torch.bool, device=device),
+                    torch.zeros(B, dtype=torch.long, device=device),
+                )
+            return self._idle
         force = torch.tensor([bool(q) for q in self.queue])
         tokens = torch.tensor([q[0] if q else 0 for q in self.queue])
         return force.to(device), tokens.to(device)
@@ -80,7 +83,8 @@ class Turns:
         """Take in step ``column``'s tokens (B,) (``alive`` rows were real, ``force`` rows fed an
         observation token). Returns the rows to end now (they stop without EOS)."""
         end = []
-        for b, (token, real, fed) in enumerate(zip(tokens.tolist(), alive.tolist(), force.tolist())):
+        step = torch.stack([tokens, alive.long(), force.long()]).tolist()  # one read from the device
+        for b, (token, real, fed) in enumerate(zip(*step)):
             if not real:
                 continue
             self.response[b].append(token)
@@ -164,6 +168,18 @@ class Turns:
             "tool_errors": self.tool_errors.clone(),
             "max_turns": self.max_turns_hit.clone(),
         }
+
+
+def check_turns(environment, max_turns: int) -> None:
+    """``ConfigError`` (one sentence) unless ``max_turns`` >= 1 and ``environment`` (when given)
+    has a non-empty ``stop`` string: checked by ``Turns`` and, at startup, by whatever builds one."""
+    if max_turns < 1:
+        raise ConfigError(f"max_turns must be at least 1, got {max_turns}.")
+    stop = getattr(environment, "stop", None)
+    if environment is not None and (not isinstance(stop, str) or not stop):
+        raise ConfigError(
+            f"Environment {_name(environment)} has no stop string; set its `stop` to the text that ends a tool call."
+        )
 
 
 def _name(environment) -> str:

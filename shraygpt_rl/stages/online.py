@@ -26,6 +26,7 @@ from shraygpt_rl.losses import masked_mean
 from shraygpt_rl.rewards import LearnedReward, RewardFunction, TaskVerifier, WeightedSum
 from shraygpt_rl.stages.base import StageModule, disable_dropout
 from shraygpt_rl.stages.checks import check_rewards
+from shraygpt_rl.turns import check_turns
 
 
 @dataclass
@@ -103,12 +104,7 @@ class OnlineRLStage(StageModule):
     ):
         super().__init__(**kwargs)
         self.automatic_optimization = False
-        require(max_turns >= 1, f"max_turns must be at least 1, got {max_turns}.")
-        if environment is not None and not (isinstance(getattr(environment, "stop", None), str) and environment.stop):
-            name = type(environment).__name__
-            raise ConfigError(
-                f"The environment {name} has no stop string: set its `stop` to the text that ends a tool call."
-            )
+        check_turns(environment, max_turns)
         require(max_new_tokens >= 1, f"max_new_tokens must be at least 1, got {max_new_tokens}.")
         require(temperature > 0, f"Online RL samples from the policy: temperature must be > 0, got {temperature}.")
         require(top_k is None or top_k >= 1, f"top_k must be at least 1 (or null), got {top_k}.")

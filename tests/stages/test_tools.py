@@ -152,7 +152,7 @@ def test_bad_environments_and_turns_are_refused(random_policy):
     class Silent(Environment):
         pass
 
-    with pytest.raises(ConfigError, match="The environment Silent has no stop string"):
+    with pytest.raises(ConfigError, match="Environment 'silent' has no stop string"):
         GRPOStage(policy=random_policy, environment=Silent(), export_path=None)
     with pytest.raises(ConfigError, match="max_turns must be at least 1, got 0"):
         GRPOStage(policy=random_policy, environment=Echo(), max_turns=0, export_path=None)
