@@ -11,6 +11,7 @@ import torch
 
 from shraygpt_rl.bench import HH_SAMPLE, ROOT, SHARED
 from shraygpt_rl.bench import R50K as R50K_FILE
+from shraygpt_rl.environments import Environment
 from shraygpt_rl.model import ShrayGPT, tiny_config
 from shraygpt_rl.runner import config_section, data_from_config
 
@@ -258,3 +259,26 @@ def record_rollouts(stage, monkeypatch) -> list:
 
     monkeypatch.setattr(stage, "rollout", recording)
     return rollouts
+
+
+class Echo(Environment):
+    """A tool environment for tests: a call is any text ending in ``stop`` (one byte a random
+    model samples often, see ``frequent_byte``), answered with ``answer`` (a string, or a
+    function of the text so far)."""
+
+    def __init__(self, stop: str = "a", answer="<r>"):
+        super().__init__()
+        self.stop, self.answer = stop, answer
+
+    def step(self, prompt, text, metadata):
+        if not text.endswith(self.stop):
+            return None
+        self.calls += 1
+        return self.answer(text) if callable(self.answer) else self.answer
+
+
+def frequent_byte(responses: torch.Tensor) -> str:
+    """The printable byte that sampled ``responses`` (B, N) hold most often: a stop string that
+    rollouts of the same model will hit."""
+    tokens = [t for t in responses.flatten().tolist() if 33 <= t < 127]
+    return chr(max(set(tokens), key=tokens.count))

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import Echo, frequent_byte
 
-from shraygpt_rl.environments import Calculator, Environment
+from shraygpt_rl.environments import Calculator
 from shraygpt_rl.errors import ConfigError, EnvironmentStepError
 from shraygpt_rl.generation import generate, response_logprobs, sample_and_decode
 from shraygpt_rl.lora import LoRASpec
@@ -15,20 +16,6 @@ from shraygpt_rl.tokenizer import byte_encoding
 from shraygpt_rl.turns import Turns
 
 OBSERVATION = "<r>"
-
-
-class Echo(Environment):
-    """Answers every call with ``OBSERVATION`` (or what ``answer`` returns); stop is one byte."""
-
-    def __init__(self, stop: str, answer=lambda text: OBSERVATION):
-        super().__init__()
-        self.stop, self.answer = stop, answer
-
-    def step(self, prompt, text, metadata):
-        if not text.endswith(self.stop):
-            return None
-        self.calls += 1
-        return self.answer(text)
 
 
 class Encoding:
@@ -53,9 +40,7 @@ def prompts(batch: int = 4, width: int = 6, seed: int = 0):
 
 
 def a_stop(out) -> str:
-    """The printable byte ``out`` samples most often: a stop string a rollout will hit."""
-    tokens = [t for t in out.responses.flatten().tolist() if 33 <= t < 127]
-    return chr(max(set(tokens), key=tokens.count))
+    return frequent_byte(out.responses)
 
 
 def run(model, ids, mask, env, max_new_tokens=40, enc=None, max_turns=4, **kwargs):

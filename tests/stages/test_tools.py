@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ARITH, GradRecorder, SpreadReward, fit_online, record_rollouts
+from conftest import ARITH, Echo, GradRecorder, SpreadReward, fit_online, frequent_byte, record_rollouts
 
 from shraygpt_rl.environments import Environment
 from shraygpt_rl.errors import ConfigError
@@ -24,27 +24,15 @@ OBSERVATION = "[ok]"
 SAMPLING = dict(max_new_tokens=24, num_generations=4)
 
 
-class Echo(Environment):
-    """Answers a call (the text ending in ``stop``) with ``OBSERVATION``."""
-
-    def __init__(self, stop: str = "a"):
-        super().__init__()
-        self.stop = stop
-
-    def step(self, prompt, text, metadata):
-        if not text.endswith(self.stop):
-            return None
-        self.calls += 1
-        return OBSERVATION
+def echo(stop: str) -> Echo:
+    return Echo(stop, OBSERVATION)
 
 
 def common_byte(policy) -> str:
-    """The printable byte ``policy`` samples most often after the task's prompts: a stop string
-    its rollouts hit several times."""
+    """The printable byte ``policy`` samples most often after the task's prompts."""
     torch.manual_seed(0)
     ids = torch.randint(97, 123, (64, 12))
-    tokens = [t for t in generate(policy.eval(), ids, 24).responses.flatten().tolist() if 33 <= t < 127]
-    return chr(max(set(tokens), key=tokens.count))
+    return frequent_byte(generate(policy.eval(), ids, 24).responses)
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +50,7 @@ def test_grpo_trains_on_the_policys_tokens_only(random_policy, stop, monkeypatch
     the observation tokens counted (a leak), it would differ."""
     grads = GradRecorder()
     stage = GRPOStage(
-        policy=random_policy, rewards=[SpreadReward()], environment=Echo(stop), optimizer="adamw", lr=0.0,
+        policy=random_policy, rewards=[SpreadReward()], environment=echo(stop), optimizer="adamw", lr=0.0,
         aux_loss_weight=0.0, max_grad_norm=None, export_path=None, log_samples_every=0, **SAMPLING,
     )  # fmt: skip
     rollouts = record_rollouts(stage, monkeypatch)
@@ -93,7 +81,7 @@ def test_grpo_trains_on_the_policys_tokens_only(random_policy, stop, monkeypatch
 
 def test_ppo_scores_the_last_policy_token_and_skips_observations(random_policy, stop, monkeypatch):
     stage = PPOStage(
-        policy=random_policy, rewards=[SpreadReward()], environment=Echo(stop), optimizer="adamw", lr=1e-4,
+        policy=random_policy, rewards=[SpreadReward()], environment=echo(stop), optimizer="adamw", lr=1e-4,
         export_path=None, log_samples_every=0, max_new_tokens=24, num_mini_batches=1,
     )  # fmt: skip
     rollouts = record_rollouts(stage, monkeypatch)
@@ -122,7 +110,7 @@ def test_the_other_online_stages_take_turns(random_policy, stop, stage_class, mo
     """RLOO, TRPO and Online DPO share the rollout: they train with tools and log the turns
     (their losses read ``response_mask``, which GRPO's and PPO's tests above check)."""
     stage = stage_class(
-        policy=random_policy, rewards=[SpreadReward()], environment=Echo(stop), max_new_tokens=24,
+        policy=random_policy, rewards=[SpreadReward()], environment=echo(stop), max_new_tokens=24,
         export_path=None, log_samples_every=0,
         **({"num_generations": 4} if stage_class is not TRPOStage else {}),
     )  # fmt: skip
@@ -139,7 +127,7 @@ def test_a_lora_hugging_face_policy_takes_turns(tiny_hf, monkeypatch):
     folder = str(tiny_hf("gpt_neo"))
     stop = common_byte(load_policy(folder))
     stage = GRPOStage(
-        policy=folder, lora=LoRASpec(r=4, alpha=8, dropout=0.0), rewards=[SpreadReward()], environment=Echo(stop),
+        policy=folder, lora=LoRASpec(r=4, alpha=8, dropout=0.0), rewards=[SpreadReward()], environment=echo(stop),
         optimizer="adamw", lr=1e-3, export_path=None, log_samples_every=0, **SAMPLING,
     )  # fmt: skip
     rollouts = record_rollouts(stage, monkeypatch)
