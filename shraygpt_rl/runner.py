@@ -12,7 +12,6 @@ end), at the end and on Ctrl-C or SIGTERM; ``--ckpt_path last`` resumes from it.
 
 from __future__ import annotations
 
-import inspect
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,7 +22,7 @@ import yaml
 from lightning.pytorch.cli import LightningCLI
 
 from shraygpt_rl.data import KTODataModule, PreferenceDataModule, PromptDataModule, SFTDataModule
-from shraygpt_rl.data.datamodules import ChatDataModule
+from shraygpt_rl.data.datamodules import ChatDataModule, init_arguments
 from shraygpt_rl.errors import ConfigError
 from shraygpt_rl.resume import AtomicCheckpointIO, StepCheckpoint, resolve_ckpt_path
 from shraygpt_rl.stages.dpo import DPOStage
@@ -165,7 +164,6 @@ def config_section(config: str | Path | None, section: str) -> dict[str, Any]:
 def data_from_config(datamodule: type[ChatDataModule], config: str | Path | None, **overrides: Any) -> ChatDataModule:
     """``datamodule`` built from a stage config's ``data:`` section plus ``overrides``, leaving out
     the options that only another DataModule takes (SFT's ``wrong_fraction`` for prompts, say)."""
-    accepted = set(inspect.signature(ChatDataModule.__init__).parameters)
-    accepted |= set(inspect.signature(datamodule.__init__).parameters)
+    accepted = init_arguments(datamodule)
     data = {k: v for k, v in config_section(config, "data").items() if k in accepted}
     return datamodule(**{**data, **overrides})

@@ -18,6 +18,7 @@ deterministic; under DDP, Lightning's distributed sampler gives each rank a disj
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import re
 from typing import Any
@@ -75,6 +76,13 @@ def _tokenize(
         out[f"{column}_ids"] = [[t for ids in row for t in ids] + [enc.eot_token] for row in encoded]
         out[f"{column}_fed"] = [[i % 2 for i, ids in enumerate(row) for _ in ids] + [0] for row in encoded]
     return out
+
+
+def init_arguments(datamodule: type[ChatDataModule]) -> set[str]:
+    """The keyword arguments ``datamodule`` takes: its own and ``ChatDataModule``'s."""
+    own = inspect.signature(datamodule.__init__).parameters
+    shared = inspect.signature(ChatDataModule.__init__).parameters
+    return {name for name, p in [*own.items(), *shared.items()] if p.kind is p.POSITIONAL_OR_KEYWORD} - {"self"}
 
 
 def _pad(rows: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
@@ -451,7 +459,9 @@ class PromptDataModule(ChatDataModule):
         super().setup(stage)
         hp = self.hparams
         if hp.ptx_source and self.ptx is None:
-            shared = {k: v for k, v in hp.items() if k not in ("source", "batch_size", "ptx_source", "ptx_batch_size")}
+            # Only what SFTDataModule takes: LightningCLI may add entries of its own (``_instantiator``).
+            accepted = init_arguments(SFTDataModule) - {"source", "batch_size"}
+            shared = {k: v for k, v in hp.items() if k in accepted}
             self.ptx = SFTDataModule(source=hp.ptx_source, batch_size=hp.ptx_batch_size, **shared)
             self.ptx.setup(stage)
 
