@@ -39,7 +39,21 @@ import re
 from typing import Any
 
 _OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul}
-MAX_DIGITS = 40  # a result longer than this is an error, not a number to print
+_UNARY = {ast.USub: operator.neg, ast.UAdd: operator.pos}
+MAX_DIGITS = 40  # a number longer than this (a constant or any intermediate value) is an error, not a number to print
+# The longest expression the calculator reads. Its task needs a dozen characters (123*456), and
+# several MAX_DIGITS-digit operands with their operators fit in 200. The bound, checked first, keeps
+# every step cheap and shallow whatever the policy samples: ast.parse never sees more than 200
+# characters, so its own recursion stays a few hundred C frames deep at most, and deeper parentheses
+# than its tokenizer allows (200 levels) are a plain SyntaxError.
+MAX_LENGTH = 200
+# The deepest operator nesting evaluated (``value`` recurses once per level, far below Python's
+# recursion limit). The plain chain 1+1+…+1 of MAX_LENGTH characters nests MAX_LENGTH // 2 deep, so
+# every such chain passes; only runs of unary signs (------1) go deeper.
+MAX_DEPTH = MAX_LENGTH // 2
+# Anything but plain decimal digits, ASCII whitespace, + - * and parentheses: hex/octal/binary
+# prefixes, 1_000, 1e3, /, ~, names, NUL, non-ASCII digits (which ``\d`` alone would accept).
+_FORBIDDEN = re.compile(r"[^0-9+\-*()\s]", flags=re.ASCII)
 
 
 class ToolError(ValueError):
@@ -48,26 +62,46 @@ class ToolError(ValueError):
 
 def calculate(expression: str) -> int:
     """The value of an integer expression of ``+``, ``-``, ``*`` and parentheses, parsed with
-    ``ast`` (never ``eval``): anything else, or a result of more than ``MAX_DIGITS`` digits, raises
-    ``ToolError``."""
+    ``ast`` (never ``eval``).
+
+    Args:
+        expression: The text of the call, at most ``MAX_LENGTH`` characters of decimal digits,
+            whitespace, ``+ - *`` and parentheses, nested at most ``MAX_DEPTH`` operators deep.
+
+    Returns:
+        Its value, when every number in it (constants and intermediate values) has at most
+        ``MAX_DIGITS`` digits.
+
+    Raises:
+        ToolError: For anything else, with a short message for the policy to read.
+    """
+    if len(expression) > MAX_LENGTH:  # first: it bounds the work of everything below
+        raise ToolError(f"longer than {MAX_LENGTH} characters")
+    forbidden = _FORBIDDEN.search(expression)
+    if forbidden is not None:
+        raise ToolError(f"{forbidden.group(0)!r} is not allowed: only digits, +, -, * and parentheses")
     try:
         tree = ast.parse(expression.strip(), mode="eval")
     except SyntaxError:
         raise ToolError(f"cannot parse {expression.strip()!r}") from None
 
-    def value(node: ast.AST) -> int:
+    def value(node: ast.AST, depth: int) -> int:
+        if depth > MAX_DEPTH:
+            raise ToolError("nested too deeply")
         if isinstance(node, ast.Constant) and type(node.value) is int:
-            return node.value
-        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
-            return -value(node.operand)
-        if isinstance(node, ast.BinOp) and type(node.op) in _OPERATORS:
-            result = _OPERATORS[type(node.op)](value(node.left), value(node.right))
-            if len(str(abs(result))) > MAX_DIGITS:
-                raise ToolError("result too large")
-            return result
-        raise ToolError(f"only integers, +, - and * are allowed, not {ast.unparse(node)!r}")
+            result = node.value
+        elif isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
+            result = _UNARY[type(node.op)](value(node.operand, depth + 1))
+        elif isinstance(node, ast.BinOp) and type(node.op) in _OPERATORS:
+            result = _OPERATORS[type(node.op)](value(node.left, depth + 1), value(node.right, depth + 1))
+        else:
+            raise ToolError(f"only integers, +, - and * are allowed, not {ast.unparse(node)!r}")
+        # Every value, so a product never grows past 2 * MAX_DIGITS digits before it is refused.
+        if len(str(abs(result))) > MAX_DIGITS:
+            raise ToolError(f"number too large (more than {MAX_DIGITS} digits)")
+        return result
 
-    return value(tree.body)
+    return value(tree.body, 0)
 
 
 class Environment:
@@ -95,12 +129,15 @@ class Environment:
 class Calculator(Environment):
     """The built-in calculator: ``<calc>123*456</calc>`` is answered ``<result>56088</result>``.
 
-    A call the calculator cannot evaluate is answered ``<result>error: …</result>`` and counted
-    in ``errors``; the policy may try again. A turn that does not end in a call is the answer.
+    A call the calculator cannot evaluate, whatever the policy wrote between the tags, is answered
+    ``<result>error: …</result>`` and counted in ``errors``; the policy may try again. A turn that
+    does not end in a call is the answer.
     """
 
     stop = "</calc>"
-    CALL = re.compile(r"<calc>([^<>]*)</calc>\s*$")
+    # The call ending the text: everything from its <calc> on, holding no other tag. Any other
+    # character in it (a stray < or >, say) is the calculator's to refuse with an error.
+    CALL = re.compile(r"<calc>((?:(?!</?calc>).)*)</calc>\s*$", flags=re.S)
 
     def step(self, prompt: str, text: str, metadata: dict[str, Any]) -> str | None:
         call = self.CALL.search(text)
@@ -108,7 +145,11 @@ class Calculator(Environment):
             return None
         self.calls += 1
         try:
-            return f"<result>{calculate(call.group(1))}</result>"
+            answer = str(calculate(call.group(1)))
         except ToolError as error:
             self.errors += 1
             return f"<result>error: {error}</result>"
+        except Exception:  # a bug in calculate costs the policy one error, never the training run
+            self.errors += 1
+            return "<result>error: cannot evaluate this</result>"
+        return f"<result>{answer}</result>"
