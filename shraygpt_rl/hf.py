@@ -50,6 +50,42 @@ def offline_hint(source: str) -> str:
     )
 
 
+def corrupt_file(path: str | Path, err: Exception) -> CheckpointError:
+    """The one sentence for a weights file that does not open: cut off (a copy or download that
+    stopped early) or otherwise corrupt; ``err``'s first clause says how."""
+    # "Error while deserializing header: invalid header length" -> "invalid header length";
+    # torch's "...zip archive: not a ZIP archive. This is an internal miniz error. ..." -> "not a ZIP archive"
+    reason = str(err).split(". ")[0].rsplit(": ", 1)[-1].strip().rstrip(".") or type(err).__name__
+    return CheckpointError(f"'{path}' is cut off or corrupt ({reason}); copy or download it again.")
+
+
+def unreadable_weights(source: str) -> tuple[Path, Exception] | None:
+    """The first weights file of ``source`` (a folder, or a hub name already in the local cache)
+    that does not open, and why; None when all open, or when there is no such folder."""
+    from safetensors import safe_open
+
+    folder = Path(source)
+    if not folder.is_dir():
+        try:  # the hub cache's copy; local_files_only: never the network
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(source, local_files_only=True))
+        except Exception:
+            return None
+    for path in sorted(folder.glob("*.safetensors")):  # every shard: the error does not say which failed
+        try:
+            with safe_open(path, "pt"):  # reads the header and checks the file's length against it
+                pass
+        except Exception as err:
+            return path, err
+    for path in sorted(folder.glob("pytorch_model*.bin")):  # not training_args.bin: a pickle, never weights
+        try:  # mmap: reads the zip's directory, not the tensors
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as err:
+            return path, err
+    return None
+
+
 class LogitHead(nn.Module):
     """The LM head, then what the model's own forward does to its logits, read from its config:
     ``final_logit_softcapping`` (Gemma 2 and 3: ``cap * tanh(logits / cap)``), ``logit_scale``
@@ -112,7 +148,15 @@ class HFCausalLM(nn.Module):
 
         try:
             model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-        except (OSError, ValueError) as err:  # no file or no network; a config transformers cannot read
+        except Exception as err:
+            # A cut-off weights file raises safetensors' own error (torch's RuntimeError for a .bin),
+            # which names no file: find the file that does not open and name it.
+            bad = unreadable_weights(source)
+            if bad is not None:
+                raise corrupt_file(*bad) from err
+            if not isinstance(err, (OSError, ValueError)):
+                raise  # not bad input: a bug keeps its traceback
+            # no file or no network; a config transformers cannot read
             if Path(source).is_dir():
                 reason = str(err).splitlines()[0] if str(err) else type(err).__name__
                 raise CheckpointError(f"'{source}' is not a Hugging Face causal LM folder ({reason}).") from err

@@ -27,10 +27,12 @@ from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model,
 from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from shraygpt_rl.errors import ConfigError
+from shraygpt_rl.hf import corrupt_file
 
 ADAPTER = "default"  # peft's adapter name; one adapter per model
 # ShrayGPT's attention projections: the query, the latent key and value, and the output.
@@ -232,7 +234,11 @@ def load_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
         r=config.r, alpha=config.lora_alpha, dropout=0.0, target_modules=_names(sorted(config.target_modules))
     )
     add_lora(model, spec)
-    state = load_file(Path(folder) / "adapter_model.safetensors")
+    path = Path(folder) / "adapter_model.safetensors"
+    try:
+        state = load_file(path)
+    except SafetensorError as err:  # a cut-off copy: safetensors' message names no file
+        raise corrupt_file(path, err) from err
     state = {k.removeprefix("base_model.model."): v for k, v in state.items()}
     result = set_peft_model_state_dict(model, state, adapter_name=ADAPTER)
     if getattr(result, "unexpected_keys", None):

@@ -3,10 +3,13 @@ padding, the tokenizer, and loading errors."""
 
 from __future__ import annotations
 
+import shutil
 import time
+from pathlib import Path
 
 import pytest
 import torch
+from conftest import fails
 
 from shraygpt_rl.errors import CheckpointError, TokenizerError
 from shraygpt_rl.generation import generate, response_logits
@@ -138,3 +141,63 @@ def test_a_model_whose_logits_cannot_be_reproduced_is_refused(tmp_path, monkeypa
     monkeypatch.setattr(LogitHead, "forward", lambda self, hidden: self.linear(hidden))
     with pytest.raises(ConfigError, match="post-processes its logits"):
         load_policy(folder)
+
+
+def cut(path: Path, size: int | str) -> Path:
+    """Cut ``path`` off at ``size`` bytes ("half": half of it), as a copy or download that stopped early."""
+    with open(path, "r+b") as file:
+        file.truncate(path.stat().st_size // 2 if size == "half" else size)
+    return path
+
+
+def cut_off_sentence(folder: str | Path, path: Path) -> str:
+    """``load_policy(folder)``'s error, which must be one sentence naming ``path``."""
+    with pytest.raises(CheckpointError) as err:
+        load_policy(str(folder))
+    message = str(err.value)
+    assert f"'{path}' is cut off or corrupt (" in message and message.endswith("; copy or download it again.")
+    assert "\n" not in message, message
+    return message
+
+
+@pytest.mark.parametrize("size", ["half", 5])
+def test_a_cut_off_weights_file_is_one_sentence_naming_it(tiny_hf, tmp_path, size):
+    folder = shutil.copytree(tiny_hf("gpt_neo"), tmp_path / "model")
+    weights = cut(folder / "model.safetensors", size)
+    reason = {"half": "incomplete metadata, file not fully covered", 5: "header too small"}[size]
+    assert f"corrupt ({reason}); copy" in cut_off_sentence(folder, weights)
+
+
+def test_the_cut_off_shard_or_pytorch_bin_is_the_one_named(tiny_hf, tmp_path):
+    model = load_policy(str(tiny_hf("gpt_neo"))).model
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="200KB")
+    shards = sorted((tmp_path / "sharded").glob("model-*.safetensors"))
+    assert len(shards) > 2
+    cut_off_sentence(tmp_path / "sharded", cut(shards[1], "half"))
+    binary = tmp_path / "bin"  # the older format transformers still reads when there is no safetensors file
+    binary.mkdir()
+    shutil.copy(tiny_hf("gpt_neo") / "config.json", binary)
+    torch.save(model.state_dict(), binary / "pytorch_model.bin")
+    assert "cut off" in cut_off_sentence(binary, cut(binary / "pytorch_model.bin", "half"))
+
+
+def test_a_cut_off_file_in_the_hub_cache_is_named(tiny_hf, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # as HF_HUB_OFFLINE=1 does
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    (tmp_path / "models--org--tiny" / "refs").mkdir(parents=True)  # the cache's layout for org/tiny at main
+    (tmp_path / "models--org--tiny" / "refs" / "main").write_text("0" * 40)
+    snapshot = shutil.copytree(tiny_hf("gpt_neo"), tmp_path / "models--org--tiny" / "snapshots" / ("0" * 40))
+    cut_off_sentence("org/tiny", cut(snapshot / "model.safetensors", 100))
+
+
+def test_a_cut_off_model_stops_train_py_in_one_sentence(tiny_hf, tmp_path, monkeypatch, capsys):
+    folder = shutil.copytree(tiny_hf("gpt_neo"), tmp_path / "model")
+    weights = cut(folder / "model.safetensors", "half")
+    monkeypatch.chdir(tmp_path)
+    small = "--data.train_size 16 --data.val_size 8 --data.test_size 8 --data.batch_size 4 --trainer.max_steps 1"
+    message = fails(capsys, ["--stage", "sft", "--model.policy", str(folder), *small.split()])
+    assert message == (
+        f"'{weights}' is cut off or corrupt (incomplete metadata, file not fully covered); copy or download it again."
+    )

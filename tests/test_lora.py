@@ -7,7 +7,7 @@ import pytest
 import torch
 from peft import PeftModel
 
-from shraygpt_rl.errors import ConfigError
+from shraygpt_rl.errors import CheckpointError, ConfigError
 from shraygpt_rl.lora import (
     SHRAYGPT_TARGETS,
     AdaptersDisabled,
@@ -88,6 +88,20 @@ def test_peft_reads_our_adapter_and_merging_keeps_the_outputs(tiny_hf, perturb_a
         assert torch.allclose(merged(ids()).logits, adapted, atol=1e-5)
         assert not any("lora" in n for n, _ in merged.named_parameters())
         assert torch.allclose(merge_lora(adapter_root(model))(ids()).logits, adapted, atol=1e-5)
+
+
+@pytest.mark.parametrize("size", ["half", 5])
+def test_a_cut_off_adapter_file_is_one_sentence_naming_it(tiny_hf, tmp_path, size):
+    folder = str(tiny_hf("gpt_neo"))
+    save_adapter(adapter_root(with_lora(load_policy(folder), LoRASpec(r=4))), tmp_path / "adapter", folder)
+    weights = tmp_path / "adapter" / "adapter_model.safetensors"
+    with open(weights, "r+b") as file:  # a copy or download that stopped early
+        file.truncate(weights.stat().st_size // 2 if size == "half" else size)
+    with pytest.raises(CheckpointError) as err:
+        load_policy(str(tmp_path / "adapter"))
+    message = str(err.value)
+    assert message.startswith(f"'{weights}' is cut off or corrupt (") and "\n" not in message, message
+    assert message.endswith("; copy or download it again."), message
 
 
 def test_the_critic_copy_shares_the_frozen_base(tiny_hf):
