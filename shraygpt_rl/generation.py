@@ -334,5 +334,6 @@ def sample_and_decode(
     finally:
         model.train(was_training)
     real = out.attention_mask[:, out.prompt_length :].bool()  # the policy's tokens and the observations
-    texts = [decode_response(tokenizer, row[mask]) for row, mask in zip(out.responses, real)]
+    own = out.response_mask.bool()
+    texts = [decode_response(tokenizer, row[mask], mine[mask]) for row, mask, mine in zip(out.responses, real, own)]
     return out, texts

@@ -176,10 +176,16 @@ def format_response(text: str) -> str:
     return " " + text.strip() if text.strip() else ""
 
 
-def decode_response(enc, ids) -> str:
-    """Text of a sampled response: up to its first ``<|endoftext|>``, skipping ids the tokenizer
-    lacks (a model's vocabulary may be padded beyond the tokenizer's, as the byte models' is)."""
+def decode_response(enc, ids, own=None) -> str:
+    """Text of a sampled response: up to the policy's first ``<|endoftext|>``, skipping ids the
+    tokenizer lacks (a model's vocabulary may be padded beyond the tokenizer's, as the byte
+    models' is).
+
+    ``own`` (one flag per id, None: all) marks the policy's tokens in a multi-turn transcript: an
+    observation's tokens are text even where one is the EOS id (a Hugging Face tokenizer reads
+    the text ``<|endoftext|>`` in a tool's answer as that token), so only the policy's EOS ends it.
+    """
     ids = [int(i) for i in ids]
-    if enc.eot_token in ids:
-        ids = ids[: ids.index(enc.eot_token)]
-    return enc.decode([i for i in ids if i < enc.n_vocab])
+    own = [True] * len(ids) if own is None else [bool(o) for o in own]
+    end = next((i for i, (t, o) in enumerate(zip(ids, own)) if o and t == enc.eot_token), len(ids))
+    return enc.decode([i for i in ids[:end] if i < enc.n_vocab])

@@ -14,8 +14,11 @@ rollout, and the observation's tokens are marked as not the policy's (``response
 log-probability 0) so that no loss, KL or advantage counts them.
 
 A row ends at EOS (the environment is asked once more and must say done: None), when the
-environment answers a tool call with None, when its ``max_turns``-th turn ends in another tool
-call (counted in ``max_turns_hit``), or when it runs out of ``max_new_tokens``.
+environment answers a tool call with None (``ended_by_environment``), when its ``max_turns``-th
+turn ends in another tool call (``max_turns_hit``), or when it runs out of ``max_new_tokens``.
+Only the last is a truncation: the other two are endings the environment chose, and RL must see
+their reward (a row that never stops calling the tool earns nothing) rather than drop them as cut
+off. A call in the row's last column is not answered: there is no room left for the answer.
 """
 
 from __future__ import annotations
@@ -55,10 +58,12 @@ class Turns:
         self.queue: list[list[int]] = [[] for _ in range(B)]  # observation tokens still to feed
         self.turn: list[list[int]] = [[] for _ in range(B)]  # the current turn's policy tokens
         self.response: list[list[int]] = [[] for _ in range(B)]  # every response token so far
+        self.own: list[list[bool]] = [[] for _ in range(B)]  # whether each of them is the policy's
         self.turns = torch.ones(B, dtype=torch.long)
         self.tool_calls = torch.zeros(B, dtype=torch.long)
         self.tool_errors = torch.zeros(B, dtype=torch.long)
         self.max_turns_hit = torch.zeros(B, dtype=torch.bool)
+        self.ended_by_environment = torch.zeros(B, dtype=torch.bool)  # a tool call answered with None
         self.cut = 0  # observations cut to fit the context
         self._ends: dict[int, bool] = {}  # token -> whether its text holds the stop's last character
         self._idle: tuple[Tensor, Tensor] | None = None  # ``forced`` when no row is fed
@@ -88,6 +93,7 @@ class Turns:
             if not real:
                 continue
             self.response[b].append(token)
+            self.own[b].append(not fed)
             if fed:
                 self.queue[b].pop(0)
                 continue
@@ -101,10 +107,12 @@ class Turns:
 
     def _calls(self, b: int) -> bool:
         """Whether row ``b``'s current turn now holds the stop string (one decode of a few tokens,
-        and only after a token that could complete it)."""
+        and only after a token that could complete it: one whose text holds the stop's last
+        character, or part of a character, U+FFFD alone, which may complete a non-ASCII one)."""
         token = self.turn[b][-1]
         if token not in self._ends:
-            self._ends[token] = self.last_char in self.enc.decode([token]) if token < self.enc.n_vocab else False
+            text = self.enc.decode([token]) if token < self.enc.n_vocab else ""
+            self._ends[token] = self.last_char in text or "\ufffd" in text
         return self._ends[token] and self.stop in self.enc.decode(
             [t for t in self.turn[b][-self.window :] if t < self.enc.n_vocab]
         )
@@ -114,11 +122,14 @@ class Turns:
         if int(self.turns[b]) >= self.max_turns:
             self.max_turns_hit[b] = True
             return True
+        room = self.capacity - (column + 1)
+        if room <= 0:  # the row is cut here anyway: an answer could not be fed, so the tool never runs
+            return False
         observation = self._ask(b, at_eos=False)
         if observation is None:
+            self.ended_by_environment[b] = True
             return True
         ids = self.enc.encode_ordinary(observation)
-        room = self.capacity - (column + 1)
         if len(ids) > room:
             self.cut += 1
             if self.cut == 1:
@@ -135,7 +146,11 @@ class Turns:
 
     def _ask(self, b: int, at_eos: bool) -> str | None:
         """``environment.step`` for row ``b``, with its counters read per row; one sentence on misuse."""
-        text = self.enc.decode([t for t in self.response[b] if t < self.enc.n_vocab and t != self.enc.eot_token])
+        eos, n_vocab = self.enc.eot_token, self.enc.n_vocab
+        # The policy's EOS is not text; an observation's tokens are, even one the tokenizer reads as EOS.
+        text = self.enc.decode(
+            [t for t, own in zip(self.response[b], self.own[b]) if t < n_vocab and not (own and t == eos)]
+        )
         if not at_eos:
             text = text[: text.rindex(self.stop) + len(self.stop)]  # a token may run past the stop string
         calls, errors = getattr(self.env, "calls", 0), getattr(self.env, "errors", 0)
@@ -161,12 +176,14 @@ class Turns:
         return observation
 
     def stats(self) -> dict[str, Tensor]:
-        """Per row: ``turns``, ``tool_calls``, ``tool_errors`` and ``max_turns`` (hit)."""
+        """Per row: ``turns``, ``tool_calls``, ``tool_errors``, ``max_turns`` (hit) and
+        ``ended_by_environment`` (a tool call answered with None)."""
         return {
             "turns": self.turns.clone(),
             "tool_calls": self.tool_calls.clone(),
             "tool_errors": self.tool_errors.clone(),
             "max_turns": self.max_turns_hit.clone(),
+            "ended_by_environment": self.ended_by_environment.clone(),
         }
 
 

@@ -3,19 +3,23 @@ the rollout's log-probabilities recovered by a training forward; max_turns; the 
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from conftest import Echo, frequent_byte
 
-from shraygpt_rl.environments import Calculator
+from shraygpt_rl.environments import Calculator, Environment
 from shraygpt_rl.errors import ConfigError, EnvironmentStepError
 from shraygpt_rl.generation import generate, response_logprobs, sample_and_decode
 from shraygpt_rl.lora import LoRASpec
+from shraygpt_rl.model import ShrayGPT
 from shraygpt_rl.policy import load_policy, with_lora
 from shraygpt_rl.tokenizer import byte_encoding
 from shraygpt_rl.turns import Turns
 
 OBSERVATION = "<r>"
+ARITH_PROMPTS = dict(source="arithmetic", digits=2, system_prompt=None, max_length=64, max_prompt_length=48)
 
 
 class Encoding:
@@ -235,3 +239,96 @@ def test_an_observation_longer_than_the_context_is_cut_with_a_warning(tiny_model
         out = run(tiny_model, ids, mask, Echo(stop, answer=lambda text: "x" * 500), top_k=1)
     assert out.responses.size(1) == 40
     assert out.attention_mask[:, out.prompt_length :].all()  # every row called, then was fed to the end
+
+
+# -- Turns on the host, token by token: what a stop, a last column and an EOS in an answer do --
+def feed(turns: Turns, rows: list[list[int]], own: list[list[bool]] | None = None) -> list[list[int]]:
+    """Record ``rows`` (B, N) column by column as if sampled (``own``: False feeds the token as an
+    observation); returns the rows ended at each column."""
+    ended = []
+    for column in range(len(rows[0])):
+        tokens = torch.tensor([row[column] for row in rows])
+        fed = torch.tensor([not o[column] for o in own]) if own else torch.zeros(len(rows), dtype=torch.bool)
+        ended.append(turns.record(column, tokens, torch.ones(len(rows), dtype=torch.bool), fed))
+    return ended
+
+
+def test_a_call_in_the_last_column_is_not_answered():
+    """There is no room left to feed an answer, so the tool must not run: no side effect, no
+    count, no warning about a cut observation (issue 33)."""
+    env = Echo("a", answer="<r>")
+    turns = Turns(env, byte_encoding(), ["p"], [{}], 4, capacity=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        feed(turns, [list(b"xxxxa")])
+    assert env.calls == 0 and turns.queue == [[]] and turns.cut == 0
+    assert turns.stats()["tool_calls"].tolist() == [0] and turns.stats()["turns"].tolist() == [1]
+    earlier = Turns(env, byte_encoding(), ["p"], [{}], 4, capacity=6)  # one column to spare: answered
+    feed(earlier, [list(b"xxxxa")])
+    assert env.calls == 1 and earlier.queue == [list(b"<")]  # the answer, cut to the room left
+
+
+@pytest.mark.parametrize("stop", ["→", "<é", "😀"])
+def test_a_stop_string_ending_in_a_non_ascii_character_is_found(stop):
+    """A byte-level token of a multi-byte character decodes alone to U+FFFD, never to the
+    character: the stop must still be seen when its last byte arrives."""
+    env = Echo(stop, answer="ok")
+    turns = Turns(env, byte_encoding(), ["p"], [{}], 4, capacity=40)
+    ended = feed(turns, [list(f"x {stop}".encode())])
+    assert env.calls == 1 and turns.queue == [list(b"ok")] and not any(ended)
+    assert turns.stats()["turns"].tolist() == [2]
+
+
+def test_only_the_policys_eos_ends_the_text_the_rewards_read(tiny_hf):
+    """With a Hugging Face tokenizer the text ``<|endoftext|>`` in a tool's answer becomes the EOS
+    id; the transcript goes on past it to the policy's own EOS, and the environment reads it too."""
+    from shraygpt_rl.tokenizer import HFTokenizer, decode_response
+
+    enc = HFTokenizer(str(tiny_hf("opt")))
+    answer = "[<|endoftext|>]"
+    assert enc.eot_token in enc.encode_ordinary(answer)  # what makes this case
+
+    class Reader(Environment):  # answers the first call; at the EOS, reads the transcript and says done
+        stop = "a"
+
+        def __init__(self):
+            super().__init__()
+            self.read = []
+
+        def step(self, prompt, text, metadata):
+            self.read.append(text)
+            return answer if len(self.read) == 1 else None
+
+    policy, observation, after = enc.encode_ordinary("xa"), enc.encode_ordinary(answer), enc.encode_ordinary("b")
+    ids = policy + observation + after + [enc.eot_token]
+    own = [True] * len(policy) + [False] * len(observation) + [True] * (len(after) + 1)
+    assert decode_response(enc, ids, own) == "xa[<|endoftext|>]b"
+    assert decode_response(enc, ids) == "xa["  # all tokens the policy's: the first EOS ends it
+    env = Reader()
+    feed(Turns(env, enc, ["p"], [{}], 4, capacity=len(ids) + 4), [ids], [own])
+    assert env.read == ["xa", "xa[<|endoftext|>]b"]  # at the policy's EOS: the whole transcript
+
+
+def test_rows_the_environment_ends_are_not_truncated(random_policy):
+    """Ended by the environment (None to a call) or at max_turns: an ending, with its reward, not
+    a cut; GRPO's mask_truncated_completions keeps them and PPO's missing_eos_penalty spares them."""
+    from shraygpt_rl.data import PromptDataModule
+    from shraygpt_rl.stages.grpo import GRPOStage
+
+    policy = ShrayGPT.load_from_checkpoint(random_policy)
+    torch.manual_seed(0)
+    stop = frequent_byte(generate(policy.eval(), torch.randint(97, 123, (16, 12)), 24).responses)
+    ends = Echo(stop, answer=lambda text: None)  # None to a call: the environment ends the row
+    for env, max_turns, ended in ((ends, 4, "ended_by_environment"), (Echo(stop), 1, "max_turns")):
+        stage = GRPOStage(policy=random_policy, environment=env, max_turns=max_turns, max_new_tokens=48,
+                          num_generations=4, mask_truncated_completions=True, export_path=None)  # fmt: skip
+        data = PromptDataModule(**{**ARITH_PROMPTS, "batch_size": 8})
+        data.setup()
+        stage._trainer = type("T", (), {"datamodule": data, "training": False})()
+        torch.manual_seed(0)
+        rollout = stage.rollout(next(iter(data.train_dataloader())), repeats=4)
+        by_env = rollout.turns[ended]
+        assert by_env.any(), ended
+        assert not rollout.truncated[by_env].any()
+        cut = ~by_env & ~(rollout.sequences[:, rollout.prompt_length :] == 256).any(1)
+        assert torch.equal(rollout.truncated, cut)

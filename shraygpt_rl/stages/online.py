@@ -42,8 +42,9 @@ class Rollout:
     metadata: list[dict[str, Any]]
     scores: Tensor  # (R,) total reward of each response
     components: dict[str, Tensor] = field(default_factory=dict)  # each reward function's part
-    truncated: Tensor | None = None  # (R,) bool: the response never reached EOS
-    turns: dict[str, Tensor] | None = None  # multi-turn: (R,) turns, tool_calls, tool_errors, max_turns
+    truncated: Tensor | None = None  # (R,) bool: cut at max_new_tokens (no EOS, not ended by the environment)
+    turns: dict[str, Tensor] | None = None  # multi-turn, each (R,): turns, tool_calls, tool_errors, max_turns,
+    # ended_by_environment
 
     def __len__(self) -> int:
         return self.sequences.size(0)
@@ -167,6 +168,8 @@ class OnlineRLStage(StageModule):
         self.perf["generation_s"] = time.perf_counter() - start
         self.perf["generated_tokens"] = float(out.response_mask.sum())
         truncated = ~((out.responses == enc.eot_token) & out.response_mask.bool()).any(dim=1)
+        if out.turns is not None:  # ended by the environment or at max_turns: an ending, not a cut
+            truncated &= ~(out.turns["ended_by_environment"] | out.turns["max_turns"])
         scores, components = self.reward_fn.score(prompts, responses, metadata)
         if self.training:
             self.rollouts += 1
@@ -400,8 +403,9 @@ def split_ptx(batch: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | N
 
 
 def turn_metrics(rollout: Rollout) -> dict[str, Tensor]:
-    """``rollout/turns``, ``rollout/tool_calls`` and ``rollout/tool_errors`` (means per response)
-    and ``rollout/max_turns`` (the share of responses cut at ``max_turns``); none single-turn."""
+    """``rollout/turns``, ``rollout/tool_calls`` and ``rollout/tool_errors`` (means per response),
+    ``rollout/max_turns`` (the share of responses ended at ``max_turns``) and
+    ``rollout/ended_by_environment`` (the share the environment ended); none single-turn."""
     if rollout.turns is None:
         return {}
     return {f"rollout/{name}": value.float().mean() for name, value in rollout.turns.items()}
