@@ -276,15 +276,21 @@ class CachedReferenceStage(StageModule):
 
     @torch.no_grad()
     def _precompute(self, split: str) -> Tensor:
-        """One pass of the (still untrained) policy over a split, in eval mode: (rows, K)."""
+        """One pass of the (still untrained) policy over a split, in eval mode: (rows, K).
+
+        It runs in the precision plugin's forward context, the one the training step runs in
+        (``bf16-mixed``: autocast), so that at step 0 the policy's log-probabilities equal these
+        exactly; outside it, ``on_fit_start`` would compute them in float32."""
         datamodule = self.trainer.datamodule
         datamodule.setup("fit")
         out = None
         was_training = self.policy.training
         self.policy.eval()
+        precision = self.trainer.precision_plugin
         for batch in datamodule.plain_dataloader(split, desc=f"Reference logprobs ({split})"):
             batch = self.transfer_batch_to_device(batch, self.device, 0)
-            columns = self.reference_columns(self.policy, batch).float().cpu()  # (B, K)
+            with precision.forward_context():
+                columns = self.reference_columns(self.policy, batch).float().cpu()  # (B, K)
             if out is None:
                 out = torch.zeros(len(datamodule.splits[split]), columns.size(1))
             out[batch["index"].cpu()] = columns

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from conftest import ARITH, tiny_trainer
+from lightning.pytorch.plugins.precision import Precision
 
 from shraygpt_rl.data import PreferenceDataModule
 from shraygpt_rl.model import ShrayGPT, tiny_config
@@ -28,7 +31,7 @@ def policy_path(tmp_path):
     return str(path)
 
 
-def _first_loss(policy_path, precompute):
+def _first_loss(policy_path, precompute, precision="32-true"):
     stage = DPOStage(
         policy=policy_path,
         precompute_ref_logprobs=precompute,
@@ -39,7 +42,7 @@ def _first_loss(policy_path, precompute):
         beta=0.5,
     )
     data = PreferenceDataModule(train_size=64, **{**ARITH, "batch_size": 64})
-    trainer = tiny_trainer(1, limit_val_batches=0)
+    trainer = tiny_trainer(1, limit_val_batches=0, precision=precision)
     trainer.fit(stage, datamodule=data)
     return stage, trainer.callback_metrics
 
@@ -52,7 +55,7 @@ def test_precomputed_reference_equals_a_frozen_copy(policy_path, loss_type):
     batch = next(iter(data.plain_dataloader("val")))
     frozen = stage.reference_logps(batch, "val")
     cached = DPOStage(policy=policy_path, loss_type=loss_type, export_path=None)
-    cached._trainer = type("T", (), {"datamodule": data})()  # just what _precompute reads
+    cached._trainer = type("T", (), {"datamodule": data, "precision_plugin": Precision()})()  # what _precompute reads
     cached.ref_logps = {"val": cached._precompute("val")}
     chosen, rejected = cached.reference_logps(batch, "val")
     assert torch.allclose(chosen, frozen[0], atol=1e-5) and torch.allclose(rejected, frozen[1], atol=1e-5)
@@ -65,6 +68,15 @@ def test_at_the_start_the_policy_is_its_reference(policy_path):
         assert metrics["train/loss"].item() == pytest.approx(0.6931, abs=1e-3)  # log 2: h = 0
         assert metrics["rewards/margins"].item() == pytest.approx(0.0, abs=1e-5)
         assert set(METRICS) <= set(metrics)
+
+
+def test_under_bf16_autocast_the_precomputed_reference_is_the_policy_at_step_0(policy_path):
+    """The reference pass runs before training (``on_fit_start``), outside the training step:
+    it must run in the same autocast as the step, or bf16 rounding alone moves the implicit
+    rewards off 0 (issue 33)."""
+    stage, metrics = _first_loss(policy_path, precompute=True, precision="bf16-mixed")
+    assert metrics["rewards/chosen"].item() == 0.0 and metrics["rewards/rejected"].item() == 0.0
+    assert metrics["train/loss"].item() == pytest.approx(math.log(2), abs=1e-6)
 
 
 @pytest.mark.parametrize("precompute", [True, False])

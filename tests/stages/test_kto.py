@@ -11,6 +11,7 @@ import lightning as L
 import pytest
 import torch
 from conftest import ARITH, LEARNING_SEED, tiny_trainer
+from lightning.pytorch.plugins.precision import Precision
 
 from shraygpt_rl.data import KTODataModule
 from shraygpt_rl.generation import sequence_logprobs
@@ -92,7 +93,7 @@ def test_precomputed_reference_equals_a_frozen_copy_and_survives_a_checkpoint(ra
     expected = frozen.cached_reference(batch, "val")  # (B, 2): matched, mismatched
     cached = KTOStage(policy=random_policy, export_path=None)
     assert cached.reference is None  # no second model in memory
-    cached._trainer = type("T", (), {"datamodule": data})()  # just what _precompute reads
+    cached._trainer = type("T", (), {"datamodule": data, "precision_plugin": Precision()})()  # what _precompute reads
     cached.ref_logps = {"val": cached._precompute("val")}
     assert cached.ref_logps["val"].shape == (len(data.splits["val"]), 2)
     assert torch.allclose(cached.cached_reference(batch, "val"), expected, atol=1e-5)
@@ -116,6 +117,18 @@ def test_at_the_start_the_policy_is_its_reference(random_policy, precompute):
     assert metrics["objective/kl"].item() == pytest.approx(0.0, abs=1e-4)
     assert metrics["rewards/margins"].item() == pytest.approx(0.0, abs=1e-5)
     assert set(stage.ref_logps) == ({"train", "val", "test"} if precompute else set())
+
+
+def test_under_bf16_autocast_the_precomputed_reference_is_the_policy_at_step_0(random_policy):
+    """The reference pass (``on_fit_start``, outside the step) runs in the step's autocast: at
+    step 0 every reward and z0 are exactly 0 (issue 33)."""
+    stage = KTOStage(policy=random_policy, export_path=None, lr=0.0)
+    trainer = tiny_trainer(1, limit_val_batches=0, precision="bf16-mixed")
+    trainer.fit(stage, datamodule=KTODataModule(**DATA))
+    metrics = trainer.callback_metrics
+    assert metrics["rewards/chosen"].item() == 0.0 and metrics["rewards/rejected"].item() == 0.0
+    assert metrics["objective/kl"].item() == 0.0
+    assert metrics["train/loss"].item() == pytest.approx(1.0 / 2, abs=1e-6)  # sigmoid(0) = 1/2 of each weight
 
 
 def test_a_batch_without_undesirable_examples_logs_no_nan(random_policy, tmp_path):
