@@ -122,8 +122,19 @@ def simpo_loss(
 
 
 def log1mexp(x: Tensor) -> Tensor:
-    """``log(1 - exp(x))`` for ``x < 0``, accurate at both ends (Maechler, 2012)."""
-    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+    """``log(1 - exp(x))`` for ``x < 0``, accurate at both ends (Maechler, 2012), with a finite
+    gradient everywhere.
+
+    ``torch.where`` differentiates both branches, so each gets an input inside its own domain:
+    otherwise the unused ``log1p(-exp(x))`` at ``x`` near 0 (where ``exp(x)`` rounds to 1) has an
+    infinite gradient, which ``where`` turns into NaN. ``x`` is clamped to at most ``-tiny`` (the
+    smallest normal number of its dtype): at 0 the value is ``log(tiny)``, not ``-inf``.
+    """
+    x = x.clamp(max=-torch.finfo(x.dtype).tiny)
+    near_zero = x > -math.log(2)
+    small = torch.log(-torch.expm1(torch.where(near_zero, x, -1.0)))
+    large = torch.log1p(-torch.exp(torch.where(near_zero, -1.0, x)))
+    return torch.where(near_zero, small, large)
 
 
 def orpo_loss(chosen_avg_logps: Tensor, rejected_avg_logps: Tensor, lam: float = 0.1) -> tuple[Tensor, Tensor]:

@@ -249,6 +249,30 @@ class GradRecorder(L.Callback):
         self.grads.append({n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if p.grad is not None})
 
 
+class PoisonGradient(L.Callback):
+    """After each backward of optimizer step ``step``, one gradient entry becomes NaN (a finite
+    loss with a non-finite gradient); ``before``/``after`` keep the trainable weights around it."""
+
+    def __init__(self, step: int):
+        self.step, self.before, self.after = step, None, None
+
+    def _weights(self, module) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step and self.before is None:
+            self.before = self._weights(pl_module)
+
+    def on_after_backward(self, trainer, pl_module):
+        if trainer.global_step == self.step:
+            grad = next(p.grad for p in pl_module.parameters() if p.grad is not None)
+            grad.view(-1)[0] = float("nan")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.before is not None and self.after is None:
+            self.after = self._weights(pl_module)
+
+
 def record_rollouts(stage, monkeypatch) -> list:
     """Make an online ``stage`` keep every rollout it samples, in the returned list."""
     rollouts, rollout = [], stage.rollout

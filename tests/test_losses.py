@@ -386,6 +386,24 @@ def test_log1mexp_is_accurate_at_both_ends():
     assert log1mexp(torch.tensor(-1e-10)).item() == pytest.approx(math.log(1e-10), rel=1e-6)  # float32
 
 
+def test_orpo_gradient_is_finite_where_an_answer_is_certain():
+    """An average log-probability of 0, or within float32's rounding of it, gave a finite loss
+    with a NaN gradient (issue 33); the values elsewhere are unchanged (float64 reference)."""
+    near = [0.0, -1e-45, -1e-30, -1e-9, -1e-8, -6e-8, -1e-7, -1e-3, -0.69, -0.7, -5.0]
+    chosen = torch.tensor([c for c in near for _ in near], requires_grad=True)
+    rejected = torch.tensor([r for _ in near for r in near], requires_grad=True)
+    losses, log_odds_ratio = orpo_loss(chosen, rejected, lam=0.5)
+    losses.sum().backward()
+    assert torch.isfinite(losses).all() and torch.isfinite(log_odds_ratio).all()
+    assert torch.isfinite(chosen.grad).all() and torch.isfinite(rejected.grad).all()
+    x = torch.tensor(near)
+    assert torch.isfinite(torch.autograd.functional.jacobian(log1mexp, x)).all()
+    away = -torch.rand(200, dtype=torch.float64) * 10 - 1e-6
+    c, r = away[:100].float().requires_grad_(), away[100:].float().requires_grad_()
+    expected = orpo_loss(away[:100], away[100:], lam=0.5)[0]
+    assert torch.allclose(orpo_loss(c, r, lam=0.5)[0].double(), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_orpo_loss_by_hand():
     # P_c = 0.5 (odds 1), P_r = 0.2 (odds 0.25): log odds ratio log 4, L_OR = log 1.25
     losses, log_odds_ratio = orpo_loss(torch.tensor([math.log(0.5)]), torch.tensor([math.log(0.2)]), lam=0.1)

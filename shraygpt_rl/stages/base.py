@@ -85,8 +85,9 @@ class StageModule(L.LightningModule):
         # Also collects the subclass's __init__ arguments; reward-function objects stay out of the
         # checkpoint (it must load with weights_only=True) and come back from the config.
         self.save_hyperparameters(ignore=["rewards", "environment"])
-        self.nonfinite_skipped = 0  # updates skipped for a non-finite loss, over the whole run
+        self.nonfinite_skipped = 0  # updates skipped for a non-finite loss or gradient, over the whole run
         self.nonfinite_in_a_row = 0
+        self._skipped_loss = False  # the update under way was dropped for its loss (no gradients to check)
         self.reference: nn.Module | None = None
 
     # -- building ------------------------------------------------------------------------------
@@ -187,24 +188,38 @@ class StageModule(L.LightningModule):
         """``loss``, or None when it is not finite: Lightning then runs the step without gradients,
         so the parameters stay as they were and the step still counts towards ``max_steps``.
 
-        Skipped updates are counted in ``train/nonfinite_skipped``. Under DDP every rank must
-        skip together; with one bad rank, prefer ``--trainer.detect_anomaly`` to find the cause.
+        Skipped updates are counted in ``train/nonfinite_skipped``. A finite loss can still give
+        a non-finite gradient: ``on_before_optimizer_step`` drops those updates the same way.
+        Under DDP every rank must skip together (the gradients, all-reduced, agree; a loss on one
+        rank does not); with one bad rank, prefer ``--trainer.detect_anomaly`` to find the cause.
         """
         if torch.isfinite(loss):
-            self.nonfinite_in_a_row = 0
             return loss
         self.count_nonfinite()
         return None
 
-    def count_nonfinite(self) -> None:
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """The guard's second half: an update whose gradients are not all finite (with a finite
+        loss: ORPO's at a certain answer, an overflow in the backward) is dropped like a
+        non-finite loss's: its gradients are cleared, so the optimizer leaves every parameter
+        (and its moments) as it was, and the skip is counted. One host sync per update."""
+        skipped, self._skipped_loss = self._skipped_loss, False  # a loss already dropped and counted
+        if not gradients_finite(self.trainable()):
+            optimizer.zero_grad(set_to_none=True)
+            self.count_nonfinite(what="gradient")
+        elif not skipped:
+            self.nonfinite_in_a_row = 0
+
+    def count_nonfinite(self, what: str = "loss") -> None:
         """Count one skipped update; stop the run after ``max_nonfinite`` of them in a row."""
+        self._skipped_loss = what == "loss"
         self.nonfinite_skipped += 1
         self.nonfinite_in_a_row += 1
         self.log("train/nonfinite_skipped", float(self.nonfinite_skipped), on_step=True)
         if self.nonfinite_in_a_row >= self.hparams.max_nonfinite:
             raise TrainingError(
-                f"{self.nonfinite_in_a_row} updates in a row had a non-finite loss (NaN or inf), so training "
-                "stopped; lower the learning rate (--model.lr, --model.muon_lr) or check the starting model."
+                f"{self.nonfinite_in_a_row} updates in a row had a non-finite loss or gradient (NaN or inf), so "
+                "training stopped; lower the learning rate (--model.lr, --model.muon_lr) or check the starting model."
             )
 
     # -- monitoring ----------------------------------------------------------------------------
@@ -340,6 +355,13 @@ def lr_factor(step: int, hp, total: int) -> float:
         return 1.0
     progress = min((step - hp.warmup_steps) / max(total - hp.warmup_steps, 1), 1.0)
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def gradients_finite(module: nn.Module) -> bool:
+    """Whether every gradient of ``module``'s parameters is finite (parameters without one count
+    as finite): one reduction per tensor and one host sync in all."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
 
 def disable_dropout(model: nn.Module) -> nn.Module:

@@ -266,12 +266,13 @@ class OnlineRLStage(StageModule):
         Each call is one of Lightning's global steps: ``trainer.max_steps`` counts optimizer
         steps, so one rollout is ``num_iterations * num_mini_batches`` of them (PPO: epochs x
         minibatches), while ``val_check_interval`` and ``log_every_n_steps`` count rollouts.
-        A minibatch whose loss was not finite (``finite=False``) is dropped: the optimizer steps
-        without gradients, and the skip is counted in ``train/nonfinite_skipped``.
+        A minibatch whose loss was not finite on any rank (``finite=False``) is dropped on every
+        rank: the optimizer steps without gradients, and the skip is counted in
+        ``train/nonfinite_skipped``; one whose gradients are not finite is dropped the same way
+        (``on_before_optimizer_step``).
         """
         optimizer = self.optimizers()
-        if finite:
-            self.nonfinite_in_a_row = 0
+        if self.trainer.strategy.reduce_boolean_decision(finite, all=True):  # ranks must skip together
             if self.hparams.max_grad_norm:
                 clip = self.hparams.max_grad_norm
                 self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ARITH, fit_online, tiny_trainer
+from conftest import ARITH, PoisonGradient, SpreadReward, fit_online, tiny_trainer
 
 from shraygpt_rl import decode
 from shraygpt_rl.data import PromptDataModule
@@ -181,9 +181,26 @@ def test_a_run_of_non_finite_updates_stops_in_one_sentence(random_policy):
         log_samples_every=0,
         max_nonfinite=3,
     )
-    with pytest.raises(TrainingError, match=r"^3 updates in a row had a non-finite loss \(NaN or inf\)"):
+    with pytest.raises(TrainingError, match=r"^3 updates in a row had a non-finite loss or gradient \(NaN or inf\)"):
         fit_online(stage, max_steps=50, prompts=dict(ARITH, batch_size=4, train_size=64))
     assert stage.trainer.global_step == 2  # the third skip stops the run before its step
+
+
+@pytest.mark.parametrize(("stage_class", "options"), [(GRPOStage, {}), (PPOStage, {"num_ppo_epochs": 1})])
+def test_a_non_finite_gradient_skips_the_update(random_policy, stage_class, options):
+    """A finite loss whose gradient is NaN (by hand, after the backward of step 1): the update is
+    dropped and counted; the next ones train."""
+    poison = PoisonGradient(step=1)
+    stage = stage_class(
+        policy=random_policy, rewards=[SpreadReward()], max_new_tokens=4, optimizer="adamw", lr=1e-3,
+        export_path=None, log_samples_every=0, **options,
+    )  # fmt: skip
+    start = {k: v.clone() for k, v in stage.policy.state_dict().items()}
+    fit_online(stage, max_steps=3, prompts=dict(ARITH, batch_size=4, train_size=64), callbacks=[poison])
+    assert stage.nonfinite_skipped == 1 and stage.trainer.global_step == 3
+    assert all(torch.equal(poison.before[k], poison.after[k]) for k in poison.before)
+    assert all(torch.isfinite(v).all() for v in stage.policy.state_dict().values())
+    assert any(not torch.equal(start[k], v) for k, v in stage.policy.state_dict().items())
 
 
 def _validate(stage) -> dict[str, float]:

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import ARITH, tiny_trainer
+from conftest import ARITH, PoisonGradient, tiny_trainer
 
 from shraygpt_rl.checkpoint import CheckpointError
 from shraygpt_rl.data import SFTDataModule
@@ -85,12 +85,24 @@ def test_non_finite_loss_skips_the_update(tmp_path, monkeypatch):
     assert all(torch.isfinite(p).all() for p in stage.policy.parameters())
 
 
+def test_a_finite_loss_with_a_non_finite_gradient_skips_the_update(tmp_path):
+    """The guard checks the gradients too (issue 33: ORPO's loss was finite where its gradient
+    was NaN): the update is dropped, counted, and training goes on with finite weights."""
+    poison = PoisonGradient(step=2)
+    stage, data = _stage(tmp_path), SFTDataModule(train_size=256, **ARITH)
+    trainer = tiny_trainer(5, limit_val_batches=0, callbacks=[poison])
+    trainer.fit(stage, datamodule=data)
+    assert stage.nonfinite_skipped == 1 and trainer.global_step == 5
+    assert all(torch.equal(poison.before[k], poison.after[k]) for k in poison.before)  # the step changed nothing
+    assert all(torch.isfinite(p).all() for p in stage.policy.parameters())
+
+
 def test_a_run_of_non_finite_losses_stops_in_one_sentence(tmp_path, monkeypatch):
     stage, data = _stage(tmp_path, max_nonfinite=4), SFTDataModule(train_size=256, **ARITH)
     real_loss = stage.loss
     monkeypatch.setattr(stage, "loss", lambda batch: (real_loss(batch)[0] * float("nan"), *real_loss(batch)[1:]))
     trainer = tiny_trainer(50, limit_val_batches=0)
-    with pytest.raises(TrainingError, match="4 updates in a row had a non-finite loss"):
+    with pytest.raises(TrainingError, match="4 updates in a row had a non-finite loss or gradient"):
         trainer.fit(stage, datamodule=data)
     assert trainer.global_step == 3 and not (tmp_path / "sft.ckpt").exists()
 
