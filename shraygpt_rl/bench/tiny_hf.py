@@ -38,8 +38,8 @@ def gpt2_tokenizer(vocabulary: str, folder: Path, vocab_file: str | Path | None 
 
 
 def tiny_hf_model(kind: str, folder: str | Path, vocabulary: str = "byte", seed: int = 0) -> Path:
-    """Write a tiny random ``kind`` (``gpt_neo`` or ``opt``) model and its tokenizer to ``folder``."""
-    from transformers import GPTNeoConfig, GPTNeoForCausalLM, OPTConfig, OPTForCausalLM
+    """Write a tiny random ``kind`` (``gpt_neo``, ``opt`` or ``llama``) model and its tokenizer to ``folder``."""
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
     folder = Path(folder)
     tokenizer = gpt2_tokenizer(vocabulary, folder)
@@ -58,6 +58,21 @@ def tiny_hf_model(kind: str, folder: str | Path, vocabulary: str = "byte", seed:
             eos_token_id=eos,
         )
         model = GPTNeoForCausalLM(config)
+    elif kind == "llama":  # Llama/Qwen/Mistral's layout: attention dropout is a float, not an nn.Dropout
+        config = LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            bos_token_id=eos,
+            eos_token_id=eos,
+            pad_token_id=eos,
+            attention_dropout=0.1,
+        )
+        model = LlamaForCausalLM(config)
     else:
         config = OPTConfig(
             vocab_size=vocab,

@@ -368,10 +368,18 @@ def disable_dropout(model: nn.Module) -> nn.Module:
     """Switch dropout off (as TRL does in RL and DPO): the log-probabilities that score a rollout,
     or a reference, must come from the same function as those of the first update, so that the
     ratio starts at 1 and DPO's implicit rewards at 0. Hugging Face models start in train mode,
-    and OPT's dropout is 0.1."""
+    and OPT's dropout is 0.1.
+
+    Besides every ``nn.Dropout``, modules keep dropout as plain float attributes that their
+    forward reads in train mode: OPT's ``dropout``, Llama/Qwen/Mistral/Gemma's
+    ``attention_dropout``, BART-style ``activation_dropout``, and OPT's ``layerdrop`` (whole
+    layers skipped at random). Every float attribute whose name ends in ``dropout`` or is
+    ``layerdrop`` is set to 0.
+    """
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
-        elif isinstance(getattr(module, "dropout", None), float):
-            module.dropout = 0.0  # attention's dropout probability
+        for name, value in vars(module).items():
+            if isinstance(value, float) and (name.endswith("dropout") or name == "layerdrop"):
+                setattr(module, name, 0.0)
     return model

@@ -79,12 +79,20 @@ def test_under_bf16_autocast_the_precomputed_reference_is_the_policy_at_step_0(p
     assert metrics["train/loss"].item() == pytest.approx(math.log(2), abs=1e-6)
 
 
-@pytest.mark.parametrize("precompute", [True, False])
-def test_dropout_is_off_so_a_hugging_face_policy_starts_at_its_reference(tiny_hf, precompute):
-    """Tiny OPT has dropout 0.1 and Hugging Face models start in train mode: with dropout on, the
-    policy's log-probabilities at step 0 would differ from the reference's (eval mode), the
-    implicit rewards would not be 0 and the loss not log 2."""
-    folder = str(tiny_hf("opt"))
+@pytest.mark.parametrize(("kind", "precompute"), [("opt", True), ("opt", False), ("llama", True)])
+def test_dropout_is_off_so_a_hugging_face_policy_starts_at_its_reference(tiny_hf, kind, precompute):
+    """Tiny OPT has dropout 0.1 (``nn.Dropout`` and float attributes), tiny Llama an
+    ``attention_dropout`` of 0.1 (a float its attention reads in train mode), and Hugging Face
+    models start in train mode: with dropout on, the policy's log-probabilities at step 0 would
+    differ from the reference's (eval mode), the implicit rewards would not be 0 and the loss not
+    log 2."""
+    folder = str(tiny_hf(kind))
+    policy = DPOStage(policy=folder, export_path=None).policy
+    assert policy.training
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        train_mode = policy(ids)[0]
+        assert torch.equal(train_mode, policy.eval()(ids)[0])  # dropout off: train mode is eval mode
     stage = DPOStage(policy=folder, precompute_ref_logprobs=precompute, export_path=None, lr=0.0, beta=0.5)
     data = PreferenceDataModule(train_size=64, tokenizer="hf", tokenizer_path=folder, **{**ARITH, "batch_size": 64})
     trainer = tiny_trainer(1, limit_val_batches=0)
