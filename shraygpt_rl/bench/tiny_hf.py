@@ -1,6 +1,6 @@
 """Tiny random-init Hugging Face models, for running seed 001's and seed 004's workflows offline
-(the tests and the LoRA benchmark): GPT-Neo (TinyStories' architecture) and OPT, 2 layers of
-width 64, with a GPT-2 BPE tokenizer made from a tiktoken vocabulary file: r50k_base (GPT-2's,
+(the tests and the LoRA benchmark): GPT-Neo (TinyStories' architecture), OPT and Llama, 2 layers
+of width 64, with a GPT-2 BPE tokenizer made from a tiktoken vocabulary file: r50k_base (GPT-2's,
 which GPT-Neo and OPT use; ``../shared`` has it) or a byte-level one of 256 tokens and no merges."""
 
 from __future__ import annotations
