@@ -229,6 +229,19 @@ class SpreadReward:
         return torch.tensor([sum(c.isascii() and c.isalnum() for c in r[:8]) / 8 for r in responses])
 
 
+class SomeTies(SpreadReward):
+    """``SpreadReward`` on half the prompts (by a hash of the text), a constant on the others:
+    Online DPO then has ties on some prompts and not on others, and their number differs from
+    batch to batch (and from rank to rank under DDP)."""
+
+    name = "some_ties"
+
+    def __call__(self, prompts, responses, metadata):
+        spread = super().__call__(prompts, responses, metadata)
+        tied = torch.tensor([sum(map(ord, p)) % 2 == 0 for p in prompts])
+        return torch.where(tied, torch.full_like(spread, 0.5), spread)
+
+
 def fit_online(stage, max_steps: int, prompts: dict, callbacks=()) -> dict[str, float]:
     """Fit an online stage on seeded prompts; return the last logged metrics as floats."""
     from shraygpt_rl.data import PromptDataModule

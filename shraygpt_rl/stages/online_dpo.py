@@ -70,16 +70,21 @@ class OnlineDPOStage(OnlineRLStage):
         return self.policy
 
     # -- pairs ---------------------------------------------------------------------------------
-    def pairs(self, scores: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """The rows of each prompt's best and worst response, for the prompts that are not ties,
-        and the tie mask (B,). ``scores`` (R,) holds each prompt's ``num_generations`` rows in a
-        row; among equal scores the first sampled wins (and loses)."""
+    def best_and_worst(self, scores: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Each prompt's best and worst row (B,) each, and the tie mask (B,). ``scores`` (R,)
+        holds each prompt's ``num_generations`` rows in a row; among equal scores the first
+        sampled wins (and loses), so a tie's best and worst are one row."""
         G = self.hparams.num_generations
         grouped = scores.view(-1, G)  # (B, G)
-        best, worst = grouped.argmax(dim=1), grouped.argmin(dim=1)  # (B,)
-        ties = grouped.max(dim=1).values == grouped.min(dim=1).values  # (B,)
         start = torch.arange(grouped.size(0), device=scores.device) * G
-        return (start + best)[~ties], (start + worst)[~ties], ties
+        ties = grouped.max(dim=1).values == grouped.min(dim=1).values  # (B,)
+        return start + grouped.argmax(dim=1), start + grouped.argmin(dim=1), ties
+
+    def pairs(self, scores: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The rows of each prompt's best and worst response, for the prompts that are not ties,
+        and the tie mask (B,)."""
+        best, worst, ties = self.best_and_worst(scores)
+        return best[~ties], worst[~ties], ties
 
     def sequence_logps(self, model, rollout: Rollout, rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Each response's log-probability (r,) under ``model`` (IPO: per token), the per-token
@@ -96,41 +101,59 @@ class OnlineDPOStage(OnlineRLStage):
         rollout = self.rollout(batch, repeats=hp.num_generations)
         self.log_rollout(rollout)
         start = time.perf_counter()
-        chosen, rejected, ties = self.pairs(rollout.scores)
+        chosen, rejected, ties = self.best_and_worst(rollout.scores)
         self.ties_skipped += int(ties.sum())
-        stats = self.update(rollout, chosen, rejected)
+        stats = self.update(rollout, chosen, rejected, (~ties).float())
         stats["objective/tie_fraction"] = ties.float().mean()
         stats["objective/ties_skipped"] = torch.tensor(float(self.ties_skipped))
         stats["objective/scores"] = rollout.scores.mean()
-        if len(chosen):
-            stats["objective/scores_margin"] = (rollout.scores[chosen] - rollout.scores[rejected]).mean()
+        if not ties.all():
+            stats["objective/scores_margin"] = (rollout.scores[chosen] - rollout.scores[rejected])[~ties].mean()
         self.log_step(stats)
-        self.log_update(time.perf_counter() - start, float(rollout.attention_mask[torch.cat([chosen, rejected])].sum()))
+        paired = torch.cat([chosen[~ties], rejected[~ties]])
+        self.log_update(time.perf_counter() - start, float(rollout.attention_mask[paired].sum()))
 
-    def update(self, rollout: Rollout, chosen: Tensor, rejected: Tensor) -> dict[str, Tensor]:
-        """One optimizer step on the pairs ``(chosen[i], rejected[i])``, accumulated over
-        micro-batches of ``micro_batch_size // 2`` pairs: the gradient is that of the mean loss
-        over all pairs, whatever the micro-batch size. No pairs: the step changes nothing."""
-        hp, pairs = self.hparams, len(chosen)
-        size = max(1, (hp.micro_batch_size or 2 * max(pairs, 1)) // 2)
-        stats: dict[str, Tensor] = {}
+    def update(self, rollout: Rollout, chosen: Tensor, rejected: Tensor, weights: Tensor) -> dict[str, Tensor]:
+        """One optimizer step on every prompt's pair ``(chosen[i], rejected[i])``, weighted by
+        ``weights[i]`` (0 for a tie), accumulated over micro-batches of ``micro_batch_size // 2``
+        pairs: the gradient is that of the mean loss over the pairs that count, whatever the
+        micro-batch size.
+
+        Under DDP each backward is a gradient all-reduce, so every rank must run as many: the
+        micro-batches are cut from all of a rank's prompts, ties included at weight 0, never from
+        its non-tie pairs alone (whose number differs between ranks). The loss is divided by the
+        pairs counted over all ranks (times the ranks, which DDP's average divides back out), so
+        the gradient is that of the mean over every rank's pairs. No pair on any rank: no
+        backward anywhere, and the step changes nothing.
+        """
+        hp, B = self.hparams, len(chosen)
+        total = float(self.trainer.strategy.reduce(weights.sum(), reduce_op="sum"))  # pairs on every rank
+        stats: dict[str, Tensor] = {"moe/aux_loss": torch.zeros((), device=self.device)}
+        if total == 0:
+            self.optimizer_step()
+            return stats
+        scale = self.trainer.world_size / total
+        size = max(1, (hp.micro_batch_size or 2 * B) // 2)
         finite = True
-        for i in range(0, pairs, size):
-            c, r = chosen[i : i + size], rejected[i : i + size]
-            loss, metrics = self.pair_loss(rollout, c, r)
-            share = len(c) / pairs
+        for i in range(0, B, size):
+            part = slice(i, i + size)
+            loss, metrics = self.pair_loss(
+                rollout, chosen[part], rejected[part], weights[part], scale, len(weights[part]) / B
+            )
             finite = finite and bool(torch.isfinite(loss))
-            self.manual_backward(loss * share)
+            self.manual_backward(loss)
             for key, value in metrics.items():
-                stats[key] = stats.get(key, 0.0) + share * value
-        if not pairs:
-            stats["moe/aux_loss"] = torch.zeros((), device=self.device)
+                stats[key] = stats.get(key, 0.0) + value
         self.optimizer_step(finite)
-        return stats
+        local = float(weights.sum())  # the pair metrics are sums over this rank's pairs: their means
+        return {k: v if k == "moe/aux_loss" else v / local for k, v in stats.items() if local or k == "moe/aux_loss"}
 
-    def pair_loss(self, rollout: Rollout, chosen: Tensor, rejected: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """The mean DPO loss of the pairs ``(chosen[i], rejected[i])`` plus the MoE aux loss, and
-        their metrics; policy and reference see the two halves in one forward each."""
+    def pair_loss(
+        self, rollout: Rollout, chosen: Tensor, rejected: Tensor, weights: Tensor, scale: float, share: float
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """``scale`` times the weighted sum of the pairs' DPO losses (RPO's NLL included), plus
+        ``share`` of the MoE aux loss; and the pairs' metrics, summed with their weights (the aux
+        loss's, times ``share``). Policy and reference see the two halves in one forward each."""
         hp, p = self.hparams, len(chosen)
         rows = torch.cat([chosen, rejected])  # (2p,)
         logps, logprobs, aux_loss = self.sequence_logps(self.policy, rollout, rows)  # (2p,), (2p, T)
@@ -140,25 +163,29 @@ class OnlineDPOStage(OnlineRLStage):
             logps[:p], logps[p:], ref_logps[:p], ref_logps[p:], hp.beta, hp.loss_type, hp.label_smoothing
         )
         mask = rollout.response_mask[rows]
-        loss = losses.mean()
-        metrics = {"policy/loss": loss.detach()}
-        if hp.rpo_alpha:  # RPO: the chosen responses' NLL per token, averaged over pairs
-            nll = -masked_mean(logprobs[:p], mask[:p], dim=1).mean()
-            loss = loss + hp.rpo_alpha * nll
+        per_pair = losses
+        metrics = {"policy/loss": losses.detach()}
+        if hp.rpo_alpha:  # RPO: the chosen responses' NLL per token
+            nll = -masked_mean(logprobs[:p], mask[:p], dim=1)  # (p,)
+            per_pair = per_pair + hp.rpo_alpha * nll
             metrics["policy/nll_loss"] = nll.detach()
+        kl = masked_sum(logprobs.detach() - ref_logprobs, mask, dim=1)  # (2p,) k1 estimate per response
+        entropy = masked_sum(-logprobs.detach(), mask, dim=1)  # (2p,)
         metrics |= {
-            "rewards/chosen": chosen_rewards.mean(),
-            "rewards/rejected": rejected_rewards.mean(),
-            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
-            "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
-            "logps/chosen": logps[:p].detach().mean(),
-            "logps/rejected": logps[p:].detach().mean(),
-            # k1 estimate of KL(policy || reference) per response, over the paired samples
-            "objective/kl": masked_sum(logprobs.detach() - ref_logprobs, mask) / len(rows),
-            "objective/entropy": masked_mean(-logprobs.detach(), mask),
-            "moe/aux_loss": aux_loss.detach(),
+            "rewards/chosen": chosen_rewards,
+            "rewards/rejected": rejected_rewards,
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
+            "rewards/margins": chosen_rewards - rejected_rewards,
+            "logps/chosen": logps[:p].detach(),
+            "logps/rejected": logps[p:].detach(),
+            "objective/kl": (kl[:p] + kl[p:]) / 2,  # KL(policy || reference) per response, over paired samples
+            # -E[log pi] per token of the pair's two responses
+            "objective/entropy": (entropy[:p] + entropy[p:]) / mask.view(2, p, -1).sum((0, 2)).clamp(min=1),
         }
-        return loss + self.aux_weight(self.policy) * aux_loss, metrics
+        metrics = {k: (weights * v).sum() for k, v in metrics.items()}
+        metrics["moe/aux_loss"] = share * aux_loss.detach()
+        loss = scale * (weights * per_pair).sum() + share * self.aux_weight(self.policy) * aux_loss
+        return loss, metrics
 
     def on_save_checkpoint(self, checkpoint) -> None:
         super().on_save_checkpoint(checkpoint)

@@ -1,10 +1,14 @@
 """One two-process DDP run (Lightning's ``ddp`` strategy, gloo on CPU) covering every stage that
-optimises by hand: PPO, GRPO (``dapo``'s token count is a collective) and TRPO (g, every Fisher
-product and the line search's figures are averaged). One launch, three fits: the processes and
-the process group start once."""
+optimises by hand or gathers across ranks: PPO, GRPO (``dapo``'s token count is a collective),
+TRPO (g, every Fisher product and the line search's figures are averaged), Online DPO (each rank
+must run as many backward passes, ties or not, and normalise by the pairs of all ranks) and KTO
+(z0 is gathered over ranks). One launch, five fits: the processes and the process group start
+once. Each rank records the prompts it saw: the ranks must see different ones, or equal weights
+at the end would prove nothing about gradient sync."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -17,28 +21,43 @@ from shraygpt_rl.model import ShrayGPT
 pytestmark = pytest.mark.slow
 
 DDP_SCRIPT = """
-import sys, torch, lightning as L
+import json, sys, torch, lightning as L
 sys.path.insert(0, {tests!r})
-from conftest import SpreadReward
-from shraygpt_rl.data import PromptDataModule
+from conftest import SomeTies, SpreadReward
+from shraygpt_rl.data import KTODataModule, PromptDataModule
 from shraygpt_rl.stages.grpo import GRPOStage
+from shraygpt_rl.stages.kto import KTOStage
+from shraygpt_rl.stages.online_dpo import OnlineDPOStage
 from shraygpt_rl.stages.ppo import PPOStage
 from shraygpt_rl.stages.trpo import TRPOStage
 
 class Save(L.Callback):
+    prompts = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):  # a row's index, else its prompt
+        self.prompts += batch["index"].tolist() if "index" in batch else batch["prompt"]
+
     def on_train_end(self, trainer, module):
         torch.save(module.state_dict(), f"{{module.kind}}-rank{{trainer.global_rank}}.pt")
+        with open(f"{{module.kind}}-rank{{trainer.global_rank}}.json", "w") as f:
+            json.dump({{"prompts": self.prompts, "skipped": module.nonfinite_skipped}}, f)
+        self.prompts = []
 
 common = dict(policy={policy!r}, rewards=[SpreadReward()], max_new_tokens=6, optimizer="adamw", lr=1e-3,
               log_samples_every=0)
+sizes = dict(source="arithmetic", digits=2, system_prompt=None, max_length=64, max_prompt_length=48, batch_size=4,
+             train_size=32)
 stages = [
-    PPOStage(**common, export_path="ppo.ckpt"),
-    GRPOStage(**common, num_generations=2, loss_type="dapo", num_mini_batches=2, export_path="grpo.ckpt"),
-    TRPOStage(**common, export_path=None, vf_iters=2, max_kl=0.05),
+    (PPOStage(**common, export_path="ppo.ckpt"), PromptDataModule),
+    (GRPOStage(**common, num_generations=2, loss_type="dapo", num_mini_batches=2, export_path="grpo.ckpt"),
+     PromptDataModule),
+    (TRPOStage(**common, export_path=None, vf_iters=2, max_kl=0.05), PromptDataModule),
+    (OnlineDPOStage(**{{**common, "rewards": [SomeTies()]}}, num_generations=2, micro_batch_size=2,
+                    export_path="online-dpo.ckpt"), PromptDataModule),
+    (KTOStage(policy={policy!r}, optimizer="adamw", lr=1e-3, export_path="kto.ckpt"), KTODataModule),
 ]
-for stage in stages:
-    data = PromptDataModule(source="arithmetic", digits=2, system_prompt=None, max_length=64, max_prompt_length=48,
-                            batch_size=4, train_size=32)
+for stage, datamodule in stages:
+    data = datamodule(**sizes)
     L.seed_everything(0)
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=4, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -55,11 +74,15 @@ def test_ddp_ranks_take_the_same_steps_in_every_manually_optimised_stage(random_
     done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     start = ShrayGPT.load_from_checkpoint(random_policy).state_dict()
-    for kind in ("ppo", "grpo", "trpo"):
+    for kind in ("ppo", "grpo", "trpo", "online_dpo", "kto"):
+        seen = [json.loads((tmp_path / f"{kind}-rank{r}.json").read_text()) for r in (0, 1)]
+        # Different data on each rank: otherwise equal weights would hold without any gradient sync.
+        assert seen[0]["prompts"] and set(seen[0]["prompts"]).isdisjoint(seen[1]["prompts"]), kind
+        assert seen[0]["skipped"] == seen[1]["skipped"] == 0, kind
         ranks = [torch.load(tmp_path / f"{kind}-rank{r}.pt") for r in (0, 1)]
         assert ranks[0].keys() == ranks[1].keys()
         assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0]), kind
         assert any(not torch.equal(ranks[0][f"policy.{k}"], v) for k, v in start.items()), kind
         if kind != "trpo":
-            exported = ShrayGPT.load_from_checkpoint(tmp_path / f"{kind}.ckpt").state_dict()
+            exported = ShrayGPT.load_from_checkpoint(tmp_path / f"{kind.replace('_', '-')}.ckpt").state_dict()
             assert all(torch.equal(exported[k], ranks[0][f"policy.{k}"]) for k in exported), kind

@@ -12,6 +12,7 @@ from conftest import (
     ARITH,
     LEARNING_SEED,
     GradRecorder,
+    SomeTies,
     SpreadReward,
     fit_online,
     learned,
@@ -123,6 +124,35 @@ def test_accumulated_micro_batches_equal_one_batch(random_policy):
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
     assert grads[0].keys() == grads[1].keys() and any(g.abs().max() > 0 for g in grads[0].values())
     for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-4), name
+
+
+def test_ties_weigh_nothing_yet_every_prompt_takes_its_micro_batch(random_policy, monkeypatch):
+    """Under DDP each backward is a gradient all-reduce: the number of backward passes must not
+    depend on how many prompts tie (issue 33: a rank with more ties ran fewer, and DDP paired
+    gradients of different steps or hung). The gradient is the mean over the pairs that count."""
+    calls, grads, counted = [], [], []
+    for micro_batch_size in (2, None):
+        stage = _stage(
+            random_policy, rewards=[SomeTies()], num_generations=4, micro_batch_size=micro_batch_size,
+            lr=0.0, aux_loss_weight=0.0, max_grad_norm=None,
+        )  # fmt: skip
+        backward = stage.manual_backward
+
+        def counted_backward(loss, size=micro_batch_size, backward=backward):
+            calls.append(size)
+            return backward(loss)
+
+        monkeypatch.setattr(stage, "manual_backward", counted_backward)
+        recorder, rollouts = GradRecorder(), record_rollouts(stage, monkeypatch)
+        metrics = fit_online(stage, 1, {**PROMPTS, "batch_size": 8}, callbacks=[recorder])
+        ties = stage.pairs(rollouts[0].scores)[2]
+        counted.append(int((~ties).sum()))
+        assert 0 < metrics["objective/tie_fraction"] < 1
+        grads.append(recorder.grads[0])
+    assert calls.count(2) == 8 and calls.count(None) == 1  # a micro-batch per prompt, whatever ties
+    assert counted[0] == counted[1]
+    for name in grads[0]:  # ties at weight 0 and the count normalised: one batch's gradient
         assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-4), name
 
 
