@@ -117,6 +117,9 @@ class GRPOStage(OnlineRLStage):
         super().check_data(datamodule)
         self.check_minibatches(datamodule.hparams.batch_size * self.hparams.num_generations)
 
+    def optimizer_steps_per_rollout(self) -> int:
+        return self.hparams.num_iterations * self.hparams.num_mini_batches
+
     def check_minibatches(self, rows: int) -> None:
         """A rollout of ``rows`` must split into ``num_mini_batches`` equal minibatches, and for
         ``group_token_mean`` into minibatches of whole groups."""

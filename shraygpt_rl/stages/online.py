@@ -26,6 +26,7 @@ from shraygpt_rl.losses import masked_mean
 from shraygpt_rl.rewards import LearnedReward, RewardFunction, TaskVerifier, WeightedSum
 from shraygpt_rl.stages.base import StageModule, disable_dropout
 from shraygpt_rl.stages.checks import check_rewards
+from shraygpt_rl.stages.progress import count_rollouts
 from shraygpt_rl.turns import check_turns
 
 
@@ -133,6 +134,17 @@ class OnlineRLStage(StageModule):
 
     def new_tokens(self) -> int:
         return self.hparams.max_new_tokens
+
+    def optimizer_steps_per_rollout(self) -> int:
+        """The optimizer steps (what ``max_steps`` counts) one rollout takes, at most."""
+        return 1
+
+    def setup(self, stage: str) -> None:
+        """``StageModule``'s checks; then Lightning's progress bar, before it starts, is made to
+        count rollouts out of rollouts planned (``progress.py``)."""
+        super().setup(stage)
+        if self._trainer is not None:
+            count_rollouts(self.trainer.progress_bar_callback)
 
     supports_ptx = False  # PPO-ptx: only PPO mixes demonstrations into its updates
 

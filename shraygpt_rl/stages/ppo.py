@@ -235,6 +235,9 @@ class PPOStage(CriticStage):
         require(ptx_coef >= 0, f"ptx_coef must be >= 0, got {ptx_coef}.")
         super().__init__(export_path=export_path, **kwargs)
 
+    def optimizer_steps_per_rollout(self) -> int:
+        return self.hparams.num_ppo_epochs * self.hparams.num_mini_batches  # fewer when target_kl stops early
+
     def trainable(self):
         return nn.ModuleList([self.policy, self.critic])
 

@@ -117,6 +117,9 @@ class TRPOStage(CriticStage):
         super().__init__(export_path=export_path, **kwargs)
         self.line_search_failures = 0
 
+    def optimizer_steps_per_rollout(self) -> int:
+        return self.hparams.vf_iters  # the critic's: the policy's natural-gradient step is by hand
+
     def trainable(self) -> nn.Module:
         return self.critic  # the policy moves by the natural-gradient step, not by an optimizer
 
