@@ -202,9 +202,11 @@ class StageModule(L.LightningModule):
         """The guard's second half: an update whose gradients are not all finite (with a finite
         loss: ORPO's at a certain answer, an overflow in the backward) is dropped like a
         non-finite loss's: its gradients are cleared, so the optimizer leaves every parameter
-        (and its moments) as it was, and the skip is counted. One host sync per update."""
+        (and its moments) as it was, and the skip is counted. One host sync per update. Under
+        ``16-mixed`` the GradScaler owns this: an overflow there is how it finds its scale."""
         skipped, self._skipped_loss = self._skipped_loss, False  # a loss already dropped and counted
-        if not gradients_finite(self.trainable()):
+        scaled = getattr(self.trainer.precision_plugin, "scaler", None) is not None  # fp16's GradScaler
+        if not scaled and not gradients_finite(self.trainable()):
             optimizer.zero_grad(set_to_none=True)
             self.count_nonfinite(what="gradient")
         elif not skipped:

@@ -7,6 +7,7 @@ import shutil
 import pytest
 import torch
 from conftest import ARITH, PoisonGradient, tiny_trainer
+from lightning.pytorch.plugins.precision import MixedPrecision
 
 from shraygpt_rl.checkpoint import CheckpointError
 from shraygpt_rl.data import SFTDataModule
@@ -94,6 +95,19 @@ def test_a_finite_loss_with_a_non_finite_gradient_skips_the_update(tmp_path):
     trainer.fit(stage, datamodule=data)
     assert stage.nonfinite_skipped == 1 and trainer.global_step == 5
     assert all(torch.equal(poison.before[k], poison.after[k]) for k in poison.before)  # the step changed nothing
+    assert all(torch.isfinite(p).all() for p in stage.policy.parameters())
+
+
+def test_under_fp16_the_grad_scaler_owns_overflowing_gradients(tmp_path):
+    """``16-mixed``: an inf or NaN gradient is how GradScaler finds its scale; it skips that step
+    itself. The guard must not count it (nor clear the gradients under the scaler's feet)."""
+    poison = PoisonGradient(step=2)
+    stage, data = _stage(tmp_path), SFTDataModule(train_size=256, **ARITH)
+    fp16 = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))  # what a GPU's 16-mixed sets up
+    trainer = tiny_trainer(4, limit_val_batches=0, callbacks=[poison], plugins=[fp16])
+    trainer.fit(stage, datamodule=data)
+    assert stage.nonfinite_skipped == 0 and trainer.global_step == 4
+    assert all(torch.equal(poison.before[k], poison.after[k]) for k in poison.before)  # the scaler skipped it
     assert all(torch.isfinite(p).all() for p in stage.policy.parameters())
 
 
