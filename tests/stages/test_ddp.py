@@ -1,7 +1,8 @@
 """One two-process DDP run (Lightning's ``ddp`` strategy, gloo on CPU) covering every stage that
 optimises by hand or gathers across ranks: PPO, GRPO (``dapo``'s token count is a collective),
 TRPO (g, every Fisher product and the line search's figures are averaged), Online DPO (each rank
-must run as many backward passes, ties or not, and normalise by the pairs of all ranks) and KTO
+must run as many backward passes, ties or not, and normalise by the pairs of all ranks: here one
+rank's prompts all tie) and KTO
 (z0 is gathered over ranks). One launch, five fits: the processes and the process group start
 once. Each rank records the prompts it saw: the ranks must see different ones, or equal weights
 at the end would prove nothing about gradient sync."""
@@ -23,13 +24,18 @@ pytestmark = pytest.mark.slow
 DDP_SCRIPT = """
 import json, sys, torch, lightning as L
 sys.path.insert(0, {tests!r})
-from conftest import SomeTies, SpreadReward
+from conftest import SpreadReward
 from shraygpt_rl.data import KTODataModule, PromptDataModule
 from shraygpt_rl.stages.grpo import GRPOStage
 from shraygpt_rl.stages.kto import KTOStage
 from shraygpt_rl.stages.online_dpo import OnlineDPOStage
 from shraygpt_rl.stages.ppo import PPOStage
 from shraygpt_rl.stages.trpo import TRPOStage
+
+class RankTies(SpreadReward):  # every prompt of rank 1 ties: it has no pair, rank 0 has several
+    def __call__(self, prompts, responses, metadata):
+        spread = super().__call__(prompts, responses, metadata)
+        return torch.full_like(spread, 0.5) if torch.distributed.get_rank() == 1 else spread
 
 class Save(L.Callback):
     prompts = []
@@ -52,7 +58,7 @@ stages = [
     (GRPOStage(**common, num_generations=2, loss_type="dapo", num_mini_batches=2, export_path="grpo.ckpt"),
      PromptDataModule),
     (TRPOStage(**common, export_path=None, vf_iters=2, max_kl=0.05), PromptDataModule),
-    (OnlineDPOStage(**{{**common, "rewards": [SomeTies()]}}, num_generations=2, micro_batch_size=2,
+    (OnlineDPOStage(**{{**common, "rewards": [RankTies()]}}, num_generations=2, micro_batch_size=2,
                     export_path="online-dpo.ckpt"), PromptDataModule),
     (KTOStage(policy={policy!r}, optimizer="adamw", lr=1e-3, export_path="kto.ckpt"), KTODataModule),
 ]
