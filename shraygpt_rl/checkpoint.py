@@ -39,10 +39,12 @@ ARCH_KEYS = (
     "num_experts_per_tok",
     "dropout",
 )
-# The files the demo configs write, and the command that writes each: named in "missing" errors.
+# The files the demo configs write (all under checkpoints/demo/, apart from the course user's
+# checkpoints/shraygpt-instruct.ckpt), and the command that writes each: named in "missing" errors.
 WRITERS = {
-    "shraygpt-instruct.ckpt": "python train.py --stage sft",
-    "reward-model.ckpt": "python train.py --stage reward",
+    "checkpoints/demo/shraygpt-instruct.ckpt": "python train.py --stage sft",
+    "checkpoints/demo/reward-model.ckpt": "python train.py --stage reward",
+    "checkpoints/demo/shraygpt-tools-instruct.ckpt": "python train.py --stage sft --config configs/sft-tools.yaml",
 }
 
 
@@ -60,7 +62,7 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     """Load a checkpoint dict safely, turning every failure into one clear sentence."""
     path = Path(path)
     if not path.is_file():
-        writer = WRITERS.get(path.name)
+        writer = WRITERS.get(path.as_posix())  # as the configs spell it, relative to the repository
         hint = f"`{writer}` writes it" if writer else "check the path or train the stage that writes it"
         raise CheckpointError(f"No checkpoint file at '{path}'; {hint}.")
     try:

@@ -1,5 +1,7 @@
-"""ShrayGPT's one-token decode step with fixed shapes and no host sync. It computes RoPE and
-expert routing with the training forward's own functions (``layers.py``).
+"""ShrayGPT's one-token decode step with fixed shapes and no host sync inside the step. It
+computes RoPE and expert routing with the training forward's own functions (``layers.py``). The
+loop around it (``generation.py``) reads the host for EOS every ``EOS_CHECK_EVERY`` steps, and
+after every step in a multi-turn rollout (tools).
 
 ``generation.generate`` runs ShrayGPT through ``StaticDecoder``: one eager prefill, then ``step``
 per token. A step samples the next token of every row from the last logits, records it, and runs

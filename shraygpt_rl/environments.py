@@ -1,6 +1,7 @@
 """Environments for multi-turn rollouts: the policy writes, calls a tool, reads its answer, goes on.
 
-An environment is a plain Python class with a ``stop`` string and a ``step`` method. A
+An environment has a ``stop`` string and a ``step`` method (from Python any object with them; from
+YAML a subclass of ``Environment``, whose ``calls``/``errors`` counters feed the metrics). A
 multi-turn rollout (``turns.py``) stops each row's turn when its text contains ``stop`` (the tool
 call is complete) and asks ``step(prompt, text, metadata)`` what comes next: a string, the
 observation appended to the row's context (tokenised and fed in; it is not the policy's and is

@@ -35,7 +35,7 @@ from shraygpt_rl.data import stack_pairs
 from shraygpt_rl.generation import response_logits, sample_and_decode, sequence_logprobs
 from shraygpt_rl.losses import masked_sum, token_logprobs
 from shraygpt_rl.model import ShrayGPT
-from shraygpt_rl.rewards import Metadata, TaskVerifier, task_answer
+from shraygpt_rl.rewards import Metadata, TaskVerifier, reward_name, task_answer
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -263,7 +263,7 @@ def evaluate_policy(
     report["reward_model_score"] = scores.mean().item() if scores is not None else None
     report["reward_model_success"] = (scores > 0).float().mean().item() if scores is not None else None
     for fn in reward_functions or []:
-        report[f"reward/{fn.name}"] = fn(ours.prompts, ours.texts, ours.metadata).float().mean().item()
+        report[f"reward/{reward_name(fn)}"] = fn(ours.prompts, ours.texts, ours.metadata).float().mean().item()
         reported = fn.report(ours.texts) if hasattr(fn, "report") else {}
         report.update({f"reward/{key}": value for key, value in reported.items()})
     if pass_k > 1:

@@ -1,7 +1,8 @@
 """Reward functions: ``reward(prompts, responses, metadata) -> (B,) float tensor``.
 
-A reward function is any callable with that signature. The classes here subclass
-``RewardFunction`` so that a YAML config can pick them by class path, for example::
+From Python, a reward function is any callable with that signature (named by its ``name``, else
+``__name__``: ``reward_name``). From YAML it must subclass ``RewardFunction``, which is how a
+config picks one by class path (jsonargparse refuses other classes), for example::
 
     rewards:
       - class_path: shraygpt_rl.rewards.ArithmeticVerifier
@@ -281,6 +282,11 @@ class LearnedReward(RewardFunction):
         return self.scorer.score(list(prompts), list(responses)).detach().float().cpu()
 
 
+def reward_name(fn: Callable) -> str:
+    """A reward function's name in metrics (``reward/<name>``): its ``name``, else ``__name__``."""
+    return getattr(fn, "name", getattr(fn, "__name__", "reward"))
+
+
 class WeightedSum:
     """``sum_i weight_i · reward_i``; ``components`` also returns each unweighted reward by name."""
 
@@ -293,7 +299,7 @@ class WeightedSum:
         names = Counter()
         out = {}
         for fn in self.functions:
-            name = getattr(fn, "name", getattr(fn, "__name__", "reward"))
+            name = reward_name(fn)
             names[name] += 1
             out[name if names[name] == 1 else f"{name}_{names[name]}"] = fn(prompts, responses, metadata)
         return out

@@ -11,6 +11,7 @@ import torch
 
 from shraygpt_rl.bench import HH_SAMPLE, ROOT, SHARED
 from shraygpt_rl.bench import R50K as R50K_FILE
+from shraygpt_rl.data.tasks import arithmetic_target
 from shraygpt_rl.environments import Environment
 from shraygpt_rl.model import ShrayGPT, tiny_config
 from shraygpt_rl.runner import config_section, data_from_config
@@ -319,3 +320,34 @@ def frequent_byte(responses: torch.Tensor) -> str:
     rollouts of the same model will hit."""
     tokens = [t for t in responses.flatten().tolist() if 33 <= t < 127]
     return chr(max(set(tokens), key=tokens.count))
+
+
+def scripted_sampler(k: int, calls: list):
+    """A stand-in for ``sample_and_decode``: sample ``j`` of a prompt whose sum is ``t`` is right
+    when ``j < t % (k + 1)``, else ``Answer: t + 1``; so each prompt's correct count is known."""
+
+    def sample(policy, ids, mask, tokenizer, max_new_tokens, **options):
+        calls.append(ids.size(0))
+        texts = []
+        for row, (prompt, real) in enumerate(zip(ids, mask)):
+            target = arithmetic_target(tokenizer.decode(prompt[real.bool()].tolist()))
+            right = row % k < target % (k + 1)
+            texts.append(f"Answer: {target if right else target + 1}")
+        return None, texts
+
+    return sample
+
+
+def scripted_over_real(k: int, calls: list):
+    """``scripted_sampler``'s answers on the real ``sample_and_decode``'s output (its tokens,
+    lengths and log-probabilities), so that ``evaluate_policy`` runs whole on texts whose right
+    answers are known."""
+    from shraygpt_rl import evaluate
+
+    scripted, real = scripted_sampler(k, calls), evaluate.sample_and_decode
+
+    def sample(policy, ids, mask, tokenizer, max_new_tokens, **options):
+        out, _ = real(policy, ids, mask, tokenizer, max_new_tokens, **options)
+        return out, scripted(policy, ids, mask, tokenizer, max_new_tokens, **options)[1]
+
+    return sample

@@ -175,7 +175,7 @@ def test_ppo_on_a_fresh_clone_names_the_command_that_makes_its_policy(tmp_path, 
     monkeypatch.chdir(tmp_path)
     shutil.copytree(ROOT / "configs", tmp_path / "configs")
     assert fails(capsys, ["--stage", "ppo"]) == (  # reads configs/ppo.yaml
-        "No checkpoint file at 'checkpoints/shraygpt-instruct.ckpt'; `python train.py --stage sft` writes it."
+        "No checkpoint file at 'checkpoints/demo/shraygpt-instruct.ckpt'; `python train.py --stage sft` writes it."
     )
 
 

@@ -15,6 +15,7 @@ import ast
 import importlib
 import itertools
 import json
+import math
 import re
 import shlex
 import shutil
@@ -28,6 +29,7 @@ import shraygpt_rl.bench
 import shraygpt_rl.label
 from shraygpt_rl.bench import HH_SAMPLE, R50K, ROOT
 from shraygpt_rl.bench.__main__ import main as bench
+from shraygpt_rl.checkpoint import WRITERS
 from shraygpt_rl.cli import main as train
 from shraygpt_rl.model import ShrayGPT, tiny_config
 from shraygpt_rl.reward_model import RewardModel
@@ -51,13 +53,13 @@ SMALL_STAGES += "--data.train_size 64 --data.val_size 16 --data.test_size 16 --t
 
 def documented_commands() -> list[list[str]]:
     """The ``python`` commands of every ```bash block, in document order (README first), with
-    continuation lines joined and comments dropped; the test command itself is left out."""
+    continuation lines joined and comments dropped; the install and test commands are left out."""
     commands = []
     for document in DOCUMENTS:
         for block in re.findall(r"```bash\n(.*?)```", document.read_text(), flags=re.S):
             for line in block.replace("\\\n", " ").splitlines():
                 words = shlex.split(line, comments=True)
-                if words[:1] == ["python"] and words[1:3] != ["-m", "pytest"]:
+                if words[:1] == ["python"] and words[1:3] not in (["-m", "pytest"], ["-m", "pip"]):
                     commands.append(words)
     return commands
 
@@ -102,6 +104,128 @@ def small_configs(src: Path, dst: Path, hh: bool, models: dict[str, Path] | None
             config["trainer"].update(limit_val_batches=1, enable_progress_bar=False)
             config["data"].update(train_size=64, val_size=16, test_size=16, **({"batch_size": 4} if online else {}))
         path.write_text(yaml.safe_dump(config))
+
+
+def _checkpoint_paths(value) -> set[str]:
+    """Every ``checkpoints/…`` string in a parsed YAML value."""
+    if isinstance(value, dict):
+        return set().union(*map(_checkpoint_paths, value.values()))
+    if isinstance(value, list):
+        return set().union(*map(_checkpoint_paths, value))
+    return {value} if isinstance(value, str) and value.startswith("checkpoints/") else set()
+
+
+def _config_kind(path: Path, config: dict) -> str:
+    """``hh`` (the course user's HH-RLHF configs), ``notebook`` (the Hugging Face workflows, as
+    ``small_configs`` tells them) or ``demo``."""
+    if path.stem.endswith("-hh"):
+        return "hh"
+    if path.stem.startswith("opt-") or (config.get("model") or {}).get("policy") in HUB_MODELS:
+        return "notebook"
+    return "demo"
+
+
+def test_demo_configs_keep_clear_of_the_course_users_checkpoints():
+    """The demo runs beside a course checkpoint (issue 33): every checkpoint path a demo config
+    reads or writes is under checkpoints/demo/, none is a path the ``*-hh.yaml`` configs use, the
+    course checkpoint is named by the ``*-hh.yaml`` configs alone, and the pipeline chains demo
+    configs only. Fails if a demo config (a new one too) exports to or starts from
+    checkpoints/shraygpt-instruct.ckpt, where the export guard would refuse to overwrite a course
+    checkpoint or, worse, a demo stage would train from it."""
+    paths: dict[str, dict[str, set[str]]] = {"demo": {}, "hh": {}, "notebook": {}}
+    named_course_checkpoint = []  # in a value or a comment
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        config = yaml.safe_load(path.read_text())
+        paths[_config_kind(path, config)][path.name] = _checkpoint_paths(config)
+        if "checkpoints/shraygpt-instruct.ckpt" in path.read_text():
+            named_course_checkpoint.append(path.name)
+    assert named_course_checkpoint == ["dpo-hh.yaml", "ppo-hh.yaml", "reward-hh.yaml"]
+    assert {"sft.yaml", "reward.yaml", "ppo-rm.yaml", "grpo-tools.yaml"} <= set(paths["demo"])
+    assert set(paths["hh"]) == {"reward-hh.yaml", "ppo-hh.yaml", "dpo-hh.yaml"}
+    outside = {
+        name: sorted(p for p in used if not p.startswith("checkpoints/demo/")) for name, used in paths["demo"].items()
+    }
+    assert {name: used for name, used in outside.items() if used} == {}
+    course_user = set().union(*paths["hh"].values())
+    assert "checkpoints/shraygpt-instruct.ckpt" in course_user
+    assert all(not used & course_user for used in [*paths["demo"].values(), *paths["notebook"].values()])
+    pipeline = yaml.safe_load((ROOT / "configs" / "pipeline.yaml").read_text())
+    chained = {Path(v).name for k, v in pipeline.items() if k in ("sft", "reward", "ppo", "grpo", "dpo")}
+    assert chained <= set(paths["demo"]) and len(chained) == 5
+
+
+def test_a_missing_demo_checkpoint_names_the_command_that_writes_it():
+    """``checkpoint.WRITERS`` maps each file to the command that writes it: that command's config
+    (``configs/<stage>.yaml`` without ``--config``) must export to exactly that path. Fails if
+    the demo's paths move and the hint keeps pointing at the old ones."""
+    assert WRITERS
+    for path, command in WRITERS.items():
+        words = command.split()
+        assert words[:3] == ["python", "train.py", "--stage"], command
+        config = words[words.index("--config") + 1] if "--config" in words else f"configs/{words[3]}.yaml"
+        assert yaml.safe_load((ROOT / config).read_text())["model"]["export_path"] == path, command
+
+
+def test_the_readme_installs_as_ci_does():
+    """The README's quick start installs with the very command ``.ci/run`` runs."""
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    install = next(line for line in ci if line.startswith("python -m pip install"))
+    quick_start = re.search(r"## Quick start\n\n```bash\n(.*?)\n", (ROOT / "README.md").read_text())
+    assert quick_start and quick_start.group(1).split("#")[0].strip() == install
+
+
+def on_grid(value: float | None, n: int) -> bool:
+    """Whether ``value`` is a share of ``n`` equal parts (a count over ``n``), in [0, 1]."""
+    return value is not None and 0 <= value <= 1 and abs(value * n - round(value * n)) < 1e-6
+
+
+def pipeline_report_problems(report: dict, prompts: int, pairs: int, k: int) -> list[str]:
+    """What a pipeline report on the built-in arithmetic must satisfy exactly, however little
+    the tiny runs learned: each figure is a count over the right number of items and agrees
+    with the others. Returns the problems found (none for a sound report)."""
+    problems = []
+
+    def check(ok: bool, problem: str) -> None:
+        if not ok:
+            problems.append(problem)
+
+    # The share of `pairs` held-out pairs the reward model ranks right: a multiple of 1/pairs.
+    # Catches a soft accuracy (the mean Bradley-Terry probability) or padded or repeated rows.
+    check(on_grid(report["reward_model_accuracy"], pairs), f"accuracy {report['reward_model_accuracy']}")
+    sft = report["results"]["SFT"]
+    # The SFT policy is the reference: nothing is measured against itself.
+    check(sft["kl_to_reference"] == 0.0 and sft["win_rate"] is None, "SFT row measured against itself")
+    for label, row in report["results"].items():
+        check(row["prompts"] == prompts, f"{label}: {row['prompts']} prompts")
+        s, r = row["success"], row["mean_reward"]
+        # Success is a share of prompts, and the mean reward lies where it says: +1 per success,
+        # -1 to -0.2 for the others. Catches the two taken from different samples, or success
+        # no longer meaning reward == +1.
+        check(on_grid(s, prompts), f"{label}: success {s}")
+        check(2 * s - 1 - 1e-6 <= r <= s - 0.2 * (1 - s) + 1e-6, f"{label}: mean reward {r} vs success {s}")
+        # pass@1 averages c/k over prompts, pass@k and maj@k are shares of prompts; a prompt counts
+        # for pass@k or maj@k only with c >= 1 right samples, when its pass@1 is >= 1/k. So
+        # maj@k <= pass@k <= k * pass@1 and pass@1 <= pass@k. Catches the columns missing or
+        # swapped, pass@k over the wrong groups of samples, or a vote counted without a right one.
+        one, at_k, majority = row.get("pass@1"), row.get(f"pass@{k}"), row.get(f"maj@{k}")
+        if None in (one, at_k, majority):
+            problems.append(f"{label}: pass@1 / pass@{k} / maj@{k} missing")
+            continue
+        check(on_grid(one, prompts * k) and on_grid(at_k, prompts) and on_grid(majority, prompts), f"{label}: grid")
+        check(one <= at_k <= k * one + 1e-9 and majority <= at_k, f"{label}: {one}, {at_k}, {majority}")
+    for label in ("PPO", "GRPO", "DPO"):
+        row = report["results"][label]
+        kl, win = row["kl_to_reference"], row["win_rate"]
+        # KL(policy || SFT) of a policy trained away from the SFT policy: finite and not 0.
+        # Catches an export that is the SFT policy (untrained, or the reference saved in its
+        # place) or a KL taken against the policy itself: both give exactly 0. Not "> 0": on 16
+        # samples the k1 estimate of these few-step runs' small KL takes either sign (DPO's
+        # ranged from -0.006 to +0.006 over sampling seeds 0-3).
+        check(kl is not None and math.isfinite(kl) and kl != 0, f"{label}: KL {kl}")
+        # 1, 1/2 (a tie) or 0 per prompt: a multiple of 1/(2 prompts). Catches a win rate that
+        # is a mean score difference or probability rather than a count of comparisons.
+        check(on_grid(win, 2 * prompts), f"{label}: win rate {win}")
+    return problems
 
 
 def test_the_commands_are_found():
@@ -207,18 +331,18 @@ def test_every_documented_command_runs(tmp_path, monkeypatch, capsys, tiny_hf):
     printed = capsys.readouterr().out
     monkeypatch.chdir(demo)
 
-    # The pipeline: every stage, every export, the report and its figures.
+    # The pipeline: every stage, every export, the report and its figures (16 held-out prompts
+    # and pairs in the small configs; pass@8 by default), exactly as far as they are determined.
     assert list(reports["pipeline"]["results"]) == ["SFT", "PPO", "GRPO", "DPO"]
     saved = json.loads(Path("reports/pipeline.json").read_text())
-    assert 0 <= saved["reward_model_accuracy"] <= 1 and saved["results"]["SFT"]["kl_to_reference"] == 0.0
-    for policy in ("PPO", "GRPO", "DPO"):
-        row = saved["results"][policy]
-        assert row["kl_to_reference"] is not None and 0 <= row["win_rate"] <= 1 and row["prompts"] == 16
+    assert pipeline_report_problems(saved, prompts=16, pairs=16, k=8) == []
     assert Path("reports/pipeline.png").stat().st_size > 10_000
     assert "[5/5] DPO" in printed and "reward model pairwise accuracy" in printed
+    assert re.search(r"pass@1 +pass@8 +maj@8", printed)  # the table's last three columns
     for name in ("instruct", "ppo", "grpo", "dpo", "rloo", "online-dpo", "kto", "simpo", "orpo"):
-        assert ShrayGPT.load_from_checkpoint(f"checkpoints/shraygpt-{name}.ckpt").vocab_size == 320
-    assert RewardModel.load_from_checkpoint("checkpoints/reward-model.ckpt").tokenizer == "byte"
+        assert ShrayGPT.load_from_checkpoint(f"checkpoints/demo/shraygpt-{name}.ckpt").vocab_size == 320
+    assert RewardModel.load_from_checkpoint("checkpoints/demo/reward-model.ckpt").tokenizer == "byte"
+    assert not list(Path("checkpoints").glob("*.ckpt"))  # the demo leaves the course user's folder alone
 
     # The evaluation.
     saved = json.loads(Path("reports/ppo.json").read_text())
@@ -236,7 +360,7 @@ def test_every_documented_command_runs(tmp_path, monkeypatch, capsys, tiny_hf):
 
     # Tools: the multi-turn demo's policies, and their evaluation with the calculator.
     for name in ("tools-instruct", "grpo-tools"):
-        assert ShrayGPT.load_from_checkpoint(f"checkpoints/shraygpt-{name}.ckpt").vocab_size == 320
+        assert ShrayGPT.load_from_checkpoint(f"checkpoints/demo/shraygpt-{name}.ckpt").vocab_size == 320
     tools = json.loads(Path("reports/tools.json").read_text())["results"]
     assert all(tools[k]["success"] is not None and tools[k]["pass@8"] is not None for k in ("policy", "reference"))
 

@@ -9,11 +9,10 @@ import math
 
 import pytest
 import torch
-from conftest import ARITH
+from conftest import ARITH, scripted_over_real, scripted_sampler
 
 from shraygpt_rl import evaluate
 from shraygpt_rl.data import PromptDataModule
-from shraygpt_rl.data.tasks import arithmetic_target
 from shraygpt_rl.evaluate import (
     evaluate_policy,
     majority_correct,
@@ -177,25 +176,9 @@ def test_pass_and_majority_by_hand():
         pass_and_majority(["p"] * 3, texts[:3], metadata[:3], k=2)
 
 
-def _scripted_sampler(k: int, calls: list):
-    """A stand-in for ``sample_and_decode``: sample ``j`` of a prompt whose sum is ``t`` is right
-    when ``j < t % (k + 1)``, else ``Answer: t + 1``; so each prompt's correct count is known."""
-
-    def sample(policy, ids, mask, tokenizer, max_new_tokens, **options):
-        calls.append(ids.size(0))
-        texts = []
-        for row, (prompt, real) in enumerate(zip(ids, mask)):
-            target = arithmetic_target(tokenizer.decode(prompt[real.bool()].tolist()))
-            right = row % k < target % (k + 1)
-            texts.append(f"Answer: {target if right else target + 1}")
-        return None, texts
-
-    return sample
-
-
 def test_sample_pass_at_k_against_known_counts_batched_or_not(monkeypatch, tiny_model):
     k, calls = 4, []
-    monkeypatch.setattr(evaluate, "sample_and_decode", _scripted_sampler(k, calls))
+    monkeypatch.setattr(evaluate, "sample_and_decode", scripted_sampler(k, calls))
     sizes = {**ARITH, "train_size": 8, "test_size": 24}
     batched = sample_pass_at_k(tiny_model, PromptDataModule(**{**sizes, "batch_size": 10}), k)
     assert calls == [40, 40, 16]  # each batch of prompts repeated k times, in one call
@@ -216,18 +199,38 @@ def test_sample_pass_at_k_skips_prompts_no_verifier_covers(monkeypatch, tiny_mod
             return [{"metadata": [{"source": "story"}], "prompt": ["Once"], "input_ids": None}]
 
     calls = []
-    monkeypatch.setattr(evaluate, "sample_and_decode", _scripted_sampler(2, calls))
+    monkeypatch.setattr(evaluate, "sample_and_decode", scripted_sampler(2, calls))
     assert sample_pass_at_k(tiny_model, Stories(), k=2) is None and calls == []
 
 
-def test_evaluate_policy_adds_pass_at_k_and_the_report_takes_it(prompts, tmp_path):
+def test_evaluate_policy_adds_pass_at_k_and_the_report_takes_it(monkeypatch, prompts, tmp_path):
+    """pass@k through ``evaluate_policy``, on scripted answers: of each prompt's k samples,
+    ``min(target % (k + 1), k)`` are right, so every figure is above 0 and equals a count by hand.
+    (A random policy's figures are 0 however the k samples are drawn, grouped or judged: a check
+    on them could not fail.) Fails if the k samples of a row group are not one prompt's (``repeat``
+    for ``repeat_interleave``), if pass@1 and pass@k swap, or if maj@k votes over the wrong group."""
+    k, calls = 3, []
+    monkeypatch.setattr(evaluate, "sample_and_decode", scripted_over_real(k, calls))
+    prompts.setup()
     torch.manual_seed(0)
-    report = evaluate_policy(ShrayGPT(**tiny_config()), prompts, max_new_tokens=4, pass_k=3)
-    assert {report["pass@1"], report["pass@3"], report["maj@3"]} == {0.0}  # a random model never answers
+    report = evaluate_policy(ShrayGPT(**tiny_config()), prompts, max_new_tokens=4, pass_k=k)
+    counts = [min(row["target"] % (k + 1), k) for row in prompts.splits["test"]]
+    assert calls == [10, 10, 4, 30, 30, 12]  # one sample per prompt, then k per prompt in one call
+    assert 0 < sum(counts) < k * len(counts) and {c >= 2 for c in counts} == {True, False}
+    expected = {
+        "pass@1": sum(c / k for c in counts) / 24,
+        "pass@3": sum(c > 0 for c in counts) / 24,
+        "maj@3": sum(c >= 2 for c in counts) / 24,  # k = 3: no ties; the wrong answers all agree
+    }
+    assert {name: report[name] for name in expected} == pytest.approx(expected)
+    # the single sample of row i of a batch of 10 is right when i % k < target % (k + 1)
+    firsts = [(i % 10) % k < row["target"] % (k + 1) for i, row in enumerate(prompts.splits["test"])]
+    assert report["success"] == pytest.approx(sum(firsts) / 24)
     assert "pass@1" not in evaluate_policy(ShrayGPT(**tiny_config()), prompts, max_new_tokens=2)
     policies = {"SFT": report, "PPO": {"success": 0.5, "pass@1": None}}
-    lines = table(policies, ("success", *pass_columns(3))).splitlines()
-    assert lines[2].split()[-3:] == ["0.000"] * 3 and lines[3].split() == ["PPO", "0.500", "-", "-", "-"]
+    lines = table(policies, ("success", *pass_columns(k))).splitlines()
+    assert lines[2].split()[-3:] == [f"{expected[name]:.3f}" for name in pass_columns(k)]
+    assert lines[3].split() == ["PPO", "0.500", "-", "-", "-"]
     assert plot_report(tmp_path / "report.png", {}, policies).stat().st_size > 0
 
 
@@ -281,3 +284,15 @@ def test_reward_model_accuracy_is_a_per_pair_comparison(tiny_model):
             hits.append(chosen > rejected)
     assert 0 < sum(hits) < len(hits)  # both outcomes occur: the comparison is not vacuous
     assert reward_model_accuracy(scorer, data) == pytest.approx(sum(hits) / len(hits))
+
+
+def test_a_plain_function_is_a_reward_in_the_report_as_in_training(prompts):
+    """``WeightedSum`` names a plain function by ``__name__``; the report did by ``fn.name`` only,
+    and raised AttributeError (one rule now: ``rewards.reward_name``)."""
+
+    def length(prompts, responses, metadata):
+        return torch.tensor([float(len(r)) for r in responses])
+
+    torch.manual_seed(0)
+    report = evaluate_policy(ShrayGPT(**tiny_config()), prompts, max_new_tokens=3, reward_functions=[length])
+    assert 0 <= report["reward/length"] <= 3  # characters of at most 3 byte tokens

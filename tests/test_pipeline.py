@@ -8,8 +8,9 @@ import json
 
 import pytest
 import torch
-from conftest import ARITH, fails
+from conftest import ARITH, fails, scripted_over_real
 
+from shraygpt_rl import evaluate
 from shraygpt_rl.bench import ROOT
 from shraygpt_rl.cli import main
 from shraygpt_rl.data import PromptDataModule
@@ -70,25 +71,34 @@ def test_eval_reports_pass_at_k_and_maj_at_k_on_the_built_in_tasks(random_policy
     """``--pass_k`` adds pass@1, pass@k and maj@k to the table and the JSON, for the policy and the
     reference; ``--pass_k 0`` leaves them out, and a negative one is refused in one sentence."""
     monkeypatch.chdir(tmp_path)
+    # Scripted answers on the real samples: some right, so a pass@k stuck at 0 (or unwritten) fails.
+    monkeypatch.setattr(evaluate, "sample_and_decode", scripted_over_real(3, []))
     args = f"--policy {random_policy} --data_config {ROOT / 'configs' / 'sft.yaml'} --num_prompts 6 --max_new_tokens 3"
     report = main(["--stage", "eval", *args.split(), "--reference", random_policy, "--pass_k", "3", "--out", "r/k"])
     assert "pass@3" in capsys.readouterr().out
     written = json.loads((tmp_path / "r" / "k.json").read_text())["results"]
     for label in ("policy", "reference"):
-        assert report["results"][label]["pass@1"] == 0.0  # a random model never answers
-        assert {written[label][name] for name in ("pass@1", "pass@3", "maj@3")} == {0.0}
+        figures = {name: written[label][name] for name in ("pass@1", "pass@3", "maj@3")}
+        assert figures == {name: report["results"][label][name] for name in figures}
+        assert 0 < figures["pass@1"] <= figures["pass@3"] <= 1 and figures["maj@3"] <= figures["pass@3"]
     off = main(["--stage", "eval", *args.split(), "--pass_k", "0", "--out", "r/off"])
     assert not any("@" in name for name in off["results"]["policy"])
     assert fails(capsys, ["--stage", "eval", *args.split(), "--pass_k", "-1"]).startswith("pass_k must be >= 0")
 
 
-def test_the_pipeline_report_has_pass_at_k_for_every_policy(random_policy):
+def test_the_pipeline_report_has_pass_at_k_for_every_policy(random_policy, monkeypatch):
     class LengthScorer:
         def score(self, prompts, responses):
             return torch.tensor([float(len(r)) for r in responses])
 
     data = PromptDataModule(**{**ARITH, "train_size": 8, "test_size": 6})
+    data.setup()
     exports = {"SFT": random_policy, "GRPO": random_policy}
+    monkeypatch.setattr(evaluate, "sample_and_decode", scripted_over_real(2, []))  # known right answers
     policies = _evaluate_against_sft(exports, data, LengthScorer(), max_new_tokens=3, seed=0, pass_k=2)
     assert list(policies) == ["SFT", "GRPO"]
-    assert all(policies[label][name] == 0.0 for label in policies for name in ("pass@1", "pass@2", "maj@2"))
+    counts = [min(row["target"] % 3, 2) for row in data.splits["test"]]  # right samples of each prompt's 2
+    expected = {"pass@1": sum(c / 2 for c in counts) / 6, "pass@2": sum(c > 0 for c in counts) / 6}
+    assert 0 < expected["pass@1"] < expected["pass@2"]
+    for label in policies:
+        assert {name: policies[label][name] for name in expected} == pytest.approx(expected), label

@@ -48,11 +48,11 @@ def bench_stages() -> dict[str, float]:
     prompts, pairs, demos = demo_data(PromptDataModule), demo_data(PreferenceDataModule), demo_data(SFTDataModule)
     torch.manual_seed(0)
     fresh = SFTStage(model_config=tiny_config(), export_path=None)
-    trained = SFTStage(policy="checkpoints/shraygpt-instruct.ckpt", export_path=None)
-    start = DPOStage(policy="checkpoints/shraygpt-instruct.ckpt", export_path=None)  # DPO before training
-    aligned = DPOStage(policy="checkpoints/shraygpt-dpo.ckpt", export_path=None)
+    trained = SFTStage(policy="checkpoints/demo/shraygpt-instruct.ckpt", export_path=None)
+    start = DPOStage(policy="checkpoints/demo/shraygpt-instruct.ckpt", export_path=None)  # DPO before training
+    aligned = DPOStage(policy="checkpoints/demo/shraygpt-dpo.ckpt", export_path=None)
     sft, dpo = start.policy, aligned.policy
-    rm = RewardModel.load_from_checkpoint("checkpoints/reward-model.ckpt")
+    rm = RewardModel.load_from_checkpoint("checkpoints/demo/reward-model.ckpt")
     rows = {
         "SFT held-out loss (random init -> SFT)": (held_out_loss(fresh, demos), held_out_loss(trained, demos)),
         "reward model held-out pairwise accuracy": (None, reward_model_accuracy(rm, pairs)),
@@ -87,8 +87,8 @@ def bench_hh_reward() -> tuple[float, float]:
         "--data.system_prompt=You are ShrayGPT, a helpful and concise AI assistant.",
         "--model.policy=null",
         f"--model.model_config={model}",
-        "--model.export_path=checkpoints/reward-model-hh.ckpt",
+        "--model.export_path=checkpoints/demo/reward-model-hh.ckpt",
         "--trainer.max_steps=300",
     )
-    scorer = RewardModel.load_from_checkpoint("checkpoints/reward-model-hh.ckpt")
+    scorer = RewardModel.load_from_checkpoint("checkpoints/demo/reward-model-hh.ckpt")
     return seconds, reward_model_accuracy(scorer, PreferenceDataModule(**data, batch_size=16))
