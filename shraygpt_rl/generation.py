@@ -223,7 +223,7 @@ def generate(
         response_mask=mask[:, P : P + n] * ~fed[:, :n],
         logprobs=logprobs[:, :n],
         prompt_length=P,
-        turns=None if turns is None else turns.stats(),
+        turns=None if turns is None else turns.stats(device),
     )
 
 
@@ -263,7 +263,7 @@ def _generate_static(
         response_mask=mask[:, P:] * ~decoder.fed[:, :n],
         logprobs=decoder.logprobs[:, :n].clone(),
         prompt_length=P,
-        turns=None if turns is None else turns.stats(),
+        turns=None if turns is None else turns.stats(idx.device),
     )
 
 
@@ -333,7 +333,12 @@ def sample_and_decode(
         )
     finally:
         model.train(was_training)
-    real = out.attention_mask[:, out.prompt_length :].bool()  # the policy's tokens and the observations
-    own = out.response_mask.bool()
-    texts = [decode_response(tokenizer, row[mask], mine[mask]) for row, mask, mine in zip(out.responses, real, own)]
+    # One read from the device; then, per row, its real tokens (the policy's and the observations)
+    # and which of them are the policy's.
+    real = out.attention_mask[:, out.prompt_length :]
+    rows, real, own = (t.tolist() for t in (out.responses, real, out.response_mask))
+    texts = [
+        decode_response(tokenizer, [t for t, r in zip(row, used) if r], [o for o, r in zip(mine, used) if r])
+        for row, used, mine in zip(rows, real, own)
+    ]
     return out, texts

@@ -81,8 +81,11 @@ def unreadable_weights(source: str) -> tuple[Path, Exception] | None:
     for path in sorted(folder.glob("pytorch_model*.bin")):  # not training_args.bin: a pickle, never weights
         try:  # mmap: reads the zip's directory, not the tensors
             torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as err:
-            return path, err
+        except Exception:
+            try:  # torch's legacy (pre-zip) format cannot be memory-mapped: read it whole
+                torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as err:
+                return path, err
     return None
 
 

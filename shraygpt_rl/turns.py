@@ -175,16 +175,17 @@ class Turns:
         self.tool_errors[b] += getattr(self.env, "errors", 0) - errors
         return observation
 
-    def stats(self) -> dict[str, Tensor]:
-        """Per row: ``turns``, ``tool_calls``, ``tool_errors``, ``max_turns`` (hit) and
-        ``ended_by_environment`` (a tool call answered with None)."""
-        return {
-            "turns": self.turns.clone(),
-            "tool_calls": self.tool_calls.clone(),
-            "tool_errors": self.tool_errors.clone(),
-            "max_turns": self.max_turns_hit.clone(),
-            "ended_by_environment": self.ended_by_environment.clone(),
+    def stats(self, device: torch.device | str = "cpu") -> dict[str, Tensor]:
+        """Per row, on ``device`` (the rollout's): ``turns``, ``tool_calls``, ``tool_errors``,
+        ``max_turns`` (hit) and ``ended_by_environment`` (a tool call answered with None)."""
+        counts = {
+            "turns": self.turns,
+            "tool_calls": self.tool_calls,
+            "tool_errors": self.tool_errors,
+            "max_turns": self.max_turns_hit,
+            "ended_by_environment": self.ended_by_environment,
         }
+        return {name: value.to(device, copy=True) for name, value in counts.items()}
 
 
 def check_turns(environment, max_turns: int) -> None:

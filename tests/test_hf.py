@@ -181,6 +181,21 @@ def test_the_cut_off_shard_or_pytorch_bin_is_the_one_named(tiny_hf, tmp_path):
     assert "cut off" in cut_off_sentence(binary, cut(binary / "pytorch_model.bin", "half"))
 
 
+def test_a_whole_legacy_pytorch_bin_is_not_blamed_for_another_fault(tiny_hf, tmp_path):
+    """torch's pre-zip format cannot be memory-mapped; a folder that fails for another reason (an
+    unknown model type) must say that, not call its whole weights file cut off (review of issue 33)."""
+    from shraygpt_rl.errors import CheckpointError
+
+    model = load_policy(str(tiny_hf("gpt_neo"))).model
+    folder = tmp_path / "legacy"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "not_a_model"}')
+    torch.save(model.state_dict(), folder / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    with pytest.raises(CheckpointError) as error:
+        load_policy(str(folder))
+    assert "cut off" not in str(error.value) and "is not a Hugging Face causal LM folder" in str(error.value)
+
+
 def test_a_cut_off_file_in_the_hub_cache_is_named(tiny_hf, tmp_path, monkeypatch):
     import huggingface_hub.constants
 

@@ -87,7 +87,6 @@ class StageModule(L.LightningModule):
         self.save_hyperparameters(ignore=["rewards", "environment"])
         self.nonfinite_skipped = 0  # updates skipped for a non-finite loss or gradient, over the whole run
         self.nonfinite_in_a_row = 0
-        self._skipped_loss = False  # the update under way was dropped for its loss (no gradients to check)
         self.reference: nn.Module | None = None
 
     # -- building ------------------------------------------------------------------------------
@@ -203,18 +202,23 @@ class StageModule(L.LightningModule):
         loss: ORPO's at a certain answer, an overflow in the backward) is dropped like a
         non-finite loss's: its gradients are cleared, so the optimizer leaves every parameter
         (and its moments) as it was, and the skip is counted. One host sync per update. Under
-        ``16-mixed`` the GradScaler owns this: an overflow there is how it finds its scale."""
-        skipped, self._skipped_loss = self._skipped_loss, False  # a loss already dropped and counted
+        ``16-mixed`` the GradScaler owns this: an overflow there is how it finds its scale.
+
+        An update with gradients to apply ends a run of skips; one without any (every part of it
+        dropped for its loss, already counted) does not. Under ``accumulate_grad_batches`` a
+        dropped micro-batch leaves the others' gradients, which still make an update."""
+        grads = [p.grad for p in self.trainable().parameters() if p.grad is not None]
+        if not grads:
+            return
         scaled = getattr(self.trainer.precision_plugin, "scaler", None) is not None  # fp16's GradScaler
-        if not scaled and not gradients_finite(self.trainable()):
+        if not scaled and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
             optimizer.zero_grad(set_to_none=True)
-            self.count_nonfinite(what="gradient")
-        elif not skipped:
+            self.count_nonfinite()
+        else:
             self.nonfinite_in_a_row = 0
 
-    def count_nonfinite(self, what: str = "loss") -> None:
+    def count_nonfinite(self) -> None:
         """Count one skipped update; stop the run after ``max_nonfinite`` of them in a row."""
-        self._skipped_loss = what == "loss"
         self.nonfinite_skipped += 1
         self.nonfinite_in_a_row += 1
         self.log("train/nonfinite_skipped", float(self.nonfinite_skipped), on_step=True)
@@ -357,13 +361,6 @@ def lr_factor(step: int, hp, total: int) -> float:
         return 1.0
     progress = min((step - hp.warmup_steps) / max(total - hp.warmup_steps, 1), 1.0)
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def gradients_finite(module: nn.Module) -> bool:
-    """Whether every gradient of ``module``'s parameters is finite (parameters without one count
-    as finite): one reduction per tensor and one host sync in all."""
-    grads = [p.grad for p in module.parameters() if p.grad is not None]
-    return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
 
 def disable_dropout(model: nn.Module) -> nn.Module:

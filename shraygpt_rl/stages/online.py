@@ -180,8 +180,9 @@ class OnlineRLStage(StageModule):
         self.perf["generation_s"] = time.perf_counter() - start
         self.perf["generated_tokens"] = float(out.response_mask.sum())
         truncated = ~((out.responses == enc.eot_token) & out.response_mask.bool()).any(dim=1)
-        if out.turns is not None:  # ended by the environment or at max_turns: an ending, not a cut
-            truncated &= ~(out.turns["ended_by_environment"] | out.turns["max_turns"])
+        turns = None if out.turns is None else {k: v.to(truncated.device) for k, v in out.turns.items()}
+        if turns is not None:  # ended by the environment or at max_turns: an ending, not a cut
+            truncated &= ~(turns["ended_by_environment"] | turns["max_turns"])
         scores, components = self.reward_fn.score(prompts, responses, metadata)
         if self.training:
             self.rollouts += 1
@@ -196,7 +197,7 @@ class OnlineRLStage(StageModule):
             scores=scores.float().to(self.device),
             components={name: value.to(self.device) for name, value in components.items()},
             truncated=truncated,
-            turns=None if out.turns is None else {k: v.to(self.device) for k, v in out.turns.items()},
+            turns=turns,
         )
 
     def response_logprobs(self, model, rollout: Rollout, rows: Tensor, entropy: bool = False):
@@ -273,7 +274,8 @@ class OnlineRLStage(StageModule):
         return stats
 
     def optimizer_step(self, finite: bool = True) -> None:
-        """Clip, step and clear gradients of the (single) optimizer, then step the schedule, by hand.
+        """Step (guarding and clipping: ``on_before_optimizer_step``) and clear the gradients of the
+        (single) optimizer, then step the schedule, by hand.
 
         Each call is one of Lightning's global steps: ``trainer.max_steps`` counts optimizer
         steps, so one rollout is ``num_iterations * num_mini_batches`` of them (PPO: epochs x
@@ -284,18 +286,22 @@ class OnlineRLStage(StageModule):
         (``on_before_optimizer_step``).
         """
         optimizer = self.optimizers()
-        if self.trainer.strategy.reduce_boolean_decision(finite, all=True):  # ranks must skip together
-            if self.hparams.max_grad_norm:
-                clip = self.hparams.max_grad_norm
-                self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
-        else:  # no gradients: the step leaves every parameter as it was, yet counts towards max_steps
-            optimizer.zero_grad(set_to_none=True)
+        if not self.trainer.strategy.reduce_boolean_decision(finite, all=True):  # ranks must skip together
+            optimizer.zero_grad(set_to_none=True)  # no gradients: the step leaves every parameter as it was
             self.count_nonfinite()
-        optimizer.step()
+        optimizer.step()  # on_before_optimizer_step: the gradient guard, then clipping
         optimizer.zero_grad()
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """The gradient guard (``StageModule``'s), then clipping by global norm (``max_grad_norm``):
+        here, where fp16's GradScaler has unscaled the gradients, rather than before
+        ``optimizer.step()``, where they are still scaled (the clip would be off by the scale)."""
+        super().on_before_optimizer_step(optimizer)
+        if self.hparams.max_grad_norm:
+            self.clip_gradients(optimizer, gradient_clip_val=self.hparams.max_grad_norm, gradient_clip_algorithm="norm")
 
     # -- metrics -------------------------------------------------------------------------------
     def log_rollout(self, rollout: Rollout) -> None:

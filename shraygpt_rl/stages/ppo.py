@@ -261,7 +261,10 @@ class PPOStage(CriticStage):
         for rows in self.passes(first, hp.num_ppo_epochs):
             step = self.policy_update(rows, lambda micro, rows: self.loss(rollout, micro, rows, buffer), pretraining)
             stats.append(step)
-            early_stop = hp.target_kl is not None and float(stats[-1]["policy/approxkl"]) > hp.target_kl
+            # every rank stops when one does: each update's backward passes are all-reduces
+            early_stop = hp.target_kl is not None and self.trainer.strategy.reduce_boolean_decision(
+                float(stats[-1]["policy/approxkl"]) > hp.target_kl, all=False
+            )
             if early_stop:
                 break
 

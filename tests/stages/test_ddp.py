@@ -1,11 +1,11 @@
 """One two-process DDP run (Lightning's ``ddp`` strategy, gloo on CPU) covering every stage that
-optimises by hand or gathers across ranks: PPO, GRPO (``dapo``'s token count is a collective),
-TRPO (g, every Fisher product and the line search's figures are averaged), Online DPO (each rank
-must run as many backward passes, ties or not, and normalise by the pairs of all ranks: here one
-rank's prompts all tie) and KTO
-(z0 is gathered over ranks). One launch, five fits: the processes and the process group start
-once. Each rank records the prompts it saw: the ranks must see different ones, or equal weights
-at the end would prove nothing about gradient sync."""
+optimises by hand or gathers across ranks: PPO (one rank's ``target_kl`` stops its epochs early:
+the other must stop too), GRPO (``dapo``'s token count is a collective), TRPO (g, every Fisher
+product and the line search's figures are averaged), Online DPO (each rank must run as many
+backward passes, ties or not, and normalise by the pairs of all ranks: here one rank's prompts
+all tie) and KTO (z0 is gathered over ranks). One launch, five fits: the processes and the
+process group start once. Each rank records the rows it saw: the ranks must see different ones,
+or equal weights at the end would prove nothing about gradient sync."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from shraygpt_rl.model import ShrayGPT
 pytestmark = pytest.mark.slow
 
 DDP_SCRIPT = """
-import json, sys, torch, lightning as L
+import json, os, sys, torch, lightning as L
 sys.path.insert(0, {tests!r})
 from conftest import SpreadReward
 from shraygpt_rl.data import KTODataModule, PromptDataModule
@@ -53,8 +53,11 @@ common = dict(policy={policy!r}, rewards=[SpreadReward()], max_new_tokens=6, opt
               log_samples_every=0)
 sizes = dict(source="arithmetic", digits=2, system_prompt=None, max_length=64, max_prompt_length=48, batch_size=4,
              train_size=32)
+# Rank 1 stops its PPO epochs at target_kl after the second update, rank 0 never would: they must
+# stop together (each update's backward passes are all-reduces).
+target_kl = 1e-12 if os.environ.get("LOCAL_RANK", "0") == "1" else 1e9
 stages = [
-    (PPOStage(**common, export_path="ppo.ckpt"), PromptDataModule),
+    (PPOStage(**common, target_kl=target_kl, num_mini_batches=2, export_path="ppo.ckpt"), PromptDataModule),
     (GRPOStage(**common, num_generations=2, loss_type="dapo", num_mini_batches=2, export_path="grpo.ckpt"),
      PromptDataModule),
     (TRPOStage(**common, export_path=None, vf_iters=2, max_kl=0.05), PromptDataModule),

@@ -6,9 +6,11 @@ cached rollout engine or by a training forward, nor on which other rows share it
 
 from __future__ import annotations
 
+import lightning as L
 import pytest
 import torch
 from conftest import ARITH, PoisonGradient, SpreadReward, fit_online, tiny_trainer
+from lightning.pytorch.plugins.precision import MixedPrecision
 
 from shraygpt_rl import decode
 from shraygpt_rl.data import PromptDataModule
@@ -201,6 +203,26 @@ def test_a_non_finite_gradient_skips_the_update(random_policy, stage_class, opti
     assert all(torch.equal(poison.before[k], poison.after[k]) for k in poison.before)
     assert all(torch.isfinite(v).all() for v in stage.policy.state_dict().values())
     assert any(not torch.equal(start[k], v) for k, v in stage.policy.state_dict().items())
+
+
+def test_under_fp16_the_clip_sees_unscaled_gradients(random_policy, monkeypatch):
+    """``max_grad_norm`` clips the gradients GradScaler has unscaled (review of issue 33: the
+    online stages clipped before ``optimizer.step()``, on gradients still times the scale, so the
+    clip was off by 2^16 and cut every update to almost nothing). The norms the clip measures
+    under a CPU GradScaler of scale 1024 match those of a float32 run."""
+    norms: dict[str, list[float]] = {}
+    clip = torch.nn.utils.clip_grad_norm_
+    fp16 = MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu", 1024.0))
+    for name, plugins in (("fp32", []), ("fp16", [fp16])):
+        seen = norms.setdefault(name, [])
+        monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda p, v, seen=seen: seen.append(float(clip(p, v))))
+        stage = GRPOStage(policy=random_policy, rewards=[SpreadReward()], max_new_tokens=4, optimizer="adamw",
+                          export_path=None, log_samples_every=0, max_grad_norm=1.0)  # fmt: skip
+        L.seed_everything(0)
+        trainer = tiny_trainer(2, limit_val_batches=0, plugins=plugins)
+        trainer.fit(stage, datamodule=PromptDataModule(**dict(ARITH, batch_size=4, train_size=64)))
+    assert len(norms["fp16"]) == len(norms["fp32"]) == 2
+    assert norms["fp16"][0] == pytest.approx(norms["fp32"][0], rel=0.2)  # fp16 rounding, not a factor of 1024
 
 
 def _validate(stage) -> dict[str, float]:

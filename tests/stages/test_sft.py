@@ -111,6 +111,27 @@ def test_under_fp16_the_grad_scaler_owns_overflowing_gradients(tmp_path):
     assert all(torch.isfinite(p).all() for p in stage.policy.parameters())
 
 
+def test_with_gradient_accumulation_a_dropped_micro_batch_is_not_a_dropped_update(tmp_path, monkeypatch):
+    """The first micro-batch of every update is NaN, the second is not: each update still applies
+    the second's gradient, so no run of skipped updates builds up to ``max_nonfinite`` (review of
+    issue 33: the counter was reset only when no micro-batch had been dropped)."""
+    stage, data = _stage(tmp_path, max_nonfinite=3), SFTDataModule(train_size=256, **ARITH)
+    real_loss, calls = stage.loss, {"n": 0}
+
+    def every_other(batch):
+        calls["n"] += 1
+        nll, aux, logits = real_loss(batch)
+        return (nll * float("nan") if calls["n"] % 2 else nll), aux, logits
+
+    monkeypatch.setattr(stage, "loss", every_other)
+    start = {k: v.clone() for k, v in stage.policy.state_dict().items()}
+    trainer = tiny_trainer(6, limit_val_batches=0, accumulate_grad_batches=2)
+    trainer.fit(stage, datamodule=data)
+    assert trainer.global_step == 6 and calls["n"] == 12 and stage.nonfinite_in_a_row == 0
+    assert any(not torch.equal(start[k], v) for k, v in stage.policy.state_dict().items())
+    assert all(torch.isfinite(p).all() for p in stage.policy.parameters())
+
+
 def test_a_run_of_non_finite_losses_stops_in_one_sentence(tmp_path, monkeypatch):
     stage, data = _stage(tmp_path, max_nonfinite=4), SFTDataModule(train_size=256, **ARITH)
     real_loss = stage.loss
