@@ -14,9 +14,12 @@ config picks one by class path (jsonargparse refuses other classes), for example
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from collections.abc import Callable, Sequence
+from decimal import Decimal
+from fractions import Fraction
 from typing import Any, Protocol
 
 import torch
@@ -145,6 +148,206 @@ def task_answer(prompt: str, response: str, metadata: dict[str, Any]) -> tuple[s
         answer = ", ".join(map(str, found)) if found else None
         return answer, ", ".join(map(str, sorted(metadata["numbers"])))
     raise ValueError(f"task_answer needs metadata['task'] to be one of {', '.join(TASKS)}, got {task!r}.")
+
+
+# --------------------------------------------------------------------------------------------
+# Verifier for math datasets: the completion's final answer against a reference column
+# --------------------------------------------------------------------------------------------
+# ``\boxed{`` (``\boxed {`` too): the brace it opens is matched by counting braces, see ``_boxed``.
+_BOXED = re.compile(r"\\boxed\s*\{")
+# A number in running text: a sign only where it cannot be a hyphen or minus between two terms
+# ("pages 3-4" ends with 4, not -4); thousands groups only of exactly three digits ("1,23" is 1 and
+# 23); ASCII digits only, as Python's ``\d`` also takes other scripts' digits, which ``int`` reads.
+_NUMBER_IN_TEXT = re.compile(r"(?:(?<![0-9A-Za-z_.])-)?(?:[0-9]{1,3}(?:,[0-9]{3})+(?![0-9])|[0-9]+)(?:\.[0-9]+)?")
+# A whole (normalised) answer that is a number: the same grammar, with "+" and ".5" besides.
+_NUM = r"[-+]?(?:(?:[0-9]{1,3}(?:,[0-9]{3})+|[0-9]+)(?:\.[0-9]*)?|\.[0-9]+)"
+_NUMBER = re.compile(_NUM)
+_FRACTION = re.compile(rf"(?P<sign>-?)\\frac\{{(?P<a>{_NUM})\}}\{{(?P<b>{_NUM})\}}|(?P<p>{_NUM})/(?P<q>{_NUM})")
+# What does not change an answer: spacing (LaTeX's thin spaces ``\,`` ``\!`` ``\;`` ``\:`` too, as in
+# MATH's ``10,\!000``), ``\left``/``\right`` (but not ``\leftarrow``), currency and percent signs.
+_NOISE = re.compile(r"\s+|\\[,!;:]|\\(?:left|right)(?![A-Za-z])|\\?\$|\\?%")
+
+
+def _boxed(text: str) -> str | None:
+    """The stripped content of the last ``\\boxed{…}`` whose braces balance and which is not blank.
+
+    One pass pairs every ``{`` with its ``}`` (a stack), so that a completion full of unclosed
+    braces costs linear time, not quadratic.
+    """
+    closing: dict[int, int] = {}
+    stack: list[int] = []
+    for i, char in enumerate(text):
+        if char == "{":
+            stack.append(i)
+        elif char == "}" and stack:
+            closing[stack.pop()] = i
+    for match in reversed(list(_BOXED.finditer(text))):
+        start = match.end() - 1  # the "{"
+        if start in closing:
+            content = text[start + 1 : closing[start]].strip()
+            if content:
+                return content
+    return None
+
+
+def extract_answer(completion: str) -> str | None:
+    """A completion's final answer, as written: the last ``\\boxed{…}``, else the last number.
+
+    The boxed answer is the content of the last ``\\boxed{…}`` whose braces balance (nested braces
+    count: ``\\boxed{\\frac{1}{2}}`` is ``\\frac{1}{2}``); an unclosed or blank box is ignored, as
+    if absent. Without one, the last number: digits with an optional ``-``, thousands separators
+    (``1,234``) and decimal part, so that ``"$1,234.50"`` gives ``"1,234.50"`` and ``"I think 3, no 4"``
+    gives ``"4"``. Fractions written ``a/b`` are not numbers here (their last number is ``b``): a
+    model should box them.
+
+    Args:
+        completion: The sampled response.
+
+    Returns:
+        The answer's text, stripped; None when there is neither a box nor a number.
+    """
+    boxed = _boxed(completion)
+    if boxed is not None:
+        return boxed
+    numbers = _NUMBER_IN_TEXT.findall(completion)
+    return numbers[-1] if numbers else None
+
+
+def reference_answer(value: Any) -> str | None:
+    """The reference answer in a dataset's answer column, as text.
+
+    A string is a GSM8K solution when it contains ``####`` (Cobbe et al., 2021, "Training Verifiers
+    to Solve Math Word Problems": the worked solution ends with ``#### <answer>``), and the answer
+    is what follows the last ``####``; else a MATH-style solution when it has a ``\\boxed{…}``, and
+    the answer is the box's content; else the answer is the whole string. A number is written out
+    in full (a float without exponent: ``1e-05`` is ``"0.00001"``).
+
+    Args:
+        value: The metadata column's value: a string, an int or a float.
+
+    Returns:
+        The answer, stripped; None for None, a blank answer, or a float that is not finite.
+    """
+    if value is None:
+        return None
+    if isinstance(value, float):
+        # ``repr`` is the shortest string that reads back as the same float; ``f`` drops its exponent.
+        return format(Decimal(repr(value)), "f") if math.isfinite(value) else None
+    text = str(value)
+    if "####" in text:
+        text = text.rsplit("####", 1)[1]
+    elif (boxed := _boxed(text)) is not None:
+        text = boxed
+    return text.strip() or None
+
+
+def _normalise(answer: str) -> str:
+    """An answer without what does not change it (``_NOISE``), with ``\\dfrac`` and ``\\tfrac`` as
+    ``\\frac``, the Unicode minus as ``-``, and without a trailing period (the end of a sentence)."""
+    answer = _NOISE.sub("", answer.replace("\u2212", "-"))
+    return re.sub(r"\\[dt]frac(?![A-Za-z])", r"\\frac", answer).rstrip(".")
+
+
+def _number(text: str) -> Fraction | None:
+    """A plain number's exact value, None when ``text`` is not one (or has over 4,300 digits, past
+    which Python refuses to read an int)."""
+    if not _NUMBER.fullmatch(text):
+        return None
+    try:
+        return Fraction(text.replace(",", ""))
+    except ValueError:  # too many digits
+        return None
+
+
+def _value(answer: str) -> Fraction | None:
+    """A normalised answer's exact value: a number, ``a/b`` or ``\\frac{a}{b}``; None otherwise."""
+    if (number := _number(answer)) is not None:
+        return number
+    match = _FRACTION.fullmatch(answer)
+    if match is None:
+        return None
+    a, b = (_number(match["a"]), _number(match["b"])) if match["a"] else (_number(match["p"]), _number(match["q"]))
+    if a is None or b is None or b == 0:
+        return None
+    return -a / b if match["sign"] else a / b
+
+
+def same_answer(a: str | None, b: str | None) -> bool:
+    """Whether two answers are the same: as numbers when both are numbers, else as strings.
+
+    Both are first normalised: spaces, LaTeX's thin spaces, ``\\left``/``\\right``, ``$`` and ``%``
+    (escaped or not) are dropped, ``\\dfrac``/``\\tfrac`` read as ``\\frac``, and a trailing period
+    is dropped. When both then read as numbers (an optional sign, digits with optional thousands
+    separators and decimal part, or ``a/b`` or ``\\frac{a}{b}`` of two such), they are compared
+    exactly as fractions, not with a float tolerance: ``"42" == "42.00" == "$42"``, ``"1,234" ==
+    "1234"``, ``"\\frac{1}{2}" == "0.5"``, but ``"0.1" != "0.10000001"``. Otherwise the normalised
+    strings must be equal.
+
+    Args:
+        a: One answer (``extract_answer``'s or ``reference_answer``'s); None is no answer.
+        b: The other.
+
+    Returns:
+        False when either is None.
+    """
+    if a is None or b is None:
+        return False
+    a, b = _normalise(a), _normalise(b)
+    x, y = _value(a), _value(b)
+    if x is not None and y is not None:
+        return x == y
+    return a == b
+
+
+class AnswerVerifier(Verifier):
+    """Scores a completion's final answer against the reference in a metadata column.
+
+    The flagship use: GRPO of an instruct model on a math dataset, such as GSM8K, whose prompts
+    carry the dataset's ``answer`` column. The completion's answer is ``extract_answer``'s (the
+    last ``\\boxed{…}``, else the last number); the reference is ``reference_answer``'s (after the
+    last ``####`` of a GSM8K solution, Cobbe et al. 2021; else a ``\\boxed{…}``; else the whole
+    value); they are compared by ``same_answer`` (exactly as numbers when both are, else as
+    normalised strings). The reward is ``correct`` when they match, ``wrong`` when they do not,
+    and ``no_answer`` when the completion has no answer or the reference cannot be read (None,
+    blank): a bad row of data gives no signal rather than stopping training.
+
+    Args:
+        column: The metadata column holding the reference answer; a data set without it is refused
+            at startup (``requires``).
+        correct: The reward for the right answer.
+        wrong: The reward for a wrong one.
+        no_answer: The reward when there is no answer to compare.
+        weight: As for every reward function.
+    """
+
+    requires = ("answer",)
+
+    def __init__(
+        self,
+        column: str = "answer",
+        correct: float = 1.0,
+        wrong: float = 0.0,
+        no_answer: float = 0.0,
+        weight: float = 1.0,
+    ):
+        super().__init__(weight)
+        self.column, self.correct, self.wrong, self.no_answer = column, correct, wrong, no_answer
+        self.requires = (column,)  # per instance: the column is an argument
+
+    def is_correct(self, response: str, metadata: dict[str, Any]) -> bool:
+        """Whether the response's answer is the reference's."""
+        return same_answer(extract_answer(response), reference_answer(metadata.get(self.column)))
+
+    def score(self, prompt, response, metadata):
+        answer, reference = extract_answer(response), reference_answer(metadata.get(self.column))
+        if answer is None or reference is None:
+            return self.no_answer
+        return self.correct if same_answer(answer, reference) else self.wrong
+
+    def success(self, prompts, responses, metadata):
+        # From the answers, not the reward: ``correct`` is an argument, and may equal another value.
+        _check_lengths(prompts, responses, metadata)
+        return torch.tensor([self.is_correct(r, m) for r, m in zip(responses, metadata)], dtype=torch.bool)
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,9 +8,11 @@ import pytest
 import torch
 from jsonargparse import ArgumentParser
 
+from shraygpt_rl.errors import ConfigError
 from shraygpt_rl.rewards import (
     ANIMALS,
     HUMANS,
+    AnswerVerifier,
     ArithmeticVerifier,
     KeywordReward,
     LearnedReward,
@@ -20,8 +22,12 @@ from shraygpt_rl.rewards import (
     TaskVerifier,
     WeightedSum,
     animal_frequency,
+    extract_answer,
+    reference_answer,
+    same_answer,
     task_answer,
 )
+from shraygpt_rl.stages.checks import check_rewards
 
 
 def seed_001_reward(response: str) -> float:
@@ -216,3 +222,246 @@ def test_rewards_are_chosen_in_yaml_by_class_path(tmp_path):
     first, second = parsed.rewards
     assert isinstance(first, ArithmeticVerifier) and isinstance(second, KeywordReward)
     assert second.weight == 0.1 and second.human_penalty == 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# AnswerVerifier: final answers of math datasets (GSM8K's "#### N", MATH's \boxed{})
+# --------------------------------------------------------------------------------------------
+# GSM8K's first training problem's solution, verbatim (Cobbe et al., 2021).
+NATALIA = (
+    "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
+    "Natalia sold 48+24 = <<48+24=72>>72 clips altogether in April and May.\n#### 72"
+)
+
+
+@pytest.mark.parametrize(
+    "completion,expected",
+    [
+        ("She sold 72 clips in total.", "72"),
+        ("I think 3, no 4", "4"),
+        ("48 + 24 = 72, so the answer is 72.", "72"),
+        ("The total is $1,234.50.", "1,234.50"),
+        ("A rise of 15%", "15"),
+        ("It is -7 degrees, then -3", "-3"),
+        ("pages 3-4", "4"),  # a hyphen between numbers is not a sign
+        ("1,23", "23"),  # not a thousands group: two numbers
+        ("12,345,678 grains", "12,345,678"),
+        ("so 0.25 of them", "0.25"),
+        (r"Thus \boxed{42}. Checking: 6 * 7 = 42, 1 + 1 = 2", "42"),  # the box beats the last number
+        (r"\boxed{\frac{1}{2}}", r"\frac{1}{2}"),
+        (r"\boxed{\frac{\sqrt{3}}{2}} and then 5", r"\frac{\sqrt{3}}{2}"),
+        (r"first \boxed{3}, then \boxed{ 4 }", "4"),
+        (r"\boxed{\boxed{9}}", "9"),
+        (r"\boxed{12", "12"),  # unbalanced: not a box, the last number
+        (r"\boxed{7} then \boxed{8", "7"),
+        (r"we get 5 \boxed{}", "5"),  # a blank box is no box
+        (r"\boxed{}", None),
+        ("no number here", None),
+        ("", None),
+        ("٣ and ۴", None),  # other scripts' digits are not read as numbers
+    ],
+)
+def test_extract_answer_by_hand(completion, expected):
+    assert extract_answer(completion) == expected
+
+
+@pytest.mark.parametrize(
+    "value,expected",
+    [
+        (NATALIA, "72"),
+        ("He pays 2 * 500 = <<2*500=1000>>1000\n#### 1,000", "1,000"),
+        ("#### 5 then #### 6", "6"),  # the last marker
+        (r"So the area is $\boxed{\frac{9}{2}}$.", r"\frac{9}{2}"),
+        ("42", "42"),
+        (" 3.50 ", "3.50"),
+        (42, "42"),
+        (3.5, "3.5"),
+        (1e-05, "0.00001"),
+        (None, None),
+        ("", None),
+        ("   ", None),
+        ("####", None),
+        (float("nan"), None),
+    ],
+)
+def test_reference_answer_by_hand(value, expected):
+    assert reference_answer(value) == expected
+
+
+@pytest.mark.parametrize(
+    "a,b",
+    [
+        ("42", "42.0"),
+        ("42", "42.00"),
+        ("$42", "42"),
+        (r"\$42", "42"),
+        ("1,234", "1234"),
+        ("-5", "-5.0"),
+        ("50%", "50"),
+        (r"50\%", "50"),
+        ("3.50", "3.5"),
+        (".5", "0.5"),
+        ("72.", "72"),
+        (r"\frac{1}{2}", r"\frac{1}{2}"),
+        (r"\frac{1}{2}", "0.5"),
+        (r"\dfrac{3}{4}", "3/4"),
+        (r"-\frac{1}{2}", "-0.5"),
+        (r"10,\!000", "10000"),  # MATH's thin space in thousands
+        (r"\left( 1, 2 \right)", "(1,2)"),
+        (r"x^{2} + 1", "x^{2}+1"),
+        ("−3", "-3"),  # the Unicode minus
+    ],
+)
+def test_same_answers(a, b):
+    assert same_answer(a, b) and same_answer(b, a)
+
+
+@pytest.mark.parametrize(
+    "a,b",
+    [
+        ("42", "43"),
+        ("0.1", "0.10000001"),  # exact, no float tolerance
+        ("1,234", "1.234"),
+        ("1,23", "123"),  # not a thousands group, so not a number
+        ("-5", "5"),
+        (r"\frac{1}{2}", r"\frac{1}{3}"),
+        ("1/0", "0"),
+        (r"\leftarrow", "arrow"),  # \left only as a command of its own
+        ("72", None),
+        (None, None),
+    ],
+)
+def test_different_answers(a, b):
+    assert not same_answer(a, b) and not same_answer(b, a)
+
+
+def test_numbers_too_long_for_int_compare_as_strings():
+    digits = "9" * 5000  # Python refuses to read an int of over 4,300 digits
+    assert extract_answer(f"so {digits}") == digits
+    assert same_answer(digits, digits) and not same_answer(digits, digits[:-1])
+
+
+def test_answer_verifier_scores_gsm8k_by_hand():
+    verifier = AnswerVerifier(correct=1.0, wrong=-0.5, no_answer=-1.0)
+    meta = {"question": "How many clips did Natalia sell?", "answer": NATALIA}
+    responses = [
+        "She sold 48 / 2 = 24 in May, so 48 + 24 = 72.",
+        r"24 + 48 = \boxed{72}",
+        "72.0 clips",
+        "She sold 24 in May.",
+        r"\boxed{71}",
+        "I do not know.",
+        r"\boxed{}",
+    ]
+    rewards = verifier(["p"] * len(responses), responses, [meta] * len(responses))
+    assert rewards.dtype == torch.float32
+    assert rewards.tolist() == [1.0, 1.0, 1.0, -0.5, -0.5, -1.0, -1.0]
+    assert verifier.success(["p"] * len(responses), responses, [meta] * len(responses)).tolist() == [
+        True,
+        True,
+        True,
+        False,
+        False,
+        False,
+        False,
+    ]
+    assert AnswerVerifier().name == "answer_verifier"
+
+
+def test_answer_verifier_reads_its_column_and_unreadable_references_give_no_answer():
+    verifier = AnswerVerifier(column="solution", no_answer=-1.0)
+    assert verifier.score("p", r"\boxed{\dfrac{1}{2}}", {"solution": r"... so $\boxed{\frac12}$"}) == 0.0  # strings
+    assert verifier.score("p", r"\boxed{\dfrac{1}{2}}", {"solution": r"... so $\boxed{\frac{1}{2}}$"}) == 1.0
+    assert verifier.score("p", "1,234", {"solution": 1234}) == 1.0
+    assert verifier.score("p", "3.5", {"solution": 3.5}) == 1.0
+    for bad in (None, "", " ", "####", float("nan")):
+        assert verifier.score("p", "42", {"solution": bad}) == -1.0
+    assert verifier.score("p", "42", {}) == -1.0  # no column (only when called without the startup check)
+
+
+def test_answer_verifier_without_its_column_is_refused_at_startup():
+    keys = {"question", "answer"}
+    check_rewards([AnswerVerifier()], keys, "gsm8k")
+    with pytest.raises(ConfigError) as refused:
+        check_rewards([AnswerVerifier(column="solution")], keys, "gsm8k")
+    message = str(refused.value)
+    assert message.startswith("AnswerVerifier needs 'solution' in each prompt's metadata, which the data 'gsm8k'")
+    assert message.count(". ") == 0 and message.endswith(".")  # one sentence
+
+
+def test_answer_verifier_is_chosen_in_yaml(tmp_path):
+    config = tmp_path / "rewards.yaml"
+    config.write_text(
+        "rewards:\n  - class_path: shraygpt_rl.rewards.AnswerVerifier\n    init_args: {column: solution, wrong: -0.5}\n"
+    )
+    parser = ArgumentParser()
+    parser.add_argument("--config", action="config")
+    parser.add_argument("--rewards", type=list[RewardFunction])
+    (verifier,) = parser.instantiate(parser.parse_args(["--config", str(config)])).rewards
+    assert isinstance(verifier, AnswerVerifier) and verifier.requires == ("solution",)
+    assert (verifier.correct, verifier.wrong, verifier.no_answer) == (1.0, -0.5, 0.0)
+
+
+# The fuzz alphabet: what trips answer parsers: boxes, braces, GSM8K markers, currency, separators,
+# signs, spaces, letters, newlines, non-ASCII (other scripts' digits, the Unicode minus, CJK, a
+# zero-width space).
+FUZZ_PIECES = [*"0123456789", "\\boxed{", "{", "}", "#", "####", "$", ",", ".", "-", " ", "\n", *"abxyz"]
+FUZZ_PIECES += ["\\frac", "é", "٣", "−", "中", "\u200b", "\\"]
+
+
+def noise(rng: random.Random, allow: list[str] = FUZZ_PIECES) -> str:
+    """0-40 pieces from ``allow``; now and then a long run of one of its characters (up to 5,000:
+    past the 4,300 digits Python reads as an int)."""
+    pieces = [rng.choice(allow) for _ in range(rng.randint(0, 40))]
+    if rng.random() < 0.03:
+        run = rng.choice([p for p in allow if len(p) == 1])
+        pieces.insert(rng.randint(0, len(pieces)), run * rng.randint(100, 5000))
+    return "".join(pieces)
+
+
+def random_number(rng: random.Random) -> str:
+    """A number as a model writes it: a sign, thousands separators or none, decimals or none."""
+    value = rng.choice([rng.randint(0, 9), rng.randint(0, 999), rng.randint(0, 10**9)])
+    digits = f"{value:,}" if rng.random() < 0.5 else str(value)
+    decimals = "." + "".join(rng.choice("0123456789") for _ in range(rng.randint(1, 3))) if rng.random() < 0.3 else ""
+    return ("-" if rng.random() < 0.3 else "") + digits + decimals
+
+
+def test_answer_parsing_never_raises_on_random_strings():
+    rng = random.Random(0)
+    verifier = AnswerVerifier(correct=1.0, wrong=-0.5, no_answer=-1.0)
+    completions = [noise(rng) for _ in range(5000)]
+    references = [
+        rng.choice([noise(rng), random_number(rng), None, rng.randint(-99, 99), rng.random()]) for _ in completions
+    ]
+    # Half the references are the completion itself, so that equal answers are reached too.
+    metadata = [{"answer": c if i % 2 else r} for i, (c, r) in enumerate(zip(completions, references))]
+    rewards = verifier(["p"] * len(completions), completions, metadata)
+    for completion, meta, reward in zip(completions, metadata, rewards.tolist()):
+        answer, reference = extract_answer(completion), reference_answer(meta["answer"])
+        assert answer is None or isinstance(answer, str) and answer == answer.strip() and answer
+        if answer is None or reference is None:
+            assert reward == -1.0, (completion, meta)
+        else:
+            assert reward == (1.0 if same_answer(answer, reference) else -0.5), (completion, meta)
+    assert {-1.0, -0.5, 1.0} <= set(rewards.tolist())  # every outcome was reached
+    assert any(len(c) > 4300 for c in completions)  # and runs too long for int()
+
+
+def test_the_planted_answer_is_found_in_random_strings():
+    rng = random.Random(1)
+    verifier = AnswerVerifier()
+    no_box = [p for p in FUZZ_PIECES if p != "\\boxed{"]  # its letters cannot spell "boxed" otherwise
+    no_digit = [p for p in no_box if not p.isdigit()]
+    latex = [r"\frac{1}{2}", r"\sqrt{3}", "x^{2}+1", r"\{1, 2\}", "{}{}", r"\text{east}"]
+    for i in range(3000):
+        if i % 2:  # noise, a box, noise without a box
+            answer = random_number(rng) if rng.random() < 0.6 else rng.choice(latex)
+            tail = noise(rng, no_box)
+            completion = noise(rng) + "\\boxed{" + answer + "}" + tail
+        else:  # noise without a box, a final number, noise without a box or a digit
+            answer = random_number(rng)
+            head, tail = noise(rng, no_box), noise(rng, no_digit)
+            completion = head + rng.choice([" ", "\n", ": "]) + answer + rng.choice(["", " ", ".", "\n"]) + tail
+        assert extract_answer(completion) == answer, completion
+        assert verifier.score("p", completion, {"answer": f"So it is {answer}.\n#### {answer}"}) == 1.0, completion
