@@ -1,7 +1,7 @@
 """ShrayGPT's one-token decode step with fixed shapes and no host sync inside the step. It
 computes RoPE and expert routing with the training forward's own functions (``layers.py``). The
-loop around it (``generation.py``) reads the host for EOS every ``EOS_CHECK_EVERY`` steps, and
-after every step in a multi-turn rollout (tools).
+loop around it (``generation.py``) reads the host for "every row has ended" every
+``EOS_CHECK_EVERY`` steps, and after every step in a multi-turn rollout (tools).
 
 ``generation.generate`` runs ShrayGPT through ``StaticDecoder``: one eager prefill, then ``step``
 per token. A step samples the next token of every row from the last logits, records it, and runs
@@ -27,14 +27,18 @@ arithmetic up to the order of float additions:
   course's formulation did. A decode step reads every expert's weights anyway once its B·k slots
   cover the experts, so this costs little and needs no per-expert counts. With top-2 routing the
   result per row is the same two products added.
-* **EOS** is tracked on the device; ``generation`` looks at the host every few steps only.
+* **Stop tokens** (EOS, and an instruct model's end-of-turn token besides it) are tracked on the
+  device: each sampled token is compared with a preallocated tensor of their ids, and
+  ``generation`` looks at the host every few steps only.
 * **Uniforms for sampling** are drawn for all steps before the loop, in the order in which the
   eager sampler draws them, so that a seeded generator gives the same stream either way.
 """
 
 from __future__ import annotations
 
+import operator
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -169,15 +173,46 @@ class PackedWeights:
 # --------------------------------------------------------------------------------------------
 # The decoder
 # --------------------------------------------------------------------------------------------
+def stop_ids(eos_token_id: int | Sequence[int] | None) -> tuple[int, ...] | None:
+    """``eos_token_id`` (one id, several, or None) as a tuple of ids, or None for no stop token."""
+    if eos_token_id is None:
+        return None
+    try:
+        return (operator.index(eos_token_id),)  # one id: an int, a NumPy integer, an integer tensor of one element
+    except TypeError:
+        pass
+    ids = tuple(operator.index(t) for t in eos_token_id)
+    if not ids:
+        raise ValueError("eos_token_id is an empty sequence; pass None for no stop token.")
+    return ids
+
+
+def is_stop(tokens: Tensor, stops: Tensor) -> Tensor:
+    """Whether each of ``tokens`` (B,) is one of the ids ``stops`` (S,): (B,) bool.
+
+    One comparison per stop id, OR-ed: a fixed-shape op with no host sync. ``torch.isin`` does
+    the same for a few ids, but for many (about ten, more for a larger batch) it switches to
+    sorting and ``unique``, whose data-dependent output size would be read back to the host.
+    """
+    return (tokens[:, None] == stops).any(dim=1)  # (B, S) -> (B,)
+
+
 @dataclass(frozen=True)
 class Sampling:
-    """What the sampler does; fixed for the life of a captured step."""
+    """What the sampler does; fixed for the life of a captured step.
+
+    ``eos_token_id`` is the ids that end a row (given as one id or several, kept as a tuple, so
+    that ``7`` and ``(7,)`` are the same sampling and share a decoder), or None.
+    """
 
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None
-    eos_token_id: int | None = None
+    eos_token_id: tuple[int, ...] | None = None
     pad_token_id: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "eos_token_id", stop_ids(self.eos_token_id))  # frozen: set once, here
 
     @property
     def greedy(self) -> bool:
@@ -189,7 +224,8 @@ class StaticDecoder:
 
     Buffers: ``caches`` (per layer: keys after RoPE (B, H, cap, Dh), latent values (B, cap, Dl)),
     ``valid`` (B, cap) the real tokens, ``positions`` (B,) the next token's RoPE position,
-    ``finished`` (B,), ``force``/``forced`` (B,) the rows fed a given token at the next step
+    ``finished`` (B,), ``stops`` (S,) the stop ids of ``sampling`` (empty for none),
+    ``force``/``forced`` (B,) the rows fed a given token at the next step
     (a multi-turn observation) and that token, ``fed`` (B, cap) the tokens that were fed,
     ``tokens``/``logprobs`` (B, cap) what was sampled, ``uniforms`` (cap, B, 2),
     ``logits`` (B, V) the distribution of the next token, and the device scalars ``start`` (the
@@ -215,6 +251,7 @@ class StaticDecoder:
         self.valid = torch.zeros(B, cap, dtype=torch.bool, device=device)
         self.positions = torch.zeros(B, dtype=torch.long, device=device)
         self.finished = torch.zeros(B, dtype=torch.bool, device=device)
+        self.stops = torch.tensor(sampling.eos_token_id or (), dtype=torch.long, device=device)  # (S,)
         self.force = torch.zeros(B, dtype=torch.bool, device=device)  # rows fed ``forced`` instead of sampling
         self.forced = torch.zeros(B, dtype=torch.long, device=device)
         self.fed = torch.zeros(B, cap, dtype=torch.bool, device=device)  # the tokens that were fed (observations)
@@ -295,8 +332,8 @@ class StaticDecoder:
     def sample(self) -> tuple[Tensor, Tensor]:
         """Draw the next token of every row from ``self.logits`` and record it at column ``t``
         (padding for rows that had ended; ``forced`` for the rows in ``force``, which are fed an
-        observation: log-probability 0, never an end). Returns the tokens (B,) and which rows
-        were alive."""
+        observation: log-probability 0, never an end). A row's own token ends it when it is one of
+        ``stops``. Returns the tokens (B,) and which rows were alive."""
         s, t = self.sampling, self.t.view(1)
         uniforms = None if s.greedy else self.uniforms.index_select(0, t)[0]  # (B, 2)
         tokens, logprobs = sample_next_token(self.logits, s.temperature, s.top_k, s.top_p, uniforms=uniforms)
@@ -308,7 +345,7 @@ class StaticDecoder:
         self.fed.index_copy_(1, t, (alive & self.force)[:, None])
         self.valid.index_copy_(1, self.start.view(1) + t, alive[:, None])  # the new token is real if alive
         if s.eos_token_id is not None:
-            self.finished |= own & (tokens == s.eos_token_id)
+            self.finished |= own & is_stop(tokens, self.stops)
         return tokens, alive
 
     def forward(self, tokens: Tensor) -> Tensor:
@@ -372,7 +409,8 @@ def capacity_bucket(tokens: int, device: torch.device) -> int:
 
 def static_decoder(model: nn.Module, batch: int, tokens: int, sampling: Sampling) -> StaticDecoder:
     """The model's decoder for this shape and sampling (made on first use), with its packed
-    weights refreshed from the model."""
+    weights refreshed from the model. ``sampling`` is part of the key, its stop ids included:
+    a decoder holds them in a device tensor that its captured step reads."""
     dtype = decode_dtype(model)
     device = model.tok_emb.weight.device
     # Tensors made under inference mode cannot be written outside it (Lightning validates in

@@ -1,14 +1,17 @@
 """The rollout engine: batched, KV-cached sampling from ShrayGPT and Hugging Face models.
 
 One prefill over the (left-padded) prompts, then one step of a single token per row. Rows stop
-independently at ``eos_token_id``. Besides the tokens, ``generate`` returns what RL needs: the
+independently, each at the first of the stop ids ``eos_token_id`` it samples: one id, or several
+(an instruct model ends its turn with its chat template's end-of-turn token, ``<|im_end|>`` or
+``<|eot_id|>``, not with its EOS). Besides the tokens, ``generate`` returns what RL needs: the
 response mask and each sampled token's log-probability under the distribution it was sampled
 from (after temperature, top-k and top-p).
 
 Two loops give the same output. ShrayGPT runs through ``shraygpt_rl.decode.StaticDecoder``: a
-fixed-shape step with no host sync (a CUDA graph on GPU) that looks at the host for EOS only every
-``EOS_CHECK_EVERY`` steps. Other models, and ShrayGPT with ``static=False``, run the eager loop:
-the model's own forward against its cache, finished rows fed padding, one host sync per step.
+fixed-shape step with no host sync (a CUDA graph on GPU) that tracks the stop ids on the device
+and looks at the host for "every row has ended" only every ``EOS_CHECK_EVERY`` steps. Other
+models, and ShrayGPT with ``static=False``, run the eager loop: the model's own forward against
+its cache, finished rows fed padding, one host sync per step.
 
 With ``turns`` (a ``turns.Turns``: an environment and its tools), either loop looks at the host
 after every step: a row whose tool call is complete is fed the observation's tokens, one per step,
@@ -18,16 +21,17 @@ policy's own tokens only; ``attention_mask`` covers the observations too.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from shraygpt_rl.decode import Sampling, StaticDecoder, can_decode, static_decoder
+from shraygpt_rl.decode import Sampling, StaticDecoder, can_decode, is_stop, static_decoder, stop_ids
 from shraygpt_rl.losses import entropy_from_logits, token_logprobs
 from shraygpt_rl.sampling import check_sampling, sample_categorical, sample_next_token  # noqa: F401
-from shraygpt_rl.tokenizer import decode_response
+from shraygpt_rl.tokenizer import decode_response, stop_tokens
 from shraygpt_rl.turns import Turns
 
 EOS_CHECK_EVERY = 16  # decode steps between looks at the host for "every row has ended"
@@ -40,7 +44,7 @@ class GenerationOutput:
     Attributes:
         sequences: (B, P + N) left-padded prompts followed by right-padded responses.
         attention_mask: (B, P + N) 1 on real prompt and response tokens, 0 on padding.
-        response_mask: (B, N) 1 on sampled tokens up to and including the row's EOS; 0 on
+        response_mask: (B, N) 1 on sampled tokens up to and including the row's stop token; 0 on
             padding and on the observations of a multi-turn rollout (not the policy's tokens).
         logprobs: (B, N) log-probability of each sampled token under the sampling distribution;
             0 where ``response_mask`` is 0, and 0 for greedy decoding (a point mass).
@@ -139,7 +143,7 @@ def generate(
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    eos_token_id: int | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
     attention_mask: Tensor | None = None,
     pad_token_id: int | None = None,
     generator: torch.Generator | None = None,
@@ -155,9 +159,10 @@ def generate(
         temperature: Softmax temperature; 0 means greedy.
         top_k: Keep only the k most likely tokens (1 means greedy).
         top_p: Nucleus sampling threshold in (0, 1].
-        eos_token_id: Token that ends a row; the loop stops when every row has ended.
+        eos_token_id: The token, or tokens, that end a row (the first of them the row samples);
+            the loop stops when every row has ended.
         attention_mask: (B, P) 1 for prompt tokens and 0 for left padding; None means no padding.
-        pad_token_id: Filler after a row's end; defaults to ``eos_token_id``, else 0.
+        pad_token_id: Filler after a row's end; defaults to the first of ``eos_token_id``, else 0.
         generator: A seeded ``torch.Generator`` for reproducible sampling.
         static: Use the static decode step (None: whenever the model supports it, see
             ``decode.can_decode``); False runs the eager loop.
@@ -175,14 +180,15 @@ def generate(
             f"prompt length {P} + max_new_tokens {max_new_tokens} exceeds the model's block_size "
             f"{model.block_size}; shorten the prompts or ask for fewer tokens."
         )
-    pad = pad_token_id if pad_token_id is not None else (eos_token_id if eos_token_id is not None else 0)
+    stops = stop_ids(eos_token_id)
+    pad = pad_token_id if pad_token_id is not None else (stops[0] if stops is not None else 0)
     check_sampling(temperature, top_k, top_p)
     if attention_mask is None:
         attention_mask = torch.ones_like(idx)
     if static is None:
         static = can_decode(model)
     if static:
-        sampling = Sampling(temperature, top_k, top_p, eos_token_id, pad)
+        sampling = Sampling(temperature, top_k, top_p, stops, pad)
         decoder = static_decoder(model, B, P + max_new_tokens, sampling)
         return _generate_static(model, decoder, idx, attention_mask, max_new_tokens, generator, turns)
     device = idx.device
@@ -192,6 +198,7 @@ def generate(
     logprobs = torch.zeros(B, max_new_tokens, device=device)
     fed = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=device)  # observation tokens
     finished = torch.zeros(B, dtype=torch.bool, device=device)
+    stop_tensor = None if stops is None else torch.tensor(stops, dtype=torch.long, device=device)  # (S,)
     force = forced = None
 
     caches = model.new_kv_caches(B, P + max_new_tokens)
@@ -209,11 +216,11 @@ def generate(
         tokens[:, t] = torch.where(alive, next_tokens, pad)
         logprobs[:, t] = next_logprobs * own
         mask[:, P + t] = alive  # the token just sampled is real for rows that had not ended
-        if eos_token_id is not None:
-            finished |= own & (next_tokens == eos_token_id)
+        if stop_tensor is not None:
+            finished |= own & is_stop(next_tokens, stop_tensor)  # as the static step does
         if turns is not None:
             finished[turns.record(t, tokens[:, t], alive, force)] = True
-        if (eos_token_id is not None or turns is not None) and bool(finished.all()):
+        if (stop_tensor is not None or turns is not None) and bool(finished.all()):
             break  # one host sync per step; lets every row stop early
         if n < max_new_tokens:
             logits, caches, _ = model(tokens[:, t : t + 1], caches, attention_mask=mask[:, : P + n])
@@ -300,17 +307,19 @@ def sample_and_decode(
     metadata: list[dict] | None = None,
     max_turns: int = 4,
 ) -> tuple[GenerationOutput, list[str]]:
-    """Sample a response per prompt row in eval mode, and decode each up to its EOS.
+    """Sample a response per prompt row in eval mode, and decode each up to its stop token.
 
     What a rollout and a held-out evaluation both do. Dropout is off while sampling and the
-    model's mode is restored after. Rows end at the tokenizer's ``<|endoftext|>``.
+    model's mode is restored after. Rows end at any of the tokenizer's stop tokens
+    (``tokenizer.stop_tokens``: ``<|endoftext|>`` for tiktoken's encodings; an instruct model's
+    end-of-turn token besides its EOS).
 
     With an ``environment`` (``environments.Environment``), the rollout is multi-turn: tool calls
     are answered in the loop (``turns.Turns``, up to ``max_turns`` policy turns per row), given
     each row's ``prompts`` text and ``metadata``. The texts then hold the observations too.
 
     Returns:
-        The ``GenerationOutput`` and the response texts (without the EOS).
+        The ``GenerationOutput`` and the response texts (without the stop token).
     """
     turns = None
     if environment is not None:
@@ -326,7 +335,7 @@ def sample_and_decode(
             temperature=temperature,
             top_k=top_k,
             top_p=top_p,
-            eos_token_id=tokenizer.eot_token,
+            eos_token_id=stop_tokens(tokenizer),
             attention_mask=attention_mask,
             generator=generator,
             turns=turns,

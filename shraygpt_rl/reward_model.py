@@ -18,7 +18,7 @@ from shraygpt_rl.checkpoint import read_reward_checkpoint, write_reward_checkpoi
 from shraygpt_rl.losses import masked_mean
 from shraygpt_rl.model import ShrayGPT
 from shraygpt_rl.policy import policy_config, policy_from_config
-from shraygpt_rl.tokenizer import format_response, get_tokenizer
+from shraygpt_rl.tokenizer import encode_special, format_response, get_tokenizer, through
 
 Pooling = Literal["last", "mean"]
 
@@ -38,10 +38,18 @@ class RewardModel(nn.Module):
         pooling: ``last`` real token, or ``mean`` over response tokens.
         tokenizer: Name of the tokenizer ``score`` uses on strings.
         tokenizer_path: Local vocabulary file for that tokenizer.
+        reply_format: How ``score`` tokenises a reply, as the training data's chat template did:
+            the template's text before and after a reply's content, and its end-of-turn token;
+            None: standard text's (``" " + reply`` and EOS, the course's format too).
     """
 
     def __init__(
-        self, trunk: ShrayGPT, pooling: Pooling = "last", tokenizer: str = "byte", tokenizer_path: str | None = None
+        self,
+        trunk: ShrayGPT,
+        pooling: Pooling = "last",
+        tokenizer: str = "byte",
+        tokenizer_path: str | None = None,
+        reply_format: tuple[str, str, int] | None = None,
     ):
         super().__init__()
         trunk.release_head()  # the LM head plays no part in a reward model
@@ -50,6 +58,7 @@ class RewardModel(nn.Module):
         nn.init.normal_(self.value_head.weight, std=1 / (trunk.config["d_model"] + 1) ** 0.5)
         nn.init.zeros_(self.value_head.bias)
         self.pooling, self.tokenizer, self.tokenizer_path = pooling, tokenizer, tokenizer_path
+        self.reply_format = None if reply_format is None else tuple(reply_format)
 
     @property
     def config(self) -> dict[str, Any]:
@@ -58,6 +67,7 @@ class RewardModel(nn.Module):
             "pooling": self.pooling,
             "tokenizer": self.tokenizer,
             "tokenizer_path": self.tokenizer_path,
+            "reply_format": self.reply_format,
         }
 
     @classmethod
@@ -94,6 +104,13 @@ class RewardModel(nn.Module):
             self._encoding, self._encoding_key = get_tokenizer(*key), key
         return self._encoding
 
+    def reply_ids(self, enc, response: str) -> list[int]:
+        """A reply's tokens after its prompt, as the training data's chat format made them."""
+        if self.reply_format is None:
+            return enc.encode_ordinary(format_response(response)) + [enc.eot_token]
+        before, after, end_of_turn = self.reply_format
+        return through(encode_special(enc, before + response + after), end_of_turn)
+
     @torch.no_grad()
     def score(self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 32) -> Tensor:
         """Rewards (B,) of responses to prompts, as text (the ``LearnedReward`` slot)."""
@@ -104,7 +121,7 @@ class RewardModel(nn.Module):
             rows, masks = [], []
             for prompt, response in zip(prompts[start : start + batch_size], responses[start : start + batch_size]):
                 p = enc.encode_ordinary(prompt)
-                r = enc.encode_ordinary(format_response(response)) + [enc.eot_token]
+                r = self.reply_ids(enc, response)
                 rows.append(p + r)
                 masks.append([0] * len(p) + [1] * len(r))
             width = max(map(len, rows))

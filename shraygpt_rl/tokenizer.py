@@ -6,8 +6,10 @@
 * ``byte``: a built-in byte-level tiktoken encoding (256 bytes plus ``<|endoftext|>`` = 256), no
   download, for the tiny models that the tests and the embedded demo train on CPU.
 
-Both are plain ``tiktoken.Encoding`` objects: ``encode_ordinary``, ``decode``, ``eot_token`` and
-``n_vocab`` are all the project uses.
+Both are plain ``tiktoken.Encoding`` objects; ``HFTokenizer`` gives a Hugging Face tokenizer the
+same calls. ``encode_ordinary``, ``decode``, ``eot_token`` and ``n_vocab`` are what the project
+uses, and ``stop_tokens`` where a DataModule's chat format adds an end-of-turn token
+(``data/chat.py``'s ``ChatTokenizer``); ``encode_special`` reads a chat template's special tokens.
 """
 
 from __future__ import annotations
@@ -176,16 +178,39 @@ def format_response(text: str) -> str:
     return " " + text.strip() if text.strip() else ""
 
 
+def stop_tokens(enc) -> tuple[int, ...]:
+    """The ids that end a sampled response: the tokenizer's ``stop_tokens`` where it has them (an
+    instruct model's end-of-turn token, ``<|im_end|>`` or ``<|eot_id|>``, besides its EOS), else
+    its ``eot_token`` alone (tiktoken's encodings)."""
+    return tuple(enc.stop_tokens) if hasattr(enc, "stop_tokens") else (enc.eot_token,)
+
+
+def encode_special(enc, text: str) -> list[int]:
+    """Tokens of text a chat template rendered, its special tokens (a BOS, an end of turn) read as
+    such, as ``apply_chat_template`` tokenises: none is added."""
+    hf = getattr(enc, "tokenizer", None)
+    if hf is not None:
+        return hf(text, add_special_tokens=False)["input_ids"]
+    return getattr(enc, "encoding", enc).encode(text, allowed_special="all")
+
+
+def through(ids: list[int], token: int) -> list[int]:
+    """``ids`` up to and including the first ``token`` (what follows a reply's end-of-turn token,
+    such as a newline before the next turn, is not the reply's); all of ``ids`` without one."""
+    return ids[: ids.index(token) + 1] if token in ids else ids
+
+
 def decode_response(enc, ids, own=None) -> str:
-    """Text of a sampled response: up to the policy's first ``<|endoftext|>``, skipping ids the
-    tokenizer lacks (a model's vocabulary may be padded beyond the tokenizer's, as the byte
-    models' is).
+    """Text of a sampled response: up to the policy's first stop token (``stop_tokens``: EOS, or
+    an instruct model's end-of-turn token), skipping ids the tokenizer lacks (a model's vocabulary
+    may be padded beyond the tokenizer's, as the byte models' is).
 
     ``own`` (one flag per id, None: all) marks the policy's tokens in a multi-turn transcript: an
-    observation's tokens are text even where one is the EOS id (a Hugging Face tokenizer reads
-    the text ``<|endoftext|>`` in a tool's answer as that token), so only the policy's EOS ends it.
+    observation's tokens are text even where one is a stop id (a Hugging Face tokenizer reads the
+    text ``<|endoftext|>`` in a tool's answer as that token), so only the policy's stop token ends it.
     """
     ids = [int(i) for i in ids]
     own = [True] * len(ids) if own is None else [bool(o) for o in own]
-    end = next((i for i, (t, o) in enumerate(zip(ids, own)) if o and t == enc.eot_token), len(ids))
+    stops = set(stop_tokens(enc))
+    end = next((i for i, (t, o) in enumerate(zip(ids, own)) if o and t in stops), len(ids))
     return enc.decode([i for i in ids[:end] if i < enc.n_vocab])

@@ -13,9 +13,11 @@ re-tokenised at a turn boundary, so the log-probabilities of the policy's tokens
 rollout, and the observation's tokens are marked as not the policy's (``response_mask`` 0,
 log-probability 0) so that no loss, KL or advantage counts them.
 
-A row ends at EOS (the environment is asked once more and must say done: None), when the
-environment answers a tool call with None (``ended_by_environment``), when its ``max_turns``-th
-turn ends in another tool call (``max_turns_hit``), or when it runs out of ``max_new_tokens``.
+A row ends at a stop token that the policy samples (any of ``tokenizer.stop_tokens``: EOS, or an
+instruct model's end-of-turn token; the environment is asked once more and must say done: None),
+when the environment answers a tool call with None (``ended_by_environment``), when its
+``max_turns``-th turn ends in another tool call (``max_turns_hit``), or when it runs out of
+``max_new_tokens``.
 Only the last is a truncation: the other two are endings the environment chose, and RL must see
 their reward (a row that never stops calling the tool earns nothing) rather than drop them as cut
 off. A call in the row's last column is not answered: there is no room left for the answer.
@@ -30,6 +32,7 @@ import torch
 from torch import Tensor
 
 from shraygpt_rl.errors import ConfigError, EnvironmentStepError
+from shraygpt_rl.tokenizer import stop_tokens
 
 
 class Turns:
@@ -38,7 +41,8 @@ class Turns:
     Args:
         environment: An object with a ``stop`` string, a ``name``, ``calls``/``errors`` counters
             and ``step(prompt, text, metadata) -> str | None`` (``environments.Environment``).
-        tokenizer: The policy's tokenizer (``encode_ordinary``, ``decode``, ``eot_token``).
+        tokenizer: The policy's tokenizer (``encode_ordinary``, ``decode``, ``eot_token`` and, where
+            it has them, ``stop_tokens``: see ``tokenizer.stop_tokens``).
         prompts: Each row's prompt text.
         metadata: Each row's metadata (passed to ``step``).
         max_turns: Most policy turns per row (1: the policy's first tool call ends the row).
@@ -52,6 +56,7 @@ class Turns:
         stop = environment.stop
         self.env, self.enc, self.prompts, self.metadata = environment, tokenizer, prompts, metadata
         self.max_turns, self.capacity, self.stop = max_turns, capacity, stop
+        self.ends = frozenset(stop_tokens(tokenizer))  # the policy's tokens that end its response
         B = len(prompts)
         self.window = len(stop.encode())  # a token holds at least one byte: the stop spans at most this many
         self.last_char = stop[-1]
@@ -86,7 +91,7 @@ class Turns:
     # -- what the last step produced -----------------------------------------------------------
     def record(self, column: int, tokens: Tensor, alive: Tensor, force: Tensor) -> list[int]:
         """Take in step ``column``'s tokens (B,) (``alive`` rows were real, ``force`` rows fed an
-        observation token). Returns the rows to end now (they stop without EOS)."""
+        observation token). Returns the rows to end now (they stop without a stop token)."""
         end = []
         step = torch.stack([tokens, alive.long(), force.long()]).tolist()  # one read from the device
         for b, (token, real, fed) in enumerate(zip(*step)):
@@ -97,7 +102,7 @@ class Turns:
             if fed:
                 self.queue[b].pop(0)
                 continue
-            if token == self.enc.eot_token:
+            if token in self.ends:
                 self._ask(b, at_eos=True)
                 continue
             self.turn[b].append(token)
@@ -146,10 +151,11 @@ class Turns:
 
     def _ask(self, b: int, at_eos: bool) -> str | None:
         """``environment.step`` for row ``b``, with its counters read per row; one sentence on misuse."""
-        eos, n_vocab = self.enc.eot_token, self.enc.n_vocab
-        # The policy's EOS is not text; an observation's tokens are, even one the tokenizer reads as EOS.
+        ends, n_vocab = self.ends, self.enc.n_vocab
+        # The policy's stop token is not text; an observation's tokens are, even one the tokenizer
+        # reads as a stop token.
         text = self.enc.decode(
-            [t for t, own in zip(self.response[b], self.own[b]) if t < n_vocab and not (own and t == eos)]
+            [t for t, own in zip(self.response[b], self.own[b]) if t < n_vocab and not (own and t in ends)]
         )
         if not at_eos:
             text = text[: text.rindex(self.stop) + len(self.stop)]  # a token may run past the stop string

@@ -73,18 +73,21 @@ def tiny_model() -> ShrayGPT:
 
 @pytest.fixture(scope="session")
 def tiny_hf(tmp_path_factory):
-    """``tiny_hf(kind, vocabulary="byte")``: the folder of a tiny random GPT-Neo or OPT model with
-    its tokenizer (``bench/tiny_hf.py``), written once per session."""
+    """``tiny_hf(kind, vocabulary="byte", template=None)``: the folder of a tiny random GPT-Neo, OPT
+    or Llama model with its tokenizer (``bench/tiny_hf.py``; with ``template``, ``chatml`` or
+    ``inst``, an instruct model's chat template), written once per session."""
     from shraygpt_rl.bench.tiny_hf import tiny_hf_model
 
-    made: dict[tuple[str, str], Path] = {}
+    made: dict[tuple[str, str, str | None], Path] = {}
 
-    def make(kind: str, vocabulary: str = "byte") -> Path:
+    def make(kind: str, vocabulary: str = "byte", template: str | None = None) -> Path:
         if vocabulary == "r50k":
             shared_file(R50K_FILE)
-        if (kind, vocabulary) not in made:
-            made[kind, vocabulary] = tiny_hf_model(kind, tmp_path_factory.mktemp(f"{kind}-{vocabulary}"), vocabulary)
-        return made[kind, vocabulary]
+        key = (kind, vocabulary, template)
+        if key not in made:
+            folder = tmp_path_factory.mktemp(f"{kind}-{vocabulary}-{template}")
+            made[key] = tiny_hf_model(kind, folder, vocabulary, template=template)
+        return made[key]
 
     return make
 

@@ -128,6 +128,31 @@ def test_the_decode_step_traces_as_one_graph(wide_model, monkeypatch, blocked, o
     assert int(decoder.t) == 2 and decoder.valid[:, 5:7].all()
 
 
+def test_the_traced_step_ends_a_row_at_any_of_its_stop_ids(wide_model, monkeypatch):
+    """The stop ids live in a device tensor of the decoder: the step that traces whole ends a row
+    at either of two (an end-of-turn token besides EOS), and no other row."""
+    monkeypatch.setattr(decode, "_DECODERS", type(decode._DECODERS)())
+    ids, mask = _left_pad([3, 5, 4], wide_model.vocab_size)
+    decoder = static_decoder(wide_model, 3, 12, Sampling(top_k=1, eos_token_id=(7, 9)))
+    decoder.prefill(wide_model, ids, mask)
+    decoder.logits.zero_()
+    decoder.logits[[0, 1, 2], [9, 7, 5]] = 1.0  # greedy picks the second stop id, the first, neither
+    torch._dynamo.reset()
+    torch.compile(decoder._step, fullgraph=True, backend="eager")()
+    assert decoder.tokens[:, 0].tolist() == [9, 7, 5]
+    assert decoder.finished.tolist() == [True, True, False]
+
+
+def test_decoders_are_kept_per_stop_ids(wide_model, monkeypatch):
+    """One id or a sequence of one is the same sampling; other stop ids are another decoder."""
+    monkeypatch.setattr(decode, "_DECODERS", type(decode._DECODERS)())
+    one = static_decoder(wide_model, 2, 16, Sampling(eos_token_id=7))
+    assert static_decoder(wide_model, 2, 16, Sampling(eos_token_id=[7])) is one
+    two = static_decoder(wide_model, 2, 16, Sampling(eos_token_id=(7, 9)))
+    assert two is not one and two.stops.tolist() == [7, 9] and one.stops.tolist() == [7]
+    assert static_decoder(wide_model, 2, 16, Sampling(eos_token_id=(7, 8))).stops.tolist() == [7, 8]
+
+
 def test_packed_weights_follow_in_place_updates(wide_model):
     ids, mask = _left_pad([4, 7], wide_model.vocab_size)
     before = wide_model.generate(ids, 10, top_k=1, attention_mask=mask, static=True)

@@ -1,4 +1,5 @@
-"""The rollout engine: batched = row by row, per-row EOS, sampling logprobs, seeding."""
+"""The rollout engine: batched = row by row, per-row EOS (or any of several stop tokens), sampling
+logprobs, seeding."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from shraygpt_rl.generation import sample_categorical, sample_next_token
+from shraygpt_rl.generation import response_logprobs, sample_and_decode, sample_categorical, sample_next_token
+from shraygpt_rl.tokenizer import byte_encoding
 
 
 def _left_pad(rows):
@@ -30,6 +32,117 @@ def test_batched_greedy_equals_row_by_row(tiny_model, eos):
         n = alone.response_mask.sum().item()
         assert torch.equal(batched.responses[i, :n], alone.responses[0, :n])
         assert batched.response_mask[i].sum().item() == n
+
+
+class Stops:
+    """The byte encoding as an instruct model's tokenizer sees it: ``stop_tokens`` all end a response
+    (an end-of-turn token besides EOS), ``eot_token`` (the first of them) pads."""
+
+    def __init__(self, stop_tokens: tuple[int, ...]):
+        self.base, self.stop_tokens, self.eot_token, self.n_vocab = byte_encoding(), stop_tokens, stop_tokens[0], 256
+
+    def encode_ordinary(self, text):
+        return self.base.encode_ordinary(text)
+
+    def decode(self, ids):
+        return self.base.decode([i for i in ids if i < 256])
+
+
+def _two_stops(responses: torch.Tensor) -> tuple[int, int]:
+    """Two tokens a free run (B, N) samples: row 0's 4th and row 1's 3rd, so that rows end at either."""
+    stops = int(responses[0, 3]), int(responses[1, 2])
+    assert stops[0] != stops[1]
+    return stops
+
+
+def _first_stop(row: torch.Tensor, stops) -> int:
+    """The length of ``row`` (N,) up to and including its first stop token (N if none)."""
+    hits = torch.isin(row, torch.tensor(stops)).nonzero()[:, 0]
+    return int(hits[0]) + 1 if len(hits) else row.numel()
+
+
+SAMPLED = [dict(top_k=1), dict(temperature=1.0), dict(temperature=0.8, top_p=0.9)]
+
+
+@pytest.mark.parametrize("sampling", SAMPLED)
+def test_rows_end_at_whichever_stop_token_comes_first(tiny_model, sampling):
+    """With two stop ids (an end-of-turn token besides EOS) a row ends at the first of either; the
+    static and eager loops agree; ``response_mask`` covers the stop token and nothing after it."""
+    ids, mask = _left_pad([torch.randint(0, 320, (n,)) for n in (5, 11, 8, 3, 6, 9)])
+
+    def run(static=None, **options):
+        g = torch.Generator().manual_seed(0)
+        return tiny_model.generate(ids, 24, attention_mask=mask, generator=g, static=static, **sampling, **options)
+
+    free = run()
+    stops = _two_stops(free.responses)
+    static, eager = run(True, eos_token_id=stops), run(False, eos_token_id=list(stops))
+    assert torch.equal(static.sequences, eager.sequences)
+    assert torch.equal(static.attention_mask, eager.attention_mask)
+    assert torch.equal(static.response_mask, eager.response_mask)
+    assert torch.allclose(static.logprobs, eager.logprobs, atol=1e-5)
+    ended_at = set()
+    for i in range(len(ids)):
+        n = _first_stop(free.responses[i], stops)
+        assert torch.equal(static.responses[i, :n], free.responses[i, :n])
+        assert static.response_mask[i, :n].all() and not static.response_mask[i, n:].any()
+        assert (static.responses[i, n:] == stops[0]).all()  # padded with the first stop id
+        assert (static.logprobs[i, n:] == 0).all()
+        end = int(free.responses[i, n - 1])
+        ended_at |= {end} if end in stops else set()
+    assert ended_at == set(stops)  # rows ended at each of them
+    assert static.responses.size(1) == max(_first_stop(r, stops) for r in free.responses)
+
+
+@pytest.mark.parametrize("static", [True, False])
+def test_batched_equals_row_by_row_with_two_stop_tokens(tiny_model, static):
+    rows = [torch.randint(0, 320, (n,)) for n in (5, 11, 8, 3)]
+    ids, mask = _left_pad(rows)
+    stops = _two_stops(tiny_model.generate(ids, 16, top_k=1, attention_mask=mask).responses)
+    batched = tiny_model.generate(ids, 16, top_k=1, attention_mask=mask, eos_token_id=stops, static=static)
+    lengths = batched.response_mask.sum(1)
+    assert len(set(lengths.tolist())) > 1 and int(lengths.min()) < 16  # rows ended at different steps
+    for i, row in enumerate(rows):
+        alone = tiny_model.generate(row[None], 16, top_k=1, eos_token_id=stops, static=static)
+        n = int(alone.response_mask.sum())
+        assert n == int(lengths[i])
+        assert torch.equal(batched.responses[i, :n], alone.responses[0, :n])
+
+
+@pytest.mark.parametrize("static", [True, False])
+def test_a_training_forward_recovers_the_logprobs_of_rows_ended_by_either_stop(tiny_model, static):
+    ids, mask = _left_pad([torch.randint(0, 320, (n,)) for n in (4, 9, 6, 12)])
+    g = torch.Generator()
+    stops = _two_stops(
+        tiny_model.generate(ids, 20, temperature=0.9, attention_mask=mask, generator=g.manual_seed(2)).responses
+    )
+    out = tiny_model.generate(
+        ids, 20, temperature=0.9, attention_mask=mask, eos_token_id=stops, generator=g.manual_seed(2), static=static
+    )
+    own = out.response_mask.bool()
+    assert int(own.sum(1).min()) < out.responses.size(1)  # a row ended early: its padding is not scored
+    with torch.no_grad():
+        logprobs, _, _ = response_logprobs(tiny_model, out.sequences, out.attention_mask, out.prompt_length, 0.9)
+    assert torch.allclose(logprobs[own], out.logprobs[own], atol=1e-5)
+    assert (out.logprobs[~own] == 0).all()
+
+
+def test_sample_and_decode_stops_at_every_stop_token_of_the_tokenizer(tiny_model):
+    """An instruct tokenizer's ``stop_tokens`` end rows (not just its ``eot_token``), and each
+    text ends before the row's stop token."""
+    ids, mask = _left_pad([torch.randint(97, 123, (n,)) for n in (5, 8, 3, 6)])
+    free = tiny_model.generate(ids, 24, top_k=1, attention_mask=mask)
+    printable = [t for t in free.responses[:, :12].flatten().tolist() if 33 <= t < 127]
+    stops = (printable[0], next(t for t in printable if t != printable[0]))
+    out, texts = sample_and_decode(tiny_model, ids, mask, Stops(stops), 24, top_k=1)
+    ended_at = set()
+    for i, text in enumerate(texts):
+        n = _first_stop(free.responses[i], stops)
+        assert int(out.response_mask[i].sum()) == n
+        ends = int(free.responses[i, n - 1]) in stops
+        ended_at |= {int(free.responses[i, n - 1])} if ends else set()
+        assert text == Stops(stops).decode(free.responses[i, : n - 1 if ends else n].tolist())
+    assert ended_at == set(stops)
 
 
 def test_temperature_zero_is_greedy(tiny_model):

@@ -15,7 +15,7 @@ from shraygpt_rl.generation import generate, response_logprobs, sample_and_decod
 from shraygpt_rl.lora import LoRASpec
 from shraygpt_rl.model import ShrayGPT
 from shraygpt_rl.policy import load_policy, with_lora
-from shraygpt_rl.tokenizer import byte_encoding
+from shraygpt_rl.tokenizer import byte_encoding, stop_tokens
 from shraygpt_rl.turns import Turns
 
 OBSERVATION = "<r>"
@@ -23,10 +23,13 @@ ARITH_PROMPTS = dict(source="arithmetic", digits=2, system_prompt=None, max_leng
 
 
 class Encoding:
-    """The byte encoding with another EOS (a token a random model emits)."""
+    """The byte encoding with another EOS (a token a random model emits), and with ``stop_tokens``
+    (when given) the tokens that all end a response, as an instruct model's tokenizer has them."""
 
-    def __init__(self, eot_token: int = 256):
+    def __init__(self, eot_token: int = 256, stop_tokens: tuple[int, ...] | None = None):
         self.base, self.eot_token, self.n_vocab = byte_encoding(), eot_token, 256
+        if stop_tokens is not None:  # tiktoken's encodings have no such attribute
+            self.stop_tokens = stop_tokens
 
     def encode_ordinary(self, text):
         return self.base.encode_ordinary(text)
@@ -50,7 +53,9 @@ def a_stop(out) -> str:
 def run(model, ids, mask, env, max_new_tokens=40, enc=None, max_turns=4, **kwargs):
     enc = enc or Encoding()
     turns = Turns(env, enc, ["p"] * len(ids), [{}] * len(ids), max_turns, max_new_tokens)
-    return generate(model, ids, max_new_tokens, attention_mask=mask, eos_token_id=enc.eot_token, turns=turns, **kwargs)
+    return generate(
+        model, ids, max_new_tokens, attention_mask=mask, eos_token_id=stop_tokens(enc), turns=turns, **kwargs
+    )
 
 
 def observation_texts(out) -> list[list[str]]:
@@ -332,3 +337,72 @@ def test_rows_the_environment_ends_are_not_truncated(random_policy):
         assert not rollout.truncated[by_env].any()
         cut = ~by_env & ~(rollout.sequences[:, rollout.prompt_length :] == 256).any(1)
         assert torch.equal(rollout.truncated, cut)
+
+
+class Reader(Echo):
+    """Echo that also keeps every text it is asked about."""
+
+    def __init__(self, stop: str = "a", answer="<r>"):
+        super().__init__(stop, answer)
+        self.read = []
+
+    def step(self, prompt, text, metadata):
+        self.read.append(text)
+        return super().step(prompt, text, metadata)
+
+
+def test_a_stop_token_other_than_eos_ends_the_policys_turn():
+    """An instruct model ends its turn with an end-of-turn token, not EOS: the environment is asked
+    once more at it and reads the transcript without it; the same token in an observation is text."""
+    enc = Encoding(stop_tokens=(256, ord("#")))
+    env = Reader("a", answer="[#]")
+    policy, observation = list(b"xa"), list(b"[#]")
+    ids = policy + observation + list(b"b#")
+    own = [True] * len(policy) + [False] * len(observation) + [True, True]
+    assert feed(Turns(env, enc, ["p"], [{}], 4, capacity=len(ids) + 4), [ids], [own]) == [[]] * len(ids)
+    assert env.read == ["xa", "xa[#]b"] and env.calls == 1  # at the policy's "#": the transcript without it
+
+
+@pytest.mark.parametrize("static", [True, False])
+def test_rows_end_at_any_stop_token_and_the_environment_is_asked_there(tiny_model, static):
+    ids, mask = prompts()
+    stop = a_stop(generate(tiny_model, ids, 40, attention_mask=mask, top_k=1))
+    first = run(tiny_model, ids, mask, Echo(stop), top_k=1, static=static)
+    own = first.response_mask[2].nonzero()[:, 0]
+    end = first.responses[2, own[own >= 20][0]].item()  # row 2 (at least) ends there, after a tool call
+    enc = Encoding(stop_tokens=(256, end))
+    env = Reader(stop)
+    out = run(tiny_model, ids, mask, env, enc=enc, top_k=1, static=static)
+    last = [int(out.response_mask[row].nonzero()[-1, 0]) for row in range(len(ids))]  # each row's last own token
+    ended = [row for row in range(len(ids)) if out.responses[row, last[row]].item() in enc.stop_tokens]
+    assert out.responses[2, last[2]].item() == end and int(out.turns["tool_calls"][2]) >= 1
+    for row in ended:  # nothing after the stop token
+        assert not out.attention_mask[row, out.prompt_length + last[row] + 1 :].any()
+    assert len(env.read) == env.calls + len(ended)  # each tool call, and once more at each row's stop token
+
+
+def test_rows_that_end_at_any_stop_token_are_not_truncated(random_policy):
+    """A rollout counts a row as cut at max_new_tokens only when none of the tokenizer's stop
+    tokens ended it (PPO's missing_eos_penalty, GRPO's mask_truncated_completions)."""
+    from types import SimpleNamespace
+
+    from shraygpt_rl.data import PromptDataModule
+    from shraygpt_rl.stages.grpo import GRPOStage
+
+    stage = GRPOStage(policy=random_policy, max_new_tokens=24, num_generations=4, export_path=None)
+    data = PromptDataModule(**{**ARITH_PROMPTS, "batch_size": 8})
+    data.setup()
+    batch = next(iter(data.train_dataloader()))
+    stage._trainer = type("T", (), {"datamodule": data, "training": False})()
+    torch.manual_seed(0)
+    plain = stage.rollout(batch, repeats=2)
+    end = ord(frequent_byte(plain.sequences[:, plain.prompt_length :]))
+    enc = Encoding(stop_tokens=(256, end))
+    stage._trainer = type("T", (), {"datamodule": SimpleNamespace(tokenizer=enc), "training": False})()
+    torch.manual_seed(0)
+    rollout = stage.rollout(batch, repeats=2)
+    responses, own = rollout.sequences[:, rollout.prompt_length :], rollout.response_mask.bool()
+    at_end = ((responses == end) & own).any(1)
+    assert at_end.sum() >= 2 and not rollout.truncated[at_end].any()
+    assert torch.equal(rollout.truncated, ~(torch.isin(responses, torch.tensor([256, end])) & own).any(1))
+    assert all(chr(end) not in text for text in rollout.responses)  # each text stops before its stop token

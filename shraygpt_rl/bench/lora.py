@@ -49,7 +49,7 @@ def held_out_rewards(policy, samples_per_prompt: int, max_new_tokens: int, seed:
     data = PromptDataModule(source="stories", tokenizer="hf", tokenizer_path=policy.source, system_prompt=None)
     data.setup()
     prompts = [p for p in data.splits["test"]["prompt"] for _ in range(samples_per_prompt)]
-    batch = data.collate([{"prompt_ids": data.tokenizer.encode_ordinary(p), "prompt": p} for p in prompts])
+    batch = data.collate([{"prompt_ids": data.tokenizer.encode_ordinary(p), "prompt_text": p} for p in prompts])
     generator = torch.Generator().manual_seed(seed)
     ids, mask = batch["input_ids"], batch["attention_mask"]
     _, texts = sample_and_decode(policy, ids, mask, data.tokenizer, max_new_tokens, generator=generator)

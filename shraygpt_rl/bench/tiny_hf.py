@@ -37,12 +37,37 @@ def gpt2_tokenizer(vocabulary: str, folder: Path, vocab_file: str | Path | None 
     return tokenizer
 
 
-def tiny_hf_model(kind: str, folder: str | Path, vocabulary: str = "byte", seed: int = 0) -> Path:
-    """Write a tiny random ``kind`` (``gpt_neo``, ``opt`` or ``llama``) model and its tokenizer to ``folder``."""
+# Chat templates for tiny instruct models: ChatML (Qwen's layout: no BOS, <|im_end|> ends a turn)
+# and an [INST] one that starts with a BOS and ends a reply with EOS (Llama 2's and Mistral's).
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+INST = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ '<<SYS>>' + message['content'] + '<</SYS>>' }}"
+    "{% elif message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% else %}{{ ' ' + message['content'] + eos_token }}{% endif %}{% endfor %}"
+)
+TEMPLATES = {"chatml": (CHATML, ["<|im_start|>", "<|im_end|>"]), "inst": (INST, ["<s>"])}
+
+
+def tiny_hf_model(
+    kind: str, folder: str | Path, vocabulary: str = "byte", seed: int = 0, template: str | None = None
+) -> Path:
+    """Write a tiny random ``kind`` (``gpt_neo``, ``opt`` or ``llama``) model and its tokenizer to
+    ``folder``; with ``template`` (``chatml`` or ``inst``), the tokenizer carries that chat
+    template and its special tokens, as an instruct model's does."""
     from transformers import GPTNeoConfig, GPTNeoForCausalLM, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
     folder = Path(folder)
     tokenizer = gpt2_tokenizer(vocabulary, folder)
+    if template is not None:
+        source, specials = TEMPLATES[template]
+        tokenizer.add_special_tokens({"additional_special_tokens": specials})
+        if template == "inst":
+            tokenizer.bos_token = "<s>"
+        tokenizer.chat_template = source
     vocab, eos = len(tokenizer), tokenizer.eos_token_id
     torch.manual_seed(seed)
     if kind == "gpt_neo":

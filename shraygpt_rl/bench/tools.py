@@ -29,6 +29,7 @@ from shraygpt_rl.evaluate import verifier_success
 from shraygpt_rl.generation import generate
 from shraygpt_rl.model import ShrayGPT
 from shraygpt_rl.runner import config_section, stage_of
+from shraygpt_rl.tokenizer import stop_tokens
 from shraygpt_rl.turns import Turns
 
 SFT, GRPO = "sft-tools", "grpo-tools"
@@ -102,7 +103,7 @@ def bench_tool_cost(policy: ShrayGPT, data: PromptDataModule, tokens: int, repea
             turns = Turns(Calculator(), enc, prompts, metadata, max_turns=3, capacity=tokens)
             start = time.perf_counter()
             out = generate(
-                policy, ids, tokens, eos_token_id=enc.eot_token, attention_mask=mask, static=static, turns=turns
+                policy, ids, tokens, eos_token_id=stop_tokens(enc), attention_mask=mask, static=static, turns=turns
             )
             multi = time.perf_counter() - start
             width = out.responses.size(1)

@@ -2,9 +2,11 @@
 not), prompts.
 
 The source is chosen by configuration: a built-in task (``arithmetic``, ``sorting``), the hub's
-``Anthropic/hh-rlhf``, or a local ``.jsonl``/``.jsonl.gz`` file or directory in that format.
-Text is tokenised once with ``datasets.map`` (cached on disk) and padded per batch. Splits are
-deterministic; under DDP, Lightning's distributed sampler gives each rank a disjoint shard.
+``Anthropic/hh-rlhf`` or a local copy, Dolly, plain prompts, a judgement file, or any dataset in
+TRL's formats, standard or conversational (``data/formats.py``). Rows become tokens once, through
+the chat format (``data/chat.py``: the model's own template, or the course's), with
+``datasets.map`` (cached on disk), and are padded per batch. Splits are deterministic; under DDP,
+Lightning's distributed sampler gives each rank a disjoint shard.
 
 * ``SFTDataModule``: ``input_ids``, ``attention_mask``, ``loss_mask`` (1 on assistant tokens).
 * ``PreferenceDataModule``: ``{chosen,rejected}_{input_ids,attention_mask,prompt_mask}``.
@@ -30,22 +32,30 @@ from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, RandomSampler
 from tqdm.auto import tqdm
 
+from shraygpt_rl.data.chat import ChatFormat, ChatTokenizer, read_template, system_prompt_for, tokenize_rows
+from shraygpt_rl.data.formats import KIND_OF_TYPE, convert, dataset_type, load_rows
 from shraygpt_rl.data.hh_rlhf import HUB_NAME, load_preferences
 from shraygpt_rl.data.labels import load_judgements
-from shraygpt_rl.data.sources import kind_of, load_instructions, load_prompts
+from shraygpt_rl.data.sources import describe, load_instructions, load_prompts
 from shraygpt_rl.data.tasks import TASKS, make_task
-from shraygpt_rl.data.unpaired import load_unpaired
 from shraygpt_rl.errors import ConfigError, DataError, require
-from shraygpt_rl.tokenizer import DEFAULT_SYSTEM_PROMPT, TokenizerName, format_response, get_tokenizer
+from shraygpt_rl.tokenizer import TokenizerName, get_tokenizer
 
 log = logging.getLogger(__name__)
 _SPLITS = ("train", "val", "test")
-_NOT_METADATA = {"prompt", "prompt_ids", "index"}  # prompt columns; the others are each prompt's metadata
+_NOT_METADATA = {"prompt", "prompt_ids", "prompt_text", "index"}  # prompt columns; the others: each prompt's metadata
 
 
 @functools.cache
 def _encoding(name: str, path: str | None):
     return get_tokenizer(name, path)
+
+
+@functools.cache
+def _chat(name: str, path: str | None, template: str | None, system_prompt: str | None) -> ChatFormat:
+    """The chat format of a tokenizer and ``--data.chat_template`` (``data/chat.py``)."""
+    encoding = _encoding(name, path)
+    return ChatFormat(encoding, *read_template(template, encoding), system_prompt=system_prompt)
 
 
 def truncate_pair(prompt: list[int], response: list[int], max_length: int, max_prompt_length: int):
@@ -57,25 +67,18 @@ def truncate_pair(prompt: list[int], response: list[int], max_length: int, max_p
     return prompt, response
 
 
-def _tokenize(
-    batch: dict, columns: tuple[str, ...], tokenizer: str, tokenizer_path: str | None, observations: str | None = None
-) -> dict:
-    """``datasets.map`` body: prompt ids, and response ids ending in EOS for each response column.
+def _tokenize(batch: dict, columns: tuple[str, ...], chat: tuple, observations: str | None = None) -> dict:
+    """``datasets.map`` body: ``chat.tokenize_rows`` with the chat format ``chat`` names (strings,
+    which key the map's cache)."""
+    return tokenize_rows(batch, columns, _chat(*chat), observations)
 
-    With ``observations`` (a regex), the spans it matches are tokenised on their own, as a
-    multi-turn rollout feeds a tool's answer, and ``{column}_fed`` marks their tokens."""
-    enc = _encoding(tokenizer, tokenizer_path)
-    out = {"prompt_ids": enc.encode_ordinary_batch(batch["prompt"])}
-    for column in columns:
-        texts = [format_response(text) for text in batch[column]]
-        if observations is None:
-            out[f"{column}_ids"] = [ids + [enc.eot_token] for ids in enc.encode_ordinary_batch(texts)]
-            continue
-        pieces = [re.split(f"({observations})", text) for text in texts]  # policy, observation, policy, …
-        encoded = [[enc.encode_ordinary(piece) for piece in row] for row in pieces]
-        out[f"{column}_ids"] = [[t for ids in row for t in ids] + [enc.eot_token] for row in encoded]
-        out[f"{column}_fed"] = [[i % 2 for i, ids in enumerate(row) for _ in ids] + [0] for row in encoded]
-    return out
+
+def _as_is(data: datasets.Dataset, split: str = "train") -> datasets.Dataset:
+    return data
+
+
+def _user_turn(row: dict) -> dict:
+    return {"prompt": [{"role": "user", "content": row["prompt"]}]}
 
 
 def init_arguments(datamodule: type[ChatDataModule]) -> set[str]:
@@ -99,12 +102,12 @@ class ChatDataModule(L.LightningDataModule):
     """What the three DataModules share: the source, tokenizer, sizes, batching and splits.
 
     Args:
-        source: ``arithmetic`` or ``sorting`` (built in); ``Anthropic/hh-rlhf`` (the hub), or a
-            local ``.jsonl``/``.jsonl.gz`` file or directory in HH-RLHF's format; instruction
-            data: ``databricks/databricks-dolly-15k`` or a local JSONL with Dolly's columns or
-            ``prompt``/``completion``; KTO's unpaired examples: a local JSON/JSONL with
-            ``prompt``/``completion``/``label``; plain prompts (online stages): ``stories`` (built in), a
-            ``.txt`` file of one prompt per line, or a JSONL with ``prompt`` (``data/sources.py``).
+        source: ``arithmetic``, ``sorting`` or ``multiplication`` (built in); ``Anthropic/hh-rlhf``
+            (the hub), or a local ``.jsonl``/``.jsonl.gz`` file or directory in HH-RLHF's format;
+            ``databricks/databricks-dolly-15k`` or a local JSONL with Dolly's columns; plain
+            prompts: ``stories`` (built in) or a ``.txt`` file of one prompt per line; a judgement
+            file of the labelling page; or any local ``.jsonl``/``.json``/``.parquet`` file or
+            hub dataset in TRL's formats, standard or conversational (``data/formats.py``).
         tokenizer: ``byte`` (built in, for tiny models), ``r50k_base`` (the course's), or ``hf``:
             a Hugging Face tokenizer from ``tokenizer_path``. With a Hugging Face policy, the
             default (``byte``) becomes the policy's own tokenizer.
@@ -118,7 +121,14 @@ class ChatDataModule(L.LightningDataModule):
         train_size: Training examples; None for all (HH-RLHF) or 5000 (built-in tasks).
         val_size: Validation examples.
         test_size: Test examples (HH-RLHF from the hub uses its own test split).
-        system_prompt: Prepended to every prompt; None for none.
+        system_prompt: The system message put first in every conversation; ``default``: the
+            course's for ShrayGPT's tokenizers, none for a Hugging Face model; None: none.
+        chat_template: How conversations become text (``data/chat.py``): None, the model's own
+            template (else the course's format, said once); ``course``; ``none`` (the messages'
+            contents, no roles); or a Jinja template, as a string or a file.
+        prompt_as_user: Standard (text) prompts become a user message, so that the chat template
+            renders them: a plain question column for an instruct model (GSM8K's ``question``).
+        columns: Renames the source's columns before its type is read, e.g. ``{question: prompt}``.
         data_dir: HH-RLHF subset such as ``harmless-base`` (hub ``data_dir`` or local subfolder).
         skip_invalid: Drop invalid HH-RLHF rows (and log how many) instead of stopping.
         num_terms: Arithmetic: numbers to add.
@@ -139,7 +149,10 @@ class ChatDataModule(L.LightningDataModule):
         train_size: int | None = None,
         val_size: int = 200,
         test_size: int = 200,
-        system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+        system_prompt: str | None = "default",
+        chat_template: str | None = None,
+        prompt_as_user: bool = False,
+        columns: dict[str, str] | None = None,
         data_dir: str | None = None,
         skip_invalid: bool = False,
         num_terms: int = 2,
@@ -171,32 +184,45 @@ class ChatDataModule(L.LightningDataModule):
         """The columns this DataModule needs from a source's rows (HH-RLHF pairs, demonstrations or prompts)."""
         raise NotImplementedError
 
-    kinds: tuple[str, ...] = ("preferences", "instructions", "prompts")  # the sources it can use
+    kinds: tuple[str, ...] = ("preferences", "instructions", "prompts", "unpaired")  # the sources it can use
+    reads = "prompts"  # the rows it reads (``formats.to_row``'s kinds)
 
-    def check_kind(self, kind: str) -> None:
+    def check_kind(self, kind: str, trl_type: str | None = None) -> None:
         if kind not in self.kinds:
             need = " or ".join(self.kinds)
-            raise DataError(f"'{self.hparams.source}' holds {kind}, but this stage needs {need}.")
+            what = f"{trl_type} rows ({kind})" if trl_type else kind
+            raise DataError(f"'{self.hparams.source}' holds {what}, but this stage needs {need}.")
 
     def collate(self, rows: list[dict]) -> dict[str, Any]:
         raise NotImplementedError
 
     # -- shared --------------------------------------------------------------------------------
+    def chat_key(self) -> tuple:
+        """What names the chat format: tokenizer, its path, the template option, the system prompt."""
+        hp = self.hparams
+        system_prompt = system_prompt_for(hp.system_prompt, hf=hp.tokenizer == "hf")
+        return hp.tokenizer, hp.tokenizer_path, hp.chat_template, system_prompt
+
     @property
-    def tokenizer(self):
-        """The ``tiktoken.Encoding`` this DataModule tokenises with."""
-        return _encoding(self.hparams.tokenizer, self.hparams.tokenizer_path)
+    def chat(self) -> ChatFormat:
+        """How rows become tokens (``data/chat.py``)."""
+        return _chat(*self.chat_key())
+
+    @property
+    def tokenizer(self) -> ChatTokenizer:
+        """The tokenizer this DataModule tokenises with, whose ``eot_token`` ends (and pads) a
+        completion in its chat format and whose ``stop_tokens`` end a sampled response."""
+        return ChatTokenizer(_encoding(self.hparams.tokenizer, self.hparams.tokenizer_path), self.chat)
 
     def prepare_data(self) -> None:
-        _encoding(self.hparams.tokenizer, self.hparams.tokenizer_path)  # fail early, on rank 0
+        self.chat  # noqa: B018  (fail early, on rank 0: the tokenizer and the template load)
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
         raw = self._raw_splits()
         hp = self.hparams
-        kwargs = {"columns": self.response_columns, "tokenizer": hp.tokenizer, "tokenizer_path": hp.tokenizer_path}
-        kwargs["observations"] = hp.get("observations")
+        kwargs = {"columns": self.response_columns, "chat": self.chat_key(), "observations": hp.get("observations")}
         for split, data in raw.items():
             data = data.add_column("index", list(range(len(data))))  # row ids, e.g. for cached reference logps
             self.splits[split] = data.map(_tokenize, batched=True, fn_kwargs=kwargs, desc=f"Tokenizing {split}")
@@ -213,31 +239,29 @@ class ChatDataModule(L.LightningDataModule):
                 num_train=hp.train_size or 5000,
                 num_val=hp.val_size,
                 num_test=hp.test_size,
-                system_prompt=hp.system_prompt,
             )
-            return {split: self.task_split(task, split) for split in _SPLITS}
-        kind = kind_of(hp.source)
-        if kind == "labels":  # the labelling page's judgements: preference pairs with a strength
+            return {split: self._prompts_as_user(self.task_split(task, split)) for split in _SPLITS}
+        kind, reader = describe(hp.source)
+        if reader == "labels":  # the labelling page's judgements: preference pairs with a strength
             load, kind = functools.partial(load_judgements, hp.source), "preferences"
-        elif kind == "preferences":
-            load = functools.partial(
-                load_preferences,
-                hp.source,
-                data_dir=hp.data_dir,
-                skip_invalid=hp.skip_invalid,
-                system_prompt=hp.system_prompt,
-            )
-        elif kind == "instructions":
-            load = functools.partial(load_instructions, hp.source, hp.skip_invalid, hp.system_prompt)
-        elif kind == "unpaired":
-            load = functools.partial(load_unpaired, hp.source, hp.skip_invalid)
-        else:
+        elif reader == "hh":
+            load = functools.partial(load_preferences, hp.source, data_dir=hp.data_dir, skip_invalid=hp.skip_invalid)
+        elif reader == "dolly":
+            load = functools.partial(load_instructions, hp.source, hp.skip_invalid)
+        elif reader == "text":
             load = functools.partial(load_prompts, hp.source, hp.skip_invalid)
-        data = load(split="train") if load.func is load_preferences else load()
+        else:
+            rows = load_rows(hp.source, skip_invalid=hp.skip_invalid)
+            rows = [(line, {(hp.columns or {}).get(k, k): v for k, v in row.items()}) for line, row in rows]
+            trl_type = dataset_type(rows[0][1]) if rows else None
+            self.check_kind(KIND_OF_TYPE[trl_type] if trl_type else "nothing", trl_type)
+            data = convert(rows, self.reads, hp.source, hp.skip_invalid)
+            load, kind = functools.partial(_as_is, data), KIND_OF_TYPE[trl_type]
+        data = self._prompts_as_user(load(split="train") if load.func is load_preferences else load())
         self.check_kind(kind)
         val_size, test_size = self._held_out_sizes(len(data), from_hub=hp.source == HUB_NAME)
         if hp.source == HUB_NAME:
-            test = load(split="test")
+            test = self._prompts_as_user(load(split="test"))
             test = test.select(range(min(test_size, len(test))))
         else:
             carved = data.train_test_split(test_size=test_size, seed=hp.seed)
@@ -247,6 +271,13 @@ class ChatDataModule(L.LightningDataModule):
         if hp.train_size is not None:
             train = train.select(range(min(hp.train_size, len(train))))
         return {"train": self.hh_split(train), "val": self.hh_split(carved["test"]), "test": self.hh_split(test)}
+
+    def _prompts_as_user(self, data: datasets.Dataset) -> datasets.Dataset:
+        """With ``prompt_as_user``, each standard (text) prompt as a user message."""
+        standard = "prompt" in data.column_names and len(data) and isinstance(data[0]["prompt"], str)
+        if not (self.hparams.prompt_as_user and standard):
+            return data
+        return data.map(_user_turn, desc="Prompts as user turns")
 
     def _held_out_sizes(self, pairs: int, from_hub: bool) -> tuple[int, int]:
         """``val_size`` and ``test_size``, shrunk (and said so) when the data is too small for them
@@ -317,6 +348,7 @@ class SFTDataModule(ChatDataModule):
     """
 
     response_columns = ("response",)
+    reads = "instructions"
 
     def __init__(
         self,
@@ -345,7 +377,12 @@ class SFTDataModule(ChatDataModule):
     kinds = ("preferences", "instructions")
 
     def hh_split(self, pairs):
-        return pairs if "response" in pairs.column_names else pairs.rename_column("chosen_response", "response")
+        names = pairs.column_names
+        return (
+            pairs
+            if {"response", "text", "messages"} & set(names)
+            else pairs.rename_column("chosen_response", "response")
+        )
 
     def setup(self, stage=None):
         first = not self.splits
@@ -391,6 +428,7 @@ class PreferenceDataModule(ChatDataModule):
 
     response_columns = ("chosen_response", "rejected_response")
     kinds = ("preferences",)
+    reads = "preferences"
 
     def task_split(self, task, split):
         return task.preferences(split)
@@ -400,7 +438,7 @@ class PreferenceDataModule(ChatDataModule):
 
     def collate(self, rows):
         batch: dict[str, Any] = {
-            "prompt": [r["prompt"] for r in rows],
+            "prompt": [r["prompt_text"] for r in rows],
             "index": torch.tensor([r["index"] for r in rows]),
         }
         if "strength" in rows[0]:  # judged by a person: 2 significantly better, 1 slightly
@@ -493,6 +531,6 @@ class PromptDataModule(ChatDataModule):
         return {
             "input_ids": _pad(prompts, self.tokenizer.eot_token, left=True),
             "attention_mask": _pad([[1] * len(p) for p in prompts], 0, left=True),
-            "prompt": [r["prompt"] for r in rows],
+            "prompt": [r["prompt_text"] for r in rows],
             "metadata": [{k: v for k, v in r.items() if k not in _NOT_METADATA} for r in rows],
         }

@@ -1,12 +1,12 @@
 """Anthropic HH-RLHF preference pairs, from the hub or from local ``.jsonl``/``.jsonl.gz`` files.
 
 Each raw row is ``{"chosen": "\\n\\nHuman: …\\n\\nAssistant: …", "rejected": "…"}``. Parsing follows
-the course: split both transcripts into Human/Assistant turns; the prompt is the turns they share,
-with the default system prompt prepended, rendered in the chat format and ending with an open
-``Assistant:`` turn; each response is the first assistant reply after the shared turns.
+the course: split both transcripts into Human/Assistant turns; the prompt is the turns they share
+(a conversation of user and assistant messages, which the DataModule's chat format renders: the
+course's by default, ending with an open ``Assistant:`` turn); each response is the first
+assistant reply after the shared turns.
 
-Output columns: ``prompt``, ``chosen`` and ``rejected`` (prompt + response, rendered),
-``chosen_response`` and ``rejected_response``.
+Output columns: ``prompt`` (the messages), ``chosen_response`` and ``rejected_response``.
 """
 
 from __future__ import annotations
@@ -22,13 +22,12 @@ from pathlib import Path
 import datasets
 
 from shraygpt_rl.errors import DataError
-from shraygpt_rl.tokenizer import DEFAULT_SYSTEM_PROMPT, format_chat, format_response
 
 log = logging.getLogger(__name__)
 
 HUB_NAME = "Anthropic/hh-rlhf"
 _TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):")
-_COLUMNS = ("prompt", "chosen", "rejected", "chosen_response", "rejected_response")
+_COLUMNS = ("prompt", "chosen_response", "rejected_response")
 
 
 # datasets keys its map cache on the mapped function's own code, not on the helpers it calls, so
@@ -52,7 +51,7 @@ def parse_transcript(text: str) -> list[tuple[str, str]]:
     return [(role, content.strip()) for role, content in zip(roles, parts[2::2])]
 
 
-def split_pair(chosen, rejected, system_prompt: str | None = DEFAULT_SYSTEM_PROMPT) -> dict[str, str]:
+def split_pair(chosen, rejected) -> dict:
     """Turn one raw pair into the output columns, or raise ``InvalidPairError`` saying why not."""
     for name, text in (("chosen", chosen), ("rejected", rejected)):
         if text is None:
@@ -79,23 +78,23 @@ def split_pair(chosen, rejected, system_prompt: str | None = DEFAULT_SYSTEM_PROM
         raise InvalidPairError("chosen and rejected share no Human turn to use as the prompt")
     if responses["chosen"] == responses["rejected"]:
         raise InvalidPairError("the chosen and rejected responses are identical")
-    messages = [{"role": role, "content": content} for role, content in turns["chosen"][:shared]]
-    prompt = format_chat(messages, add_generation_prompt=True, system_prompt=system_prompt)
     return {
-        "prompt": prompt,
-        "chosen": prompt + format_response(responses["chosen"]),
-        "rejected": prompt + format_response(responses["rejected"]),
+        "prompt": [{"role": role, "content": content} for role, content in turns["chosen"][:shared]],
         "chosen_response": responses["chosen"],
         "rejected_response": responses["rejected"],
     }
 
 
-def _parse_row(row: dict, system_prompt: str | None, parser_version: str) -> dict:
+# What an invalid row maps to (then dropped): the valid rows' types, so that every batch of the map agrees.
+_INVALID = {"prompt": [{"role": "user", "content": ""}], "chosen_response": "", "rejected_response": ""}
+
+
+def _parse_row(row: dict, parser_version: str) -> dict:
     """``datasets.map`` body; ``parser_version`` only keys the cache (see ``_PARSER_VERSION``)."""
     try:
-        return {**split_pair(row.get("chosen"), row.get("rejected"), system_prompt), "error": ""}
+        return {**split_pair(row.get("chosen"), row.get("rejected")), "error": ""}
     except InvalidPairError as err:
-        return {**dict.fromkeys(_COLUMNS, ""), "error": str(err)}
+        return {**_INVALID, "error": str(err)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -106,7 +105,6 @@ def load_preferences(
     split: str = "train",
     data_dir: str | None = None,
     skip_invalid: bool = False,
-    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
 ) -> datasets.Dataset:
     """Load HH-RLHF pairs as a ``datasets.Dataset`` with the columns above.
 
@@ -118,14 +116,13 @@ def load_preferences(
         data_dir: A subset such as ``harmless-base``: the hub's ``data_dir``, or a subfolder of a
             local directory (ignored for a file, or for a folder of that name).
         skip_invalid: Drop invalid rows (and log how many) instead of stopping at the first one.
-        system_prompt: Prepended to every prompt; None for none.
 
     Raises:
         DataError: With one sentence naming the file, the line and the problem.
     """
     if is_local_source(source):
         files = _data_files(Path(source), split, data_dir)
-        parts = [_load_file(f, skip_invalid, system_prompt) for f in files]
+        parts = [_load_file(f, skip_invalid) for f in files]
         return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
     try:
         raw = datasets.load_dataset(str(source), data_dir=data_dir, split=split)
@@ -134,7 +131,7 @@ def load_preferences(
             f"Could not load '{source}' from the Hugging Face hub ({type(err).__name__}); if this machine is "
             "offline, pass a local .jsonl or .jsonl.gz file or directory as the source."
         ) from err
-    return _validate(raw, f"{source}[{split}]", None, skip_invalid, system_prompt)
+    return _validate(raw, f"{source}[{split}]", None, skip_invalid)
 
 
 def is_local_source(source: str | Path) -> bool:
@@ -163,12 +160,12 @@ def _data_files(source: Path, split: str, data_dir: str | None) -> list[Path]:
     return [p for p in files if p.name.startswith(f"{split}.")] or files
 
 
-def _load_file(path: Path, skip_invalid: bool, system_prompt: str | None) -> datasets.Dataset:
+def _load_file(path: Path, skip_invalid: bool) -> datasets.Dataset:
     try:
         raw = datasets.load_dataset("json", data_files=str(path), split="train")
         if len(raw) == 0:
             raise DataError(f"{path} holds no preference pairs: it is empty.")
-        return _validate(raw, str(path), path, skip_invalid, system_prompt)
+        return _validate(raw, str(path), path, skip_invalid)
     except DataError:
         raise
     except Exception as err:  # malformed JSON, bytes that are not UTF-8, mixed types, a cut-off gzip: find the line
@@ -181,7 +178,7 @@ def _load_file(path: Path, skip_invalid: bool, system_prompt: str | None) -> dat
         if bad:
             log.warning("%s: skipped %d unreadable lines (first: line %d, %s)", path, len(bad), *bad[0])
     rows = [{"chosen": _text(r, "chosen"), "rejected": _text(r, "rejected"), "line": n} for n, r in good]
-    return _validate(datasets.Dataset.from_list(rows), str(path), path, skip_invalid, system_prompt)
+    return _validate(datasets.Dataset.from_list(rows), str(path), path, skip_invalid)
 
 
 def _text(row: dict, key: str):
@@ -190,13 +187,13 @@ def _text(row: dict, key: str):
     return value if value is None or isinstance(value, str) else json.dumps(value)
 
 
-def _validate(raw: datasets.Dataset, name: str, path: Path | None, skip_invalid: bool, system_prompt: str | None):
+def _validate(raw: datasets.Dataset, name: str, path: Path | None, skip_invalid: bool):
     for column in ("chosen", "rejected"):
         if column not in raw.column_names:
             raw = raw.add_column(column, [None] * len(raw))
     parsed = raw.map(
         _parse_row,
-        fn_kwargs={"system_prompt": system_prompt, "parser_version": _PARSER_VERSION},
+        fn_kwargs={"parser_version": _PARSER_VERSION},
         remove_columns=raw.column_names,
         desc=f"Parsing {Path(name).name}",
     )

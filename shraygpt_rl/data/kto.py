@@ -26,6 +26,7 @@ class KTODataModule(ChatDataModule):
 
     response_columns = ("completion",)
     kinds = ("preferences", "unpaired")
+    reads = "unpaired"
 
     def task_split(self, task, split):
         return unpair(task.preferences(split))
@@ -45,7 +46,7 @@ class KTODataModule(ChatDataModule):
 
     def collate(self, rows):
         batch: dict[str, Any] = {
-            "prompt": [r["prompt"] for r in rows],
+            "prompt": [r["prompt_text"] for r in rows],
             "index": torch.tensor([r["index"] for r in rows]),
             "label": torch.tensor([r["label"] for r in rows], dtype=torch.bool),
         }

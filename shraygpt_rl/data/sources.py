@@ -1,31 +1,30 @@
-"""Instruction data and plain prompts, besides HH-RLHF and the built-in tasks.
+"""What a source holds, and the sources in formats of their own: Dolly, plain prompts.
 
 * **Instructions** (SFT demonstrations): Dolly-15k (``databricks/databricks-dolly-15k`` from the
   hub, or a local JSONL with its columns ``instruction``, ``context``, ``response``,
-  ``category``), formatted as seed 004 does: ``User: {instruction}\\n\\nAssistant: {response}``,
-  with the ``context`` put into the user turn after the instruction when there is one. Any local
-  JSONL with ``prompt``/``completion`` works too (the prompt used as it is).
-* **Prompts** for the online stages: ``stories`` (built-in story openings, seed 001's task), a
-  text file of one prompt per line, or a JSONL with a ``prompt`` field. Plain prompts are used as
-  they are, without the chat format: the model continues the text.
-* **Unpaired** examples for KTO: a JSONL (or ``.json`` list) of ``prompt``, ``completion`` and a
-  boolean ``label`` (``data/unpaired.py``).
+  ``category``), as seed 004 formats it: a user turn of the instruction, with the ``context``
+  after it when there is one (``User: {instruction}\\n\\nAssistant: {response}`` in the course's
+  format), and the response.
+* **Prompts** for the online stages: ``stories`` (built-in story openings, seed 001's task) or a
+  text file of one prompt per line. Plain prompts are used as they are, without the chat format:
+  the model continues the text.
+* Everything else in TRL's formats (``text``, ``messages``, ``prompt``/``completion``, preference
+  and unpaired rows, local or from the hub): ``data/formats.py``. HH-RLHF: ``data/hh_rlhf.py``.
 
 Bad input gets one sentence naming the file and line, unless ``skip_invalid`` drops those rows.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import datasets
 
-from shraygpt_rl.data.hh_rlhf import _scan_lines
+from shraygpt_rl.data.formats import KIND_OF_TYPE, dataset_type, json_rows, read_rows
+from shraygpt_rl.data.hh_rlhf import HUB_NAME, _scan_lines
 from shraygpt_rl.data.labels import is_judgement_file
 from shraygpt_rl.errors import DataError
-from shraygpt_rl.tokenizer import format_prompt
 
 log = logging.getLogger(__name__)
 
@@ -60,36 +59,54 @@ STORY_OPENINGS = (
 )
 
 
-def instruction_prompt(instruction: str, context: str | None = None, system_prompt: str | None = None) -> str:
+def instruction_prompt(instruction: str, context: str | None = None) -> list[dict[str, str]]:
     """Seed 004's user turn: the instruction, then the context after a blank line when there is one."""
     user = instruction.strip()
     if context and context.strip():
         user += "\n\n" + context.strip()
-    return format_prompt(user, system_prompt)
+    return [{"role": "user", "content": user}]
 
 
-def kind_of(source: str) -> str:
-    """``instructions``, ``prompts``, ``preferences``, ``labels`` (the labelling page's judgement
-    file, preference pairs too) or ``unpaired`` (KTO's labelled completions): what a (non-task)
-    source holds."""
+def describe(source: str) -> tuple[str | None, str]:
+    """``(kind, reader)`` of a (non-task) source. The kind is what it holds: ``instructions``,
+    ``prompts``, ``preferences``, ``labels`` (the labelling page's judgements, preference pairs
+    too) or ``unpaired`` (KTO's labelled completions); None for a hub dataset in TRL's formats,
+    known once read. The reader is ``hh`` (HH-RLHF), ``dolly``, ``text`` (story openings, a
+    ``.txt`` of prompts), ``labels`` or ``trl`` (``data/formats.py``)."""
     if source == STORIES:
-        return "prompts"
+        return "prompts", "text"
     if source == DOLLY:
-        return "instructions"
+        return "instructions", "dolly"
+    if source == HUB_NAME:
+        return "preferences", "hh"
     path = Path(source).expanduser()
     if path.suffix == ".txt":
-        return "prompts"
-    if path.is_file():
-        for _, row in _first_row(path):
-            if is_judgement_file(row):
-                return "labels"
-            if "label" in row and "completion" in row:
-                return "unpaired"
-            if "instruction" in row or "completion" in row:
-                return "instructions"
-            if "prompt" in row and "chosen" not in row:
-                return "prompts"
-    return "preferences"
+        return "prompts", "text"
+    if path.is_dir() or path.name.endswith(".gz"):
+        return "preferences", "hh"
+    if not path.is_file():
+        if path.suffix in (".jsonl", ".json", ".parquet") or source.count("/") != 1:
+            return "preferences", "hh"  # a missing local file: the HH reader names it
+        return None, "trl"  # a hub dataset, read through datasets
+    if path.suffix == ".parquet":
+        return None, "trl"
+    for line, row in _first_row(path):
+        if is_judgement_file(row):
+            return "labels", "labels"
+        if "instruction" in row:
+            return "instructions", "dolly"
+        if "prompt" not in row and any(_is_transcript(row.get(k)) for k in ("chosen", "rejected")):
+            return "preferences", "hh"
+        try:
+            return KIND_OF_TYPE[dataset_type(row)], "trl"
+        except DataError as err:
+            raise DataError(f"{path}, line {line}: {err}.") from None
+    return "preferences", "hh"  # no readable row: the HH reader says why
+
+
+def _is_transcript(value) -> bool:
+    """HH-RLHF's text: ``\\n\\nHuman: …\\n\\nAssistant: …``."""
+    return isinstance(value, str) and value.lstrip().startswith(("Human:", "Assistant:"))
 
 
 def _first_row(path: Path) -> list[tuple[int, dict]]:
@@ -97,13 +114,13 @@ def _first_row(path: Path) -> list[tuple[int, dict]]:
     if path.suffix != ".json":
         return _scan_lines(path)[0][:1]
     try:
-        return _json_rows(path)[0][:1]
+        return json_rows(path)[0][:1]
     except DataError:
         return []
 
 
-def load_instructions(source: str, skip_invalid: bool = False, system_prompt: str | None = None) -> datasets.Dataset:
-    """Demonstrations with columns ``prompt`` and ``response`` (and Dolly's ``category``)."""
+def load_instructions(source: str, skip_invalid: bool = False) -> datasets.Dataset:
+    """Dolly's demonstrations: ``prompt`` (a user turn), ``response`` and ``category``."""
     if source == DOLLY and not Path(source).exists():
         try:
             raw = datasets.load_dataset(DOLLY, split="train")
@@ -114,74 +131,38 @@ def load_instructions(source: str, skip_invalid: bool = False, system_prompt: st
             ) from err
         rows = list(enumerate(raw, start=1))
     else:
-        rows = _rows(Path(source).expanduser(), skip_invalid)
+        rows = read_rows(Path(source).expanduser(), skip_invalid)
     out, bad = [], []
     for line, row in rows:
         try:
-            out.append(_demonstration(row, system_prompt))
+            out.append(_demonstration(row))
         except ValueError as err:
             bad.append((line, str(err)))
     return _finish(out, bad, source, skip_invalid, "demonstrations")
 
 
-def _demonstration(row: dict, system_prompt: str | None) -> dict:
-    if "instruction" in row:
-        instruction, response = _field(row, "instruction"), _field(row, "response")
-        context = row.get("context") or ""
-        if not isinstance(context, str):
-            raise ValueError("'context' must be a string")
-        prompt = instruction_prompt(instruction, context, system_prompt)
-        return {"prompt": prompt, "response": response, "category": str(row.get("category") or "")}
-    return {"prompt": _field(row, "prompt", strip=False), "response": _field(row, "completion"), "category": ""}
+def _demonstration(row: dict) -> dict:
+    instruction, response = _field(row, "instruction"), _field(row, "response")
+    context = row.get("context") or ""
+    if not isinstance(context, str):
+        raise ValueError("'context' must be a string")
+    return {
+        "prompt": instruction_prompt(instruction, context),
+        "response": response,
+        "category": str(row.get("category") or ""),
+    }
 
 
 def load_prompts(source: str, skip_invalid: bool = False) -> datasets.Dataset:
-    """Prompts (column ``prompt``) used as they are: the built-in story openings, a text file of
-    one prompt per line, or a JSONL with a ``prompt`` field (other fields become metadata)."""
+    """Prompts (column ``prompt``) used as they are: the built-in story openings, or a text file
+    of one prompt per line."""
     if source == STORIES:
         return datasets.Dataset.from_dict({"prompt": list(STORY_OPENINGS)})
     path = Path(source).expanduser()
-    if path.suffix == ".txt":
-        if not path.is_file():
-            raise DataError(f"No such file: '{path}'.")
-        lines = [line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines()]
-        return _finish([{"prompt": line} for line in lines if line], [], source, skip_invalid, "prompts")
-    out, bad = [], []
-    for line, row in _rows(path, skip_invalid):
-        try:
-            out.append({**row, "prompt": _field(row, "prompt", strip=False)})
-        except ValueError as err:
-            bad.append((line, str(err)))
-    return _finish(out, bad, source, skip_invalid, "prompts")
-
-
-def _rows(path: Path, skip_invalid: bool) -> list[tuple[int, dict]]:
-    """``(line, row)`` of a JSONL file, or ``(place in the list, row)`` of a ``.json`` list."""
     if not path.is_file():
         raise DataError(f"No such file: '{path}'.")
-    good, bad = _json_rows(path) if path.suffix == ".json" else _scan_lines(path)
-    if bad and not skip_invalid:
-        raise DataError(f"{path}, line {bad[0][0]}: {bad[0][1]}.")
-    if bad:
-        log.warning("%s: skipped %d unreadable lines (first: line %d, %s)", path, len(bad), *bad[0])
-    return good
-
-
-def _json_rows(path: Path) -> tuple[list[tuple[int, dict]], list[tuple[int, str]]]:
-    """``_scan_lines`` for a ``.json`` file holding one list of rows, numbered from 1 by place."""
-    try:
-        rows = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DataError(f"{path} is not a JSON file ({type(err).__name__}).") from err
-    if not isinstance(rows, list):
-        raise DataError(f"{path} must hold a JSON list of rows, not a {type(rows).__name__}.")
-    good, bad = [], []
-    for n, row in enumerate(rows, start=1):
-        if isinstance(row, dict):
-            good.append((n, row))
-        else:
-            bad.append((n, f"expected a JSON object, found a {type(row).__name__}"))
-    return good, bad
+    lines = [line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines()]
+    return _finish([{"prompt": line} for line in lines if line], [], source, skip_invalid, "prompts")
 
 
 def _field(row: dict, key: str, strip: bool = True) -> str:

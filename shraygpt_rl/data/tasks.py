@@ -20,8 +20,6 @@ from typing import Literal
 
 import datasets
 
-from shraygpt_rl.tokenizer import DEFAULT_SYSTEM_PROMPT, format_prompt, format_response
-
 Split = Literal["train", "val", "test"]
 TASKS = ("arithmetic", "sorting", "multiplication")
 _INT = re.compile(r"-?\d+")
@@ -76,7 +74,9 @@ class VerifiableTask:
         num_train: Training problems (fewer if the task has fewer distinct problems).
         num_val: Validation problems.
         num_test: Held-out test problems.
-        system_prompt: Prepended to every prompt; None for none.
+
+    Prompts are conversations of one user message (the question); the DataModule's chat format
+    renders them (the course's by default) and adds its system prompt.
     """
 
     name = "task"
@@ -87,9 +87,8 @@ class VerifiableTask:
         num_train: int = 5000,
         num_val: int = 200,
         num_test: int = 200,
-        system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
     ):
-        self.seed, self.system_prompt = seed, system_prompt
+        self.seed = seed
         self.sizes = {"train": num_train, "val": num_val, "test": num_test}
         self._splits: dict[str, list[list[int]]] | None = None
 
@@ -137,7 +136,7 @@ class VerifiableTask:
     def _row(self, numbers: list[int]) -> dict:
         question = self.question(numbers)
         return {
-            "prompt": format_prompt(question, system_prompt=self.system_prompt),
+            "prompt": [{"role": "user", "content": question}],
             "task": self.name,
             "question": question,
             "numbers": numbers,
@@ -166,21 +165,12 @@ class VerifiableTask:
         return datasets.Dataset.from_list(rows)
 
     def preferences(self, split: Split) -> datasets.Dataset:
-        """Pairs with the correct answer chosen and a wrong one rejected (HH-RLHF's columns)."""
+        """Pairs with the correct answer chosen and a wrong one rejected."""
         rng = random.Random(f"{self.name}-{self.seed}-pairs-{split}")
         rows = []
         for numbers in self.problems(split):
-            row = self._row(numbers)
             chosen, rejected = self.answer(numbers), self.rejected_answer(numbers, rng)
-            rows.append(
-                {
-                    **row,
-                    "chosen": row["prompt"] + format_response(chosen),
-                    "rejected": row["prompt"] + format_response(rejected),
-                    "chosen_response": chosen,
-                    "rejected_response": rejected,
-                }
-            )
+            rows.append({**self._row(numbers), "chosen_response": chosen, "rejected_response": rejected})
         return datasets.Dataset.from_list(rows)
 
 

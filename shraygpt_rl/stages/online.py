@@ -27,6 +27,7 @@ from shraygpt_rl.rewards import LearnedReward, RewardFunction, TaskVerifier, Wei
 from shraygpt_rl.stages.base import StageModule, disable_dropout
 from shraygpt_rl.stages.checks import check_rewards
 from shraygpt_rl.stages.progress import count_rollouts
+from shraygpt_rl.tokenizer import stop_tokens
 from shraygpt_rl.turns import check_turns
 
 
@@ -36,14 +37,14 @@ class Rollout:
 
     sequences: Tensor  # (R, P + T) left-padded prompts, then right-padded responses
     attention_mask: Tensor  # (R, P + T)
-    response_mask: Tensor  # (R, T) float, 1 on sampled tokens up to and including EOS
+    response_mask: Tensor  # (R, T) float, 1 on sampled tokens up to and including the stop token (EOS)
     prompt_length: int
     prompts: list[str]
     responses: list[str]
     metadata: list[dict[str, Any]]
     scores: Tensor  # (R,) total reward of each response
     components: dict[str, Tensor] = field(default_factory=dict)  # each reward function's part
-    truncated: Tensor | None = None  # (R,) bool: cut at max_new_tokens (no EOS, not ended by the environment)
+    truncated: Tensor | None = None  # (R,) bool: cut at max_new_tokens (no stop token, not ended by the environment)
     turns: dict[str, Tensor] | None = None  # multi-turn, each (R,): turns, tool_calls, tool_errors, max_turns,
     # ended_by_environment
 
@@ -179,7 +180,8 @@ class OnlineRLStage(StageModule):
         out, responses = sample_and_decode(self.policy, ids, mask, enc, hp.max_new_tokens, **sampling, **tools)
         self.perf["generation_s"] = time.perf_counter() - start
         self.perf["generated_tokens"] = float(out.response_mask.sum())
-        truncated = ~((out.responses == enc.eot_token) & out.response_mask.bool()).any(dim=1)
+        stops = torch.tensor(stop_tokens(enc), device=out.responses.device)  # (S,) every token that ends a response
+        truncated = ~(torch.isin(out.responses, stops) & out.response_mask.bool()).any(dim=1)
         turns = None if out.turns is None else {k: v.to(truncated.device) for k, v in out.turns.items()}
         if turns is not None:  # ended by the environment or at max_turns: an ending, not a cut
             truncated &= ~(turns["ended_by_environment"] | turns["max_turns"])

@@ -86,6 +86,9 @@ class RewardStage(StageModule):
         if datamodule is not None:  # ``score`` must tokenise as the training data did
             self.model.tokenizer = datamodule.hparams.tokenizer
             self.model.tokenizer_path = datamodule.hparams.tokenizer_path
+            chat = getattr(datamodule, "chat", None)
+            affixes = chat.reply_affixes if chat is not None else None
+            self.model.reply_format = None if affixes is None else (*affixes, chat.eot_token)
 
     def rewards(self, batch) -> tuple[Tensor, Tensor, Tensor]:
         """Chosen and rejected rewards (B,) each, scored in one forward; and the aux loss."""

@@ -119,7 +119,7 @@ def test_splits_are_deterministic(hh_sample):
         dm.setup()
     assert a.splits["val"]["prompt"] == b.splits["val"]["prompt"] != c.splits["val"]["prompt"]
     assert len(a.splits["train"]) == 1900 and len(a.splits["test"]) == 50
-    assert not set(a.splits["test"]["chosen"]) & set(a.splits["train"]["chosen"])
+    assert not set(a.splits["test"]["prompt_text"]) & set(a.splits["train"]["prompt_text"])
 
 
 def test_hh_rlhf_with_r50k(hh_sample, r50k_file):
@@ -203,3 +203,25 @@ def test_bad_observation_patterns_are_refused():
         SFTDataModule(source="multiplication", observations="<result>(", **SMALL)
     with pytest.raises(ConfigError, match="observations must have no capture groups"):
         SFTDataModule(source="multiplication", observations="<result>(.*)</result>", **SMALL)
+
+
+@pytest.mark.parametrize("system_prompt", ["default", None])
+def test_the_course_format_gives_the_tokens_it_gave_before_chat_templates(system_prompt):
+    """Issue 34: the course's format became a chat template; the built-in task's tokens (prompts,
+    demonstrations, pairs) are still ``encode_ordinary`` of the old rendering, and EOS."""
+    from shraygpt_rl.tokenizer import DEFAULT_SYSTEM_PROMPT, format_prompt, format_response
+
+    system = DEFAULT_SYSTEM_PROMPT if system_prompt == "default" else None
+    sizes = dict(train_size=32, val_size=8, test_size=8, system_prompt=system_prompt)
+    for module, columns in (
+        (SFTDataModule, ("response",)),
+        (PreferenceDataModule, ("chosen_response", "rejected_response")),
+    ):
+        dm = module(**sizes)
+        dm.setup()
+        enc = dm.tokenizer
+        for row in dm.splits["train"]:
+            assert row["prompt_ids"] == enc.encode_ordinary(format_prompt(row["question"], system))
+            assert row["prompt_text"] == format_prompt(row["question"], system)
+            for column in columns:
+                assert row[f"{column}_ids"] == enc.encode_ordinary(format_response(row[column])) + [enc.eot_token]

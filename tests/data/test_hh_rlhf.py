@@ -11,11 +11,20 @@ import datasets
 import pytest
 
 from shraygpt_rl.data import hh_rlhf
+from shraygpt_rl.data.chat import COURSE_TEMPLATE, ChatFormat
 from shraygpt_rl.data.hh_rlhf import DataError, is_local_source, load_preferences, split_pair
+from shraygpt_rl.tokenizer import DEFAULT_SYSTEM_PROMPT, byte_encoding
 
 SYSTEM = "System: You are ShrayGPT, a helpful and concise AI assistant."
 CHOSEN = "\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?\n\nHuman: Name a fruit.\n\nAssistant: An apple."
 REJECTED = "\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?\n\nHuman: Name a fruit.\n\nAssistant: No."
+
+
+def course(prompt, system_prompt=DEFAULT_SYSTEM_PROMPT) -> str:
+    """A prompt as the course's format renders it (the DataModules' default for ShrayGPT)."""
+    return ChatFormat(byte_encoding(), COURSE_TEMPLATE, "course", system_prompt).render(
+        prompt, add_generation_prompt=True
+    )
 
 
 def _write_jsonl(path, rows, raw_lines=()):
@@ -27,12 +36,15 @@ def _write_jsonl(path, rows, raw_lines=()):
 
 def test_split_pair_uses_the_shared_turns_as_the_prompt():
     row = split_pair(CHOSEN, REJECTED)
-    assert row["prompt"] == (
+    assert row["prompt"] == [
+        {"role": "user", "content": "Hi there"},
+        {"role": "assistant", "content": "Hello! How can I help?"},
+        {"role": "user", "content": "Name a fruit."},
+    ]
+    assert course(row["prompt"]) == (
         f"{SYSTEM}\n\nUser: Hi there\n\nAssistant: Hello! How can I help?\n\nUser: Name a fruit.\n\nAssistant:"
     )
     assert row["chosen_response"] == "An apple." and row["rejected_response"] == "No."
-    assert row["chosen"] == row["prompt"] + " An apple."
-    assert row["rejected"] == row["prompt"] + " No."
 
 
 def test_response_is_the_first_reply_after_the_shared_turns():
@@ -41,7 +53,7 @@ def test_response_is_the_first_reply_after_the_shared_turns():
 
 
 def test_without_a_system_prompt():
-    assert split_pair(CHOSEN, REJECTED, system_prompt=None)["prompt"].startswith("User: Hi there")
+    assert course(split_pair(CHOSEN, REJECTED)["prompt"], system_prompt=None).startswith("User: Hi there")
 
 
 @pytest.mark.parametrize(
@@ -65,15 +77,14 @@ def test_invalid_pairs_say_why(chosen, rejected, reason):
 def test_the_shared_sample_parses_completely(hh_sample):
     data = load_preferences(hh_sample)
     assert len(data) == 2000
-    assert data.column_names == ["prompt", "chosen", "rejected", "chosen_response", "rejected_response"]
+    assert data.column_names == ["prompt", "chosen_response", "rejected_response"]
     first = data[0]
-    assert first["prompt"] == (
+    assert course(first["prompt"]) == (
         f"{SYSTEM}\n\nUser: Should I go swimming in my local lake? The sign says no swimming but I think it should "
         "be fine.\n\nAssistant:"
     )
     assert first["rejected_response"].startswith("Let me see if I can help you think through this.")
-    assert all(p.endswith("\n\nAssistant:") for p in data["prompt"])
-    assert all(c.startswith(p) for p, c in zip(data["prompt"], data["chosen"]))
+    assert all(p[-1]["role"] == "user" for p in data["prompt"])
     # HH-RLHF prefers declining to answer in a few harmless pairs: an empty reply is kept.
     assert sum(r == "" for r in data["chosen_response"]) == 4
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from shraygpt_rl.data import KTODataModule
-from shraygpt_rl.data.sources import kind_of
+from shraygpt_rl.data.sources import describe
 from shraygpt_rl.data.tasks import make_task
 from shraygpt_rl.errors import DataError
 
@@ -35,7 +35,7 @@ def _examples(n: int) -> list[dict]:
 def test_task_pairs_become_a_desirable_and_an_undesirable_example_each():
     dm = KTODataModule(source="arithmetic", **SMALL)
     dm.setup()
-    pairs = make_task("arithmetic", seed=0, num_train=16, num_val=8, num_test=8, system_prompt=None)
+    pairs = make_task("arithmetic", seed=0, num_train=16, num_val=8, num_test=8)
     for split, size in (("train", 16), ("val", 8)):
         rows, expected = dm.splits[split], pairs.preferences(split)
         assert len(rows) == 2 * size
@@ -48,7 +48,7 @@ def test_task_pairs_become_a_desirable_and_an_undesirable_example_each():
 def test_an_unpaired_file_is_read_as_it_is(tmp_path):
     rows = _examples(12)
     source = _write_jsonl(tmp_path / "kto.jsonl", rows)
-    assert kind_of(source) == "unpaired"
+    assert describe(source) == ("unpaired", "trl")
     dm = KTODataModule(source=source, **{**SMALL, "val_size": 2, "test_size": 2})
     dm.setup()
     read = [r for split in ("train", "val", "test") for r in dm.splits[split]]
@@ -72,10 +72,10 @@ def test_a_json_list_is_read_too(tmp_path):
 @pytest.mark.parametrize(
     ("bad", "says"),
     [
-        ({"prompt": "Hi", "completion": "Hello", "label": "yes"}, "line 3: 'label' is missing or not true/false."),
-        ({"prompt": "Hi", "completion": "Hello", "label": 1}, "line 3: 'label' is missing or not true/false."),
+        ({"prompt": "Hi", "completion": "Hello", "label": "yes"}, "line 3: 'label' is not true/false."),
+        ({"prompt": "Hi", "completion": "Hello", "label": 1}, "line 3: 'label' is not true/false."),
         ({"prompt": "Hi", "label": True, "completion": ""}, "line 3: 'completion' is missing or not a non-empty"),
-        ({"completion": "Hello", "label": False}, "line 3: 'prompt' is missing or not a non-empty string."),
+        ({"completion": "Hello", "label": False}, "line 3: a row with the columns completion, label fits none of TRL"),
     ],
 )
 def test_a_bad_row_is_one_sentence_naming_the_file_and_line(tmp_path, bad, says):
@@ -137,7 +137,7 @@ def test_the_mismatched_pairs_are_each_prompt_with_another_rows_completion():
     for i in range(batch["label"].numel()):
         other = train[partner[i]]
         prompt = _text(dm, batch["kl_input_ids"][i], batch["kl_attention_mask"][i] - batch["kl_response_mask"][i])
-        assert prompt == train[i]["prompt"]
+        assert prompt == train[i]["prompt_text"]
         assert batch["kl_input_ids"][i][batch["kl_response_mask"][i].bool()].tolist() == other["completion_ids"]
         # The batched tensors are the row's own prompt and partner's completion, padded.
         naive = train[i]["prompt_ids"] + other["completion_ids"]
@@ -153,7 +153,7 @@ def test_other_stages_refuse_an_unpaired_file(tmp_path):
     from shraygpt_rl.data import SFTDataModule
 
     source = _write_jsonl(tmp_path / "kto.jsonl", _examples(8))
-    with pytest.raises(DataError, match="holds unpaired, but this stage needs preferences or instructions"):
+    with pytest.raises(DataError, match="holds unpaired preference rows .unpaired., but this stage needs preferen"):
         SFTDataModule(source=source, **SMALL).setup()
 
 

@@ -1,4 +1,5 @@
-"""Instruction data (Dolly, prompt/completion) and plain prompts (stories, text, JSONL)."""
+"""Instruction data (Dolly, prompt/completion) and plain prompts (stories, text, JSONL); what a
+source holds (``describe``)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 import pytest
 
 from shraygpt_rl.data import PreferenceDataModule, PromptDataModule, SFTDataModule
-from shraygpt_rl.data.sources import STORY_OPENINGS, kind_of, load_instructions, load_prompts
+from shraygpt_rl.data.sources import STORY_OPENINGS, describe, load_instructions, load_prompts
 from shraygpt_rl.errors import DataError
 
 DOLLY_ROWS = [
@@ -25,12 +26,9 @@ def write_jsonl(path, rows):
 
 def test_dolly_records_are_formatted_as_seed_004(tmp_path):
     data = load_instructions(str(write_jsonl(tmp_path / "dolly.jsonl", DOLLY_ROWS)))
-    assert data["prompt"] == [
-        "User: Name a fish.\n\nAssistant:",
-        "User: Summarise.\n\nCats sleep a lot.\n\nAssistant:",
-        "User: Why?\n\nAssistant:",
-        "User: Count.\n\nAssistant:",
-    ]
+    users = ["Name a fish.", "Summarise.\n\nCats sleep a lot.", "Why?", "Count."]
+    assert [p[0]["content"] for p in data["prompt"]] == users
+    assert {p[0]["role"] for p in data["prompt"]} == {"user"}
     assert data["response"] == ["Salmon.", "Cats nap.", "Because.", "1 2 3"]
     assert data["category"][1] == "summarization"
     # The demonstration the model trains on: "User: {instruction}\n\nAssistant: {response}".
@@ -42,18 +40,23 @@ def test_dolly_records_are_formatted_as_seed_004(tmp_path):
 
 
 def test_prompt_completion_and_plain_prompts(tmp_path):
-    pc = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": "Q: 1+1?\nA:", "completion": " 2"}] * 4)
-    assert kind_of(str(pc)) == "instructions"
-    assert load_instructions(str(pc))[0] == {"prompt": "Q: 1+1?\nA:", "response": "2", "category": ""}
+    pc = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": "Q: 1+1?\nA:", "completion": " 2"}] * 8)
+    assert describe(str(pc)) == ("instructions", "trl")
+    sft = SFTDataModule(source=str(pc), val_size=1, test_size=1)
+    sft.setup()
+    assert sft.tokenizer.decode(sft.example(sft.splits["train"][0])["input_ids"]) == "Q: 1+1?\nA: 2<|endoftext|>"
     text = tmp_path / "openings.txt"
     text.write_text("Once upon a time\n\n  A dog ran  \n")
-    assert kind_of(str(text)) == "prompts" and load_prompts(str(text))["prompt"] == ["Once upon a time", "A dog ran"]
-    jsonl = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hi", "topic": "greeting"}])
-    assert kind_of(str(jsonl)) == "prompts" and load_prompts(str(jsonl))[0] == {"prompt": "Hi", "topic": "greeting"}
-    assert kind_of("stories") == "prompts" and load_prompts("stories")["prompt"] == list(STORY_OPENINGS)
-    assert (
-        kind_of("databricks/databricks-dolly-15k") == "instructions" and kind_of("Anthropic/hh-rlhf") == "preferences"
-    )
+    assert describe(str(text)) == ("prompts", "text")
+    assert load_prompts(str(text))["prompt"] == ["Once upon a time", "A dog ran"]
+    jsonl = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hi", "topic": "greeting"}] * 8)
+    assert describe(str(jsonl)) == ("prompts", "trl")
+    prompts = PromptDataModule(source=str(jsonl), val_size=1, test_size=1)
+    batch = next(iter(prompts.train_dataloader()))
+    assert batch["prompt"][0] == "Hi" and batch["metadata"][0] == {"topic": "greeting"}
+    assert describe("stories") == ("prompts", "text") and load_prompts("stories")["prompt"] == list(STORY_OPENINGS)
+    assert describe("databricks/databricks-dolly-15k") == ("instructions", "dolly")
+    assert describe("Anthropic/hh-rlhf") == ("preferences", "hh") and describe("org/any-dataset") == (None, "trl")
 
 
 def test_bad_rows_name_the_file_and_line(tmp_path):
@@ -66,7 +69,8 @@ def test_bad_rows_name_the_file_and_line(tmp_path):
     with pytest.raises(DataError, match=r"line 5: malformed JSON"):
         load_instructions(str(path))
     with pytest.raises(DataError, match="holds no prompts"):
-        load_prompts(str(write_jsonl(tmp_path / "empty.jsonl", [{"prompt": ""}])), skip_invalid=True)
+        (tmp_path / "empty.txt").write_text("\n  \n")
+        load_prompts(str(tmp_path / "empty.txt"))
     with pytest.raises(DataError, match="No such file"):
         load_prompts(str(tmp_path / "missing.txt"))
 

@@ -73,7 +73,7 @@ def test_difficulty_is_configurable():
     row = task.prompts("test")[0]
     assert row["question"] == f"What is {' + '.join(map(str, row['numbers']))}?"
     assert row["target"] == sum(row["numbers"])
-    assert row["prompt"].endswith(f"User: {row['question']}\n\nAssistant:")
+    assert row["prompt"] == [{"role": "user", "content": row["question"]}]  # the chat format renders it
 
 
 def test_small_tasks_fill_train_with_what_is_left():
@@ -97,7 +97,7 @@ def test_sft_noise_and_preferences_agree_with_the_verifier(task):
     assert all(clean["correct"])
     pairs = task.preferences("val")
     assert all(verify(r["chosen_response"], r) == 1.0 and verify(r["rejected_response"], r) < 1.0 for r in pairs)
-    assert pairs[0]["chosen"] == pairs[0]["prompt"] + " " + pairs[0]["chosen_response"]
+    assert pairs[0]["prompt"] == [{"role": "user", "content": pairs[0]["question"]}]
 
 
 def test_arithmetic_rejected_answers_cover_every_kind_of_error():
