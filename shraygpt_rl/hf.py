@@ -227,6 +227,13 @@ class HFCausalLM(nn.Module):
     def release_head(self) -> None:
         """Nothing to free: the LM head of these models is tied to the token embedding."""
 
+    def twice_differentiable(self) -> None:
+        """Attention whose backward can itself be differentiated (TRPO's Fisher-vector products):
+        the eager implementation, the same function as SDPA's; SDPA's fused CPU and GPU kernels
+        have no double backward."""
+        if getattr(self.model.config, "_attn_implementation", "eager") != "eager":
+            self.model.set_attn_implementation("eager")
+
     def new_kv_caches(self, batch: int, capacity: int, device=None, dtype=None) -> HFCache:
         return HFCache()
 

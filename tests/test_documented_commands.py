@@ -46,7 +46,14 @@ BENCH_SIZES = {
     "gpu": "--shape tiny --device cpu --batches 2 --prompts 2 --generations 2 --new-tokens 4 --micro-batch-size 2 "
     "--steps 1",
 }
-HUB_MODELS = {"roneneldan/TinyStories-33M": "gpt_neo", "facebook/opt-350m": "opt"}
+# Hub models and what stands in for them: a tiny random model of the architecture (and template).
+HUB_MODELS = {
+    "roneneldan/TinyStories-33M": ("gpt_neo", None),
+    "facebook/opt-350m": ("opt", None),
+    "Qwen/Qwen2.5-0.5B-Instruct": ("llama", "chatml"),
+}
+# The Hugging Face workflows' configs: the seed notebooks' and "your own model and data".
+HF_CONFIGS = ("opt-", "tinystories", "chat-", "grpo-gsm8k")
 SMALL_STAGES = "--trainer.max_steps 8 --trainer.val_check_interval 4 --trainer.limit_val_batches 1 "
 SMALL_STAGES += "--data.train_size 64 --data.val_size 16 --data.test_size 16 --trainer.enable_progress_bar false"
 
@@ -64,22 +71,67 @@ def documented_commands() -> list[list[str]]:
     return commands
 
 
-def notebook_config(config: dict, models: dict[str, Path], dolly: Path) -> None:
-    """A Hugging Face workflow's config, offline and small: tiny models for the hub's, a local
-    Dolly file, the built-in pairs for HH-RLHF."""
+def hub_stand_ins(folder: Path) -> dict[str, str]:
+    """Local files in the formats of the hub datasets the docs name: Dolly's columns, TRL's
+    ``messages`` (Capybara), implicit-prompt conversational pairs (UltraFeedback) and GSM8K."""
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def chat(role, text):
+        return {"role": role, "content": text}
+
+    rows = {
+        "dolly.jsonl": [{"instruction": f"Say {i}.", "context": "", "response": str(i)} for i in range(24)],
+        "capybara.jsonl": [
+            {
+                "messages": [
+                    chat("user", f"Say {i}."),
+                    chat("assistant", str(i)),
+                    chat("user", "Again."),
+                    chat("assistant", str(i)),
+                ]
+            }
+            for i in range(24)
+        ],
+        "ultrafeedback.jsonl": [
+            {
+                "chosen": [chat("user", f"Add {i} and 1."), chat("assistant", str(i + 1))],
+                "rejected": [chat("user", f"Add {i} and 1."), chat("assistant", str(i))],
+            }
+            for i in range(24)
+        ],  # fmt: skip
+        "gsm8k.jsonl": [
+            {"question": f"Tom has {i} apples and buys 2. How many?", "answer": f"{i} + 2 = {i + 2}\n#### {i + 2}"}
+            for i in range(24)
+        ],
+    }
+    for name, lines in rows.items():
+        (folder / name).write_text("".join(json.dumps(r) + "\n" for r in lines))
+    return {
+        "databricks/databricks-dolly-15k": str(folder / "dolly.jsonl"),
+        "Anthropic/hh-rlhf": "arithmetic",
+        "trl-lib/Capybara": str(folder / "capybara.jsonl"),
+        "trl-lib/ultrafeedback_binarized": str(folder / "ultrafeedback.jsonl"),
+        "openai/gsm8k": str(folder / "gsm8k.jsonl"),
+    }
+
+
+def notebook_config(config: dict, models: dict[str, Path], sources: dict[str, str]) -> None:
+    """A Hugging Face workflow's config, offline and small: tiny models for the hub's, local
+    files for the hub's datasets (``hub_stand_ins``), the built-in pairs for HH-RLHF."""
     model, data = config["model"], config["data"]
     model["policy"] = str(models.get(model["policy"], model["policy"]))
     if "max_new_tokens" in model:  # an online stage
         model.update(max_new_tokens=8, micro_batch_size=2)
         model.update(num_generations=2) if "num_generations" in model else None
-    sources = {"databricks/databricks-dolly-15k": str(dolly), "Anthropic/hh-rlhf": "arithmetic"}
     data.update(source=sources.get(data["source"], data["source"]), max_length=96, max_prompt_length=64)
     data.update(batch_size=4, val_size=4, test_size=4)
-    data.pop("data_dir", None)
+    data.pop("data_dir", None), data.pop("subset", None)
     config["trainer"].update(max_steps=4, val_check_interval=2, limit_val_batches=1, enable_progress_bar=False)
 
 
-def small_configs(src: Path, dst: Path, hh: bool, models: dict[str, Path] | None = None, dolly: Path | None = None):
+def small_configs(
+    src: Path, dst: Path, hh: bool, models: dict[str, Path] | None = None, sources: dict[str, str] | None = None
+):
     """configs/ as in the repository, with a few steps and small splits; the HH-RLHF ones read
     the shared sample offline; the Hugging Face ones (given ``models``) take tiny local models."""
     shutil.copytree(src, dst)
@@ -87,9 +139,9 @@ def small_configs(src: Path, dst: Path, hh: bool, models: dict[str, Path] | None
         config = yaml.safe_load(path.read_text())
         if "trainer" not in config:  # pipeline.yaml, opt-pipeline.yaml
             config.update(num_prompts=16, **({"max_new_tokens": 8} if path.stem.startswith("opt-") else {}))
-        elif config.get("model", {}).get("policy") in HUB_MODELS or path.stem.startswith("opt-"):
+        elif config.get("model", {}).get("policy") in HUB_MODELS or path.stem.startswith(HF_CONFIGS):
             if models is not None:
-                notebook_config(config, models, dolly)
+                notebook_config(config, models, sources)
         elif path.stem.endswith("-hh") and hh:
             config["trainer"].update(max_steps=2, val_check_interval=2, limit_val_batches=1, accumulate_grad_batches=1)
             config["trainer"].update(precision="bf16-mixed", enable_progress_bar=False)
@@ -120,7 +172,7 @@ def _config_kind(path: Path, config: dict) -> str:
     ``small_configs`` tells them) or ``demo``."""
     if path.stem.endswith("-hh"):
         return "hh"
-    if path.stem.startswith("opt-") or (config.get("model") or {}).get("policy") in HUB_MODELS:
+    if path.stem.startswith(HF_CONFIGS) or (config.get("model") or {}).get("policy") in HUB_MODELS:
         return "notebook"
     return "demo"
 
@@ -234,7 +286,8 @@ def test_the_commands_are_found():
     assert "python train.py --stage eval" in commands
     assert sum(c.startswith("python -m shraygpt_rl.bench") for c in commands) == 11
     assert (
-        sum(any(w.startswith(("configs/opt-", "configs/tinystories")) for w in c) for c in documented_commands()) == 9
+        sum(any(w.startswith(tuple(f"configs/{c}" for c in HF_CONFIGS)) for w in c) for c in documented_commands())
+        == 12
     )
     assert sum("-hh.yaml" in " ".join(c) for c in documented_commands()) == 3
 
@@ -298,12 +351,9 @@ def test_every_documented_command_runs(tmp_path, monkeypatch, capsys, tiny_hf):
     with_shared = HH_SAMPLE.is_file() and R50K.is_file()
     small_configs(ROOT / "configs", demo / "configs", hh=False)
     small_configs(ROOT / "configs", hh / "configs", hh=True)
-    dolly = tmp_path / "dolly.jsonl"
-    dolly.write_text(
-        "".join(json.dumps({"instruction": f"Say {i}.", "context": "", "response": str(i)}) + "\n" for i in range(24))
-    )
-    models = {name: tiny_hf(kind) for name, kind in HUB_MODELS.items()}
-    small_configs(ROOT / "configs", notebooks / "configs", hh=False, models=models, dolly=dolly)
+    models = {name: tiny_hf(kind, template=template) for name, (kind, template) in HUB_MODELS.items()}
+    sources = hub_stand_ins(tmp_path / "hub")
+    small_configs(ROOT / "configs", notebooks / "configs", hh=False, models=models, sources=sources)
     (hh / "checkpoints").mkdir()
     torch.manual_seed(0)
     course_stand_in = ShrayGPT(**tiny_config(vocab_size=50257, block_size=256))
@@ -317,7 +367,7 @@ def test_every_documented_command_runs(tmp_path, monkeypatch, capsys, tiny_hf):
         needs_shared = any(w.endswith("-hh.yaml") for w in command) or command[3:4] == ["grpo-step"]
         if needs_shared and not with_shared:
             continue
-        notebook = any(w.startswith(("configs/opt-", "configs/tinystories")) for w in command)
+        notebook = any(w.startswith(tuple(f"configs/{c}" for c in HF_CONFIGS)) for w in command)
         monkeypatch.chdir(hh if any(w.endswith("-hh.yaml") for w in command) else notebooks if notebook else demo)
         if command[1] == "train.py":
             result = train([str(models.get(w, w)) if notebook else w for w in command[2:]])  # hub names: tiny models
@@ -365,7 +415,7 @@ def test_every_documented_command_runs(tmp_path, monkeypatch, capsys, tiny_hf):
     assert all(tools[k]["success"] is not None and tools[k]["pass@8"] is not None for k in ("policy", "reference"))
 
     # The notebooks' Hugging Face workflows: adapters, each stage starting from the one before.
-    for name in ("tinystories-ppo", "opt-sft", "opt-ppo", "opt-grpo", "opt-dpo"):
+    for name in ("tinystories-ppo", "opt-sft", "opt-ppo", "opt-grpo", "opt-dpo", "chat-sft", "chat-dpo", "grpo-gsm8k"):
         assert (notebooks / "checkpoints" / name / "adapter_model.safetensors").is_file(), name
     assert RewardModel.load_from_checkpoint(notebooks / "checkpoints" / "opt-reward-model.ckpt").tokenizer == "hf"
     assert "PPO + LoRA (after)" in printed

@@ -13,7 +13,7 @@ Lightning's distributed sampler gives each rank a disjoint shard.
 * ``KTODataModule`` (``data/kto.py``): unpaired ``input_ids``, ``attention_mask``,
   ``response_mask``, ``label``, and the same three tensors, prefixed ``kl_``, for each prompt with
   its partner's completion.
-* ``PromptDataModule``: left-padded ``input_ids`` and ``attention_mask`` for generation, plus the
+* ``PromptDataModule`` (``data/prompts.py``): left-padded ``input_ids`` and ``attention_mask``, the
   ``prompt`` strings and per-prompt ``metadata`` that reward functions read.
 """
 
@@ -28,15 +28,12 @@ from typing import Any
 import datasets
 import lightning as L
 import torch
-from lightning.pytorch.utilities import CombinedLoader
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from shraygpt_rl.data.chat import ChatFormat, ChatTokenizer, read_template, system_prompt_for, tokenize_rows
-from shraygpt_rl.data.formats import KIND_OF_TYPE, convert, dataset_type, load_rows
-from shraygpt_rl.data.hh_rlhf import HUB_NAME, load_preferences
-from shraygpt_rl.data.labels import load_judgements
-from shraygpt_rl.data.sources import describe, load_instructions, load_prompts
+from shraygpt_rl.data.hh_rlhf import HUB_NAME
+from shraygpt_rl.data.sources import open_source
 from shraygpt_rl.data.tasks import TASKS, make_task
 from shraygpt_rl.errors import ConfigError, DataError, require
 from shraygpt_rl.tokenizer import TokenizerName, get_tokenizer
@@ -71,10 +68,6 @@ def _tokenize(batch: dict, columns: tuple[str, ...], chat: tuple, observations: 
     """``datasets.map`` body: ``chat.tokenize_rows`` with the chat format ``chat`` names (strings,
     which key the map's cache)."""
     return tokenize_rows(batch, columns, _chat(*chat), observations)
-
-
-def _as_is(data: datasets.Dataset, split: str = "train") -> datasets.Dataset:
-    return data
 
 
 def _user_turn(row: dict) -> dict:
@@ -129,6 +122,8 @@ class ChatDataModule(L.LightningDataModule):
         prompt_as_user: Standard (text) prompts become a user message, so that the chat template
             renders them: a plain question column for an instruct model (GSM8K's ``question``).
         columns: Renames the source's columns before its type is read, e.g. ``{question: prompt}``.
+        subset: A hub dataset's configuration (``datasets.load_dataset``'s ``name``), such as
+            GSM8K's ``main``.
         data_dir: HH-RLHF subset such as ``harmless-base`` (hub ``data_dir`` or local subfolder).
         skip_invalid: Drop invalid HH-RLHF rows (and log how many) instead of stopping.
         num_terms: Arithmetic: numbers to add.
@@ -153,6 +148,7 @@ class ChatDataModule(L.LightningDataModule):
         chat_template: str | None = None,
         prompt_as_user: bool = False,
         columns: dict[str, str] | None = None,
+        subset: str | None = None,
         data_dir: str | None = None,
         skip_invalid: bool = False,
         num_terms: int = 2,
@@ -241,24 +237,11 @@ class ChatDataModule(L.LightningDataModule):
                 num_test=hp.test_size,
             )
             return {split: self._prompts_as_user(self.task_split(task, split)) for split in _SPLITS}
-        kind, reader = describe(hp.source)
-        if reader == "labels":  # the labelling page's judgements: preference pairs with a strength
-            load, kind = functools.partial(load_judgements, hp.source), "preferences"
-        elif reader == "hh":
-            load = functools.partial(load_preferences, hp.source, data_dir=hp.data_dir, skip_invalid=hp.skip_invalid)
-        elif reader == "dolly":
-            load = functools.partial(load_instructions, hp.source, hp.skip_invalid)
-        elif reader == "text":
-            load = functools.partial(load_prompts, hp.source, hp.skip_invalid)
-        else:
-            rows = load_rows(hp.source, skip_invalid=hp.skip_invalid)
-            rows = [(line, {(hp.columns or {}).get(k, k): v for k, v in row.items()}) for line, row in rows]
-            trl_type = dataset_type(rows[0][1]) if rows else None
-            self.check_kind(KIND_OF_TYPE[trl_type] if trl_type else "nothing", trl_type)
-            data = convert(rows, self.reads, hp.source, hp.skip_invalid)
-            load, kind = functools.partial(_as_is, data), KIND_OF_TYPE[trl_type]
-        data = self._prompts_as_user(load(split="train") if load.func is load_preferences else load())
-        self.check_kind(kind)
+        kind, trl_type, load = open_source(
+            hp.source, self.reads, hp.skip_invalid, data_dir=hp.data_dir, columns=hp.columns, subset=hp.subset
+        )
+        self.check_kind(kind, trl_type)
+        data = self._prompts_as_user(load(split="train"))
         val_size, test_size = self._held_out_sizes(len(data), from_hub=hp.source == HUB_NAME)
         if hp.source == HUB_NAME:
             test = self._prompts_as_user(load(split="test"))
@@ -469,68 +452,3 @@ def stack_pairs(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torc
     attention = torch.cat([widen(batch[f"{s}_attention_mask"]) for s in ("chosen", "rejected")])
     prompt = torch.cat([widen(batch[f"{s}_prompt_mask"]) for s in ("chosen", "rejected")])
     return ids, attention, attention * (1 - prompt)
-
-
-class PromptDataModule(ChatDataModule):
-    """Prompts for PPO/GRPO, left-padded for batched generation, with their metadata.
-
-    Metadata is every other column: for the built-in tasks ``task``, ``question``, ``numbers`` and
-    ``target``; for HH-RLHF ``chosen_response`` and ``rejected_response`` (for lexical rewards).
-
-    With ``ptx_source``, each training batch is ``{"prompts": …, "ptx": …}``: the prompts and a
-    batch of demonstrations for PPO-ptx, drawn with replacement so that there is one per prompt
-    batch (``SFTDataModule``'s batches, with this DataModule's tokenizer, lengths and task options).
-
-    Args:
-        ptx_source: Demonstrations for PPO-ptx: any source ``SFTDataModule`` reads; None: none.
-        ptx_batch_size: Demonstrations per training batch.
-        **kwargs: ``ChatDataModule``'s arguments.
-    """
-
-    def __init__(self, ptx_source: str | None = None, ptx_batch_size: int = 8, **kwargs):
-        require(ptx_batch_size >= 1, f"ptx_batch_size must be at least 1, got {ptx_batch_size}.")
-        super().__init__(**kwargs)
-        self.save_hyperparameters()
-        self.ptx: SFTDataModule | None = None
-
-    def setup(self, stage: str | None = None) -> None:
-        super().setup(stage)
-        hp = self.hparams
-        if hp.ptx_source and self.ptx is None:
-            # Only what SFTDataModule takes: LightningCLI may add entries of its own (``_instantiator``).
-            accepted = init_arguments(SFTDataModule) - {"source", "batch_size"}
-            shared = {k: v for k, v in hp.items() if k in accepted}
-            self.ptx = SFTDataModule(source=hp.ptx_source, batch_size=hp.ptx_batch_size, **shared)
-            self.ptx.setup(stage)
-
-    def train_dataloader(self):
-        prompts = super().train_dataloader()
-        if not self.hparams.ptx_source:
-            return prompts
-        if self.ptx is None:
-            self.setup()
-        demos = self.ptx.splits["train"]
-        sampler = RandomSampler(demos, replacement=True, num_samples=len(prompts) * self.hparams.ptx_batch_size)
-        ptx = DataLoader(demos, batch_size=self.hparams.ptx_batch_size, sampler=sampler, collate_fn=self.ptx.collate)
-        return CombinedLoader({"prompts": prompts, "ptx": ptx}, mode="max_size_cycle")
-
-    def task_split(self, task, split):
-        return task.prompts(split)
-
-    def metadata_keys(self) -> set[str]:
-        """The metadata every prompt carries (what reward functions may read)."""
-        if not self.splits:
-            self.setup()
-        return set(self.splits["train"].column_names) - _NOT_METADATA
-
-    def hh_split(self, pairs):
-        return pairs.remove_columns([c for c in ("chosen", "rejected") if c in pairs.column_names])
-
-    def collate(self, rows):
-        prompts = [r["prompt_ids"][-self.hparams.max_prompt_length :] for r in rows]
-        return {
-            "input_ids": _pad(prompts, self.tokenizer.eot_token, left=True),
-            "attention_mask": _pad([[1] * len(p) for p in prompts], 0, left=True),
-            "prompt": [r["prompt_text"] for r in rows],
-            "metadata": [{k: v for k, v in r.items() if k not in _NOT_METADATA} for r in rows],
-        }

@@ -95,9 +95,11 @@ def is_trl_row(row: dict[str, Any]) -> bool:
 # --------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------
-def load_rows(source: str, split: str = "train", skip_invalid: bool = False) -> list[tuple[int, dict]]:
+def load_rows(
+    source: str, split: str = "train", skip_invalid: bool = False, subset: str | None = None
+) -> list[tuple[int, dict]]:
     """``(line or row number, row)`` of a local ``.jsonl``/``.json``/``.parquet`` file, or of a
-    hub dataset's ``split``."""
+    hub dataset's ``split`` (``subset``: the dataset's configuration, such as GSM8K's ``main``)."""
     path = Path(source).expanduser()
     if path.suffix == ".parquet":
         if not path.is_file():
@@ -106,7 +108,7 @@ def load_rows(source: str, split: str = "train", skip_invalid: bool = False) -> 
     if path.exists() or path.suffix in (".jsonl", ".json"):
         return read_rows(path, skip_invalid)
     try:
-        data = datasets.load_dataset(source, split=split)
+        data = datasets.load_dataset(source, subset, split=split)
     except Exception as err:  # offline, unknown name, unknown split
         raise DataError(
             f"Could not load '{source}' from the Hugging Face hub ({type(err).__name__}); if this machine is offline, "

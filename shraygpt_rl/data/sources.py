@@ -16,14 +16,16 @@ Bad input gets one sentence naming the file and line, unless ``skip_invalid`` dr
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import datasets
 
-from shraygpt_rl.data.formats import KIND_OF_TYPE, dataset_type, json_rows, read_rows
-from shraygpt_rl.data.hh_rlhf import HUB_NAME, _scan_lines
-from shraygpt_rl.data.labels import is_judgement_file
+from shraygpt_rl.data.formats import KIND_OF_TYPE, convert, dataset_type, json_rows, load_rows, read_rows
+from shraygpt_rl.data.hh_rlhf import HUB_NAME, _scan_lines, load_preferences
+from shraygpt_rl.data.labels import is_judgement_file, load_judgements
 from shraygpt_rl.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -67,6 +69,38 @@ def instruction_prompt(instruction: str, context: str | None = None) -> list[dic
     return [{"role": "user", "content": user}]
 
 
+def open_source(
+    source: str,
+    reads: str,
+    skip_invalid: bool = False,
+    data_dir: str | None = None,
+    columns: dict[str, str] | None = None,
+    subset: str | None = None,
+) -> tuple[str, str | None, Callable[..., datasets.Dataset]]:
+    """What a (non-task) source holds and how to read it: ``(kind, TRL type or None, load)``,
+    ``load(split="train")`` giving its rows as a DataModule that ``reads`` them takes them
+    (``formats.to_row``'s kinds). The kind is known before anything is converted, so that a
+    DataModule refuses a source it cannot use in one sentence first."""
+    kind, reader = describe(source)
+    if reader == "labels":  # the labelling page's judgements: preference pairs with a strength
+        return "preferences", None, lambda split="train": load_judgements(source)
+    if reader == "hh":
+        return kind, None, functools.partial(load_preferences, source, data_dir=data_dir, skip_invalid=skip_invalid)
+    if reader == "dolly":
+        return kind, None, lambda split="train": load_instructions(source, skip_invalid)
+    if reader == "text":
+        return kind, None, lambda split="train": load_prompts(source, skip_invalid)
+    rows = load_rows(source, skip_invalid=skip_invalid, subset=subset)
+    rows = [(line, {(columns or {}).get(k, k): v for k, v in row.items()}) for line, row in rows]
+    if not rows:
+        raise DataError(f"{source} holds no rows.")
+    try:
+        trl_type = dataset_type(rows[0][1])
+    except DataError as err:
+        raise DataError(f"{source}, line {rows[0][0]}: {err}.") from None
+    return KIND_OF_TYPE[trl_type], trl_type, lambda split="train": convert(rows, reads, source, skip_invalid)
+
+
 def describe(source: str) -> tuple[str | None, str]:
     """``(kind, reader)`` of a (non-task) source. The kind is what it holds: ``instructions``,
     ``prompts``, ``preferences``, ``labels`` (the labelling page's judgements, preference pairs
@@ -90,7 +124,7 @@ def describe(source: str) -> tuple[str | None, str]:
         return None, "trl"  # a hub dataset, read through datasets
     if path.suffix == ".parquet":
         return None, "trl"
-    for line, row in _first_row(path):
+    for _, row in _first_row(path):
         if is_judgement_file(row):
             return "labels", "labels"
         if "instruction" in row:
@@ -99,8 +133,8 @@ def describe(source: str) -> tuple[str | None, str]:
             return "preferences", "hh"
         try:
             return KIND_OF_TYPE[dataset_type(row)], "trl"
-        except DataError as err:
-            raise DataError(f"{path}, line {line}: {err}.") from None
+        except DataError:
+            return None, "trl"  # known once --data.columns has renamed the columns (``open_source``)
     return "preferences", "hh"  # no readable row: the HH reader says why
 
 

@@ -115,6 +115,8 @@ class TRPOStage(CriticStage):
         require(max_backtracks >= 0, f"max_backtracks must be >= 0, got {max_backtracks}.")
         require(critic_warmup >= 0, f"critic_warmup must be >= 0, got {critic_warmup}.")
         super().__init__(export_path=export_path, **kwargs)
+        if hasattr(self.policy, "twice_differentiable"):  # a Hugging Face model: eager attention
+            self.policy.twice_differentiable()
         self.line_search_failures = 0
 
     def optimizer_steps_per_rollout(self) -> int:
