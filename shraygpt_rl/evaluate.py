@@ -350,12 +350,14 @@ def split_demonstrations(batch: dict, pad_id: int) -> tuple[Tensor, Tensor, list
 class DemonstrationScores:
     """Perplexity of held-out demonstrations' answers (torchmetrics ``Perplexity``, over every
     answer token of every batch) and ROUGE-L F1 of the policy's greedy answer against the
-    reference answer (torchmetrics ``ROUGEScore``), accumulated batch by batch."""
+    reference answer (torchmetrics ``ROUGEScore``), accumulated batch by batch. A language
+    modelling row (``text``: trained on whole, no prompt) has no answer to ask for: it counts in
+    the perplexity only, and without any prompted row there is no ROUGE-L."""
 
     def __init__(self, max_new_tokens: int = 64):
         from torchmetrics.text import Perplexity, ROUGEScore
 
-        self.max_new_tokens = max_new_tokens
+        self.max_new_tokens, self.prompted = max_new_tokens, 0
         self.perplexity = Perplexity(ignore_index=-100)
         self.rouge = ROUGEScore(rouge_keys=("rougeL",))
 
@@ -375,17 +377,25 @@ class DemonstrationScores:
         target = ids[:, 1:].masked_fill(answer[:, 1:] == 0, -100)  # the answer's tokens, EOS included
         with torch.inference_mode(False):  # the metric's states stay normal tensors (see ``compute``)
             self.perplexity.update(logits[:, :-1].float().clone(), target.clone())
-        if self.max_new_tokens:
-            prompts, mask, references = split_demonstrations(batch, tokenizer.eot_token)
-            _, texts = sample_and_decode(
-                policy, prompts.to(ids.device), mask.to(ids.device), tokenizer, self.max_new_tokens, temperature=0.0
-            )
-            self.rouge.update(texts, [tokenizer.decode(r).strip() for r in references])
+        if not self.max_new_tokens:
+            return
+        prompts, mask, references = split_demonstrations(batch, tokenizer.eot_token)
+        rows = mask.sum(1) > 0  # (B,) the rows with a prompt to answer
+        if not rows.any():
+            return
+        prompts, mask = prompts[rows][:, (mask[rows].sum(0) > 0)], mask[rows][:, (mask[rows].sum(0) > 0)]
+        _, texts = sample_and_decode(
+            policy, prompts.to(ids.device), mask.to(ids.device), tokenizer, self.max_new_tokens, temperature=0.0
+        )
+        kept = [tokenizer.decode(r).strip() for r, keep in zip(references, rows.tolist()) if keep]
+        self.rouge.update(texts, kept)
+        self.prompted += len(kept)
 
     def compute(self) -> dict[str, float]:
         out = {"perplexity": float(self.perplexity.compute())}
-        if self.max_new_tokens:
+        if self.max_new_tokens and self.prompted:
             out["rouge_l"] = float(self.rouge.compute()["rougeL_fmeasure"])
+        self.prompted = 0
         with torch.inference_mode(False):  # fresh states must be normal tensors: the next update may run outside
             self.perplexity.reset()  # inference mode (Lightning validates in it, and fits without it)
             self.rouge.reset()

@@ -200,6 +200,8 @@ class ChatFormat:
         rendering that ends with that turn, through its end-of-turn token: in the course's format
         only a last turn ends with EOS, an earlier one runs into the next ``User:``."""
         messages = self._messages(messages)
+        if self.has_generation_markers:
+            return self._marked_ids(messages)
         ids = self.encode(self._render(messages, False))
         mask = [0] * len(ids)
         for i, message in enumerate(messages):
@@ -213,6 +215,21 @@ class ChatFormat:
             turn = through(ids[len(head) : agree], self.eot_token)
             mask[len(head) : len(head) + len(turn)] = [1] * len(turn)
         return ids, mask
+
+    @property
+    def has_generation_markers(self) -> bool:
+        """Whether the template marks the assistant's text with ``{% generation %}`` (read by a
+        Hugging Face tokenizer's ``return_assistant_tokens_mask``)."""
+        return getattr(self.tok, "tokenizer", None) is not None and "{% generation %}" in self.template.replace(
+            "{%- generation %}", "{% generation %}"
+        )
+
+    def _marked_ids(self, messages: list[Message]) -> tuple[list[int], list[int]]:
+        """``conversation_ids`` by the template's own ``{% generation %}`` markers."""
+        out = self.tok.tokenizer.apply_chat_template(
+            messages, chat_template=self.template, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
+        return list(out["input_ids"]), list(out["assistant_masks"])
 
     def reply_ids(self, response: str) -> list[int]:
         """A reply's tokens without its prompt (a reward model scoring text): the template's text

@@ -176,3 +176,59 @@ def test_standard_text_is_used_as_it_is(templated):
     tok, chat = templated["chatml"]
     assert chat.prompt_ids("Once upon a time") == tok.encode_ordinary("Once upon a time")
     assert chat.completion_ids("Once upon a time", " there ") == tok.encode_ordinary(" there") + [tok.eot_token]
+
+
+def test_generation_stops_at_the_end_of_turn_and_logprobs_stay_exact(tiny_hf):
+    """A ChatML model samples through its DataModule's tokenizer: a row that samples <|im_end|>
+    ends there (its mask covers it, nothing after), the text the rewards read stops before it,
+    and the rollout's log-probabilities equal the training forward's."""
+    import torch
+
+    from shraygpt_rl.data import PromptDataModule
+    from shraygpt_rl.generation import response_logprobs, sample_and_decode
+    from shraygpt_rl.policy import load_policy
+
+    folder = str(tiny_hf("llama", template="chatml"))
+    data = PromptDataModule(source="arithmetic", tokenizer="hf", tokenizer_path=folder, batch_size=64, val_size=8)
+    batch = next(iter(data.train_dataloader()))
+    policy = load_policy(folder).eval()
+    enc = data.tokenizer
+    im_end = enc.eot_token
+    assert enc.decode([im_end]) == "<|im_end|>" and set(enc.stop_tokens) == {im_end, enc.encoding.eot_token}
+    generator = torch.Generator().manual_seed(0)
+    out, texts = sample_and_decode(
+        policy, batch["input_ids"], batch["attention_mask"], enc, 40, generator=generator
+    )  # fmt: skip
+    mask = out.response_mask.bool()
+    ended = [((row == im_end) & own).nonzero()[:1] for row, own in zip(out.responses, mask)]  # pads are im_end too
+    stopped = [i for i, e in enumerate(ended) if len(e)]
+    assert stopped, "no row sampled <|im_end|>: pick another seed"
+    for i in stopped:
+        at = int(ended[i][0])
+        assert mask[i, at] and not mask[i, at + 1 :].any()  # the stop token is the reply's, then nothing
+        assert "<|im_end|>" not in texts[i] and texts[i] == enc.decode(out.responses[i, :at].tolist())
+    with torch.no_grad():
+        logprobs, _, _ = response_logprobs(policy, out.sequences, out.attention_mask, out.prompt_length)
+    assert torch.allclose(logprobs[mask], out.logprobs[mask], atol=1e-5)
+
+
+def test_generation_markers_mask_what_rendering_prefixes_masks(templated):
+    """A template with ``{% generation %}`` markers gives its own assistant mask
+    (``return_assistant_tokens_mask``); it is the mask rendering the prefixes gives."""
+    from shraygpt_rl.bench.tiny_hf import CHATML
+
+    tok, chatml = templated["chatml"]
+    marked = CHATML.replace(
+        "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}",
+        "{% if message['role'] == 'assistant' %}{{ '<|im_start|>assistant\\n' }}{% generation %}"
+        "{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}"
+        "{% else %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{% endif %}",
+    )
+    assert marked != CHATML
+    chat = ChatFormat(tok, *read_template(marked, tok))
+    assert chat.has_generation_markers and not chatml.has_generation_markers
+    rng = random.Random(3)
+    for _ in range(20):
+        messages = random_conversation(rng, 3)[:-1] + [{"role": "assistant", "content": "bye"}]
+        messages = [m if m["content"].strip() else {**m, "content": "x"} for m in messages]
+        assert chat.conversation_ids(messages) == chatml.conversation_ids(messages)
