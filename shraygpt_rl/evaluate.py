@@ -331,14 +331,18 @@ def _pair_accuracy(model, score, datamodule, split: str) -> float:
 # --------------------------------------------------------------------------------------------
 def split_demonstrations(batch: dict, pad_id: int) -> tuple[Tensor, Tensor, list[list[int]]]:
     """An ``SFTDataModule`` batch (right-padded, ``loss_mask`` 1 on the answer) as left-padded
-    prompts (B, P), their attention mask, and each row's reference answer without its EOS."""
+    prompts (B, P), their attention mask, and each row's reference answer without its end-of-turn
+    token: the first run of answer tokens (a multi-turn conversation's first assistant turn, the
+    one its prompt asks for)."""
     prompts, references = [], []
     for ids, attention, answer in zip(batch["input_ids"], batch["attention_mask"], batch["loss_mask"]):
         real = attention.bool()
         starts = answer.nonzero()
         cut = int(starts[0]) if len(starts) else int(real.sum())
         prompts.append(ids[:cut].tolist())
-        references.append([t for t, m in zip(ids.tolist(), answer.tolist()) if m and t != pad_id])
+        ends = (answer[cut:] == 0).nonzero()
+        end = cut + int(ends[0]) if len(ends) else len(answer)
+        references.append([t for t in ids[cut:end].tolist() if t != pad_id])
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros(len(prompts), width, dtype=torch.long)

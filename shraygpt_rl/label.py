@@ -31,7 +31,7 @@ from shraygpt_rl.data.labels import Item, LabelError, LabelStore, read_items, wr
 from shraygpt_rl.errors import ConfigError
 from shraygpt_rl.generation import sample_and_decode
 from shraygpt_rl.policy import load_policy
-from shraygpt_rl.runner import data_from_config
+from shraygpt_rl.runner import data_from_config, policy_tokenizer
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -103,10 +103,10 @@ def load_items(
         return read_items(sidecar)
     if responses_per_prompt < 2 or num_prompts < 1:
         raise ConfigError("--responses_per_prompt must be at least 2 and --num_prompts at least 1.")
-    data = data_from_config(PromptDataModule, data_config, source=prompts, train_size=num_prompts, batch_size=16)
-    items = sample_items(
-        load_policy(policy).eval(), data, num_prompts, responses_per_prompt, max_new_tokens, temperature, seed
-    )
+    model = load_policy(policy).eval()
+    overrides = dict(source=prompts, train_size=num_prompts, batch_size=16, **policy_tokenizer(model, data_config))
+    data = data_from_config(PromptDataModule, data_config, **overrides)  # the policy's own tokenizer and template
+    items = sample_items(model, data, num_prompts, responses_per_prompt, max_new_tokens, temperature, seed)
     write_items(sidecar, items)
     return items
 

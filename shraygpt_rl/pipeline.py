@@ -25,7 +25,7 @@ from shraygpt_rl.policy import load_policy
 from shraygpt_rl.report import plot_report, table, write_json
 from shraygpt_rl.reward_model import RewardModel
 from shraygpt_rl.rewards import RewardFunction
-from shraygpt_rl.runner import config_section, data_from_config, run_stage
+from shraygpt_rl.runner import data_from_config, policy_tokenizer, run_stage
 from shraygpt_rl.stages.checks import check_rewards
 from shraygpt_rl.turns import check_turns
 
@@ -39,22 +39,13 @@ def _prompts(config: str | None, num_prompts: int, policy=None) -> PromptDataMod
     """Held-out prompts built as ``config``'s data, so that evaluation prompts look like training's;
     tokenised by ``policy``'s own tokenizer when it has one and the config names none."""
     sizes = dict(test_size=num_prompts, val_size=num_prompts, batch_size=100)
-    return data_from_config(PromptDataModule, config, **sizes, **_tokenizer_of(policy, config))
-
-
-def _tokenizer_of(policy, config: str | None) -> dict[str, str]:
-    """A Hugging Face policy's tokenizer as data overrides, unless ``config`` names another (as
-    ``runner.adopt_policy_tokenizer`` does for training)."""
-    source = getattr(policy, "tokenizer_source", None)
-    data = config_section(config, "data")
-    named = data.get("tokenizer", "byte") != "byte" and (data.get("tokenizer") != "hf" or data.get("tokenizer_path"))
-    return {"tokenizer": "hf", "tokenizer_path": source} if source and not named else {}
+    return data_from_config(PromptDataModule, config, **sizes, **policy_tokenizer(policy, config))
 
 
 def _demonstrations(config: str | None, num_prompts: int, policy) -> SFTDataModule | None:
     """Held-out demonstrations from ``config``'s data source, or None when it has none (prompts only)."""
     sizes = dict(test_size=num_prompts, val_size=num_prompts, batch_size=100)
-    demos = data_from_config(SFTDataModule, config, **sizes, **_tokenizer_of(policy, config))
+    demos = data_from_config(SFTDataModule, config, **sizes, **policy_tokenizer(policy, config))
     try:
         demos.setup()
     except DataError:  # a source of prompts only (its kind is checked when it is read)
@@ -217,7 +208,7 @@ def pipeline(
     print(f"\n[evaluation] {num_prompts} held-out prompts per policy", flush=True)
     scorer = RewardModel.load_from_checkpoint(exports["reward"]).eval()
     sft_policy = load_policy(exports["SFT"])
-    pairs = data_from_config(PreferenceDataModule, reward, batch_size=100, **_tokenizer_of(sft_policy, reward))
+    pairs = data_from_config(PreferenceDataModule, reward, batch_size=100, **policy_tokenizer(sft_policy, reward))
     accuracy = reward_model_accuracy(scorer, pairs)
     data = _prompts(sft, num_prompts, sft_policy)
     policies = _evaluate_against_sft(exports, data, scorer, max_new_tokens, seed, pass_k)

@@ -141,6 +141,16 @@ def adopt_policy_tokenizer(model: L.LightningModule, datamodule: L.LightningData
         data.tokenizer, data.tokenizer_path = own
 
 
+def policy_tokenizer(policy, config: str | Path | None) -> dict[str, str]:
+    """A Hugging Face policy's tokenizer as data overrides, unless ``config`` names another (as
+    ``adopt_policy_tokenizer`` does for training): for the commands that sample from a policy
+    outside a stage (``--stage eval``, the pipeline's report, the labelling page)."""
+    source = getattr(policy, "tokenizer_source", None)
+    data = config_section(config, "data")
+    named = data.get("tokenizer", "byte") != "byte" and (data.get("tokenizer") != "hf" or data.get("tokenizer_path"))
+    return {"tokenizer": "hf", "tokenizer_path": source} if source and not named else {}
+
+
 def stage_of(config: str | Path) -> str:
     """The stage a config file is for, from its name: the whole name when it names one (with
     ``-`` for ``_``: ``online-dpo.yaml``), else its first part that does (``ppo-rm``: ppo;

@@ -57,7 +57,9 @@ class HFTokenizer:
     ``encode_ordinary_batch``, ``decode``, ``eot_token``, ``n_vocab``, ``name``).
 
     Text is encoded without special tokens, as tiktoken's ``encode_ordinary`` does; the model's
-    EOS token ends responses and pads batches.
+    EOS token ends responses and pads batches. ``generation_stops`` are the EOS ids of the
+    model's generation config beside it (an instruct model's end of turn, ``<|eot_id|>``), when
+    it has one.
     """
 
     def __init__(self, source: str):
@@ -73,6 +75,7 @@ class HFTokenizer:
         if self.tokenizer.eos_token_id is None:
             raise TokenizerError(f"The tokenizer of '{source}' has no EOS token, which ends every response.")
         self.name, self.eot_token, self.n_vocab = source, self.tokenizer.eos_token_id, len(self.tokenizer)
+        self.generation_stops = _generation_stops(source)
 
     def encode_ordinary(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -82,6 +85,17 @@ class HFTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, clean_up_tokenization_spaces=False)
+
+
+def _generation_stops(source: str) -> tuple[int, ...]:
+    """The EOS ids of a model's ``generation_config.json`` (one id or several), or none."""
+    from transformers import GenerationConfig
+
+    try:
+        ids = GenerationConfig.from_pretrained(source).eos_token_id
+    except Exception:  # no generation config beside the tokenizer, or none offline
+        return ()
+    return tuple(ids) if isinstance(ids, list | tuple) else () if ids is None else (int(ids),)
 
 
 @functools.cache

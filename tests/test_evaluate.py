@@ -296,3 +296,18 @@ def test_a_plain_function_is_a_reward_in_the_report_as_in_training(prompts):
     torch.manual_seed(0)
     report = evaluate_policy(ShrayGPT(**tiny_config()), prompts, max_new_tokens=3, reward_functions=[length])
     assert 0 <= report["reward/length"] <= 3  # characters of at most 3 byte tokens
+
+
+def test_a_multi_turn_reference_is_its_first_assistant_turn():
+    """ROUGE-L's reference is the answer the prompt asks for, the first run of answer tokens, not
+    every assistant turn of the conversation joined (issue 34's review)."""
+    from shraygpt_rl.evaluate import split_demonstrations
+
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 9, 9]])
+    batch = {
+        "input_ids": ids,
+        "attention_mask": torch.tensor([[1] * 7 + [0, 0]]),
+        "loss_mask": torch.tensor([[0, 0, 1, 1, 0, 1, 1, 0, 0]]),
+    }
+    prompts, mask, references = split_demonstrations(batch, pad_id=9)
+    assert prompts.tolist() == [[1, 2]] and mask.tolist() == [[1, 1]] and references == [[3, 4]]

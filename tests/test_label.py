@@ -277,3 +277,11 @@ def test_answers_with_unicode_line_separators_survive_the_file(tmp_path):
     pairs = tmp_path / "pairs.jsonl"
     write_items(pairs, [Item(odd, odd, odd)])
     assert load_items(str(tmp_path / "o.jsonl"), str(pairs), None, "arithmetic", 1, 2, None, 8, 1.0, 0)[0].prompt == odd
+
+
+def test_answers_are_sampled_in_a_hugging_face_policys_own_template(tmp_path, tiny_hf):
+    """The page samples through the policy's tokenizer and chat template (issue 34's review: it
+    used the byte tokenizer and the course's format for any policy)."""
+    folder = str(tiny_hf("llama", template="chatml"))
+    items = load_items(str(tmp_path / "o.jsonl"), None, folder, "arithmetic", 2, 2, None, 6, 1.0, 0)
+    assert items and all(item.prompt.startswith("<|im_start|>user\n") for item in items)

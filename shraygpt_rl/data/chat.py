@@ -25,6 +25,7 @@ multi-turn conversation only the assistant's turns are trained: by the template'
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import re
 from pathlib import Path
@@ -54,11 +55,12 @@ COURSE_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt %}{{ '\\n\\nAssistant:' }}{% endif -%}"
 )
-# No roles: each message's content after a blank line; a completion follows as standard text does.
+# No roles: each message's content after a blank line, but an assistant's, which follows the text
+# before it as a completion follows standard text (" " + content, then EOS).
 NONE_TEMPLATE = (
     "{%- for message in messages -%}"
     "{%- set content = message['content'] | trim -%}"
-    "{%- if message['role'] == 'assistant' and loop.last -%}"
+    "{%- if message['role'] == 'assistant' -%}"
     "{% if content %}{{ ' ' + content }}{% endif %}{{ eos_token }}"
     "{%- else -%}"
     "{% if not loop.first %}{{ '\\n\\n' }}{% endif %}{{ content }}"
@@ -66,6 +68,9 @@ NONE_TEMPLATE = (
     "{%- endfor -%}"
 )
 _SENTINEL = "\x00reply\x00"
+# datasets keys its map cache on the mapped function's own code and arguments, not on what they
+# call: this module's hash (and the template's text, ``ChatFormat.version``) key it too.
+_CODE_VERSION = hashlib.sha1(Path(__file__).read_bytes()).hexdigest()[:16]
 
 
 def system_prompt_for(option: str | None, hf: bool) -> str | None:
@@ -80,6 +85,8 @@ def read_template(option: str | None, tokenizer) -> tuple[str, str]:
     """The Jinja source and a name for ``--data.chat_template`` (None: the model's own template,
     else the course's; ``course``; ``none``; a ``.jinja``/``.j2``/``.txt`` file; a template)."""
     own = getattr(getattr(tokenizer, "tokenizer", None), "chat_template", None)
+    if isinstance(own, dict):  # several named templates (a tool-use one beside it): the default one
+        own = own.get("default")
     if option is None and isinstance(own, str) and own.strip():
         return own, f"the chat template of '{tokenizer.name}'"
     if option is None:
@@ -124,7 +131,9 @@ class ChatFormat:
         self.tok, self.template, self.name, self.system_prompt = tokenizer, template, name, system_prompt
         self.eos = tokenizer.eot_token
         self.eot_token = self._end_of_turn()
-        self.stop_tokens = tuple(dict.fromkeys((self.eot_token, self.eos)))
+        generation = tuple(getattr(tokenizer, "generation_stops", ()))  # the model's generation config's EOS ids
+        self.stop_tokens = tuple(dict.fromkeys((self.eot_token, self.eos, *generation)))
+        self.version = hashlib.sha1(f"{_CODE_VERSION}\n{template}".encode()).hexdigest()[:16]
 
     # -- rendering ---------------------------------------------------------------------------------
     def _messages(self, messages: list[Message]) -> list[Message]:
@@ -266,7 +275,7 @@ class ChatFormat:
         probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _SENTINEL}]
         text = self._render(probe, False)
         after = text.split(_SENTINEL, 1)[1] if _SENTINEL in text else ""
-        special = _special_ids(self.tok)
+        special = _special_ids(self.tok) | set(getattr(self.tok, "generation_stops", ()))
         return next((t for t in self.encode(after) if t in special), self.eos)
 
     def _not_prefix_preserving(self) -> str:
@@ -312,6 +321,8 @@ class ChatTokenizer:
         self.eot_token, self.stop_tokens = chat.eot_token, chat.stop_tokens
 
     def __getattr__(self, name: str):
+        if name.startswith("__") or name in ("encoding", "chat"):  # copy and pickle look before __init__ ran
+            raise AttributeError(name)
         return getattr(self.encoding, name)
 
 
@@ -324,7 +335,7 @@ def tokenize_rows(batch: dict[str, list], columns: tuple[str, ...], chat: ChatFo
     as a multi-turn rollout feeds a tool's answer, and ``{column}_fed`` marks their tokens (1:
     not trained on); a language-modelling row marks every token but the assistant's the same way.
     """
-    if "messages" in batch or "text" in batch:
+    if "prompt" not in batch:  # language modelling: a ``text`` or ``messages`` column is the row
         return _tokenize_documents(batch, columns, chat)
     prompts = batch["prompt"]
     out = {"prompt_ids": [chat.prompt_ids(p) for p in prompts], "prompt_text": [chat.prompt_text(p) for p in prompts]}

@@ -23,6 +23,7 @@ import functools
 import inspect
 import logging
 import re
+from pathlib import Path
 from typing import Any
 
 import datasets
@@ -49,8 +50,9 @@ def _encoding(name: str, path: str | None):
 
 
 @functools.cache
-def _chat(name: str, path: str | None, template: str | None, system_prompt: str | None) -> ChatFormat:
-    """The chat format of a tokenizer and ``--data.chat_template`` (``data/chat.py``)."""
+def _chat(name: str, path: str | None, template: str | None, system_prompt: str | None, edited=None) -> ChatFormat:
+    """The chat format of a tokenizer and ``--data.chat_template`` (``data/chat.py``); ``edited``
+    (a template file's modification time and size) only keys the cache: an edited file is read anew."""
     encoding = _encoding(name, path)
     return ChatFormat(encoding, *read_template(template, encoding), system_prompt=system_prompt)
 
@@ -64,9 +66,11 @@ def truncate_pair(prompt: list[int], response: list[int], max_length: int, max_p
     return prompt, response
 
 
-def _tokenize(batch: dict, columns: tuple[str, ...], chat: tuple, observations: str | None = None) -> dict:
+def _tokenize(
+    batch: dict, columns: tuple[str, ...], chat: tuple, observations: str | None = None, version: str = ""
+) -> dict:
     """``datasets.map`` body: ``chat.tokenize_rows`` with the chat format ``chat`` names (strings,
-    which key the map's cache)."""
+    which key the map's cache, as ``version`` does: the chat code's and the template's hash)."""
     return tokenize_rows(batch, columns, _chat(*chat), observations)
 
 
@@ -194,10 +198,13 @@ class ChatDataModule(L.LightningDataModule):
 
     # -- shared --------------------------------------------------------------------------------
     def chat_key(self) -> tuple:
-        """What names the chat format: tokenizer, its path, the template option, the system prompt."""
+        """What names the chat format: tokenizer, its path, the template option, the system prompt,
+        and a template file's modification time and size."""
         hp = self.hparams
         system_prompt = system_prompt_for(hp.system_prompt, hf=hp.tokenizer == "hf")
-        return hp.tokenizer, hp.tokenizer_path, hp.chat_template, system_prompt
+        file = Path(hp.chat_template).expanduser() if hp.chat_template and "{" not in hp.chat_template else None
+        edited = (file.stat().st_mtime_ns, file.stat().st_size) if file is not None and file.is_file() else None
+        return hp.tokenizer, hp.tokenizer_path, hp.chat_template, system_prompt, edited
 
     @property
     def chat(self) -> ChatFormat:
@@ -219,6 +226,7 @@ class ChatDataModule(L.LightningDataModule):
         raw = self._raw_splits()
         hp = self.hparams
         kwargs = {"columns": self.response_columns, "chat": self.chat_key(), "observations": hp.get("observations")}
+        kwargs["version"] = self.chat.version
         for split, data in raw.items():
             data = data.add_column("index", list(range(len(data))))  # row ids, e.g. for cached reference logps
             self.splits[split] = data.map(_tokenize, batched=True, fn_kwargs=kwargs, desc=f"Tokenizing {split}")

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import pyarrow as pa
 
 from shraygpt_rl.data.hh_rlhf import _scan_lines
 from shraygpt_rl.errors import DataError
@@ -107,6 +108,7 @@ def load_rows(
         return list(enumerate(datasets.load_dataset("parquet", data_files=str(path), split="train"), start=1))
     if path.exists() or path.suffix in (".jsonl", ".json"):
         return read_rows(path, skip_invalid)
+
     try:
         data = datasets.load_dataset(source, subset, split=split)
     except Exception as err:  # offline, unknown name, unknown split
@@ -118,15 +120,26 @@ def load_rows(
 
 
 def read_rows(path: Path, skip_invalid: bool) -> list[tuple[int, dict]]:
-    """``(line, row)`` of a JSONL file, or ``(place in the list, row)`` of a ``.json`` list."""
+    """``(line, row)`` of a JSONL file, or ``(place in the list, row)`` of a ``.json`` list (a
+    ``.json`` file of JSON lines is read as lines, as ``datasets`` reads it)."""
     if not path.is_file():
         raise DataError(f"No such file: '{path}'.")
-    good, bad = json_rows(path) if path.suffix == ".json" else _scan_lines(path)
+    good, bad = _json_or_lines(path) if path.suffix == ".json" else _scan_lines(path)
     if bad and not skip_invalid:
         raise DataError(f"{path}, line {bad[0][0]}: {bad[0][1]}.")
     if bad:
         log.warning("%s: skipped %d unreadable lines (first: line %d, %s)", path, len(bad), *bad[0])
     return good
+
+
+def _json_or_lines(path: Path) -> tuple[list[tuple[int, dict]], list[tuple[int, str]]]:
+    try:
+        return json_rows(path)
+    except DataError:
+        lines = _scan_lines(path)
+        if lines[0]:  # JSON lines after all
+            return lines
+        raise
 
 
 def json_rows(path: Path) -> tuple[list[tuple[int, dict]], list[tuple[int, str]]]:
@@ -162,13 +175,21 @@ def convert(rows: list[tuple[int, dict]], kind: str, source: str, skip_invalid: 
         log.warning("%s: skipped %d invalid rows (first: line %d, %s)", source, len(bad), *bad[0])
     if not out:
         raise DataError(f"{source} holds no usable rows.")
-    if len({tuple(sorted(r)) for r in out}) > 1 or len({_shape(r) for r in out}) > 1:
+    if len({_shape(r) for r in out}) > 1:
         raise DataError(f"{source} mixes rows of different types, or standard rows with conversational ones.")
-    return datasets.Dataset.from_list(out)
+    columns = list(dict.fromkeys(k for r in out for k in r))  # a metadata column some rows lack: None there
+    try:
+        return datasets.Dataset.from_list([{k: r.get(k) for k in columns} for r in out])
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
+        raise DataError(f"{source} has a column whose values are of different types ({err}).") from None
 
 
 def _shape(row: dict) -> tuple:
-    return tuple(isinstance(row.get(k), list) for k in ("prompt", "messages"))
+    """What a row is: its type's columns, and whether its prompt (or messages) is a conversation."""
+    if "prompt" not in row:  # language modelling
+        return ("messages",) if "messages" in row else ("text",), False
+    core = tuple(k for k in ("response", "chosen_response", "completion", "label") if k in row)
+    return core, isinstance(row["prompt"], list)
 
 
 # --------------------------------------------------------------------------------------------
@@ -243,9 +264,10 @@ def _pair(row: dict) -> tuple[Any, str, str]:
     cut = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b), min(len(chosen), len(rejected)))
     while cut and not chosen[cut - 1].isspace():
         cut -= 1  # back to a word boundary, so that the replies start with whole words
-    if not chosen[:cut].strip():
+    prompt = chosen[:cut].rstrip()  # the space before the replies is theirs (" " + reply), as in TRL
+    if not prompt.strip():
         raise DataError("chosen and rejected share no beginning to use as the prompt")
-    return chosen[:cut], chosen[cut:], rejected[cut:]
+    return prompt, chosen[cut:], rejected[cut:]
 
 
 def _prompt(value) -> str | list[dict[str, str]]:

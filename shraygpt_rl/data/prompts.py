@@ -37,7 +37,8 @@ class PromptDataModule(ChatDataModule):
         hp = self.hparams
         if hp.ptx_source and self.ptx is None:
             # Only what SFTDataModule takes: LightningCLI may add entries of its own (``_instantiator``).
-            accepted = init_arguments(SFTDataModule) - {"source", "batch_size"}
+            # The prompt source's own options (its hub configuration, renames, HH subset) are not the demonstrations'.
+            accepted = init_arguments(SFTDataModule) - {"source", "batch_size", "subset", "columns", "data_dir"}
             shared = {k: v for k, v in hp.items() if k in accepted}
             self.ptx = SFTDataModule(source=hp.ptx_source, batch_size=hp.ptx_batch_size, **shared)
             self.ptx.setup(stage)

@@ -81,7 +81,7 @@ def open_source(
     ``load(split="train")`` giving its rows as a DataModule that ``reads`` them takes them
     (``formats.to_row``'s kinds). The kind is known before anything is converted, so that a
     DataModule refuses a source it cannot use in one sentence first."""
-    kind, reader = describe(source)
+    kind, reader = describe(source, columns)
     if reader == "labels":  # the labelling page's judgements: preference pairs with a strength
         return "preferences", None, lambda split="train": load_judgements(source)
     if reader == "hh":
@@ -101,12 +101,14 @@ def open_source(
     return KIND_OF_TYPE[trl_type], trl_type, lambda split="train": convert(rows, reads, source, skip_invalid)
 
 
-def describe(source: str) -> tuple[str | None, str]:
+def describe(source: str, columns: dict[str, str] | None = None) -> tuple[str | None, str]:
     """``(kind, reader)`` of a (non-task) source. The kind is what it holds: ``instructions``,
     ``prompts``, ``preferences``, ``labels`` (the labelling page's judgements, preference pairs
     too) or ``unpaired`` (KTO's labelled completions); None for a hub dataset in TRL's formats,
     known once read. The reader is ``hh`` (HH-RLHF), ``dolly``, ``text`` (story openings, a
-    ``.txt`` of prompts), ``labels`` or ``trl`` (``data/formats.py``)."""
+    ``.txt`` of prompts), ``labels`` or ``trl`` (``data/formats.py``). ``columns`` renames the
+    first row's columns before it is read (``--data.columns``: an ``instruction`` column renamed
+    is not Dolly's)."""
     if source == STORIES:
         return "prompts", "text"
     if source == DOLLY:
@@ -125,6 +127,7 @@ def describe(source: str) -> tuple[str | None, str]:
     if path.suffix == ".parquet":
         return None, "trl"
     for _, row in _first_row(path):
+        row = {(columns or {}).get(k, k): v for k, v in row.items()}
         if is_judgement_file(row):
             return "labels", "labels"
         if "instruction" in row:
@@ -144,13 +147,14 @@ def _is_transcript(value) -> bool:
 
 
 def _first_row(path: Path) -> list[tuple[int, dict]]:
-    """The first readable row of a JSONL file, or of a ``.json`` file holding a list of rows."""
-    if path.suffix != ".json":
-        return _scan_lines(path)[0][:1]
-    try:
-        return json_rows(path)[0][:1]
-    except DataError:
-        return []
+    """The first readable row of a JSONL file, or of a ``.json`` file holding a list of rows (or
+    JSON lines: ``datasets`` reads those too)."""
+    if path.suffix == ".json":
+        try:
+            return json_rows(path)[0][:1]
+        except DataError:
+            pass
+    return _scan_lines(path)[0][:1]
 
 
 def load_instructions(source: str, skip_invalid: bool = False) -> datasets.Dataset:

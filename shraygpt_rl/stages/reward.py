@@ -86,9 +86,7 @@ class RewardStage(StageModule):
         if datamodule is not None:  # ``score`` must tokenise as the training data did
             self.model.tokenizer = datamodule.hparams.tokenizer
             self.model.tokenizer_path = datamodule.hparams.tokenizer_path
-            chat = getattr(datamodule, "chat", None)
-            affixes = chat.reply_affixes if chat is not None else None
-            self.model.reply_format = None if affixes is None else (*affixes, chat.eot_token)
+            self.model.reply_format = reply_format(datamodule)
 
     def rewards(self, batch) -> tuple[Tensor, Tensor, Tensor]:
         """Chosen and rejected rewards (B,) each, scored in one forward; and the aux loss."""
@@ -142,3 +140,18 @@ class RewardStage(StageModule):
             self.log(f"{split}/reward_std", rewards.std(), rank_zero_only=True)
         for metric in (self.eval_accuracy, self.eval_margin, self.eval_rewards):
             metric.reset()
+
+
+def reply_format(datamodule) -> tuple[str, str, int] | None:
+    """How the training pairs' replies were tokenised, for ``RewardModel.score``: the template's
+    text around a reply and its end-of-turn token when the prompts were conversations rendered
+    by a template, None when they were standard text (or in the course's format), whose replies
+    are ``" " + reply`` and EOS whatever the tokenizer's template."""
+    chat = getattr(datamodule, "chat", None)
+    if chat is None or chat.reply_affixes is None:
+        return None
+    if not datamodule.splits:
+        datamodule.setup("fit")
+    if not isinstance(datamodule.splits["train"][0]["prompt"], list):
+        return None
+    return (*chat.reply_affixes, chat.eot_token)

@@ -232,3 +232,44 @@ def test_generation_markers_mask_what_rendering_prefixes_masks(templated):
         messages = random_conversation(rng, 3)[:-1] + [{"role": "assistant", "content": "bye"}]
         messages = [m if m["content"].strip() else {**m, "content": "x"} for m in messages]
         assert chat.conversation_ids(messages) == chatml.conversation_ids(messages)
+
+
+def test_review_mends(tiny_hf, tmp_path):
+    """Issue 34's review: a dict of named templates uses its default one; the model's generation
+    config's EOS ids stop generation too; the plain format trains every assistant turn; the
+    tokenizer wrapper copies."""
+    import copy
+    import json as jsonlib
+
+    from shraygpt_rl.bench.tiny_hf import CHATML
+    from shraygpt_rl.data.chat import ChatTokenizer
+
+    folder = tiny_hf("llama", template="chatml")
+    config = jsonlib.loads((folder / "tokenizer_config.json").read_text())
+    named = tmp_path / "named"
+    named.mkdir()
+    for path in folder.iterdir():
+        (named / path.name).write_bytes(path.read_bytes())
+    (named / "tokenizer_config.json").write_text(
+        jsonlib.dumps(
+            {**config, "chat_template": [{"name": "default", "template": CHATML}, {"name": "x", "template": "y"}]}
+        )
+    )
+    (named / "chat_template.jinja").unlink(missing_ok=True)
+    tok = HFTokenizer(str(named))
+    assert read_template(None, tok)[0] == CHATML  # not the course's fallback
+    gen = jsonlib.loads((folder / "generation_config.json").read_text())
+    (named / "generation_config.json").write_text(jsonlib.dumps({**gen, "eos_token_id": [256, 7]}))
+    chat = ChatFormat(HFTokenizer(str(named)), CHATML, "chatml")
+    assert 7 in chat.stop_tokens and chat.eot_token == HFTokenizer(str(named)).tokenizer.convert_tokens_to_ids(
+        "<|im_end|>"
+    )
+    plain = ChatFormat(byte_encoding(), NONE_TEMPLATE, "none")
+    messages = [
+        {"role": r, "content": c}
+        for r, c in (("user", "Hi"), ("assistant", "Hello"), ("user", "Bye"), ("assistant", "Ok"))
+    ]
+    ids, mask = plain.conversation_ids(messages)
+    assert byte_encoding().decode([t for t, m in zip(ids, mask) if m]) == " Hello<|endoftext|> Ok<|endoftext|>"
+    wrapped = ChatTokenizer(byte_encoding(), plain)
+    assert copy.copy(wrapped).eot_token == wrapped.eot_token

@@ -11,7 +11,8 @@ import torch
 from lightning.pytorch.utilities.data import _update_dataloader
 from torch.utils.data import DistributedSampler
 
-from shraygpt_rl.data.datamodules import PreferenceDataModule, PromptDataModule, SFTDataModule, truncate_pair
+from shraygpt_rl.data import PromptDataModule
+from shraygpt_rl.data.datamodules import PreferenceDataModule, SFTDataModule, truncate_pair
 from shraygpt_rl.errors import ConfigError, DataError
 
 SMALL = {"train_size": 64, "val_size": 16, "test_size": 16, "batch_size": 8}
@@ -225,3 +226,20 @@ def test_the_course_format_gives_the_tokens_it_gave_before_chat_templates(system
             assert row["prompt_text"] == format_prompt(row["question"], system)
             for column in columns:
                 assert row[f"{column}_ids"] == enc.encode_ordinary(format_response(row[column])) + [enc.eot_token]
+
+
+def test_an_edited_template_file_is_not_served_from_the_tokenisation_cache(tmp_path):
+    """``datasets`` caches the tokenised split of a file source; a changed template (here, the
+    same file edited) must key a new cache entry (issue 34's review: the old tokens came back)."""
+    pairs = tmp_path / "hh.jsonl"
+    row = {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello", "rejected": "\n\nHuman: Hi\n\nAssistant: Go away"}
+    pairs.write_text("".join(json.dumps({**row, "chosen": row["chosen"] + f" {i}"}) + "\n" for i in range(12)))
+    template = tmp_path / "chat.jinja"
+    texts = []
+    for marker in ("A", "B"):
+        eos = "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
+        template.write_text("{% for m in messages %}" + marker + "{{ m['content'] }}" + eos + "{% endfor %}")
+        dm = PreferenceDataModule(source=str(pairs), chat_template=str(template), val_size=2, test_size=2)
+        dm.setup()
+        texts.append(dm.splits["train"][0]["prompt_text"])
+    assert texts[0].startswith("A") and texts[1].startswith("B")

@@ -72,10 +72,10 @@ def test_implicit_prompts():
     }
     standard = {"chosen": "The sky is blue.", "rejected": "The sky is green."}
     assert to_row(standard, "preferences") == {
-        "prompt": "The sky is ",
+        "prompt": "The sky is",
         "chosen_response": "blue.",
         "rejected_response": "green.",
-    }  # cut at a word boundary, as TRL's extract_prompt
+    }  # cut at a word boundary, the space the replies' (" " + reply), as TRL's extract_prompt
     with pytest.raises(DataError, match="share no beginning"):
         to_row({"chosen": "Yes.", "rejected": "No."}, "preferences")
 
@@ -144,3 +144,43 @@ def test_parquet_and_json_files(tmp_path):
         }
     with pytest.raises(DataError, match="Could not load 'org/not-here' from the Hugging Face hub"):
         load_rows("org/not-here")
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_review_mends_in_reading_rows(tmp_path):
+    """Issue 34's review: a ``text`` metadata column is not the row; optional and mixed-type
+    metadata; ``--data.columns`` before Dolly's columns are recognised; a ``.json`` file of JSON
+    lines; PPO-ptx's demonstrations do not take the prompts' hub configuration."""
+    from shraygpt_rl.data import PromptDataModule, SFTDataModule
+
+    rows = [{"prompt": f"Q{i}?", "completion": f"A{i}.", "text": "SOURCE"} for i in range(12)]
+    sft = SFTDataModule(source=_jsonl(tmp_path / "meta.jsonl", rows), val_size=2, test_size=2)
+    sft.setup()
+    example = sft.example(sft.splits["train"][0])
+    trained = sft.tokenizer.decode([t for t, m in zip(example["input_ids"], example["loss_mask"]) if m])
+    assert trained.startswith(" A") and "SOURCE" not in sft.tokenizer.decode(example["input_ids"])
+    rows = [{"prompt": f"Q{i}?", **({"answer": i} if i % 2 else {})} for i in range(12)]
+    prompts = PromptDataModule(source=_jsonl(tmp_path / "optional.jsonl", rows), val_size=2, test_size=2)
+    prompts.setup()
+    assert {r["answer"] for r in prompts.splits["train"]} - {None}  # a column some rows lack: None there
+    rows = [{"prompt": f"Q{i}?", "answer": i if i % 2 else str(i)} for i in range(12)]
+    mixed = PromptDataModule(source=_jsonl(tmp_path / "mixed.jsonl", rows), val_size=2, test_size=2)
+    with pytest.raises(DataError, match="has a column whose values are of different types"):
+        mixed.setup()
+    alpaca = [{"instruction": f"Say {i}.", "output": str(i)} for i in range(12)]
+    renamed = SFTDataModule(
+        source=_jsonl(tmp_path / "alpaca.jsonl", alpaca), columns={"instruction": "prompt", "output": "completion"},
+        val_size=2, test_size=2,
+    )  # fmt: skip
+    renamed.setup()
+    assert renamed.splits["train"][0]["response"] in {str(i) for i in range(12)}
+    lines = tmp_path / "lines.json"
+    lines.write_text("".join(json.dumps({"prompt": f"Q{i}?"}) + "\n" for i in range(12)))
+    assert len(PromptDataModule(source=str(lines), val_size=2, test_size=2).train_dataloader().dataset) == 8
+    ptx = PromptDataModule(source=str(lines), subset="main", columns={"q": "prompt"}, ptx_source="arithmetic")
+    ptx.setup()
+    assert ptx.ptx.hparams.subset is None and ptx.ptx.hparams.columns is None

@@ -102,3 +102,25 @@ def test_policy_checkpoints_are_not_reward_models(tmp_path):
     ShrayGPT(**tiny_config()).save_checkpoint(tmp_path / "policy.ckpt")
     with pytest.raises(CheckpointError, match="is not a reward-model checkpoint"):
         RewardModel.load_from_checkpoint(tmp_path / "policy.ckpt")
+
+
+@pytest.mark.parametrize("conversational", [False, True], ids=["standard", "conversational"])
+def test_the_reward_model_scores_replies_as_its_pairs_were_tokenised(tiny_hf, tmp_path, conversational):
+    """``score`` tokenises a reply as training did: in the ChatML template for conversational
+    pairs, as standard text (" " + reply, EOS) for standard ones, whatever the tokenizer's
+    template (issue 34's review: it took the template's form for both)."""
+    import json
+
+    folder = str(tiny_hf("llama", template="chatml"))
+    rows = []
+    for i in range(12):
+        prompt = [{"role": "user", "content": f"Q{i}?"}] if conversational else f"Q{i}?"
+        reply = (lambda t: [{"role": "assistant", "content": t}]) if conversational else (lambda t: t)
+        rows.append({"prompt": prompt, "chosen": reply(f"yes {i}"), "rejected": reply(f"no {i}")})
+    source = tmp_path / "pairs.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = PreferenceDataModule(source=str(source), tokenizer="hf", tokenizer_path=folder, val_size=2, test_size=2)
+    stage = RewardStage(policy=folder, export_path=None)
+    tiny_trainer(1, limit_val_batches=0).fit(stage, datamodule=data)
+    row = data.splits["train"][0]
+    assert stage.model.reply_ids(data.tokenizer.encoding, row["chosen_response"]) == row["chosen_response_ids"]
