@@ -88,11 +88,12 @@ class HFTokenizer:
 
 
 def _generation_stops(source: str) -> tuple[int, ...]:
-    """The EOS ids of a model's ``generation_config.json`` (one id or several), or none."""
+    """The EOS ids of a model's ``generation_config.json`` (one id or several), or none. From a
+    folder, or the hub's cache (the model's download put it there): never the network."""
     from transformers import GenerationConfig
 
     try:
-        ids = GenerationConfig.from_pretrained(source).eos_token_id
+        ids = GenerationConfig.from_pretrained(source, local_files_only=True).eos_token_id
     except Exception:  # no generation config beside the tokenizer, or none offline
         return ()
     return tuple(ids) if isinstance(ids, list | tuple) else () if ids is None else (int(ids),)
