@@ -15,6 +15,7 @@ from shraygpt_rl.data.tasks import arithmetic_target
 from shraygpt_rl.environments import Environment
 from shraygpt_rl.model import ShrayGPT, tiny_config
 from shraygpt_rl.runner import config_section, data_from_config
+from shraygpt_rl.tokenizer import byte_encoding
 
 COURSE_CKPT = SHARED / "fixtures" / "course-checkpoint" / "course-tiny.ckpt"
 COURSE_EXPECTED = SHARED / "fixtures" / "course-checkpoint" / "course-tiny-expected.pt"
@@ -316,6 +317,23 @@ class Echo(Environment):
             return None
         self.calls += 1
         return self.answer(text) if callable(self.answer) else self.answer
+
+
+class ByteTokenizer:
+    """The byte encoding with another EOS (a token a random model emits), and with ``stop_tokens``
+    (when given) the tokens that all end a response, as an instruct model's tokenizer has them;
+    ids from ``n_vocab`` on are not the tokenizer's (``decode`` skips them)."""
+
+    def __init__(self, eot_token: int = 256, stop_tokens: tuple[int, ...] | None = None, n_vocab: int = 256):
+        self.base, self.eot_token, self.n_vocab = byte_encoding(), eot_token, n_vocab
+        if stop_tokens is not None:  # tiktoken's encodings have no such attribute
+            self.stop_tokens = stop_tokens
+
+    def encode_ordinary(self, text):
+        return self.base.encode_ordinary(text)
+
+    def decode(self, ids):
+        return self.base.decode([i for i in ids if i < self.n_vocab])
 
 
 def frequent_byte(responses: torch.Tensor) -> str:

@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ByteTokenizer
 
 from shraygpt_rl.generation import response_logprobs, sample_and_decode, sample_categorical, sample_next_token
-from shraygpt_rl.tokenizer import byte_encoding
 
 
 def _left_pad(rows):
@@ -32,20 +32,6 @@ def test_batched_greedy_equals_row_by_row(tiny_model, eos):
         n = alone.response_mask.sum().item()
         assert torch.equal(batched.responses[i, :n], alone.responses[0, :n])
         assert batched.response_mask[i].sum().item() == n
-
-
-class Stops:
-    """The byte encoding as an instruct model's tokenizer sees it: ``stop_tokens`` all end a response
-    (an end-of-turn token besides EOS), ``eot_token`` (the first of them) pads."""
-
-    def __init__(self, stop_tokens: tuple[int, ...]):
-        self.base, self.stop_tokens, self.eot_token, self.n_vocab = byte_encoding(), stop_tokens, stop_tokens[0], 256
-
-    def encode_ordinary(self, text):
-        return self.base.encode_ordinary(text)
-
-    def decode(self, ids):
-        return self.base.decode([i for i in ids if i < 256])
 
 
 def _two_stops(responses: torch.Tensor) -> tuple[int, int]:
@@ -134,14 +120,14 @@ def test_sample_and_decode_stops_at_every_stop_token_of_the_tokenizer(tiny_model
     free = tiny_model.generate(ids, 24, top_k=1, attention_mask=mask)
     printable = [t for t in free.responses[:, :12].flatten().tolist() if 33 <= t < 127]
     stops = (printable[0], next(t for t in printable if t != printable[0]))
-    out, texts = sample_and_decode(tiny_model, ids, mask, Stops(stops), 24, top_k=1)
+    out, texts = sample_and_decode(tiny_model, ids, mask, ByteTokenizer(stops[0], stops), 24, top_k=1)
     ended_at = set()
     for i, text in enumerate(texts):
         n = _first_stop(free.responses[i], stops)
         assert int(out.response_mask[i].sum()) == n
         ends = int(free.responses[i, n - 1]) in stops
         ended_at |= {int(free.responses[i, n - 1])} if ends else set()
-        assert text == Stops(stops).decode(free.responses[i, : n - 1 if ends else n].tolist())
+        assert text == ByteTokenizer(stops[0], stops).decode(free.responses[i, : n - 1 if ends else n].tolist())
     assert ended_at == set(stops)
 
 

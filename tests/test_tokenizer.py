@@ -6,6 +6,7 @@ import pytest
 import tiktoken
 import tiktoken.load
 import tiktoken.registry
+from conftest import ByteTokenizer
 
 from shraygpt_rl.tokenizer import (
     R50K_ENV,
@@ -100,19 +101,8 @@ def test_chat_format_refuses_unknown_roles():
         format_chat([{"role": "robot", "content": "beep"}])
 
 
-class Stops:
-    """The byte encoding as an instruct model's tokenizer sees it: ``stop_tokens`` all end a response
-    (an end-of-turn token besides EOS), ``eot_token`` (the first of them) pads."""
-
-    def __init__(self, stop_tokens: tuple[int, ...]):
-        self.base, self.stop_tokens, self.eot_token, self.n_vocab = byte_encoding(), stop_tokens, stop_tokens[0], 257
-
-    def decode(self, ids):
-        return self.base.decode(ids)
-
-
 def test_a_response_ends_at_the_first_of_the_stop_tokens():
-    enc = Stops((ord("|"), 256))
+    enc = ByteTokenizer(ord("|"), (ord("|"), 256), n_vocab=257)
     assert decode_response(enc, [*b"ab", 256, *b"c|d"]) == "ab"
     assert decode_response(enc, [*b"ab|c", 256, *b"d"]) == "ab"
     assert decode_response(enc, [*b"ab", 300, *b"c"]) == "abc"  # beyond the tokenizer: skipped
@@ -123,4 +113,4 @@ def test_a_response_ends_at_the_first_of_the_stop_tokens():
 
 def test_stop_tokens_are_the_tokenizers_or_its_eot_token():
     assert stop_tokens(byte_encoding()) == (256,)  # tiktoken: EOS alone
-    assert stop_tokens(Stops([ord("|"), 256])) == (ord("|"), 256)
+    assert stop_tokens(ByteTokenizer(ord("|"), [ord("|"), 256])) == (ord("|"), 256)

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import Echo, frequent_byte
+from conftest import ByteTokenizer, Echo, frequent_byte
 
 from shraygpt_rl.environments import Calculator, Environment
 from shraygpt_rl.errors import ConfigError, EnvironmentStepError
@@ -22,20 +22,7 @@ OBSERVATION = "<r>"
 ARITH_PROMPTS = dict(source="arithmetic", digits=2, system_prompt=None, max_length=64, max_prompt_length=48)
 
 
-class Encoding:
-    """The byte encoding with another EOS (a token a random model emits), and with ``stop_tokens``
-    (when given) the tokens that all end a response, as an instruct model's tokenizer has them."""
-
-    def __init__(self, eot_token: int = 256, stop_tokens: tuple[int, ...] | None = None):
-        self.base, self.eot_token, self.n_vocab = byte_encoding(), eot_token, 256
-        if stop_tokens is not None:  # tiktoken's encodings have no such attribute
-            self.stop_tokens = stop_tokens
-
-    def encode_ordinary(self, text):
-        return self.base.encode_ordinary(text)
-
-    def decode(self, ids):
-        return self.base.decode([i for i in ids if i < 256])
+Encoding = ByteTokenizer
 
 
 def prompts(batch: int = 4, width: int = 6, seed: int = 0):

@@ -84,15 +84,6 @@ def is_conversational(row: dict[str, Any]) -> bool:
     return False
 
 
-def is_trl_row(row: dict[str, Any]) -> bool:
-    """Whether a row is in one of TRL's types (and not one of the other formats this project reads)."""
-    try:
-        dataset_type(row)
-    except DataError:
-        return False
-    return True
-
-
 # --------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------
@@ -125,11 +116,17 @@ def read_rows(path: Path, skip_invalid: bool) -> list[tuple[int, dict]]:
     if not path.is_file():
         raise DataError(f"No such file: '{path}'.")
     good, bad = _json_or_lines(path) if path.suffix == ".json" else _scan_lines(path)
-    if bad and not skip_invalid:
-        raise DataError(f"{path}, line {bad[0][0]}: {bad[0][1]}.")
-    if bad:
-        log.warning("%s: skipped %d unreadable lines (first: line %d, %s)", path, len(bad), *bad[0])
+    report_bad(bad, path, skip_invalid, "unreadable lines")
     return good
+
+
+def report_bad(bad: list[tuple[int, str]], source, skip_invalid: bool, what: str = "invalid rows") -> None:
+    """``(line, reason)`` of a source's bad rows: the first as one sentence, unless
+    ``skip_invalid``, which logs how many are dropped instead."""
+    if bad and not skip_invalid:
+        raise DataError(f"{source}, line {bad[0][0]}: {bad[0][1]}.")
+    if bad:
+        log.warning("%s: skipped %d %s (first: line %d, %s)", source, len(bad), what, *bad[0])
 
 
 def _json_or_lines(path: Path) -> tuple[list[tuple[int, dict]], list[tuple[int, str]]]:
@@ -169,10 +166,7 @@ def convert(rows: list[tuple[int, dict]], kind: str, source: str, skip_invalid: 
             out.append(to_row(row, kind))
         except (DataError, ValueError) as err:
             bad.append((line, str(err)))
-    if bad and not skip_invalid:
-        raise DataError(f"{source}, line {bad[0][0]}: {bad[0][1]}.")
-    if bad:
-        log.warning("%s: skipped %d invalid rows (first: line %d, %s)", source, len(bad), *bad[0])
+    report_bad(bad, source, skip_invalid)
     if not out:
         raise DataError(f"{source} holds no usable rows.")
     if len({_shape(r) for r in out}) > 1:
@@ -187,9 +181,9 @@ def convert(rows: list[tuple[int, dict]], kind: str, source: str, skip_invalid: 
 def _shape(row: dict) -> tuple:
     """What a row is: its type's columns, and whether its prompt (or messages) is a conversation."""
     if "prompt" not in row:  # language modelling
-        return ("messages",) if "messages" in row else ("text",), False
+        return ("messages",) if "messages" in row else ("text",), is_conversational(row)
     core = tuple(k for k in ("response", "chosen_response", "completion", "label") if k in row)
-    return core, isinstance(row["prompt"], list)
+    return core, is_conversational(row)
 
 
 # --------------------------------------------------------------------------------------------

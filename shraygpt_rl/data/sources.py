@@ -17,18 +17,23 @@ Bad input gets one sentence naming the file and line, unless ``skip_invalid`` dr
 from __future__ import annotations
 
 import functools
-import logging
 from collections.abc import Callable
 from pathlib import Path
 
 import datasets
 
-from shraygpt_rl.data.formats import KIND_OF_TYPE, convert, dataset_type, json_rows, load_rows, read_rows
+from shraygpt_rl.data.formats import (
+    KIND_OF_TYPE,
+    convert,
+    dataset_type,
+    json_rows,
+    load_rows,
+    read_rows,
+    report_bad,
+)
 from shraygpt_rl.data.hh_rlhf import HUB_NAME, _scan_lines, load_preferences
 from shraygpt_rl.data.labels import is_judgement_file, load_judgements
 from shraygpt_rl.errors import DataError
-
-log = logging.getLogger(__name__)
 
 DOLLY = "databricks/databricks-dolly-15k"
 STORIES = "stories"
@@ -211,10 +216,7 @@ def _field(row: dict, key: str, strip: bool = True) -> str:
 
 
 def _finish(rows: list[dict], bad: list, source: str, skip_invalid: bool, what: str) -> datasets.Dataset:
-    if bad and not skip_invalid:
-        raise DataError(f"{source}, line {bad[0][0]}: {bad[0][1]}.")
-    if bad:
-        log.warning("%s: skipped %d invalid rows (first: line %d, %s)", source, len(bad), *bad[0])
+    report_bad(bad, source, skip_invalid)
     if not rows:
         raise DataError(f"{source} holds no {what}.")
     return datasets.Dataset.from_list(rows)
