@@ -40,19 +40,37 @@ def shared_file(path: Path) -> Path:
 SFT_TIMEOUT = 900
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+# The longest tests that do not learn from the SFT fixture, longest first (`--durations`).
+LONGEST = ("command_runs[demo]", "lora_policy_raises", "trpo_raises", "command_runs[notebooks]")
+
+
+def _order(item) -> tuple[int, int]:
+    """Where a test goes in the queue pytest-xdist's workers take tests from: the SFT fixture's
+    first user (one worker trains the fixture), then the longest other tests (the other worker
+    takes them meanwhile), the fixture's other users, the rest of the slow tests, and the quick
+    tests last to even out the workers' ends."""
+    if "sft_policy" in getattr(item, "fixturenames", ()):
+        return (2, 0)
+    rank = next((n for n, name in enumerate(LONGEST) if name in item.nodeid), None)
+    if rank is not None:
+        return (1, rank)
+    return (3, 0) if item.get_closest_marker("slow") else (4, 0)
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the order
 def pytest_collection_modifyitems(items):
     """Every test that learns from the SFT fixture is slow (``-m "not slow"`` skips them), and
-    they all run in one worker process (``--dist loadgroup``), which trains the fixture once.
+    the long tests go first (``_order``).
 
     pytest-timeout counts a session fixture's setup toward the first test that asks for it, and
-    the fixture alone took 125 s at one thread on an idle AMD EPYC and over 240 s on a busy CI
-    machine, so these tests get a limit of their own."""
-    for item in items:
-        if "sft_policy" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.slow)
-            item.add_marker(pytest.mark.xdist_group("sft_policy"))
-            item.add_marker(pytest.mark.timeout(SFT_TIMEOUT))
+    a pytest-xdist worker may wait for the other to train the fixture, so these tests get a limit
+    of their own."""
+    learners = [item for item in items if "sft_policy" in getattr(item, "fixturenames", ())]
+    for item in learners:
+        item.add_marker(pytest.mark.slow)
+        item.add_marker(pytest.mark.timeout(SFT_TIMEOUT))
+    first = learners[0] if learners else None
+    items.sort(key=lambda item: (0, 0) if item is first else _order(item))  # stable: collection order within
 
 
 # Torch threads per process: at most 2, and the cores shared out among pytest-xdist's workers.
@@ -182,27 +200,35 @@ def random_policy(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
-def sft_policy(tmp_path_factory) -> str:
+def sft_policy(tmp_path_factory, worker_id) -> str:
     """The policy ``configs/sft.yaml`` makes (about 2 minutes at one thread): a tiny model fine-tuned on noisy
     arithmetic demonstrations (40% carry slips). Its greedy answers are mostly right, its sampled
-    ones right about 40% of the time: room for online RL. Trained once per session."""
+    ones right about 40% of the time: room for online RL. Trained once per run: the first
+    pytest-xdist worker to ask trains it under a file lock, the other waits for it and reads it,
+    so the learning tests run on both workers."""
+    from filelock import FileLock
+
     from shraygpt_rl.data import SFTDataModule
     from shraygpt_rl.stages.sft import SFTStage
 
     if SFT_POLICY:
         return SFT_POLICY
-    path = tmp_path_factory.mktemp("policy") / "sft.ckpt"
-    L.seed_everything(LEARNING_SEED)
-    stage = SFTStage(**{**config_section(SFT_CONFIG, "model"), "export_path": str(path)})
-    steps = config_section(SFT_CONFIG, "trainer")["max_steps"]
-    tiny_trainer(steps, limit_val_batches=0).fit(stage, datamodule=data_from_config(SFTDataModule, SFT_CONFIG))
+    run = tmp_path_factory.getbasetemp()  # the workers' common folder is its parent, this run's alone
+    path = (run if worker_id == "master" else run.parent) / f"sft-{LEARNING_SEED}.ckpt"
+    with FileLock(f"{path}.lock"):
+        if not path.is_file():
+            L.seed_everything(LEARNING_SEED)
+            stage = SFTStage(**{**config_section(SFT_CONFIG, "model"), "export_path": str(path)})
+            steps = config_section(SFT_CONFIG, "trainer")["max_steps"]
+            data = data_from_config(SFTDataModule, SFT_CONFIG)
+            tiny_trainer(steps, limit_val_batches=0).fit(stage, datamodule=data)
     return str(path)
 
 
 @pytest.fixture(scope="session")
 def sft_success(sft_policy) -> float:
     """The SFT fixture's verifier success on the 200 held-out validation prompts, sampled at
-    T = 1: the "before" of every learning test, measured once per session."""
+    T = 1: the "before" of every learning test, measured once per worker."""
     from shraygpt_rl.bench import demo_data
     from shraygpt_rl.data import PromptDataModule
     from shraygpt_rl.evaluate import verifier_success

@@ -344,43 +344,66 @@ class RobotLabeller:
         pass
 
 
+def chain_of(command: list[str]) -> str:
+    """Which folder a documented command runs in: the course user's HH-RLHF commands (``hh``),
+    the Hugging Face workflows (``notebooks``) or the demo (``demo``, the benchmarks included).
+    Each chain finds what its own earlier commands wrote, and no other chain's."""
+    if any(w.endswith("-hh.yaml") for w in command):
+        return "hh"
+    if any(w.startswith(tuple(f"configs/{c}" for c in HF_CONFIGS)) for w in command):
+        return "notebooks"
+    return "demo"
+
+
+def needs_shared(command: list[str]) -> bool:
+    return chain_of(command) == "hh" or command[3:4] == ["grpo-step"]
+
+
 @pytest.mark.slow
-@pytest.mark.timeout(600)  # the whole chain: the demo, the course user's commands and both notebooks' workflows
-def test_every_documented_command_runs(tmp_path, monkeypatch, capsys, tiny_hf):
-    demo, hh, notebooks = tmp_path / "demo", tmp_path / "hh", tmp_path / "notebooks"
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("chain", ["demo", "hh", "notebooks"])
+def test_every_documented_command_runs(chain, tmp_path, monkeypatch, capsys, tiny_hf):
+    """Every documented command of one chain, in document order, in a folder of its own: the
+    three chains run side by side on pytest-xdist's workers."""
     with_shared = HH_SAMPLE.is_file() and R50K.is_file()
-    small_configs(ROOT / "configs", demo / "configs", hh=False)
-    small_configs(ROOT / "configs", hh / "configs", hh=True)
-    models = {name: tiny_hf(kind, template=template) for name, (kind, template) in HUB_MODELS.items()}
-    sources = hub_stand_ins(tmp_path / "hub")
-    small_configs(ROOT / "configs", notebooks / "configs", hh=False, models=models, sources=sources)
-    (hh / "checkpoints").mkdir()
-    torch.manual_seed(0)
-    course_stand_in = ShrayGPT(**tiny_config(vocab_size=50257, block_size=256))
-    course_stand_in.save_checkpoint(hh / "checkpoints" / "shraygpt-instruct.ckpt")
+    if chain == "hh" and not with_shared:
+        pytest.skip(f"the course user's commands need {HH_SAMPLE} and {R50K} (the read-only ../shared folder)")
+    commands = [c for c in documented_commands() if chain_of(c) == chain and (with_shared or not needs_shared(c))]
+    folder, models = tmp_path / chain, {}
+    if chain == "notebooks":
+        models = {name: tiny_hf(kind, template=template) for name, (kind, template) in HUB_MODELS.items()}
+        small_configs(ROOT / "configs", folder / "configs", hh=False, models=models, sources=hub_stand_ins(tmp_path))
+    else:
+        small_configs(ROOT / "configs", folder / "configs", hh=chain == "hh")
+    if chain == "hh":
+        (folder / "checkpoints").mkdir()
+        torch.manual_seed(0)
+        course_stand_in = ShrayGPT(**tiny_config(vocab_size=50257, block_size=256))
+        course_stand_in.save_checkpoint(folder / "checkpoints" / "shraygpt-instruct.ckpt")
     monkeypatch.setattr(shraygpt_rl.bench, "OVERRIDES", SMALL_STAGES.split())
     monkeypatch.setattr(shraygpt_rl.bench, "HELD_OUT", 16)
-
     monkeypatch.setattr(shraygpt_rl.label, "make_server", RobotLabeller)
-    ran, reports = [], {}
-    for command in documented_commands():
-        needs_shared = any(w.endswith("-hh.yaml") for w in command) or command[3:4] == ["grpo-step"]
-        if needs_shared and not with_shared:
-            continue
-        notebook = any(w.startswith(tuple(f"configs/{c}" for c in HF_CONFIGS)) for w in command)
-        monkeypatch.chdir(hh if any(w.endswith("-hh.yaml") for w in command) else notebooks if notebook else demo)
+    monkeypatch.chdir(folder)
+    reports, seeded = {}, False
+    for command in commands:
         if command[1] == "train.py":
-            result = train([str(models.get(w, w)) if notebook else w for w in command[2:]])  # hub names: tiny models
+            result = train([str(models.get(w, w)) for w in command[2:]])  # hub names: tiny models
             if isinstance(result, dict):
-                reports[f"{command[3]}{'-notebook' if notebook else ''}"] = result
+                reports[command[3]] = result
         else:
-            which = command[3]
-            seeds = ["--seeds", "0", "1"] if "--seeds" in command else []  # two seeds show the spread over seeds
-            bench([*command[3:], *BENCH_SIZES.get(which, "").split(), *seeds])
-        ran.append(" ".join(command[1:4]))
-    printed = capsys.readouterr().out
-    monkeypatch.chdir(demo)
+            # Two seeds for the first command with --seeds show the spread over seeds; one for the others.
+            seeds = ["--seeds", "0", *([] if seeded else ["1"])] if "--seeds" in command else []
+            seeded |= bool(seeds)
+            bench([*command[3:], *BENCH_SIZES.get(command[3], "").split(), *seeds])
+    assert commands, chain
+    {"demo": check_demo, "hh": check_hh, "notebooks": check_notebooks}[chain](
+        folder, reports, capsys.readouterr().out, with_shared
+    )
 
+
+def check_demo(folder: Path, reports: dict, printed: str, with_shared: bool) -> None:
+    """What the demo's commands leave: the pipeline's exports and report, the evaluation, the
+    benchmarks' tables and the multi-turn demo's policies."""
     # The pipeline: every stage, every export, the report and its figures (16 held-out prompts
     # and pairs in the small configs; pass@8 by default), exactly as far as they are determined.
     assert list(reports["pipeline"]["results"]) == ["SFT", "PPO", "GRPO", "DPO"]
@@ -407,6 +430,10 @@ def test_every_documented_command_runs(tmp_path, monkeypatch, capsys, tiny_hf):
     assert "over seeds 0, 1: min / mean / max of held-out success" in printed
     assert "held-out 3-digit multiplication" in printed and "GRPO, tool" in printed
     assert re.search(r"static +with tools .* ratio [\d.]+x", printed) and "eager   with tools" in printed
+    assert "PPO + LoRA (after)" in printed
+    if with_shared:
+        completions_per_s = re.search(r"completions/s\s+([\d.]+)", printed)
+        assert completions_per_s and float(completions_per_s.group(1)) > 0 and "FLOP floor" in printed
 
     # Tools: the multi-turn demo's policies, and their evaluation with the calculator.
     for name in ("tools-instruct", "grpo-tools"):
@@ -414,31 +441,37 @@ def test_every_documented_command_runs(tmp_path, monkeypatch, capsys, tiny_hf):
     tools = json.loads(Path("reports/tools.json").read_text())["results"]
     assert all(tools[k]["success"] is not None and tools[k]["pass@8"] is not None for k in ("policy", "reference"))
 
-    # The notebooks' Hugging Face workflows: adapters, each stage starting from the one before.
+
+def check_notebooks(folder: Path, reports: dict, printed: str, with_shared: bool) -> None:
+    """The notebooks' Hugging Face workflows: adapters, each stage starting from the one before."""
     for name in ("tinystories-ppo", "opt-sft", "opt-ppo", "opt-grpo", "opt-dpo", "chat-sft", "chat-dpo", "grpo-gsm8k"):
-        assert (notebooks / "checkpoints" / name / "adapter_model.safetensors").is_file(), name
-    assert RewardModel.load_from_checkpoint(notebooks / "checkpoints" / "opt-reward-model.ckpt").tokenizer == "hf"
-    assert "PPO + LoRA (after)" in printed
-    seed_001 = reports["eval-notebook"]["results"]  # the adapter against its base, by the seed's reward
+        assert (folder / "checkpoints" / name / "adapter_model.safetensors").is_file(), name
+    assert RewardModel.load_from_checkpoint(folder / "checkpoints" / "opt-reward-model.ckpt").tokenizer == "hf"
+    seed_001 = reports["eval"]["results"]  # the adapter against its base, by the seed's reward
     assert all(
         {"reward/keyword_reward", "reward/animal_frequency"} <= set(seed_001[k]) for k in ("policy", "reference")
     )
     assert seed_001["policy"]["kl_to_reference"] is not None
-    seed_004 = reports["pipeline-notebook"]
+    seed_004 = reports["pipeline"]
     assert list(seed_004["results"]) == ["SFT", "PPO", "GRPO", "DPO"] and 0 <= seed_004["reward_model_accuracy"] <= 1
     for label in ("PPO", "GRPO", "DPO"):  # scored by the reward model against the SFT policy; no verifier here
         row = seed_004["results"][label]
         assert row["win_rate"] is not None and row["reward_model_score"] is not None and row["success"] is None
 
-    # The course user's HH-RLHF commands.
-    if with_shared:
-        completions_per_s = re.search(r"completions/s\s+([\d.]+)", printed)
-        assert completions_per_s and float(completions_per_s.group(1)) > 0 and "FLOP floor" in printed
-        for name in ("shraygpt-ppo", "shraygpt-dpo"):
-            assert ShrayGPT.load_from_checkpoint(hh / "checkpoints" / f"{name}.ckpt").vocab_size == 50257
-        assert RewardModel.load_from_checkpoint(hh / "checkpoints" / "reward-model.ckpt").tokenizer == "r50k_base"
-        assert "HH-RLHF reward model held-out accuracy" in printed
-    assert len(ran) == len(documented_commands()) - (0 if with_shared else 4)
+
+def check_hh(folder: Path, reports: dict, printed: str, with_shared: bool) -> None:
+    """The course user's HH-RLHF commands: their exports, at the course vocabulary."""
+    for name in ("shraygpt-ppo", "shraygpt-dpo"):
+        assert ShrayGPT.load_from_checkpoint(folder / "checkpoints" / f"{name}.ckpt").vocab_size == 50257
+    assert RewardModel.load_from_checkpoint(folder / "checkpoints" / "reward-model.ckpt").tokenizer == "r50k_base"
+    assert "HH-RLHF reward model held-out accuracy" in printed
+
+
+def test_the_chains_cover_every_documented_command():
+    """Every documented command belongs to exactly one chain, and each chain has commands."""
+    chains = [chain_of(c) for c in documented_commands()]
+    counts = {chain: chains.count(chain) for chain in ("demo", "hh", "notebooks")}
+    assert counts == {"demo": 32, "hh": 3, "notebooks": 12}
 
 
 def test_the_readme_stays_short():
