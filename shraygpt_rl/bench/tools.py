@@ -33,6 +33,7 @@ from shraygpt_rl.tokenizer import stop_tokens
 from shraygpt_rl.turns import Turns
 
 SFT, GRPO = "sft-tools", "grpo-tools"
+REPEATS = 5  # timed generations per loop in the cost of tools, after one warm-up (the tests take 1)
 
 
 def _export(config: str) -> str:
@@ -86,9 +87,13 @@ def report(results: dict[str, dict[int, dict[str, float]]], prompts: int) -> Non
 
 
 @torch.no_grad()
-def bench_tool_cost(policy: ShrayGPT, data: PromptDataModule, tokens: int, repeats: int = 5) -> dict[str, float]:
+def bench_tool_cost(
+    policy: ShrayGPT, data: PromptDataModule, tokens: int, repeats: int | None = None
+) -> dict[str, float]:
     """Median seconds of multi-turn generation (the calculator answering) and of single-turn
-    generation of as many rows and columns, per loop; prints them and their ratio."""
+    generation of as many rows and columns, per loop (``REPEATS`` times each unless ``repeats``
+    says), after a warm-up; prints them and their ratio."""
+    repeats = repeats or REPEATS
     batch = next(iter(data.plain_dataloader("test")))
     ids = batch["input_ids"][:16].repeat_interleave(8, dim=0)  # (128, P): a GRPO rollout's rows
     mask = batch["attention_mask"][:16].repeat_interleave(8, dim=0)
