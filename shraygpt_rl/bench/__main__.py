@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None) -> None:
         "SFT and GRPO with a calculator on multiplication (bench/tools.py)",
     )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="learning: training seeds")
-    parser.add_argument("--sft-steps", type=int, default=300, help="lora: SFT steps of the tiny GPT-Neo")
-    parser.add_argument("--ppo-steps", type=int, default=240, help="lora: PPO optimizer steps (4 per rollout)")
+    parser.add_argument("--sft-steps", type=int, default=600, help="lora: SFT steps of the tiny GPT-Neo")
+    parser.add_argument("--ppo-steps", type=int, default=800, help="lora: PPO optimizer steps (4 per rollout)")
     parser.add_argument("--tokenizer-path", help="grpo-step, gpu: local r50k_base.tiktoken (default: ../shared's)")
     parser.add_argument("--shape", choices=["course", "tiny"], default="course", help="gpu: the model's size")
     parser.add_argument("--device", default="cuda", help="gpu: where to run (cpu with --shape tiny, for a smoke run)")

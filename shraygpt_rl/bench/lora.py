@@ -58,7 +58,7 @@ def held_out_rewards(policy, samples_per_prompt: int, max_new_tokens: int, seed:
 
 
 def bench_lora(
-    sft_steps: int = 300, ppo_steps: int = 240, samples_per_prompt: int = 16, seed: int = 0, sft_lr: float = 3e-3
+    sft_steps: int = 600, ppo_steps: int = 800, samples_per_prompt: int = 16, seed: int = 0, sft_lr: float = 3e-3
 ) -> dict:
     """SFT then PPO with LoRA at toy size; prints and returns the figures before and after.
     ``seed`` seeds the tiny model, the demonstrations, both runs and the held-out samples."""
