@@ -129,8 +129,9 @@ def test_files_name_the_line_and_mixed_files_are_refused(tmp_path):
         convert(list(enumerate(mixed, 1)), "prompts", "mixed", skip_invalid=False)
 
 
-def test_parquet_and_json_files(tmp_path):
+def test_parquet_and_json_files(tmp_path, monkeypatch):
     import datasets
+    import huggingface_hub.constants
 
     rows = [ROWS[PREFERENCE][1]] * 4
     datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "pairs.parquet"))
@@ -142,6 +143,9 @@ def test_parquet_and_json_files(tmp_path):
             "chosen_response": "Blue.",
             "rejected_response": "Green.",
         }
+    # Offline, as without a network but without the hub client's 23 s of retries first.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     with pytest.raises(DataError, match="Could not load 'org/not-here' from the Hugging Face hub"):
         load_rows("org/not-here")
 
