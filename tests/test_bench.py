@@ -24,3 +24,21 @@ def test_step_flops_matches_torchs_count_of_a_generation_and_an_update():
         model(torch.randint(0, 320, (4, 15)))
     measured = generation.get_total_flops() + 3 * forward.get_total_flops()
     assert abs(step_flops(model, rows=4, prompt_tokens=10, new_tokens=5) / measured - 1) < 0.005
+
+
+def test_the_tools_table_gives_each_seed_and_the_spread_over_seeds(capsys):
+    """``bench learning --stages tools --seeds …``'s table: one row per policy and seed, then min /
+    mean / max over the seeds (the documented-commands test runs the tools benchmark on one seed)."""
+    from shraygpt_rl.bench.tools import report
+
+    rows = {
+        "SFT, no tool": {0: dict(success=0.1, greedy=0.2, seconds=5), 1: dict(success=0.3, greedy=0.4, seconds=6)},
+        "GRPO, tool": {0: dict(success=0.8, greedy=0.9, seconds=50), 1: dict(success=0.6, greedy=1.0, seconds=60)},
+    }
+    report(rows, 200)
+    printed = capsys.readouterr().out
+    assert "held-out 3-digit multiplication (200 test prompts)" in printed
+    assert len([line for line in printed.splitlines() if line.startswith("  GRPO, tool ")]) == 3  # two seeds, spread
+    assert "over seeds 0, 1: min / mean / max of held-out success" in printed
+    assert "0.600 / 0.700 / 0.800" in printed and "0.900 / 0.950 / 1.000" in printed
+    assert "0.100 / 0.200 / 0.300" in printed

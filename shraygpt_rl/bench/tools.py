@@ -93,7 +93,7 @@ def bench_tool_cost(
     """Median seconds of multi-turn generation (the calculator answering) and of single-turn
     generation of as many rows and columns, per loop (``REPEATS`` times each unless ``repeats``
     says), after a warm-up; prints them and their ratio."""
-    repeats = repeats or REPEATS
+    repeats = REPEATS if repeats is None else repeats
     batch = next(iter(data.plain_dataloader("test")))
     ids = batch["input_ids"][:16].repeat_interleave(8, dim=0)  # (128, P): a GRPO rollout's rows
     mask = batch["attention_mask"][:16].repeat_interleave(8, dim=0)

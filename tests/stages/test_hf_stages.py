@@ -205,6 +205,7 @@ def _config(name: str):
 # The LoRA learning test's threshold: the keyword reward's gain on 48 held-out continuations with the
 # benchmark's defaults (600 SFT steps, 800 PPO steps), seeds 0-2 (SHRAYGPT_LEARNING_SEED) at 1 / 2
 # torch threads: seed 0 +4.79 / +6.44, seed 1 +2.82 / +0.69, seed 2 +7.53 / +6.78. The least, halved.
+# The animal-word frequency rose in all six runs, the least from 0.083 to 0.286 (seed 1, one thread).
 # (1,500 SFT steps gave +3.78 on seed 0; 800 SFT steps +0.53 with 400 PPO steps, +3.18 with 800.)
 LORA_GAIN = 0.34
 
