@@ -80,10 +80,15 @@ def pytest_collection_modifyitems(items):
 THREADS = max(1, min(2, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
 
+def limit_threads() -> None:
+    """At most ``THREADS`` torch threads in this process."""
+    torch.set_num_threads(min(torch.get_num_threads(), THREADS))
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
-    torch.set_num_threads(min(torch.get_num_threads(), THREADS))
+    limit_threads()
 
 
 @pytest.fixture
