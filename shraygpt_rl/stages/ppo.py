@@ -210,6 +210,11 @@ class PPOStage(CriticStage):
         ptx_coef: Weight of PPO-ptx's pretraining term (InstructGPT eq. 2): each update adds
             ``ptx_coef`` times the next-token loss on a batch of demonstrations, from the
             DataModule's ``ptx_source``; 0 turns it off.
+        critic_warmup: Rollouts at the start on which only the critic learns (verl's
+            ``critic_warmup``). A critic started from the reward model has seen whole responses
+            only: its values on prefixes are far from the returns at first, and the advantages
+            are large noise that pushes the policy away from the reference before the critic has
+            learned anything. The learning-rate schedule counts these rollouts' steps too.
         export_path: Where the trained policy is written at the end.
         **kwargs: ``CriticStage``'s arguments.
     """
@@ -225,6 +230,7 @@ class PPOStage(CriticStage):
         num_ppo_epochs: int = 4,
         target_kl: float | None = None,
         ptx_coef: float = 0.0,
+        critic_warmup: int = 0,
         export_path: str | None = "checkpoints/shraygpt-ppo.ckpt",
         **kwargs,
     ):
@@ -233,6 +239,7 @@ class PPOStage(CriticStage):
         require(num_ppo_epochs >= 1, f"num_ppo_epochs must be at least 1, got {num_ppo_epochs}.")
         require(target_kl is None or target_kl > 0, f"target_kl must be > 0 (or null), got {target_kl}.")
         require(ptx_coef >= 0, f"ptx_coef must be >= 0, got {ptx_coef}.")
+        require(critic_warmup >= 0, f"critic_warmup must be >= 0, got {critic_warmup}.")
         super().__init__(export_path=export_path, **kwargs)
 
     def optimizer_steps_per_rollout(self) -> int:
@@ -240,6 +247,11 @@ class PPOStage(CriticStage):
 
     def trainable(self):
         return nn.ModuleList([self.policy, self.critic])
+
+    @property
+    def warming_up(self) -> bool:
+        """Whether this rollout's updates train the critic alone (``critic_warmup``)."""
+        return self.rollouts <= self.hparams.critic_warmup
 
     def check_data(self, datamodule) -> None:
         super().check_data(datamodule)
@@ -254,7 +266,7 @@ class PPOStage(CriticStage):
         self.log_rollout(rollout)
         start = time.perf_counter()
         first, buffer = self.score(rollout)
-        pretraining = self.ptx_loss(ptx) if hp.ptx_coef > 0 and ptx is not None else None
+        pretraining = self.ptx_loss(ptx) if hp.ptx_coef > 0 and ptx is not None and not self.warming_up else None
 
         # num_ppo_epochs passes of num_mini_batches updates, stopped early at target_kl.
         stats, early_stop = [], False
@@ -272,8 +284,18 @@ class PPOStage(CriticStage):
         self.end_of_rollout(rollout, buffer, mean)
         mean["policy/updates"] = torch.tensor(float(len(stats)))
         mean["policy/early_stopped"] = torch.tensor(float(early_stop))
+        mean["policy/critic_warmup"] = torch.tensor(float(self.warming_up))
         self.log_step(mean)
         self.log_update(time.perf_counter() - start, float(rollout.attention_mask.sum()) * len(stats) / len(first))
+
+    def optimizer_step(self, finite: bool = True) -> None:
+        """While the critic warms up, the policy's gradients (zeros: its loss terms were
+        weighted by 0, so that every parameter still takes part in DDP's all-reduce) are
+        dropped before the step, so that AdamW neither decays nor moves it."""
+        if self.warming_up:
+            for param in self.policy.parameters():
+                param.grad = None
+        super().optimizer_step(finite)
 
     def ptx_loss(self, ptx: dict) -> Callable[[], dict[str, Tensor]]:
         """The pretraining term of each update: ``ptx_coef`` x the next-token loss on ``ptx``."""
@@ -291,17 +313,22 @@ class PPOStage(CriticStage):
         Clipped policy loss + ``vf_coef`` x clipped value loss − ``entropy_coef`` x entropy,
         summed over the micro-batch's tokens and divided by the minibatch's token count (a token
         mean over the whole minibatch), plus its share of the policy's and critic's MoE aux losses.
+        While the critic warms up, the policy's terms weigh 0.
         """
         hp, mask = self.hparams, rollout.response_mask[micro]
+        policy_weight = 0.0 if self.warming_up else 1.0
         bonus = hp.entropy_coef > 0
         logprobs, entropy, aux_policy = self.response_logprobs(self.policy, rollout, micro, entropy=bonus)
         vf_losses, vf_clipped, aux_critic = self.value_loss(rollout, micro, buffer)
         old = buffer["logprobs"][micro]
         pg_losses, ratio, pg_clipped = clipped_policy_loss(logprobs, old, buffer["advantages"][micro], hp.cliprange)
-        per_token = pg_losses + hp.vf_coef * vf_losses - (hp.entropy_coef * entropy if bonus else 0.0)
+        policy_term = pg_losses - (hp.entropy_coef * entropy if bonus else 0.0)
+        per_token = policy_weight * policy_term + hp.vf_coef * vf_losses
         minibatch_tokens = rollout.response_mask[rows].sum()
         share = len(micro) / len(rows)
-        aux = self.aux_weight(self.policy) * aux_policy + self.aux_weight(self.critic.trunk) * aux_critic
+        aux = (
+            policy_weight * self.aux_weight(self.policy) * aux_policy + self.aux_weight(self.critic.trunk) * aux_critic
+        )
         metrics = policy_metrics(logprobs, old, ratio, pg_clipped, mask)
         metrics["policy/loss"] = masked_mean(pg_losses.detach(), mask)
         metrics["value/loss"] = masked_mean(vf_losses.detach(), mask)

@@ -1,11 +1,12 @@
 """One two-process DDP run (Lightning's ``ddp`` strategy, gloo on CPU) covering every stage that
-optimises by hand or gathers across ranks: PPO (one rank's ``target_kl`` stops its epochs early:
-the other must stop too), GRPO (``dapo``'s token count is a collective), TRPO (g, every Fisher
-product and the line search's figures are averaged), Online DPO (each rank must run as many
-backward passes, ties or not, and normalise by the pairs of all ranks: here one rank's prompts
-all tie) and KTO (z0 is gathered over ranks). One launch, five fits: the processes and the
-process group start once. Each rank records the rows it saw: the ranks must see different ones,
-or equal weights at the end would prove nothing about gradient sync."""
+optimises by hand or gathers across ranks: PPO (a critic warm-up rollout, then one rank's
+``target_kl`` stops its epochs early: the other must stop too), GRPO (``dapo``'s token count is
+a collective), TRPO (g, every Fisher product and the line search's figures are averaged), Online
+DPO (each rank must run as many backward passes, ties or not, and normalise by the pairs of all
+ranks: here one rank's prompts all tie) and KTO (z0 is gathered over ranks). One launch, five
+fits: the processes and the process group start once. Each rank records the rows it saw: the
+ranks must see different ones, or equal weights at the end would prove nothing about gradient
+sync."""
 
 from __future__ import annotations
 
@@ -53,22 +54,24 @@ common = dict(policy={policy!r}, rewards=[SpreadReward()], max_new_tokens=6, opt
               log_samples_every=0)
 sizes = dict(source="arithmetic", digits=2, system_prompt=None, max_length=64, max_prompt_length=48, batch_size=4,
              train_size=32)
-# Rank 1 stops its PPO epochs at target_kl after the second update, rank 0 never would: they must
-# stop together (each update's backward passes are all-reduces).
-target_kl = 1e-12 if os.environ.get("LOCAL_RANK", "0") == "1" else 1e9
+# PPO: a first rollout that trains the critic alone (the policy's gradients are dropped on both
+# ranks), then one in which rank 1 stops its epochs at target_kl after the second update and
+# rank 0 never would: they must stop together (each update's backward passes are all-reduces).
+target_kl = 1e-6 if os.environ.get("LOCAL_RANK", "0") == "1" else 1e9
 stages = [
-    (PPOStage(**common, target_kl=target_kl, num_mini_batches=2, export_path="ppo.ckpt"), PromptDataModule),
+    (PPOStage(**common, target_kl=target_kl, num_ppo_epochs=2, num_mini_batches=2, critic_warmup=1,
+              export_path="ppo.ckpt"), PromptDataModule, 5),  # two rollouts of 4 steps
     (GRPOStage(**common, num_generations=2, loss_type="dapo", num_mini_batches=2, export_path="grpo.ckpt"),
-     PromptDataModule),
-    (TRPOStage(**common, export_path=None, vf_iters=2, max_kl=0.05), PromptDataModule),
+     PromptDataModule, 4),
+    (TRPOStage(**common, export_path=None, vf_iters=2, max_kl=0.05), PromptDataModule, 4),
     (OnlineDPOStage(**{{**common, "rewards": [RankTies()]}}, num_generations=2, micro_batch_size=2,
-                    export_path="online-dpo.ckpt"), PromptDataModule),
-    (KTOStage(policy={policy!r}, optimizer="adamw", lr=1e-3, export_path="kto.ckpt"), KTODataModule),
+                    export_path="online-dpo.ckpt"), PromptDataModule, 4),
+    (KTOStage(policy={policy!r}, optimizer="adamw", lr=1e-3, export_path="kto.ckpt"), KTODataModule, 4),
 ]
-for stage, datamodule in stages:
+for stage, datamodule, max_steps in stages:
     data = datamodule(**sizes)
     L.seed_everything(0)
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=4, logger=False,
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=max_steps, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         limit_val_batches=0, callbacks=[Save()])
     trainer.fit(stage, datamodule=data)

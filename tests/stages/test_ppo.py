@@ -153,6 +153,28 @@ def test_critic_starts_from_the_reward_model_or_the_policy(random_policy, tmp_pa
         _stage(random_policy, reward_model=str(tmp_path / "other.ckpt"))
 
 
+def test_critic_warmup_trains_the_critic_alone(random_policy):
+    """During ``critic_warmup`` rollouts the policy stays exactly as it was (AdamW's weight decay
+    included: its gradients are dropped, not zeroed) while the critic learns; the rollout after
+    moves the policy. Fails if the warm-up only zeroed the policy's loss (weight decay would still
+    shrink it) or counted optimizer steps instead of rollouts."""
+    stage = _stage(random_policy, critic_warmup=1, weight_decay=0.1)  # 1 rollout = 2 epochs x 2 minibatches
+    policy_before = {n: p.detach().clone() for n, p in stage.policy.named_parameters()}
+    critic_before = [p.detach().clone() for p in stage.critic.parameters()]
+    metrics = _fit(stage, max_steps=4)
+    assert metrics["policy/critic_warmup"] == 1 and metrics["value/loss"] > 0
+    assert all(torch.equal(policy_before[n], p) for n, p in stage.policy.named_parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(critic_before, stage.critic.parameters()))
+    metrics = _fit(stage, max_steps=4)  # the second rollout
+    assert metrics["policy/critic_warmup"] == 0
+    assert any(not torch.equal(policy_before[n], p) for n, p in stage.policy.named_parameters())
+
+
+def test_a_negative_critic_warmup_is_refused(random_policy):
+    with pytest.raises(ValueError, match="critic_warmup"):
+        _stage(random_policy, critic_warmup=-1)
+
+
 def test_ppo_raises_held_out_success(sft_policy, sft_success):
     """From the noisy SFT policy and the verifier, 40 rollouts of 64 (a sixth of configs/ppo.yaml's)
     raise the success rate on 200 held-out prompts by 10 points or more (+21 to +24 measured over seeds); the KL
