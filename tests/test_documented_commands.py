@@ -155,7 +155,11 @@ def small_configs(
             online = path.stem.split("-")[0] in ONLINE
             config["trainer"].update(max_steps=8 if online else 4, val_check_interval=2 if online else 4)
             config["trainer"].update(limit_val_batches=1, enable_progress_bar=False)
-            config["data"].update(train_size=64, val_size=16, test_size=16, **({"batch_size": 4} if online else {}))
+            # The multi-turn evaluation samples 8 answers of up to 3 turns per test prompt: 4 prompts.
+            test_size = 4 if path.stem == "sft-tools" else 16
+            config["data"].update(
+                train_size=64, val_size=16, test_size=test_size, **({"batch_size": 4} if online else {})
+            )
         path.write_text(yaml.safe_dump(config))
 
 
@@ -384,6 +388,8 @@ def test_every_documented_command_runs(chain, tmp_path, monkeypatch, capsys, tin
     monkeypatch.setattr(shraygpt_rl.bench, "OVERRIDES", SMALL_STAGES.split())
     monkeypatch.setattr(shraygpt_rl.bench, "HELD_OUT", 16)
     monkeypatch.setattr(shraygpt_rl.bench.tools, "REPEATS", 1)
+    monkeypatch.setattr(shraygpt_rl.bench.tools, "PROMPTS", 4)
+    monkeypatch.setattr(shraygpt_rl.bench.tools, "SAMPLES", 2)
     monkeypatch.setattr(shraygpt_rl.label, "make_server", RobotLabeller)
     monkeypatch.chdir(folder)
     reports, seeded = {}, False

@@ -34,6 +34,7 @@ from shraygpt_rl.turns import Turns
 
 SFT, GRPO = "sft-tools", "grpo-tools"
 REPEATS = 5  # timed generations per loop in the cost of tools, after one warm-up (the tests take 1)
+PROMPTS, SAMPLES = 16, 8  # the cost of tools' rows: a GRPO rollout of the demo config (the tests take fewer)
 
 
 def _export(config: str) -> str:
@@ -95,13 +96,13 @@ def bench_tool_cost(
     says), after a warm-up; prints them and their ratio."""
     repeats = REPEATS if repeats is None else repeats
     batch = next(iter(data.plain_dataloader("test")))
-    ids = batch["input_ids"][:16].repeat_interleave(8, dim=0)  # (128, P): a GRPO rollout's rows
-    mask = batch["attention_mask"][:16].repeat_interleave(8, dim=0)
-    prompts = [p for p in batch["prompt"][:16] for _ in range(8)]
-    metadata = [m for m in batch["metadata"][:16] for _ in range(8)]
+    ids = batch["input_ids"][:PROMPTS].repeat_interleave(SAMPLES, dim=0)  # (128, P): a GRPO rollout's rows
+    mask = batch["attention_mask"][:PROMPTS].repeat_interleave(SAMPLES, dim=0)
+    prompts = [p for p in batch["prompt"][:PROMPTS] for _ in range(SAMPLES)]
+    metadata = [m for m in batch["metadata"][:PROMPTS] for _ in range(SAMPLES)]
     enc, policy = data.tokenizer, policy.eval()
     figures = {}
-    print(f"\ngeneration with tools, {len(ids)} rows (16 prompts x 8), median of {repeats}:")
+    print(f"\ngeneration with tools, {len(ids)} rows ({PROMPTS} prompts x {SAMPLES}), median of {repeats}:")
     for loop, static in (("static", True), ("eager", False)):
         times, width = {"tools": [], "plain": []}, 0
         for i in range(repeats + 1):  # the first of each is a warm-up
