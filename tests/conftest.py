@@ -20,13 +20,17 @@ from shraygpt_rl.tokenizer import byte_encoding
 COURSE_CKPT = SHARED / "fixtures" / "course-checkpoint" / "course-tiny.ckpt"
 COURSE_EXPECTED = SHARED / "fixtures" / "course-checkpoint" / "course-tiny-expected.pt"
 SFT_CONFIG = ROOT / "configs" / "sft.yaml"
+# The SFT fixture's steps: configs/sft.yaml cut from 1000 steps to 600 (the cosine schedule over
+# the 600), which trains in half the time and leaves more for RL to learn; the learning tests'
+# thresholds were measured from such policies.
+FIXTURE_STEPS = 600
 # The learning tests' seed (the SFT fixture's and each learning run's). Their thresholds are set
 # from the minimum over seeds (0-2; TRPO's 0-4) at 1 and 2 torch threads, measured by setting this
 # variable.
 LEARNING_SEED = int(os.environ.get("SHRAYGPT_LEARNING_SEED", "0"))
 # A trained SFT policy to use instead of training the fixture (a checkpoint that ``python train.py
-# --stage sft --seed_everything=<seed>`` exported): measuring thresholds over seeds and threads
-# then trains each seed's SFT policy once.
+# --stage sft --seed_everything=<seed> --trainer.max_steps 600`` exported): measuring thresholds
+# over seeds and threads then trains each seed's SFT policy once.
 SFT_POLICY = os.environ.get("SHRAYGPT_SFT_POLICY")
 
 
@@ -209,9 +213,10 @@ def random_policy(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def sft_policy(tmp_path_factory) -> str:
-    """The policy ``configs/sft.yaml`` makes (about 2 minutes at one thread): a tiny model fine-tuned on noisy
-    arithmetic demonstrations (40% carry slips). Its greedy answers are mostly right, its sampled
-    ones right about 40% of the time: room for online RL. Trained once per run: the first
+    """The policy ``configs/sft.yaml`` makes in ``FIXTURE_STEPS`` steps (about 2 minutes at one
+    thread): a tiny model fine-tuned on noisy arithmetic demonstrations (40% carry slips). Its
+    greedy answers are mostly right, its sampled ones right about 40% of the time: room for
+    online RL. Trained once per run: the first
     pytest-xdist worker to ask trains it under a file lock, the other waits for it and reads it,
     so the learning tests run on both workers."""
     from filelock import FileLock
@@ -231,10 +236,9 @@ def sft_policy(tmp_path_factory) -> str:
             torch.set_num_threads(1)
             L.seed_everything(LEARNING_SEED)
             stage = SFTStage(**{**config_section(SFT_CONFIG, "model"), "export_path": str(path)})
-            steps = config_section(SFT_CONFIG, "trainer")["max_steps"]
             data = data_from_config(SFTDataModule, SFT_CONFIG)
             try:
-                tiny_trainer(steps, limit_val_batches=0).fit(stage, datamodule=data)
+                tiny_trainer(FIXTURE_STEPS, limit_val_batches=0).fit(stage, datamodule=data)
             finally:
                 torch.set_num_threads(threads)
     return str(path)
