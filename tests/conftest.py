@@ -21,7 +21,7 @@ COURSE_CKPT = SHARED / "fixtures" / "course-checkpoint" / "course-tiny.ckpt"
 COURSE_EXPECTED = SHARED / "fixtures" / "course-checkpoint" / "course-tiny-expected.pt"
 SFT_CONFIG = ROOT / "configs" / "sft.yaml"
 # The SFT fixture's steps: configs/sft.yaml cut from 1000 steps to 600 (the cosine schedule over
-# the 600), which trains in half the time and leaves more for RL to learn; the learning tests'
+# the 600), which trains in 60% of the time and leaves more for RL to learn; the learning tests'
 # thresholds were measured from such policies.
 FIXTURE_STEPS = 600
 # The learning tests' seed (the SFT fixture's and each learning run's). Their thresholds are set

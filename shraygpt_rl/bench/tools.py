@@ -96,7 +96,9 @@ def bench_tool_cost(
     says), after a warm-up; prints them and their ratio."""
     repeats = REPEATS if repeats is None else repeats
     batch = next(iter(data.plain_dataloader("test")))
-    ids = batch["input_ids"][:PROMPTS].repeat_interleave(SAMPLES, dim=0)  # (128, P): a GRPO rollout's rows
+    ids = batch["input_ids"][:PROMPTS].repeat_interleave(
+        SAMPLES, dim=0
+    )  # (PROMPTS x SAMPLES, P): a GRPO rollout's rows
     mask = batch["attention_mask"][:PROMPTS].repeat_interleave(SAMPLES, dim=0)
     prompts = [p for p in batch["prompt"][:PROMPTS] for _ in range(SAMPLES)]
     metadata = [m for m in batch["metadata"][:PROMPTS] for _ in range(SAMPLES)]

@@ -180,8 +180,17 @@ class StageModule(L.LightningModule):
             self.trainable(), hp.optimizer, lr=hp.lr, muon_lr=hp.muon_lr, weight_decay=hp.weight_decay
         )
         total = max(int(self.trainer.estimated_stepping_batches), 1) if self._trainer else 1
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, hp, total))
+        offset = self.schedule_offset()
+
+        def factor(step: int) -> float:  # full lr for the first `offset` steps, then the schedule
+            return 1.0 if step < offset else lr_factor(step - offset, hp, max(total - offset, 1))
+
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def schedule_offset(self) -> int:
+        """Optimizer steps taken at the full ``lr`` before the schedule (warm-up, cosine) starts."""
+        return 0
 
     def finite_or_skip(self, loss: Tensor) -> Tensor | None:
         """``loss``, or None when it is not finite: Lightning then runs the step without gradients,

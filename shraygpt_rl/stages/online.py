@@ -186,7 +186,7 @@ class OnlineRLStage(StageModule):
         if turns is not None:  # ended by the environment or at max_turns: an ending, not a cut
             truncated &= ~(turns["ended_by_environment"] | turns["max_turns"])
         scores, components = self.reward_fn.score(prompts, responses, metadata)
-        if self.training:
+        if self.trainer.training:  # the trainer's state, not the module's mode: fit may start in eval mode
             self.rollouts += 1
         return Rollout(
             sequences=out.sequences,

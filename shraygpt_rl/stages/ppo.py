@@ -99,6 +99,12 @@ class CriticStage(OnlineRLStage):
         self.frozen_reference(self.policy if kl_coef > 0 or adaptive_kl else None)
         self.kl_ctl = AdaptiveKLController(kl_coef, kl_target, kl_horizon)
 
+    @property
+    def warming_up(self) -> bool:
+        """Whether this rollout trains the critic alone (the stage's ``critic_warmup``, 0 if none)."""
+        warmup = self.hparams.get("critic_warmup", 0)
+        return warmup > 0 and self.rollouts <= warmup
+
     def build_critic(self, critic_init) -> RewardModel:
         """The critic: a scalar head on the reward model's trunk or on the policy's. With LoRA it
         has its own adapters (seed 001's critic), and a policy-initialised critic shares the
@@ -161,7 +167,7 @@ class CriticStage(OnlineRLStage):
         """Update the adaptive KL coefficient and add the KL, reward and value figures to ``mean``."""
         mask = rollout.response_mask
         sequence_kl = masked_sum(buffer["kl"], mask, dim=1)  # (R,) KL of each response, in nats
-        if self.hparams.adaptive_kl:
+        if self.hparams.adaptive_kl and not self.warming_up:  # the policy is the reference while it warms up
             self.kl_ctl.update(float(sequence_kl.mean()), len(rollout))
         scores = buffer["scores"]
         mean["objective/kl"] = sequence_kl.mean()
@@ -210,11 +216,13 @@ class PPOStage(CriticStage):
         ptx_coef: Weight of PPO-ptx's pretraining term (InstructGPT eq. 2): each update adds
             ``ptx_coef`` times the next-token loss on a batch of demonstrations, from the
             DataModule's ``ptx_source``; 0 turns it off.
-        critic_warmup: Rollouts at the start on which only the critic learns (verl's
-            ``critic_warmup``). A critic started from the reward model has seen whole responses
-            only: its values on prefixes are far from the returns at first, and the advantages
-            are large noise that pushes the policy away from the reference before the critic has
-            learned anything. The learning-rate schedule counts these rollouts' steps too.
+        critic_warmup: Rollouts at the start on which only the critic learns (verl has the same
+            idea, counted in steps). A critic started from the reward model has seen whole
+            responses only: its values on prefixes are far from the returns at first, and the
+            advantages are large noise that pushes the policy away from the reference before the
+            critic has learned anything. The critic learns at the full ``lr`` meanwhile; the
+            schedule (``warmup_steps``, then the cosine) starts at the first policy update, after
+            ``critic_warmup x num_ppo_epochs x num_mini_batches`` steps.
         export_path: Where the trained policy is written at the end.
         **kwargs: ``CriticStage``'s arguments.
     """
@@ -248,10 +256,8 @@ class PPOStage(CriticStage):
     def trainable(self):
         return nn.ModuleList([self.policy, self.critic])
 
-    @property
-    def warming_up(self) -> bool:
-        """Whether this rollout's updates train the critic alone (``critic_warmup``)."""
-        return self.rollouts <= self.hparams.critic_warmup
+    def schedule_offset(self) -> int:
+        return self.hparams.critic_warmup * self.optimizer_steps_per_rollout()  # no early stop: the KL is 0
 
     def check_data(self, datamodule) -> None:
         super().check_data(datamodule)
@@ -323,6 +329,8 @@ class PPOStage(CriticStage):
         old = buffer["logprobs"][micro]
         pg_losses, ratio, pg_clipped = clipped_policy_loss(logprobs, old, buffer["advantages"][micro], hp.cliprange)
         policy_term = pg_losses - (hp.entropy_coef * entropy if bonus else 0.0)
+        if self.warming_up:  # in the graph for DDP, but a non-finite term must not drop the critic's update
+            policy_term = policy_term.nan_to_num(0.0, 0.0, 0.0)
         per_token = policy_weight * policy_term + hp.vf_coef * vf_losses
         minibatch_tokens = rollout.response_mask[rows].sum()
         share = len(micro) / len(rows)

@@ -150,7 +150,7 @@ class TRPOStage(CriticStage):
         first, buffer = self.score(rollout)
         micros = [micro for mb in first for micro in self.micro_batches(mb)]
         metrics = {"moe/aux_loss": torch.zeros((), device=self.device)}
-        if self.rollouts > self.hparams.critic_warmup:
+        if not self.warming_up:
             metrics = self.policy_step(rollout, micros, buffer)
         metrics |= self.fit_critic(rollout, buffer)
         self.end_of_rollout(rollout, buffer, metrics)

@@ -39,15 +39,24 @@ class RankTies(SpreadReward):  # every prompt of rank 1 ties: it has no pair, ra
         return torch.full_like(spread, 0.5) if torch.distributed.get_rank() == 1 else spread
 
 class Save(L.Callback):
-    prompts = []
+    prompts, first_step_moved_policy = [], None
+
+    def on_train_start(self, trainer, module):
+        self.start = [p.detach().clone() for p in module.policy.parameters()]
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):  # a row's index, else its prompt
         self.prompts += batch["index"].tolist() if "index" in batch else batch["prompt"]
 
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if batch_idx == 0:  # PPO's first rollout is its critic's warm-up
+            moved = any(not torch.equal(a, p) for a, p in zip(self.start, module.policy.parameters()))
+            self.first_step_moved_policy = moved
+
     def on_train_end(self, trainer, module):
         torch.save(module.state_dict(), f"{{module.kind}}-rank{{trainer.global_rank}}.pt")
         with open(f"{{module.kind}}-rank{{trainer.global_rank}}.json", "w") as f:
-            json.dump({{"prompts": self.prompts, "skipped": module.nonfinite_skipped}}, f)
+            json.dump({{"prompts": self.prompts, "skipped": module.nonfinite_skipped, "steps": trainer.global_step,
+                       "first_step_moved_policy": self.first_step_moved_policy}}, f)
         self.prompts = []
 
 common = dict(policy={policy!r}, rewards=[SpreadReward()], max_new_tokens=6, optimizer="adamw", lr=1e-3,
@@ -60,7 +69,7 @@ sizes = dict(source="arithmetic", digits=2, system_prompt=None, max_length=64, m
 target_kl = 1e-6 if os.environ.get("LOCAL_RANK", "0") == "1" else 1e9
 stages = [
     (PPOStage(**common, target_kl=target_kl, num_ppo_epochs=2, num_mini_batches=2, critic_warmup=1,
-              export_path="ppo.ckpt"), PromptDataModule, 5),  # two rollouts of 4 steps
+              export_path="ppo.ckpt"), PromptDataModule, 5),  # 4 warm-up steps, then 2 before the stop
     (GRPOStage(**common, num_generations=2, loss_type="dapo", num_mini_batches=2, export_path="grpo.ckpt"),
      PromptDataModule, 4),
     (TRPOStage(**common, export_path=None, vf_iters=2, max_kl=0.05), PromptDataModule, 4),
@@ -91,6 +100,9 @@ def test_ddp_ranks_take_the_same_steps_in_every_manually_optimised_stage(random_
         # Different data on each rank: otherwise equal weights would hold without any gradient sync.
         assert seen[0]["prompts"] and set(seen[0]["prompts"]).isdisjoint(seen[1]["prompts"]), kind
         assert seen[0]["skipped"] == seen[1]["skipped"] == 0, kind
+        if kind == "ppo":  # the warm-up left the policy alone on both ranks; both stopped after 2 updates
+            assert [r["first_step_moved_policy"] for r in seen] == [False, False]
+            assert [r["steps"] for r in seen] == [6, 6]
         ranks = [torch.load(tmp_path / f"{kind}-rank{r}.pt") for r in (0, 1)]
         assert ranks[0].keys() == ranks[1].keys()
         assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0]), kind

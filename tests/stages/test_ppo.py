@@ -170,6 +170,47 @@ def test_critic_warmup_trains_the_critic_alone(random_policy):
     assert any(not torch.equal(policy_before[n], p) for n, p in stage.policy.named_parameters())
 
 
+class LearningRates(L.Callback):
+    """The learning rate of every optimizer step, as the step uses it."""
+
+    def __init__(self):
+        self.lrs: list[float] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.lrs.append(optimizer.param_groups[0]["lr"])
+
+
+def test_the_schedule_starts_after_the_critic_warmup(random_policy):
+    """The critic warms up at the full lr; the warm-up ramp and the cosine then run over the
+    policy's steps. Hand-computed factors for warmup_steps 2 over the 4 steps after 4 warm-up
+    steps: 1/2, 2/2, then the cosine at progress 0 and 1/2 (0.1 + 0.9 * (1 + cos(pi/2)) / 2 = 0.55).
+    Fails if the schedule counts the warm-up's steps (the policy would start past its ramp)."""
+    lrs = LearningRates()
+    stage = _stage(random_policy, critic_warmup=1, warmup_steps=2, lr_schedule="cosine")
+    _fit(stage, max_steps=8, callbacks=[lrs])  # two rollouts of 2 epochs x 2 minibatches
+    expected = [1.0] * 4 + [0.5, 1.0, 1.0, 0.55]
+    assert lrs.lrs == pytest.approx([1e-3 * f for f in expected])
+
+
+def test_adaptive_kl_holds_still_while_the_critic_warms_up(random_policy):
+    """While the policy is the reference (KL exactly 0), the controller must not shrink kl_coef."""
+    stage = _stage(random_policy, critic_warmup=1, adaptive_kl=True, kl_coef=0.1, kl_target=1.0, kl_horizon=100)
+    _fit(stage, max_steps=4)
+    assert stage.kl_ctl.value == 0.1
+    _fit(stage, max_steps=4)  # the policy's first rollout is on the reference too: KL 0, the coefficient shrinks
+    assert stage.kl_ctl.value < 0.1
+
+
+def test_a_fit_that_starts_in_eval_mode_counts_rollouts_and_trains_the_policy(random_policy):
+    """Lightning keeps the module's mode when fit starts: the rollout counter (and the warm-up
+    it gates) must follow the trainer's state, or such a fit would never move the policy."""
+    stage = _stage(random_policy).eval()
+    before = {n: p.detach().clone() for n, p in stage.policy.named_parameters()}
+    _fit(stage, max_steps=4)
+    assert stage.rollouts == 1
+    assert any(not torch.equal(before[n], p) for n, p in stage.policy.named_parameters())
+
+
 def test_a_negative_critic_warmup_is_refused(random_policy):
     with pytest.raises(ValueError, match="critic_warmup"):
         _stage(random_policy, critic_warmup=-1)
