@@ -67,6 +67,14 @@ class CriticStage(OnlineRLStage):
         missing_eos_penalty: Subtracted from the score of responses cut off at ``max_new_tokens``.
         reward_clip: Clip scores to ``[-reward_clip, reward_clip]``; None for no clipping.
         whiten_rewards: Whiten the per-token rewards (keeping their mean) before GAE.
+        critic_warmup: Rollouts at the start on which only the critic learns (verl has the same
+            idea, counted in steps); the adaptive KL coefficient holds still meanwhile. A fresh
+            critic, or one started from the reward model (which has seen whole responses only),
+            is far from the returns on prefixes at first: its advantages are large noise that
+            moves the policy, and moves tokens that did not decide the reward, before the critic
+            has learned anything. The critic learns at the full ``lr`` meanwhile; PPO's schedule
+            (``warmup_steps``, then the cosine) starts at the first policy update, after
+            ``critic_warmup x num_ppo_epochs x num_mini_batches`` steps.
         **kwargs: ``OnlineRLStage``'s arguments.
     """
 
@@ -85,6 +93,7 @@ class CriticStage(OnlineRLStage):
         missing_eos_penalty: float | None = None,
         reward_clip: float | None = None,
         whiten_rewards: bool = False,
+        critic_warmup: int = 0,
         **kwargs,
     ):
         require(
@@ -94,6 +103,7 @@ class CriticStage(OnlineRLStage):
         require(cliprange_value > 0, f"cliprange_value must be > 0, got {cliprange_value}.")
         require(num_mini_batches >= 1, f"num_mini_batches must be at least 1, got {num_mini_batches}.")
         require(reward_clip is None or reward_clip > 0, f"reward_clip must be > 0 (or null), got {reward_clip}.")
+        require(critic_warmup >= 0, f"critic_warmup must be >= 0, got {critic_warmup}.")
         super().__init__(**kwargs)
         self.critic = self.build_critic(critic_init)
         self.frozen_reference(self.policy if kl_coef > 0 or adaptive_kl else None)
@@ -101,9 +111,8 @@ class CriticStage(OnlineRLStage):
 
     @property
     def warming_up(self) -> bool:
-        """Whether this rollout trains the critic alone (the stage's ``critic_warmup``, 0 if none)."""
-        warmup = self.hparams.get("critic_warmup", 0)
-        return warmup > 0 and self.rollouts <= warmup
+        """Whether this rollout trains the critic alone (one of the first ``critic_warmup``)."""
+        return 0 < self.rollouts <= self.hparams.critic_warmup
 
     def build_critic(self, critic_init) -> RewardModel:
         """The critic: a scalar head on the reward model's trunk or on the policy's. With LoRA it
@@ -216,13 +225,6 @@ class PPOStage(CriticStage):
         ptx_coef: Weight of PPO-ptx's pretraining term (InstructGPT eq. 2): each update adds
             ``ptx_coef`` times the next-token loss on a batch of demonstrations, from the
             DataModule's ``ptx_source``; 0 turns it off.
-        critic_warmup: Rollouts at the start on which only the critic learns (verl has the same
-            idea, counted in steps). A critic started from the reward model has seen whole
-            responses only: its values on prefixes are far from the returns at first, and the
-            advantages are large noise that pushes the policy away from the reference before the
-            critic has learned anything. The critic learns at the full ``lr`` meanwhile; the
-            schedule (``warmup_steps``, then the cosine) starts at the first policy update, after
-            ``critic_warmup x num_ppo_epochs x num_mini_batches`` steps.
         export_path: Where the trained policy is written at the end.
         **kwargs: ``CriticStage``'s arguments.
     """
@@ -238,7 +240,6 @@ class PPOStage(CriticStage):
         num_ppo_epochs: int = 4,
         target_kl: float | None = None,
         ptx_coef: float = 0.0,
-        critic_warmup: int = 0,
         export_path: str | None = "checkpoints/shraygpt-ppo.ckpt",
         **kwargs,
     ):
@@ -247,7 +248,6 @@ class PPOStage(CriticStage):
         require(num_ppo_epochs >= 1, f"num_ppo_epochs must be at least 1, got {num_ppo_epochs}.")
         require(target_kl is None or target_kl > 0, f"target_kl must be > 0 (or null), got {target_kl}.")
         require(ptx_coef >= 0, f"ptx_coef must be >= 0, got {ptx_coef}.")
-        require(critic_warmup >= 0, f"critic_warmup must be >= 0, got {critic_warmup}.")
         super().__init__(export_path=export_path, **kwargs)
 
     def optimizer_steps_per_rollout(self) -> int:
@@ -322,14 +322,15 @@ class PPOStage(CriticStage):
         While the critic warms up, the policy's terms weigh 0.
         """
         hp, mask = self.hparams, rollout.response_mask[micro]
-        policy_weight = 0.0 if self.warming_up else 1.0
+        warming_up = self.warming_up
+        policy_weight = 0.0 if warming_up else 1.0
         bonus = hp.entropy_coef > 0
         logprobs, entropy, aux_policy = self.response_logprobs(self.policy, rollout, micro, entropy=bonus)
         vf_losses, vf_clipped, aux_critic = self.value_loss(rollout, micro, buffer)
         old = buffer["logprobs"][micro]
         pg_losses, ratio, pg_clipped = clipped_policy_loss(logprobs, old, buffer["advantages"][micro], hp.cliprange)
         policy_term = pg_losses - (hp.entropy_coef * entropy if bonus else 0.0)
-        if self.warming_up:  # in the graph for DDP, but a non-finite term must not drop the critic's update
+        if warming_up:  # in the graph for DDP, but a non-finite term must not drop the critic's update
             policy_term = policy_term.nan_to_num(0.0, 0.0, 0.0)
         per_token = policy_weight * policy_term + hp.vf_coef * vf_losses
         minibatch_tokens = rollout.response_mask[rows].sum()

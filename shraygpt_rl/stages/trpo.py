@@ -78,9 +78,6 @@ class TRPOStage(CriticStage):
         backtrack_ratio: Factor by which the line search shrinks a rejected step.
         max_backtracks: Most shrinkings after the full step before the step is given up.
         vf_iters: The critic's optimizer steps per rollout (minibatches of ``num_mini_batches``).
-        critic_warmup: Rollouts at the start on which only the critic learns: TRPO's advantages
-            are only as good as the critic's credit assignment, and a step taken on a fresh
-            value head's advantages moves tokens that did not decide the reward.
         export_path: Where the trained policy is written at the end.
         **kwargs: ``CriticStage``'s arguments (the critic's learning rate is ``lr``).
     """
@@ -98,7 +95,6 @@ class TRPOStage(CriticStage):
         backtrack_ratio: float = 0.8,
         max_backtracks: int = 10,
         vf_iters: int = 8,
-        critic_warmup: int = 0,
         export_path: str | None = "checkpoints/shraygpt-trpo.ckpt",
         **kwargs,
     ):
@@ -113,7 +109,6 @@ class TRPOStage(CriticStage):
         require(cg_iters >= 1 and vf_iters >= 1, "cg_iters and vf_iters must be at least 1.")
         require(0 < backtrack_ratio < 1, f"backtrack_ratio must be in (0, 1), got {backtrack_ratio}.")
         require(max_backtracks >= 0, f"max_backtracks must be >= 0, got {max_backtracks}.")
-        require(critic_warmup >= 0, f"critic_warmup must be >= 0, got {critic_warmup}.")
         super().__init__(export_path=export_path, **kwargs)
         if hasattr(self.policy, "twice_differentiable"):  # a Hugging Face model: eager attention
             self.policy.twice_differentiable()
