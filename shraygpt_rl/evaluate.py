@@ -219,6 +219,27 @@ def verifier_success(
     }
 
 
+@torch.no_grad()
+def answer_probability(policy, datamodule, split: str = "val") -> float:
+    """The mean probability, over a split of an ``SFTDataModule`` of right answers, that the
+    policy samples exactly the demonstrated answer (its end of turn included), teacher-forced.
+
+    On a built-in task with ``wrong_fraction=0`` this is the expected verifier success of one
+    response sampled at T = 1, without the sampling noise, less the mass on other right wordings
+    (" Answer: 57", "Answer: 57." ...), which the verifier accepts too. Measured on 200 prompts,
+    sampled success has a standard deviation of about 0.035; this figure has none, so a learning
+    check needs far fewer rollouts to see a gain.
+    """
+    policy.eval()
+    device, total, rows = _device(policy), 0.0, 0
+    for batch in datamodule.plain_dataloader(split, desc="answer probability"):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logprobs, _ = sequence_logprobs(policy, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+        total += logprobs.exp().sum().item()  # (B,) each row's probability of its whole answer
+        rows += logprobs.numel()
+    return total / rows
+
+
 def _verify(responses: Responses) -> tuple[Tensor, Tensor]:
     """The task verifier's rewards (N,) and successes (N,) of sampled responses."""
     verifier, samples = TaskVerifier(), (responses.prompts, responses.texts, responses.metadata)
