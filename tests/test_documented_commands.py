@@ -55,8 +55,11 @@ HUB_MODELS = {
 }
 # The Hugging Face workflows' configs: the seed notebooks' and "your own model and data".
 HF_CONFIGS = ("opt-", "tinystories", "chat-", "grpo-gsm8k")
-SMALL_STAGES = "--trainer.max_steps 8 --trainer.val_check_interval 4 --trainer.limit_val_batches 1 "
+SMALL_STAGES = "--trainer.max_steps 4 --trainer.val_check_interval 2 --trainer.limit_val_batches 1 "
 SMALL_STAGES += "--data.train_size 64 --data.val_size 16 --data.test_size 16 --trainer.enable_progress_bar false"
+# What every evaluation's command gets appended: 8 held-out prompts, not 200 (the multi-turn one
+# samples 9 answers of up to 3 turns of 64 tokens per prompt, for the policy and the reference).
+SMALL_EVAL = ["--num_prompts", "8"]
 
 
 def documented_commands() -> list[list[str]]:
@@ -153,13 +156,9 @@ def small_configs(
                 config["model"].update(max_new_tokens=16, micro_batch_size=2, num_mini_batches=2)
         else:
             online = path.stem.split("-")[0] in ONLINE
-            config["trainer"].update(max_steps=8 if online else 4, val_check_interval=2 if online else 4)
+            config["trainer"].update(max_steps=4, val_check_interval=2 if online else 4)
             config["trainer"].update(limit_val_batches=1, enable_progress_bar=False)
-            # The multi-turn evaluation samples 8 answers of up to 3 turns per test prompt: 4 prompts.
-            test_size = 4 if path.stem == "sft-tools" else 16
-            config["data"].update(
-                train_size=64, val_size=16, test_size=test_size, **({"batch_size": 4} if online else {})
-            )
+            config["data"].update(train_size=64, val_size=16, test_size=16, **({"batch_size": 4} if online else {}))
         path.write_text(yaml.safe_dump(config))
 
 
@@ -386,7 +385,7 @@ def test_every_documented_command_runs(chain, tmp_path, monkeypatch, capsys, tin
         course_stand_in = ShrayGPT(**tiny_config(vocab_size=50257, block_size=256))
         course_stand_in.save_checkpoint(folder / "checkpoints" / "shraygpt-instruct.ckpt")
     monkeypatch.setattr(shraygpt_rl.bench, "OVERRIDES", SMALL_STAGES.split())
-    monkeypatch.setattr(shraygpt_rl.bench, "HELD_OUT", 16)
+    monkeypatch.setattr(shraygpt_rl.bench, "HELD_OUT", 8)
     monkeypatch.setattr(shraygpt_rl.bench.tools, "REPEATS", 1)
     monkeypatch.setattr(shraygpt_rl.bench.tools, "PROMPTS", 4)
     monkeypatch.setattr(shraygpt_rl.bench.tools, "SAMPLES", 2)
@@ -395,7 +394,8 @@ def test_every_documented_command_runs(chain, tmp_path, monkeypatch, capsys, tin
     reports, seeded = {}, False
     for command in commands:
         if command[1] == "train.py":
-            result = train([str(models.get(w, w)) for w in command[2:]])  # hub names: tiny models
+            small = SMALL_EVAL if command[2:4] == ["--stage", "eval"] else []
+            result = train([*(str(models.get(w, w)) for w in command[2:]), *small])  # hub names: tiny models
             if isinstance(result, dict):
                 reports[command[3]] = result
         else:
