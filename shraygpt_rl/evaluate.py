@@ -225,11 +225,13 @@ def answer_probability(policy, datamodule, split: str = "val") -> float:
     policy samples exactly the demonstrated answer (its end of turn included), teacher-forced.
 
     On a built-in task with ``wrong_fraction=0`` this is the expected verifier success of one
-    response sampled at T = 1, without the sampling noise, less the mass on other right wordings
-    (" Answer: 57", "Answer: 57." ...), which the verifier accepts too. Measured on 200 prompts,
-    sampled success has a standard deviation of about 0.035; this figure has none, so a learning
-    check needs far fewer rollouts to see a gain.
+    response sampled at T = 1, without the sampling noise: a lower bound, since the verifier
+    also accepts right answers worded otherwise ("Answer: 57" without the course's leading
+    space, " Answer: 057", " Answer: 57." or anything after the number), mass that RL is free to
+    move to. Measured on 200 prompts, sampled success has a standard deviation of about 0.035;
+    this figure has none. The policy's mode (train or eval) is left as it was.
     """
+    was_training = policy.training
     policy.eval()
     device, total, rows = _device(policy), 0.0, 0
     for batch in datamodule.plain_dataloader(split, desc="answer probability"):
@@ -237,6 +239,7 @@ def answer_probability(policy, datamodule, split: str = "val") -> float:
         logprobs, _ = sequence_logprobs(policy, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
         total += logprobs.exp().sum().item()  # (B,) each row's probability of its whole answer
         rows += logprobs.numel()
+    policy.train(was_training)
     return total / rows
 
 

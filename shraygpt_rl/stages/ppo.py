@@ -72,9 +72,10 @@ class CriticStage(OnlineRLStage):
             critic, or one started from the reward model (which has seen whole responses only),
             is far from the returns on prefixes at first: its advantages are large noise that
             moves the policy, and moves tokens that did not decide the reward, before the critic
-            has learned anything. The critic learns at the full ``lr`` meanwhile; PPO's schedule
-            (``warmup_steps``, then the cosine) starts at the first policy update, after
-            ``critic_warmup x num_ppo_epochs x num_mini_batches`` steps.
+            has learned anything. PPO's critic learns at the full ``lr`` meanwhile, and its
+            schedule (``warmup_steps``, then the cosine) starts at the first policy update, after
+            ``critic_warmup x num_ppo_epochs x num_mini_batches`` steps; TRPO's critic follows
+            its schedule from the first step.
         **kwargs: ``OnlineRLStage``'s arguments.
     """
 
