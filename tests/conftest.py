@@ -25,8 +25,8 @@ SFT_CONFIG = ROOT / "configs" / "sft.yaml"
 # thresholds were measured from such policies.
 FIXTURE_STEPS = 600
 # The learning tests' seed (the SFT fixture's and each learning run's). Their thresholds are set
-# from the minimum over seeds (0-2; TRPO's 0-4) at 1 and 2 torch threads, measured by setting this
-# variable.
+# from the minimum over seeds (0-4; the LoRA test's 0-2) at 1 and 2 torch threads, measured by
+# setting this variable.
 LEARNING_SEED = int(os.environ.get("SHRAYGPT_LEARNING_SEED", "0"))
 # A trained SFT policy to use instead of training the fixture (a checkpoint that ``python train.py
 # --stage sft --seed_everything=<seed> --trainer.max_steps 600`` exported): measuring thresholds
@@ -245,17 +245,35 @@ def sft_policy(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
-def sft_success(sft_policy) -> float:
-    """The SFT fixture's verifier success on the 200 held-out validation prompts, sampled at
-    T = 1: the "before" of every learning test, measured once per worker at its thread count."""
-    torch.set_num_threads(min(torch.get_num_threads(), THREADS))
+def right_answers():
+    """The demo's 200 held-out validation prompts with their right answers (demonstrations without
+    the SFT noise): what ``held_out_success`` scores."""
     from shraygpt_rl.bench import demo_data
-    from shraygpt_rl.data import PromptDataModule
-    from shraygpt_rl.evaluate import verifier_success
+    from shraygpt_rl.data import SFTDataModule
 
-    return verifier_success(ShrayGPT.load_from_checkpoint(sft_policy), demo_data(PromptDataModule), split="val")[
-        "success"
-    ]
+    data = demo_data(SFTDataModule, wrong_fraction=0.0, train_size=1)  # the splits do not depend on train_size
+    data.setup()
+    return data
+
+
+@pytest.fixture(scope="session")
+def held_out_success(right_answers):
+    """``held_out_success(policy)``: the learning tests' outcome, the expected verifier success of
+    one answer sampled at T = 1 on the 200 held-out prompts, without the sampling noise (the
+    probability of the right answer, ``answer_probability``)."""
+    from shraygpt_rl.evaluate import answer_probability
+
+    def success(policy) -> float:
+        torch.set_num_threads(min(torch.get_num_threads(), THREADS))
+        return answer_probability(policy, right_answers, "val")
+
+    return success
+
+
+@pytest.fixture(scope="session")
+def sft_success(sft_policy, held_out_success) -> float:
+    """The SFT fixture's ``held_out_success``: the "before" of every learning test."""
+    return held_out_success(ShrayGPT.load_from_checkpoint(sft_policy))
 
 
 def learned(name: str, before: float, after: float) -> None:

@@ -172,47 +172,55 @@ def test_a_row_that_fits_no_type_is_one_sentence_and_columns_rename(tmp_path, ra
     assert cli.datamodule.splits["train"][0]["response"].startswith("Answer: ")
 
 
-# The learning check of the conversational path: its steps and threshold. Gains from each seed's
-# SFT policy (train.py, one thread) at 1 / 2 torch threads: seed 0 +0.080 / +0.085, seed 1
-# +0.110 / +0.070, seed 2 +0.125 / +0.110 (80 rollouts); the least, 0.070, halved.
-STEPS, GAIN = 80, 0.035
+# The learning check of the conversational path: its steps and threshold. Gains in the probability
+# of the right answer on the 200 held-out rows from each seed's 600-step SFT policy (train.py, one
+# thread) at 1 / 2 torch threads: seed 0 +0.117 / +0.121, seed 1 +0.113 / +0.112, seed 2 +0.086 /
+# +0.089, seed 3 +0.139 / +0.137, seed 4 +0.090 / +0.083; the least, 0.083, less about a third.
+STEPS, GAIN = 80, 0.055
 
 
 def test_grpo_learns_through_the_conversational_path(sft_policy, tmp_path):
     """The arithmetic task written out as TRL's conversational prompt-only rows with an ``answer``
     column (the course's template renders them as the built-in task's prompts), GRPO against
-    ``AnswerVerifier``: held-out success, judged by the answer column, goes up."""
+    ``AnswerVerifier``: the probability of the right answer on the held-out rows goes up. The
+    same rows as conversational prompt-completion rows, carved with the same seed, hold the
+    right answers (``answer_probability``). None of the rows is one the SFT policy trained on."""
     import lightning as L
-    from conftest import LEARNING_SEED, learned, tiny_trainer
+    from conftest import LEARNING_SEED, SFT_CONFIG, learned, tiny_trainer
 
-    from shraygpt_rl.data import PromptDataModule
+    from shraygpt_rl.data import PromptDataModule, SFTDataModule
     from shraygpt_rl.data.tasks import make_task
-    from shraygpt_rl.evaluate import sample_responses
+    from shraygpt_rl.evaluate import answer_probability
     from shraygpt_rl.model import ShrayGPT
     from shraygpt_rl.rewards import AnswerVerifier
-    from shraygpt_rl.runner import config_section
+    from shraygpt_rl.runner import config_section, data_from_config
     from shraygpt_rl.stages.grpo import GRPOStage
 
-    task = make_task("arithmetic", digits=2, seed=LEARNING_SEED, num_train=1600, num_val=200, num_test=200)
-    source = tmp_path / "arithmetic-chat.jsonl"
-    problems = [r for split in ("train", "val") for r in task.prompts(split)]
-    source.write_text("".join(json.dumps({"prompt": r["prompt"], "answer": str(r["target"])}) + "\n" for r in problems))
-    data = PromptDataModule(
-        source=str(source), system_prompt=None, batch_size=16, max_length=64, max_prompt_length=48, val_size=200,
-        test_size=200, seed=LEARNING_SEED,
-    )  # fmt: skip
-    verifier = AnswerVerifier()
+    seen = set(data_from_config(SFTDataModule, SFT_CONFIG)._raw_splits()["train"]["question"])  # 5000 of 10^4
+    task = make_task("arithmetic", digits=2, seed=LEARNING_SEED, num_train=7600, num_val=200, num_test=200)
+    problems = [r for split in ("test", "val", "train") for r in task.prompts(split) if r["question"] not in seen]
+    problems = problems[:1800]  # 1400 to train on, 200 validation rows (held out) and 200 test rows
+    prompts, answers = tmp_path / "arithmetic-chat.jsonl", tmp_path / "arithmetic-chat-answers.jsonl"
+    prompts.write_text(
+        "".join(json.dumps({"prompt": r["prompt"], "answer": str(r["target"])}) + "\n" for r in problems)
+    )
+    right = [
+        {"prompt": r["prompt"], "completion": [{"role": "assistant", "content": f"Answer: {r['target']}"}]}
+        for r in problems
+    ]
+    answers.write_text("".join(json.dumps(r) + "\n" for r in right))
+    sizes = dict(system_prompt=None, batch_size=16, max_length=64, max_prompt_length=48, val_size=200, test_size=200)
+    data = PromptDataModule(source=str(prompts), seed=LEARNING_SEED, **sizes)
+    held_out = SFTDataModule(source=str(answers), seed=LEARNING_SEED, **sizes)
+    data.setup(), held_out.setup()
+    assert held_out.splits["val"]["prompt_ids"] == data.splits["val"]["prompt_ids"]  # the same held-out prompts
 
-    def success(policy) -> float:
-        responses = sample_responses(policy.eval(), data, "val", temperature=1.0, max_new_tokens=16, seed=0)
-        return float(verifier(responses.prompts, responses.texts, responses.metadata).mean())
-
-    before = success(ShrayGPT.load_from_checkpoint(sft_policy))
+    before = answer_probability(ShrayGPT.load_from_checkpoint(sft_policy), held_out)
     options = {**config_section("configs/grpo.yaml", "model"), "policy": sft_policy, "export_path": None}
-    options.update(rewards=[verifier], log_samples_every=0)
+    options.update(rewards=[AnswerVerifier()], log_samples_every=0)
     stage = GRPOStage(**options)
     L.seed_everything(LEARNING_SEED)
     tiny_trainer(STEPS, limit_val_batches=0).fit(stage, datamodule=data)
-    after = success(stage.policy)
+    after = answer_probability(stage.policy, held_out)
     learned("grpo-conversational", before, after)
     assert after >= before + GAIN

@@ -22,17 +22,18 @@ from conftest import (
 
 from shraygpt_rl.bench import demo_data
 from shraygpt_rl.data import PromptDataModule
-from shraygpt_rl.evaluate import verifier_success
 from shraygpt_rl.generation import response_logprobs
 from shraygpt_rl.lora import AdaptersDisabled
 from shraygpt_rl.losses import dpo_loss, masked_sum
 from shraygpt_rl.stages.online_dpo import OnlineDPOStage
 
 PROMPTS = dict(ARITH, batch_size=4, train_size=64)
-# The learning test's rollouts and threshold. Gains measured from each seed's SFT policy (train.py,
-# one thread) at 1 / 2 torch threads: seed 0 +0.140 / +0.200, seed 1 +0.105 / +0.160, seed 2
-# +0.125 / +0.165; the least, 0.105, halved.
-STEPS, GAIN = 150, 0.05
+# The learning test's rollouts and threshold. Gains in the probability of the right answer on the
+# 200 held-out prompts from each seed's 600-step SFT policy (train.py, one thread) at 1 / 2 torch
+# threads: seed 0 +0.187 / +0.197, seed 1 +0.169 / +0.140, seed 2 +0.117 / +0.182, seed 3 +0.174 /
+# +0.177, seed 4 +0.138 / +0.132; the least, 0.117, less about a third. (At 60 steps seed 3 fell,
+# -0.102: shorter runs dip before they climb.)
+STEPS, GAIN = 150, 0.08
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
 
 
@@ -178,10 +179,10 @@ def test_tie_count_survives_a_checkpoint(random_policy, tmp_path):
 
 
 @pytest.mark.timeout(600)
-def test_online_dpo_raises_held_out_success(sft_policy, sft_success):
+def test_online_dpo_raises_held_out_success(sft_policy, sft_success, held_out_success):
     """From the noisy SFT policy, a few rollouts (STEPS of the 1000 that configs/online-dpo.yaml
-    takes, at its settings) raise the verifier's success on 200 held-out prompts by GAIN or more."""
-    held_out = demo_data(PromptDataModule)
+    takes, at its settings) raise the probability of the right answer on 200 held-out prompts by GAIN
+    or more."""
     stage = OnlineDPOStage(
         policy=sft_policy,
         num_generations=4,
@@ -195,6 +196,6 @@ def test_online_dpo_raises_held_out_success(sft_policy, sft_success):
     )
     L.seed_everything(LEARNING_SEED)
     tiny_trainer(STEPS, limit_val_batches=0).fit(stage, datamodule=demo_data(PromptDataModule, batch_size=16))
-    after = verifier_success(stage.policy, held_out, split="val")["success"]
+    after = held_out_success(stage.policy)
     learned(stage.kind, sft_success, after)
     assert after > sft_success + GAIN, (sft_success, after)

@@ -10,7 +10,6 @@ from conftest import ARITH, LEARNING_SEED, GradRecorder, SpreadReward, fit_onlin
 from shraygpt_rl.bench import demo_data
 from shraygpt_rl.data import PromptDataModule
 from shraygpt_rl.errors import ConfigError
-from shraygpt_rl.evaluate import verifier_success
 from shraygpt_rl.model import ShrayGPT, tiny_config
 from shraygpt_rl.reward_model import RewardModel
 from shraygpt_rl.stages.online import Rollout
@@ -216,20 +215,27 @@ def test_a_negative_critic_warmup_is_refused(random_policy):
         _stage(random_policy, critic_warmup=-1)
 
 
-def test_ppo_raises_held_out_success(sft_policy, sft_success):
+# The learning test's threshold. Gains in the probability of the right answer on the 200 held-out
+# prompts from each seed's 600-step SFT policy (train.py, one thread) at 1 / 2 torch threads: seed 0
+# +0.165 / +0.143, seed 1 +0.170 / +0.115, seed 2 +0.112 / +0.184, seed 3 +0.161 / +0.189, seed 4
+# +0.085 / +0.042 (the weakest SFT policy, 0.321); the least less about a third. (At 24 rollouts
+# seed 4 gained +0.038 at one thread.)
+PPO_GAIN = 0.028
+
+
+def test_ppo_raises_held_out_success(sft_policy, sft_success, held_out_success):
     """From the noisy SFT policy and the verifier, 40 rollouts of 64 (a sixth of configs/ppo.yaml's)
-    raise the success rate on 200 held-out prompts by 10 points or more (+21 to +24 measured over seeds); the KL
+    raise the probability of the right answer on 200 held-out prompts by PPO_GAIN or more; the KL
     stays finite."""
-    held_out = demo_data(PromptDataModule)
     stage = PPOStage(
         policy=sft_policy, max_new_tokens=16, optimizer="adamw", lr=3e-4, export_path=None, log_samples_every=0
     )
     L.seed_everything(LEARNING_SEED)
     trainer = tiny_trainer(160, limit_val_batches=0)  # 40 rollouts x 4 epochs of one minibatch
     trainer.fit(stage, datamodule=demo_data(PromptDataModule, batch_size=64))
-    after = verifier_success(stage.policy, held_out, split="val")["success"]
+    after = held_out_success(stage.policy)
     learned("ppo", sft_success, after)
-    assert after > sft_success + 0.10, (sft_success, after)
+    assert after > sft_success + PPO_GAIN, (sft_success, after)
     assert 0 < trainer.callback_metrics["objective/kl"] < 10
 
 
