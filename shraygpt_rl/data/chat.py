@@ -165,24 +165,27 @@ class ChatFormat:
         return encode_special(self.tok, text)
 
     # -- what the DataModules call ------------------------------------------------------------------
-    def prompt_ids(self, prompt: str | list[Message]) -> list[int]:
-        """A prompt's tokens: standard text as it is, a conversation with the generation prompt."""
+    def prompt_ids(self, prompt: str | list[Message], text: str | None = None) -> list[int]:
+        """A prompt's tokens: standard text as it is, a conversation with the generation prompt
+        (``text``: its ``prompt_text``, when the caller has it, so that it is rendered once)."""
         if isinstance(prompt, str):
             return self.tok.encode_ordinary(prompt)
+        text = self.prompt_text(prompt) if text is None else text
         if self.reply_affixes is None:  # the course's and the plain format: text as the course tokenised it
-            return self.tok.encode_ordinary(self.render(prompt, add_generation_prompt=True))
-        return self.encode(self.render(prompt, add_generation_prompt=True))
+            return self.tok.encode_ordinary(text)
+        return self.encode(text)
 
     def prompt_text(self, prompt: str | list[Message]) -> str:
         """The prompt as reward functions and logs read it: the rendered text."""
         return prompt if isinstance(prompt, str) else self.render(prompt, add_generation_prompt=True)
 
-    def completion_ids(self, prompt: str | list[Message], completion: str) -> list[int]:
+    def completion_ids(self, prompt: str | list[Message], completion: str, head: list[int] | None = None) -> list[int]:
         """The tokens of ``completion`` (the assistant's reply) after ``prompt``, ending with the
-        end-of-turn token: what the template adds after the prompt, cut after that token."""
+        end-of-turn token: what the template adds after the prompt, cut after that token
+        (``head``: the prompt's ``prompt_ids``, when the caller has them)."""
         if isinstance(prompt, str) or self.reply_affixes is None:  # standard text, the course's or the plain format
             return self._standard_reply(completion)
-        head = self.prompt_ids(prompt)
+        head = self.prompt_ids(prompt) if head is None else head
         whole = self.encode(self.render([*prompt, {"role": "assistant", "content": completion}]))
         if whole[: len(head)] != head:
             raise DataError(self._not_prefix_preserving())
@@ -338,10 +341,12 @@ def tokenize_rows(batch: dict[str, list], columns: tuple[str, ...], chat: ChatFo
     if "prompt" not in batch:  # language modelling: a ``text`` or ``messages`` column is the row
         return _tokenize_documents(batch, columns, chat)
     prompts = batch["prompt"]
-    out = {"prompt_ids": [chat.prompt_ids(p) for p in prompts], "prompt_text": [chat.prompt_text(p) for p in prompts]}
+    texts = [chat.prompt_text(p) for p in prompts]  # each conversation rendered once
+    out = {"prompt_ids": [chat.prompt_ids(p, t) for p, t in zip(prompts, texts)], "prompt_text": texts}
     for column in columns:
         if observations is None:
-            out[f"{column}_ids"] = [chat.completion_ids(p, r) for p, r in zip(prompts, batch[column])]
+            replies = zip(prompts, batch[column], out["prompt_ids"])
+            out[f"{column}_ids"] = [chat.completion_ids(p, r, head) for p, r, head in replies]
             continue
         ids, fed = zip(*(chat.completion_pieces(p, r, observations) for p, r in zip(prompts, batch[column])))
         out[f"{column}_ids"], out[f"{column}_fed"] = list(ids), list(fed)
