@@ -17,13 +17,13 @@ from jsonargparse import auto_cli
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from shraygpt_rl.errors import ConfigError, UserError
-from shraygpt_rl.label import label
+from shraygpt_rl.label import label, label_report
 from shraygpt_rl.pipeline import evaluate, pipeline
 from shraygpt_rl.runner import STAGES, run_stage
 from shraygpt_rl.runtime import retain_freed_memory
 
 # not training stages: plain functions behind jsonargparse
-COMMANDS = {"eval": evaluate, "pipeline": pipeline, "label": label}
+COMMANDS = {"eval": evaluate, "pipeline": pipeline, "label": label, "label_report": label_report}
 USAGE = "python train.py --stage {%s} [--config CONFIG.yaml] [--help] [--print_config] [--ckpt_path last]"
 
 

@@ -16,7 +16,9 @@ every request. Errors are one line of JSON with a 4xx code, never a traceback pa
 from __future__ import annotations
 
 import hmac
+import html
 import itertools
+import json
 import secrets
 from pathlib import Path
 
@@ -27,7 +29,8 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.serving import make_server
 
 from shraygpt_rl.data import PromptDataModule
-from shraygpt_rl.data.labels import Item, LabelError, LabelStore, read_items, write_items
+from shraygpt_rl.data.agreement import aggregate, preference_rows, report, unpaired_rows
+from shraygpt_rl.data.labels import Item, LabelError, LabelStore, read_gold, read_items, read_records, write_items
 from shraygpt_rl.errors import ConfigError
 from shraygpt_rl.generation import sample_and_decode
 from shraygpt_rl.policy import load_policy
@@ -50,6 +53,13 @@ def label(
     host: str = "127.0.0.1",
     port: int = 7860,
     lease_s: float = 600.0,
+    judgements_per_pair: int = 1,
+    question: str | None = None,
+    criteria: list[str] | None = None,
+    gold: str | None = None,
+    gold_rate: float = 0.1,
+    repeat_rate: float = 0.0,
+    min_agreement: float = 0.5,
 ) -> None:
     """Serve the labelling page until Ctrl-C.
 
@@ -69,23 +79,81 @@ def label(
         host: Where to listen; anything but 127.0.0.1 requires the printed access token.
         port: The port.
         lease_s: Seconds an item stays with a labeller who stopped answering.
+        judgements_per_pair: How many different labellers judge each pair (seed 004's several
+            evaluators per comparison); each pair is served until that many have.
+        question: The question the labellers answer, shown above the answers.
+        criteria: What to judge by (seed 004's: age-appropriateness, engagement, accuracy,
+            clarity, interactivity), shown under the question, each with an optional rating.
+        gold: A JSONL of pairs whose better answer is known (``better``: ``a`` or ``b``), mixed in
+            to measure each labeller's accuracy; kept out of the training data.
+        gold_rate: With ``gold``: the share of items that are gold pairs.
+        repeat_rate: The share of items that show a labeller a pair they judged before, to
+            measure their self-consistency; kept out of the training data.
+        min_agreement: For the agreement report (``/stats``): the share of a pair's votes its
+            majority needs for the pair to be kept (``shraygpt_rl.data.agreement``).
     """
     items = load_items(
         out, pairs, policy, prompts, num_prompts, responses_per_prompt, data_config, max_new_tokens, temperature, seed
     )
     token = None if host in LOOPBACK else secrets.token_urlsafe(16)
-    store = LabelStore(items, Path(out), seed=seed, lease_s=lease_s)
-    app = create_app(store, token)
-    done, _ = store.progress()
+    golden = read_gold(gold) if gold else {}
+    rates = dict(gold_rate=gold_rate if golden else 0.0, repeat_rate=repeat_rate)
+    store = LabelStore(
+        items, Path(out), seed=seed, lease_s=lease_s, judgements_per_pair=judgements_per_pair, gold=golden, **rates
+    )
+    app = create_app(
+        store, token, guide={"question": question, "criteria": list(criteria or [])}, min_agreement=min_agreement
+    )
+    done, needed = store.progress()
     address = f"http://{host}:{port}/" + (f"?token={token}" if token else "")
-    print(f"labelling {len(items)} items ({done} judged) into {out}\nopen {address}\n(Ctrl-C stops; nothing is lost)")
+    print(
+        f"labelling {len(items)} items x {judgements_per_pair} judgements ({done} of {needed} made) into {out}\n"
+        f"open {address} (agreement: {address.replace('/?', '/stats?') if token else address + 'stats'})\n"
+        "(Ctrl-C stops; nothing is lost)"
+    )
     server = make_server(host, port, app, threaded=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
-        print(f"\nstopped; {store.progress()[0]} of {len(items)} judged in {out}")
+        print(f"\nstopped; {store.progress()[0]} of {store.progress()[1]} judgements made in {out}")
     finally:
         server.server_close()
+        write_stats(store, min_agreement)
+
+
+def label_report(judgements: str = "labels/prefs.jsonl", min_agreement: float = 0.5) -> dict:
+    """Aggregate a judgement file into training data and report the labellers' agreement.
+
+    Writes beside it ``<judgements>.preferences.jsonl`` (TRL's preference rows: ``prompt``,
+    ``chosen``, ``rejected``, and the strength as ``margin``), ``<judgements>.kto.jsonl`` (KTO's
+    unpaired rows) and ``<judgements>.stats.json`` (the report), and prints the report.
+
+    Args:
+        judgements: The labelling page's judgement file.
+        min_agreement: The share of a pair's votes its majority needs for the pair to be kept.
+    """
+    path = Path(judgements)
+    if not path.is_file():
+        raise ConfigError(f"No judgement file at '{path}'.")
+    records = read_records(path)
+    verdicts = aggregate(records, min_agreement)
+    figures = report(records, min_agreement)
+    for suffix, rows in (("preferences", preference_rows(verdicts)), ("kto", unpaired_rows(verdicts))):
+        with open(f"{path}.{suffix}.jsonl", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    Path(f"{path}.stats.json").write_text(json.dumps(figures, indent=2) + "\n")
+    alpha = figures["krippendorff_alpha_ordinal"]
+    print(
+        f"{path}: {figures['pairs_judged']} pairs judged, {figures['pairs_kept']} kept (min_agreement {min_agreement})"
+    )
+    print(f"votes per pair: {figures['votes_per_pair']}; Krippendorff's alpha (ordinal): {_figure(alpha)}")
+    print(f"all votes in one direction on {_figure(figures['unanimous_share'])} of pairs with two votes or more")
+    print(f"{'labeller':<20}{'judgements':>11}{'agrees w/ majority':>20}{'gold accuracy':>15}{'self-consistency':>18}")
+    for name, row in sorted(figures["labellers"].items()):
+        rates = [_figure(row[k]) for k in ("agreement_with_majority", "gold_accuracy", "self_consistency")]
+        print(f"{name[:19]:<20}{row['judgements']:>11}{rates[0]:>20}{rates[1]:>15}{rates[2]:>18}")
+    print(f"wrote {path}.preferences.jsonl, {path}.kto.jsonl and {path}.stats.json")
+    return figures
 
 
 def load_items(
@@ -136,9 +204,21 @@ def sample_items(policy, data, num_prompts, responses_per_prompt, max_new_tokens
     return items
 
 
-def create_app(store: LabelStore, token: str | None = None) -> Flask:
-    """The page and its three calls: ``GET /api/state``, ``POST /api/judge`` and ``POST /api/undo``."""
+def write_stats(store: LabelStore, min_agreement: float = 0.5) -> dict:
+    """The agreement report of the judgements so far (``agreement.report``), written beside them."""
+    figures = report(store.records(), min_agreement)
+    Path(f"{store.out}.stats.json").write_text(json.dumps(figures, indent=2) + "\n")
+    return figures
+
+
+def create_app(
+    store: LabelStore, token: str | None = None, guide: dict | None = None, min_agreement: float = 0.5
+) -> Flask:
+    """The page and its calls: ``GET /api/state``, ``POST /api/judge``, ``POST /api/undo``, and
+    the agreement report, ``GET /api/stats`` (JSON) and ``GET /stats`` (a page); each report is
+    also written beside the judgements. ``guide``: the ``question`` and ``criteria`` shown."""
     app = Flask(__name__)
+    guide = {"question": None, "criteria": [], **(guide or {})}
 
     @app.before_request
     def check_token():
@@ -150,7 +230,7 @@ def create_app(store: LabelStore, token: str | None = None) -> Flask:
         return None
 
     def labeller() -> str:
-        return request.headers.get("X-Labeller", "anonymous")[:64]
+        return request.headers.get("X-Labeller", "").strip()[:64] or "anonymous"
 
     @app.get("/")
     def page():
@@ -158,18 +238,31 @@ def create_app(store: LabelStore, token: str | None = None) -> Flask:
 
     @app.get("/api/state")
     def state():
-        return jsonify(store.state(labeller()))
+        return jsonify({**store.state(labeller()), "guide": guide})
 
     @app.post("/api/judge")
     def judge():
         body = request.get_json(silent=True)
         if not isinstance(body, dict) or not isinstance(body.get("item"), str) or "choice" not in body:
             return _error('The body must be JSON like {"item": "<id>", "choice": "A+", "note": ""}.', 400)
-        return jsonify(store.judge(labeller(), body["item"], body["choice"], body.get("note") or ""))
+        criteria = body.get("criteria") or {}
+        if not isinstance(criteria, dict) or not set(criteria) <= set(guide["criteria"]):
+            return _error(f"Criteria must be among: {', '.join(guide['criteria']) or 'none'}.", 400)
+        done = store.judge(labeller(), body["item"], body["choice"], body.get("note") or "", criteria)
+        return jsonify({**done, "guide": guide})
+
+    @app.get("/api/stats")
+    def stats():
+        return jsonify(write_stats(store, min_agreement))
+
+    @app.get("/stats")
+    def stats_page():
+        html = stats_html(write_stats(store, min_agreement))
+        return html, 200, {"Content-Type": "text/html; charset=utf-8", "Cache-Control": "no-store"}
 
     @app.post("/api/undo")
     def undo():
-        return jsonify(store.undo(labeller()))
+        return jsonify({**store.undo(labeller()), "guide": guide})
 
     @app.errorhandler(LabelError)
     def refused(err: LabelError):
@@ -188,6 +281,36 @@ def create_app(store: LabelStore, token: str | None = None) -> Flask:
 
 def _error(message: str, status: int):
     return jsonify({"error": message}), status
+
+
+def _figure(value) -> str:
+    return "–" if value is None else f"{value:.3f}" if isinstance(value, float) else html.escape(str(value))
+
+
+def stats_html(figures: dict) -> str:
+    """The agreement report as a page: the pairs, alpha and the per-labeller table (names escaped)."""
+    rows = "".join(
+        f"<tr><td>{html.escape(name)}</td><td>{row['judgements']}</td>"
+        f"<td>{_figure(row['agreement_with_majority'])} ({row['majority_count']})</td>"
+        f"<td>{_figure(row['gold_accuracy'])} ({row['gold_count']})</td>"
+        f"<td>{_figure(row['self_consistency'])} ({row['repeat_count']})</td></tr>"
+        for name, row in sorted(figures["labellers"].items())
+    )
+    votes = ", ".join(f"{k}: {v}" for k, v in figures["votes_per_pair"].items()) or "none yet"
+    return f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>shraygpt-rl: agreement</title>
+<style>body {{ font: 16px/1.45 system-ui, sans-serif; margin: 2rem auto; max-width: 900px; }}
+td, th {{ padding: .3rem .8rem; text-align: left; border-bottom: 1px solid #ddd; }}</style></head><body>
+<h1>Agreement</h1>
+<p>Pairs judged: <b id="pairs">{figures["pairs_judged"]}</b>;
+kept for training: <b id="kept">{figures["pairs_kept"]}</b>
+(majority share at least {figures["min_agreement"]}). Votes per pair: {votes}.</p>
+<p>Krippendorff's alpha (ordinal): <b id="alpha">{_figure(figures["krippendorff_alpha_ordinal"])}</b>.
+All votes in one direction: <b id="unanimous">{_figure(figures["unanimous_share"])}</b>
+of pairs with two votes or more.</p>
+<table id="labellers"><tr><th>labeller</th><th>judgements</th><th>agrees with the others' majority</th>
+<th>gold accuracy</th><th>self-consistency</th></tr>{rows}</table>
+<p>Counts in brackets. Also written to the <code>.stats.json</code> beside the judgements.</p></body></html>
+"""
 
 
 PAGE = """<!doctype html>
@@ -210,8 +333,13 @@ PAGE = """<!doctype html>
  #status { color: #a00; min-height: 1.5em; } #done { font-size: 1.2rem; }
 </style></head>
 <body>
-<header><h1>Which answer is better?</h1><span id="progress">0 / 0</span></header>
-<div id="work">
+<header><h1>Which answer is better?</h1><span><span id="who"></span> <span id="progress">0 / 0</span></span></header>
+<form id="name-form" hidden>
+ <label>Your name (recorded with each judgement; asked once):
+ <input id="name" autocomplete="name" maxlength="64" required></label> <button type="submit">Start</button>
+</form>
+<div id="work" hidden>
+ <div id="guide"><h2 id="question"></h2><ul id="criteria"></ul></div>
  <pre id="prompt"></pre>
  <div class="answers">
   <div class="answer"><h2>A</h2><pre id="answer-a"></pre></div>
@@ -226,6 +354,7 @@ PAGE = """<!doctype html>
   <button data-choice="skip">Skip <kbd>s</kbd></button>
   <button id="undo">Undo <kbd>u</kbd></button>
  </div>
+ <table id="ratings"></table>
  <textarea id="note" rows="2" placeholder="Optional note about this pair"></textarea>
 </div>
 <p id="done" hidden>Every item is judged. Thank you!</p>
@@ -233,8 +362,8 @@ PAGE = """<!doctype html>
 <script>
 "use strict";
 const token = new URLSearchParams(location.search).get("token") || "";
-const labeller = localStorage.getItem("labeller") || Math.random().toString(36).slice(2) + Date.now().toString(36);
-localStorage.setItem("labeller", labeller);
+let labeller = localStorage.getItem("labeller") || "";
+const GRADES = ["A++", "A+", "=", "B+", "B++"];
 const KEYS = {"1": "A++", "2": "A+", "3": "=", "4": "B+", "5": "B++", "s": "skip"};
 let current = null, busy = false;
 
@@ -249,8 +378,39 @@ async function call(path, body) {
   return data;
 }
 
+function guide(given) {  // the question and criteria, and a rating row per criterion
+  document.getElementById("question").textContent = given.question || "";
+  const list = document.getElementById("criteria"), table = document.getElementById("ratings");
+  if (list.childElementCount === given.criteria.length) return;
+  list.replaceChildren(), table.replaceChildren();
+  for (const name of given.criteria) {
+    const entry = document.createElement("li");
+    entry.textContent = name;
+    list.append(entry);
+    const row = table.insertRow(), label = row.insertCell();
+    label.textContent = name + " (optional):";
+    for (const grade of GRADES) {
+      const cell = row.insertCell(), input = document.createElement("input"), text = document.createElement("label");
+      input.type = "radio", input.name = "criterion:" + name, input.value = grade, input.dataset.criterion = name;
+      text.append(input, " " + grade);
+      cell.append(text);
+    }
+  }
+}
+
+function ratings() {
+  const chosen = {};
+  for (const input of document.querySelectorAll("#ratings input:checked")) {
+    chosen[input.dataset.criterion] = input.value;
+  }
+  return chosen;
+}
+
 function show(state) {  // model output is text: textContent, never innerHTML
   document.getElementById("progress").textContent = state.done + " / " + state.total;
+  document.getElementById("who").textContent = labeller + " (" + state.mine + " judged) ·";
+  guide(state.guide);
+  for (const input of document.querySelectorAll("#ratings input")) input.checked = false;
   current = state.item;
   document.getElementById("work").hidden = current === null;
   document.getElementById("done").hidden = current !== null;
@@ -272,7 +432,8 @@ async function act(path, body) {
 
 function judge(choice) {
   if (current === null) return;
-  act("/api/judge", {item: current.id, choice: choice, note: document.getElementById("note").value});
+  const note = document.getElementById("note").value;
+  act("/api/judge", {item: current.id, choice: choice, note: note, criteria: ratings()});
 }
 
 for (const button of document.querySelectorAll("button[data-choice]")) {
@@ -280,11 +441,21 @@ for (const button of document.querySelectorAll("button[data-choice]")) {
 }
 document.getElementById("undo").addEventListener("click", () => act("/api/undo", {}));
 document.addEventListener("keydown", (event) => {
-  if (event.target.tagName === "TEXTAREA" || event.ctrlKey || event.metaKey || event.altKey) return;
+  const tag = event.target.tagName;  // keys grade, except while typing (a radio button is not typing)
+  if (!labeller || tag === "TEXTAREA" || (tag === "INPUT" && event.target.type !== "radio")) return;
+  if (event.ctrlKey || event.metaKey || event.altKey) return;
   if (event.key in KEYS) { event.preventDefault(); judge(KEYS[event.key]); }
   else if (event.key === "u") { event.preventDefault(); act("/api/undo", {}); }
 });
-act("/api/state");
+document.getElementById("name-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  labeller = document.getElementById("name").value.trim();
+  if (!labeller) return;
+  localStorage.setItem("labeller", labeller);
+  document.getElementById("name-form").hidden = true;
+  act("/api/state");
+});
+if (labeller) act("/api/state"); else document.getElementById("name-form").hidden = false;
 </script>
 </body></html>
 """

@@ -76,7 +76,14 @@ def test_each_grade_and_skip_is_recorded_as_the_seed_defines_it(tmp_path):
         else:
             other = "b" if side == "a" else "a"
             assert record["chosen"] == item[side] and record["rejected"] == item[other]
-    assert _get(client)[1] == {"item": None, "done": 6, "total": 6}
+    state = _get(client)[1]
+    assert {k: state[k] for k in ("item", "done", "total", "mine", "labeller")} == {
+        "item": None,
+        "done": 6,
+        "total": 6,
+        "mine": 6,
+        "labeller": "ann",
+    }
 
 
 def test_the_order_of_a_and_b_is_random_per_item_and_stable(tmp_path):

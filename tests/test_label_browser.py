@@ -64,9 +64,17 @@ def _wait_for(driver, css: str, text: str, timeout: float = 10.0):
     WebDriverWait(driver, timeout).until(lambda d: d.find_element("css selector", css).text == text)
 
 
+def sign_in(browser, url: str, name: str) -> None:
+    """Open the page and give the name it asks for once (kept in the browser)."""
+    browser.get(url)
+    field = browser.find_element("css selector", "#name")
+    field.send_keys(name)
+    browser.find_element("css selector", "#name-form button").click()
+
+
 def test_click_key_undo_and_reload_in_chromium(browser, served, tmp_path):
     url, store = served
-    browser.get(url)
+    sign_in(browser, url, "Ann Lee")
     _wait_for(browser, "#progress", "0 / 4")
 
     # The hostile answer is shown as its literal characters; nothing in it ran or became markup.
@@ -92,9 +100,10 @@ def test_click_key_undo_and_reload_in_chromium(browser, served, tmp_path):
     _wait_for(browser, "#progress", "1 / 4")
     assert browser.execute_script("return current.id") == second
 
-    browser.refresh()  # a reload shows the same state: the same item, the same progress
+    browser.refresh()  # a reload shows the same state: the same item, the same progress, no name asked
     _wait_for(browser, "#progress", "1 / 4")
     assert browser.execute_script("return current.id") == second
+    assert not browser.find_element("css selector", "#name-form").is_displayed()
 
     records = read_records(tmp_path / "prefs.jsonl")
     assert [(r["type"], r.get("choice")) for r in records] == [
@@ -104,6 +113,7 @@ def test_click_key_undo_and_reload_in_chromium(browser, served, tmp_path):
     ]
     assert records[0]["item"] == first and records[1]["item"] == second and records[2]["retracts"] == records[1]["id"]
     assert records[1]["note"] == "close call" and records[1]["strength"] == 2
+    assert {r["labeller"] for r in records} == {"Ann Lee"}
     item = store.by_id[first]
     a = item.response_a if records[0]["shown"] == "ab" else item.response_b
     assert records[0]["chosen"] == a

@@ -432,8 +432,11 @@ class PreferenceDataModule(ChatDataModule):
             "prompt": [r["prompt_text"] for r in rows],
             "index": torch.tensor([r["index"] for r in rows]),
         }
-        if "strength" in rows[0]:  # judged by a person: 2 significantly better, 1 slightly
-            batch["strength"] = torch.tensor([r["strength"] for r in rows], dtype=torch.float32)
+        # Judged by people: the mean grade toward the preferred answer (2 significantly better, 1
+        # slightly): ``strength`` in a judgement file, TRL's ``margin`` in label_report's export.
+        judged = "strength" if "strength" in rows[0] else "margin" if "margin" in rows[0] else None
+        if judged is not None:
+            batch["strength"] = torch.tensor([r[judged] for r in rows], dtype=torch.float32)
         pad, max_length = self.tokenizer.eot_token, self.hparams.max_length
         # Both sides keep the same prompt: truncate it for the longer response.
         prompts = [

@@ -32,6 +32,7 @@ from typing import Any
 
 import datasets
 
+from shraygpt_rl.data.agreement import GRADES, active, aggregate
 from shraygpt_rl.errors import DataError
 
 CHOICES = {"A++": ("A", 2), "A+": ("A", 1), "=": (None, 0), "B+": ("B", 1), "B++": ("B", 2), "skip": (None, 0)}
@@ -107,132 +108,241 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
 
 def active_judgements(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """The judgements not retracted, by id, in file order."""
-    retracted = {r["retracts"] for r in records if r.get("type") == "retraction"}
-    return {r["id"]: r for r in records if r.get("type") == "judgement" and r["id"] not in retracted}
+    return {r["id"]: r for r in active(records)}
 
 
 def is_judgement_file(row: dict[str, Any]) -> bool:
     return row.get("type") in ("judgement", "retraction")
 
 
-def load_judgements(path: str | Path) -> datasets.Dataset:
+def load_judgements(path: str | Path, min_agreement: float = 0.5) -> datasets.Dataset:
     """Preference pairs (``prompt``, ``chosen_response``, ``rejected_response``, ``strength``) from
-    a judgement file: its active judgements that prefer one answer (no ties, skips or retractions).
-    The prompt is the text the labeller saw, as the model was prompted with it."""
-    pairs = [r for r in active_judgements(read_records(path)).values() if r["chosen"] is not None]
-    if not pairs:
-        raise DataError(f"{path} holds no judgement that prefers one answer (ties and skips are left out).")
+    a judgement file: one per pair its labellers' verdict keeps (``agreement.aggregate``: the
+    majority direction, the mean grade as strength; gold and repeat judgements left out). With
+    one judgement per pair, each judgement that prefers an answer, its grade (2 or 1) the
+    strength. The prompt is the text the labeller saw, as the model was prompted with it."""
+    verdicts = [v for v in aggregate(read_records(path), min_agreement) if v.kept]
+    if not verdicts:
+        raise DataError(
+            f"{path} holds no pair its labellers prefer one answer of (ties, splits and skips are left out)."
+        )
     return datasets.Dataset.from_dict(
         {
-            "prompt": [r["prompt"] for r in pairs],
-            "chosen_response": [r["chosen"] for r in pairs],
-            "rejected_response": [r["rejected"] for r in pairs],
-            "strength": [float(r["strength"]) for r in pairs],
+            "prompt": [v.prompt for v in verdicts],
+            "chosen_response": [v.chosen for v in verdicts],
+            "rejected_response": [v.rejected for v in verdicts],
+            "strength": [float(v.strength) for v in verdicts],
         }
     )
+
+
+def read_gold(path: str | Path) -> dict[Item, str]:
+    """Gold pairs, whose better answer is known: a JSONL of ``prompt``, ``response_a``,
+    ``response_b`` and ``better`` (``a`` or ``b``)."""
+    gold = {}
+    for n, (item, row) in enumerate(zip(read_items(path), _rows(Path(path))), start=1):
+        better = row.get("better")
+        if better not in ("a", "b"):
+            raise DataError(f"{path}, pair {n}: 'better' must be 'a' or 'b', got {better!r}.")
+        gold[item] = better
+    return gold
+
+
+def _rows(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in _lines(path) if line.strip()]
 
 
 @dataclass
 class LabelStore:
     """Items to label and the judgement file, shared by every labeller of one server.
 
-    Every operation holds one lock, so concurrent labellers never get the same item at once and
-    a judgement is written exactly once. An item handed to a labeller stays theirs for
-    ``lease_s`` seconds after their last request, then goes back to the pool.
+    Each item is served until ``judgements_per_pair`` different labellers have judged it: never
+    twice to the same labeller, and never to more people at once than the judgements it still
+    needs. An item handed to a labeller stays theirs for ``lease_s`` seconds after their last
+    request, then goes back to the pool. Between regular items a labeller is sometimes shown a
+    gold item (``gold``: item -> its better answer, ``a`` or ``b``; at ``gold_rate``) or one of
+    their own judged items again (a repeat, at ``repeat_rate``): quality control, recorded with
+    ``gold`` or ``repeat`` and left out of the verdicts. Which one comes next is seeded by the
+    labeller's name and count, so a reload shows the same item. Every operation holds one lock.
     """
 
     items: list[Item]
     out: Path
     seed: int = 0
     lease_s: float = 600.0
+    judgements_per_pair: int = 1
+    gold: dict[Item, str] = field(default_factory=dict)
+    gold_rate: float = 0.0
+    repeat_rate: float = 0.0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-    _held: dict[str, tuple[str, float]] = field(default_factory=dict, repr=False)  # item -> (labeller, since)
-    _judged: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)  # item -> its judgement
+    _held: dict[str, tuple[str, float, str]] = field(
+        default_factory=dict, repr=False
+    )  # labeller -> (item, since, kind)
+    _active: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)  # judgement id -> record
     _undo: dict[str, list[str]] = field(default_factory=dict, repr=False)  # labeller -> judgement ids
 
     def __post_init__(self) -> None:
+        if self.judgements_per_pair < 1:
+            raise DataError(f"--judgements_per_pair must be at least 1, got {self.judgements_per_pair}.")
+        if not (0 <= self.gold_rate < 1 and 0 <= self.repeat_rate < 1 and self.gold_rate + self.repeat_rate < 1):
+            raise DataError("--gold_rate and --repeat_rate must be shares in [0, 1) that add up to less than 1.")
         self.out = Path(self.out)
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.by_id = {item.id: item for item in self.items}
-        for judgement in active_judgements(read_records(self.out)).values():  # resume
-            self._judged[judgement["item"]] = judgement
+        self.gold_ids = {item.id: better for item, better in self.gold.items()}
+        if overlap := set(self.gold_ids) & set(self.by_id):
+            raise DataError(f"{len(overlap)} gold pair(s) are also pairs to label; a gold pair must be one of its own.")
+        self.by_id.update({item.id: item for item in self.gold})
+        self._active = {r["id"]: r for r in active(read_records(self.out))}  # resume
 
     # -- what the page asks --------------------------------------------------------------------
     def progress(self) -> tuple[int, int]:
-        """Items judged, and items in all."""
+        """Judgements of regular items made (at most ``judgements_per_pair`` each), and needed."""
         with self._lock:
-            return len(self._judged), len(self.items)
+            return self._done(), len(self.items) * self.judgements_per_pair
 
     def state(self, labeller: str) -> dict[str, Any]:
         """The labeller's current item (given them now if they hold none) and the progress."""
         with self._lock:
-            item = self._assign(labeller)
-            return self._state(item)
+            return self._state(labeller, self._assign(labeller))
 
-    def judge(self, labeller: str, item_id: str, choice: str, note: str = "") -> dict[str, Any]:
-        """Record ``choice`` for ``item_id`` and move the labeller on to their next item."""
+    def judge(
+        self, labeller: str, item_id: str, choice: str, note: str = "", criteria: dict[str, str] | None = None
+    ) -> dict[str, Any]:
+        """Record ``choice`` (and the optional per-criterion ``criteria`` grades) for ``item_id``
+        and move the labeller on to their next item."""
         if choice not in CHOICES:
             raise LabelError(f"Unknown choice '{choice}'; use one of {', '.join(CHOICES)}.", 400)
         if not isinstance(note, str) or len(note) > 10_000:
             raise LabelError("The note must be text of at most 10,000 characters.", 400)
+        criteria = criteria or {}
+        if not isinstance(criteria, dict) or any(
+            not isinstance(k, str) or len(k) > 200 or v not in GRADES for k, v in criteria.items()
+        ):
+            raise LabelError(f"Criteria must map each criterion's name to one of {', '.join(GRADES)}.", 400)
         with self._lock:
             item = self.by_id.get(item_id)
             if item is None:
                 raise LabelError(f"No item '{item_id}'.", 404)
-            if item_id in self._judged:
-                raise LabelError("This item is already judged.")
-            holder = self._holder(item_id)
-            if holder is not None and holder != labeller:
-                raise LabelError("This item is being judged by someone else.")
+            kind = self._kind_for(labeller, item_id)
             record = self._judgement(item, choice, note, labeller)
+            record["criteria"] = criteria
+            if kind == "gold":
+                record["gold"] = self.gold_ids[item_id]
+            elif kind == "repeat":
+                record["repeat"] = True
             self._append(record)
-            self._judged[item_id] = record
-            self._held.pop(item_id, None)
+            self._active[record["id"]] = record
+            self._held.pop(labeller, None)
             self._undo.setdefault(labeller, []).append(record["id"])
-            return self._state(self._assign(labeller))
+            return self._state(labeller, self._assign(labeller))
 
     def undo(self, labeller: str) -> dict[str, Any]:
         """Retract the labeller's last judgement and give them that item again."""
         with self._lock:
             stack = self._undo.get(labeller, [])
             while stack:
-                judgement_id = stack.pop()
-                item_id = next((i for i, r in self._judged.items() if r["id"] == judgement_id), None)
-                if item_id is None:
+                judgement = self._active.pop(stack.pop(), None)
+                if judgement is None:
                     continue
-                self._append(self._retraction(self._judged.pop(item_id), labeller))
-                for held, (who, _) in list(self._held.items()):
-                    if who == labeller:
-                        del self._held[held]  # the item they were shown goes back to the pool
-                self._held[item_id] = (labeller, time.monotonic())
-                return self._state(self.by_id[item_id])
+                self._append(self._retraction(judgement, labeller))
+                kind = "gold" if judgement.get("gold") else "repeat" if judgement.get("repeat") else "pair"
+                self._held[labeller] = (judgement["item"], time.monotonic(), kind)
+                return self._state(labeller, self.by_id[judgement["item"]])
             raise LabelError("Nothing to undo.")
 
+    def records(self) -> list[dict[str, Any]]:
+        """The judgement file's records (for the agreement report)."""
+        with self._lock:
+            return read_records(self.out)
+
     # -- inside the lock -----------------------------------------------------------------------
-    def _holder(self, item_id: str) -> str | None:
-        held = self._held.get(item_id)
-        if held is None or time.monotonic() - held[1] > self.lease_s:
-            return None
-        return held[0]
+    def _votes(self) -> dict[str, list[str]]:
+        """Each regular item's labellers so far (active judgements, not gold or repeats)."""
+        votes: dict[str, list[str]] = {}
+        for record in self._active.values():
+            if not record.get("gold") and not record.get("repeat"):
+                votes.setdefault(record["item"], []).append(record["labeller"])
+        return votes
+
+    def _done(self) -> int:
+        k = self.judgements_per_pair
+        return sum(min(k, len(who)) for item, who in self._votes().items() if item in self.by_id)
+
+    def _holders(self, item_id: str, besides: str) -> int:
+        """Labellers other than ``besides`` holding ``item_id`` as a regular item, lease unexpired."""
+        now = time.monotonic()
+        return sum(
+            held == item_id and kind == "pair" and who != besides and now - since <= self.lease_s
+            for who, (held, since, kind) in self._held.items()
+        )
+
+    def _open(self, item_id: str, labeller: str, votes: dict[str, list[str]]) -> bool:
+        """Whether ``labeller`` may take ``item_id`` as a regular item now."""
+        who = votes.get(item_id, [])
+        return labeller not in who and len(who) + self._holders(item_id, labeller) < self.judgements_per_pair
+
+    def _kind_for(self, labeller: str, item_id: str) -> str:
+        """``pair``, ``gold`` or ``repeat``: what judging ``item_id`` now is for ``labeller``, or a
+        LabelError saying why they may not."""
+        held = self._held.get(labeller)
+        if held is not None and held[0] == item_id and held[2] != "pair":
+            return held[2]
+        if item_id in self.gold_ids:
+            raise LabelError("This gold pair is not yours to judge now.")
+        votes = self._votes()
+        if len(votes.get(item_id, [])) >= self.judgements_per_pair:
+            raise LabelError("This item is already judged.")
+        if labeller in votes.get(item_id, []):
+            raise LabelError("You have judged this pair already.")
+        if not self._open(item_id, labeller, votes):
+            raise LabelError("This item is being judged by someone else.")
+        return "pair"
 
     def _assign(self, labeller: str) -> Item | None:
         now = time.monotonic()
-        for item_id, (who, _) in self._held.items():
-            if who == labeller and item_id not in self._judged:
-                self._held[item_id] = (labeller, now)
+        votes = self._votes()
+        held = self._held.get(labeller)
+        if held is not None:
+            item_id, _, kind = held
+            if kind != "pair" or self._open(item_id, labeller, votes):
+                self._held[labeller] = (item_id, now, kind)
                 return self.by_id[item_id]
-        for item in self.items:
-            if item.id not in self._judged and self._holder(item.id) is None:
-                self._held[item.id] = (labeller, now)
-                return item
+        regular = next((item for item in self.items if self._open(item.id, labeller, votes)), None)
+        if regular is None:
+            self._held.pop(labeller, None)
+            return None  # nothing left for this labeller: no quality-control items alone either
+        item, kind = self._check_item(labeller) or (regular, "pair")
+        self._held[labeller] = (item.id, now, kind)
+        return item
+
+    def _check_item(self, labeller: str) -> tuple[Item, str] | None:
+        """A gold or repeat item to show ``labeller`` next, drawn by their name and count; or None."""
+        mine = [r for r in self._active.values() if r["labeller"] == labeller]
+        draw = random.Random(f"{self.seed}:{labeller}:{len(mine)}").random()
+        if draw < self.gold_rate:
+            seen = {r["item"] for r in mine if r.get("gold")}
+            unseen = [item for item in self.gold if item.id not in seen]
+            return (
+                (random.Random(f"{self.seed}:{labeller}:gold:{len(seen)}").choice(unseen), "gold") if unseen else None
+            )
+        if draw < self.gold_rate + self.repeat_rate:
+            repeated = {r["item"] for r in mine if r.get("repeat")}
+            judged = list(dict.fromkeys(r["item"] for r in mine if not r.get("gold") and not r.get("repeat")))
+            candidates = [i for i in judged if i not in repeated]
+            if candidates:
+                pick = random.Random(f"{self.seed}:{labeller}:repeat:{len(repeated)}").choice(candidates)
+                return self.by_id[pick], "repeat"
         return None
 
-    def _state(self, item: Item | None) -> dict[str, Any]:
+    def _state(self, labeller: str, item: Item | None) -> dict[str, Any]:
         shown = None
         if item is not None:
             a, b = self.on_screen(item)
             shown = {"id": item.id, "prompt": item.prompt, "a": a, "b": b}
-        return {"item": shown, "done": len(self._judged), "total": len(self.items)}
+        mine = sum(r["labeller"] == labeller for r in self._active.values())
+        total = len(self.items) * self.judgements_per_pair
+        return {"item": shown, "done": self._done(), "total": total, "mine": mine, "labeller": labeller}
 
     def order(self, item: Item) -> str:
         """``ab`` or ``ba``: which answer the page shows as A, random per item and fixed by ``seed``."""

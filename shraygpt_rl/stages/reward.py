@@ -78,10 +78,10 @@ class RewardStage(StageModule):
         if self.hparams.margin_from_strength and datamodule is not None:
             if not datamodule.splits:
                 datamodule.setup(stage)
-            if "strength" not in datamodule.splits["train"].column_names:
+            if not {"strength", "margin"} & set(datamodule.splits["train"].column_names):
                 raise ConfigError(
                     f"--model.margin_from_strength needs judged pairs with a strength (a labelling file from "
-                    f"`train.py --stage label`); '{datamodule.hparams.source}' has none."
+                    f"`train.py --stage label`, or a margin column); '{datamodule.hparams.source}' has none."
                 )
         if datamodule is not None:  # ``score`` must tokenise as the training data did
             self.model.tokenizer = datamodule.hparams.tokenizer
