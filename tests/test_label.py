@@ -292,3 +292,152 @@ def test_answers_are_sampled_in_a_hugging_face_policys_own_template(tmp_path, ti
     folder = str(tiny_hf("llama", template="chatml"))
     items = load_items(str(tmp_path / "o.jsonl"), None, folder, "arithmetic", 2, 2, None, 6, 1.0, 0)
     assert items and all(item.prompt.startswith("<|im_start|>user\n") for item in items)
+
+
+# -- several labellers per pair, quality control, the agreement report -----------------------------
+def test_each_pair_gets_k_judgements_from_k_different_labellers(tmp_path):
+    """With K = 3 and four labellers taking turns at random, every pair ends with exactly three
+    judgements from three names; nobody is given a pair twice, and a pair is never held by more
+    people than the judgements it still needs."""
+    client, store = _client(tmp_path, items=_items(7), judgements_per_pair=3)
+    rng, names = __import__("random").Random(0), ["ann", "bob", "cat", "dan"]
+    given: dict[str, set] = {n: set() for n in names}
+    for _ in range(200):
+        who = rng.choice(names)
+        state = _get(client, who=who)[1]
+        if state["item"] is None:
+            continue
+        held = [h for h, _, kind in store._held.values()]
+        assert all(held.count(i) <= 3 - len(store._votes().get(i, [])) for i in held)
+        assert state["item"]["id"] not in given[who]  # never the same pair twice to one person
+        status, _ = _judge(client, state["item"]["id"], rng.choice(["A+", "B++", "="]), who=who)
+        assert status == 200
+        given[who].add(state["item"]["id"])
+    records = read_records(tmp_path / "prefs.jsonl")
+    by_item: dict[str, list[str]] = {}
+    for r in records:
+        by_item.setdefault(r["item"], []).append(r["labeller"])
+    assert len(by_item) == 7 and all(len(w) == 3 == len(set(w)) for w in by_item.values())
+    assert store.progress() == (21, 21)
+    for who in names:
+        assert _get(client, who=who)[1]["item"] is None
+        assert _judge(client, store.items[0].id, "A+", who=who)[0] == 409
+
+
+def test_a_labeller_cannot_judge_a_pair_twice_though_it_needs_more(tmp_path):
+    client, store = _client(tmp_path, judgements_per_pair=2)
+    item = _get(client, who="ann")[1]["item"]
+    assert _judge(client, item["id"], "A+", who="ann")[0] == 200
+    status, body = _judge(client, item["id"], "B+", who="ann")
+    assert status == 409 and body == {"error": "You have judged this pair already."}
+    assert _get(client, who="bob")[1]["item"]["id"] == item["id"]  # it still needs bob
+
+
+ANN = {"X-Labeller": "ann"}
+
+
+def _gold_items(n: int = 4) -> dict[Item, str]:
+    return {Item(f"Gold {i}: what is 1 + 1?", "2", "3"): "a" for i in range(n)}
+
+
+def test_gold_and_repeat_items_come_at_their_rates_and_stay_out_of_the_verdicts(tmp_path):
+    client, store = _client(tmp_path, items=_items(40), gold=_gold_items(), gold_rate=0.2, repeat_rate=0.2)
+    for _ in range(200):
+        state = _get(client)[1]
+        if state["item"] is None:
+            break
+        item = store.by_id[state["item"]["id"]]
+        right = "A+" if state["item"]["a"] == item.response_a else "B+"  # always response_a
+        assert _judge(client, item.id, right)[0] == 200
+    records = read_records(tmp_path / "prefs.jsonl")
+    gold = [r for r in records if r.get("gold")]
+    repeats = [r for r in records if r.get("repeat")]
+    assert 1 <= len(gold) <= 4 and len({r["item"] for r in gold}) == len(gold)  # each gold pair once
+    assert 3 <= len(repeats) and len({r["item"] for r in repeats}) == len(repeats)
+    assert all(r["gold"] == "a" for r in gold)
+    regular = [r for r in records if not r.get("gold") and not r.get("repeat")]
+    assert len(regular) == 40 and store.progress() == (40, 40)
+    figures = client.get("/api/stats").get_json()
+    assert figures["pairs_judged"] == 40 and figures["labellers"]["ann"]["gold_accuracy"] == 1.0
+    assert figures["labellers"]["ann"]["self_consistency"] == 1.0
+    assert json.loads((tmp_path / "prefs.jsonl.stats.json").read_text()) == figures
+
+
+def test_undoing_a_gold_judgement_gives_back_the_gold_pair(tmp_path):
+    client, store = _client(tmp_path, items=_items(3), gold=_gold_items(1), gold_rate=0.99)
+    item = _get(client)[1]["item"]
+    assert item["prompt"].startswith("Gold")  # the draw all but always says gold
+    _judge(client, item["id"], "A+")
+    assert client.post("/api/undo", headers={"X-Labeller": "ann"}).get_json()["item"]["id"] == item["id"]
+    _judge(client, item["id"], "A++")
+    records = read_records(tmp_path / "prefs.jsonl")
+    assert [r.get("gold") for r in records if r["type"] == "judgement"] == ["a", "a"]
+
+
+def test_the_question_criteria_and_per_criterion_ratings(tmp_path):
+    store = LabelStore(_items(), tmp_path / "prefs.jsonl")
+    guide = {"question": "Which story suits a five-year-old?", "criteria": ["engagement", "clarity"]}
+    client = create_app(store, guide=guide).test_client()
+    state = _get(client)[1]
+    assert state["guide"] == guide
+    item = state["item"]["id"]
+    bad = client.post("/api/judge", json={"item": item, "choice": "A+", "criteria": {"humour": "A+"}}, headers=ANN)
+    assert bad.status_code == 400 and "engagement, clarity" in bad.get_json()["error"]
+    bad = client.post("/api/judge", json={"item": item, "choice": "A+", "criteria": {"clarity": "great"}}, headers=ANN)
+    assert bad.status_code == 400
+    assert read_records(tmp_path / "prefs.jsonl") == []  # nothing written by a refused request
+    ok = client.post("/api/judge", json={"item": item, "choice": "A+", "criteria": {"clarity": "B+"}}, headers=ANN)
+    assert ok.status_code == 200
+    assert read_records(tmp_path / "prefs.jsonl")[0]["criteria"] == {"clarity": "B+"}
+
+
+def test_the_stats_page_escapes_names(tmp_path):
+    client, store = _client(tmp_path)
+    item = _get(client, who=HOSTILE)[1]["item"]
+    _judge(client, item["id"], "A+", who=HOSTILE)
+    page = client.get("/stats").get_data(as_text=True)
+    assert "<script>window.pwned" not in page and "&lt;script&gt;" in page and 'id="alpha"' in page
+
+
+def test_label_report_writes_trl_and_kto_rows_that_stages_read(tmp_path, capsys, monkeypatch):
+    """Three labellers on five pairs through the server, then ``train.py --stage label_report``:
+    its TRL preference file (with margins) and KTO file are read by the stages' DataModules."""
+    from shraygpt_rl.cli import main as train
+    from shraygpt_rl.data import PreferenceDataModule
+    from shraygpt_rl.data.kto import KTODataModule
+
+    client, store = _client(tmp_path, items=_items(8), judgements_per_pair=3)
+    votes = {"ann": "A++", "bob": "A+", "cat": "B+"}  # 2 of 3 for response_a as shown
+    for who, choice in votes.items():
+        while (state := _get(client, who=who)[1])["item"] is not None:
+            item = store.by_id[state["item"]["id"]]
+            on_screen = (
+                choice
+                if state["item"]["a"] == item.response_a
+                else choice.replace("A", "C").replace("B", "A").replace("C", "B")
+            )
+            _judge(client, item.id, on_screen, who=who)
+    monkeypatch.chdir(tmp_path)
+    figures = train(["--stage", "label_report", "--judgements", "prefs.jsonl"])
+    printed = capsys.readouterr().out
+    assert figures["pairs_kept"] == 8 and "Krippendorff's alpha (ordinal)" in printed and "cat" in printed
+    assert figures["labellers"]["cat"]["agreement_with_majority"] == 0.0
+    rows = [json.loads(line) for line in open("prefs.jsonl.preferences.jsonl")]
+    assert len(rows) == 8 and all(r["margin"] == pytest.approx(2 / 3) for r in rows)
+    assert all(
+        r["chosen"] == store.by_id[[i.id for i in store.items if i.prompt == r["prompt"]][0]].response_a for r in rows
+    )
+    small = dict(tokenizer="byte", val_size=2, test_size=2, batch_size=4, max_length=64, max_prompt_length=48)
+    pairs = PreferenceDataModule(source="prefs.jsonl.preferences.jsonl", **small)
+    pairs.setup()
+    batch = next(iter(pairs.train_dataloader()))
+    assert torch_allclose(batch["strength"], 2 / 3)
+    unpaired = KTODataModule(source="prefs.jsonl.kto.jsonl", **small)
+    unpaired.setup()
+    assert sum(len(unpaired.splits[s]) for s in ("train", "val", "test")) == 16
+
+
+def torch_allclose(values, target: float) -> bool:
+    import torch
+
+    return bool(torch.allclose(values, torch.full_like(values, target)))

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import logging
+import random
 import re
 from pathlib import Path
 from typing import Any
@@ -72,6 +74,41 @@ def _tokenize(
     """``datasets.map`` body: ``chat.tokenize_rows`` with the chat format ``chat`` names (strings,
     which key the map's cache, as ``version`` does: the chat code's and the template's hash)."""
     return tokenize_rows(batch, columns, _chat(*chat), observations)
+
+
+def carve(data: datasets.Dataset, size: int, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """``(rest, held_out)``: about ``size`` rows of ``data`` held out by a seeded draw, every
+    prompt on one side only, so that no held-out row shares its prompt with a training row (the
+    labelling page's pairs share prompts, as do HH-RLHF's and TRL's files at times).
+
+    When no prompt repeats, exactly ``datasets``' ``train_test_split``. Otherwise whole prompts
+    are held out in a seeded order until ``size`` rows are, skipping a prompt whose rows would
+    take the split past twice ``size``; when no prompt fits (a file of one prompt), rows are
+    drawn as without prompts, and a warning says that held-out rows share prompts with training.
+    """
+    keys = []
+    if "prompt" in data.column_names:
+        keys = [p if isinstance(p, str) else json.dumps(p, sort_keys=True) for p in data["prompt"]]
+    if len(set(keys)) == len(keys) or size == 0:
+        carved = data.train_test_split(test_size=size, seed=seed)
+        return carved["train"], carved["test"]
+    rows: dict[str, list[int]] = {}
+    for index, key in enumerate(keys):
+        rows.setdefault(key, []).append(index)
+    order = list(rows)
+    random.Random(seed).shuffle(order)
+    held: list[int] = []
+    for key in order:
+        if len(held) >= size:
+            break
+        if len(held) + len(rows[key]) <= 2 * size:
+            held += rows[key]
+    if not held:
+        log.warning("each prompt has more than %d rows: held-out rows share prompts with training rows", 2 * size)
+        carved = data.train_test_split(test_size=size, seed=seed)
+        return carved["train"], carved["test"]
+    chosen = set(held)
+    return data.select([i for i in range(len(data)) if i not in chosen]), data.select(sorted(held))
 
 
 def _user_turn(row: dict) -> dict:
@@ -255,13 +292,11 @@ class ChatDataModule(L.LightningDataModule):
             test = self._prompts_as_user(load(split="test"))
             test = test.select(range(min(test_size, len(test))))
         else:
-            carved = data.train_test_split(test_size=test_size, seed=hp.seed)
-            data, test = carved["train"], carved["test"]
-        carved = data.train_test_split(test_size=val_size, seed=hp.seed)
-        train = carved["train"]
+            data, test = carve(data, test_size, hp.seed)
+        train, val = carve(data, val_size, hp.seed)
         if hp.train_size is not None:
             train = train.select(range(min(hp.train_size, len(train))))
-        return {"train": self.hh_split(train), "val": self.hh_split(carved["test"]), "test": self.hh_split(test)}
+        return {"train": self.hh_split(train), "val": self.hh_split(val), "test": self.hh_split(test)}
 
     def _prompts_as_user(self, data: datasets.Dataset) -> datasets.Dataset:
         """With ``prompt_as_user``, each standard (text) prompt as a user message."""

@@ -243,3 +243,66 @@ def test_an_edited_template_file_is_not_served_from_the_tokenisation_cache(tmp_p
         dm.setup()
         texts.append(dm.splits["train"][0]["prompt_text"])
     assert texts[0].startswith("A") and texts[1].startswith("B")
+
+
+def _prompt_sets(data) -> dict[str, set[str]]:
+    return {split: set(rows["prompt_text"]) for split, rows in data.splits.items()}
+
+
+@pytest.mark.parametrize("kind", ["trl", "judgements", "unpaired"])
+def test_held_out_rows_never_share_a_prompt_with_training_rows(tmp_path, kind):
+    """30 prompts with 3 pairs each, as the labelling page samples them (every pair of three
+    answers): a TRL preference file, a judgement file (one labeller) and KTO's unpaired rows.
+    No prompt is in two splits, and the held-out splits hold whole prompts."""
+    from shraygpt_rl.data.kto import KTODataModule
+
+    rows = []
+    for p in range(30):
+        for a, b in ((0, 1), (0, 2), (1, 2)):
+            rows.append({"prompt": f"What is {p} + {p}?", "chosen": f"Answer {2 * p} ({a})", "rejected": f"No ({b})"})
+    path = tmp_path / "rows.jsonl"
+    if kind == "judgements":
+        rows = [
+            {"type": "judgement", "id": str(n), "item": str(n), "prompt": r["prompt"], "response_a": r["chosen"],
+             "response_b": r["rejected"], "shown": "ab", "choice": "A+", "labeller": "ann"}
+            for n, r in enumerate(rows)
+        ]  # fmt: skip
+    if kind == "unpaired":
+        rows = [
+            {"prompt": r["prompt"], "completion": r[c], "label": c == "chosen"}
+            for r in rows
+            for c in ("chosen", "rejected")
+        ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    module = KTODataModule if kind == "unpaired" else PreferenceDataModule
+    data = module(source=str(path), tokenizer="byte", val_size=6, test_size=6, max_length=64, max_prompt_length=32)
+    data.setup()
+    prompts = _prompt_sets(data)
+    assert not prompts["train"] & prompts["val"] and not prompts["train"] & prompts["test"]
+    assert not prompts["val"] & prompts["test"] and len(set.union(*prompts.values())) == 30
+    per_prompt = 6 if kind == "unpaired" else 3
+    assert all(len(data.splits[s]) == per_prompt * len(prompts[s]) for s in prompts)  # whole prompts
+    assert len(data.splits["val"]) >= 6 and len(data.splits["test"]) >= 6
+
+
+def test_with_distinct_prompts_the_carve_is_train_test_splits():
+    """Sources whose prompts never repeat (the built-in pairs, most files) keep the splits they had."""
+    import datasets
+
+    from shraygpt_rl.data.datamodules import carve
+
+    data = datasets.Dataset.from_dict({"prompt": [f"p{i}" for i in range(50)], "x": list(range(50))})
+    rest, held = carve(data, 10, seed=3)
+    expected = data.train_test_split(test_size=10, seed=3)
+    assert rest["x"] == expected["train"]["x"] and held["x"] == expected["test"]["x"]
+
+
+def test_one_prompt_for_every_row_falls_back_to_rows_and_says_so(caplog):
+    import datasets
+
+    from shraygpt_rl.data.datamodules import carve
+
+    data = datasets.Dataset.from_dict({"prompt": ["same"] * 20, "x": list(range(20))})
+    with caplog.at_level(logging.WARNING):
+        rest, held = carve(data, 5, seed=0)
+    assert len(held) == 5 and len(rest) == 15 and "share prompts with training rows" in caplog.text
