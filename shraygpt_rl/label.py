@@ -29,7 +29,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.serving import make_server
 
 from shraygpt_rl.data import PromptDataModule
-from shraygpt_rl.data.agreement import aggregate, preference_rows, report, unpaired_rows
+from shraygpt_rl.data.agreement import aggregate, exportable, preference_rows, report, unpaired_rows
 from shraygpt_rl.data.labels import Item, LabelError, LabelStore, read_gold, read_items, read_records, write_items
 from shraygpt_rl.errors import ConfigError
 from shraygpt_rl.generation import sample_and_decode
@@ -152,6 +152,9 @@ def label_report(judgements: str = "labels/prefs.jsonl", min_agreement: float = 
     for name, row in sorted(figures["labellers"].items()):
         rates = [_figure(row[k]) for k in ("agreement_with_majority", "gold_accuracy", "self_consistency")]
         print(f"{name[:19]:<20}{row['judgements']:>11}{rates[0]:>20}{rates[1]:>15}{rates[2]:>18}")
+    left_out = figures["pairs_kept"] - len(exportable(verdicts))
+    if left_out:
+        print(f"{left_out} kept pair(s) with an empty answer left out of the TRL and KTO files (TRL needs text)")
     print(f"wrote {path}.preferences.jsonl, {path}.kto.jsonl and {path}.stats.json")
     return figures
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 
@@ -436,3 +438,27 @@ def scripted_over_real(k: int, calls: list):
         return out, scripted(policy, ids, mask, tokenizer, max_new_tokens, **options)[1]
 
     return sample
+
+
+def naive_ordinal_alpha(table) -> float:
+    """Krippendorff's ordinal alpha by the book: the coincidence matrix of pairable values, the
+    ordinal metric from the marginals, 1 - D_o / D_e. Loops, no library."""
+    values = sorted({v for row in table for v in row if v is not None})
+    index = {v: i for i, v in enumerate(values)}
+    o = np.zeros((len(values), len(values)))
+    for unit in zip(*table):
+        present = [v for v in unit if v is not None]
+        if len(present) < 2:
+            continue
+        for i, j in itertools.permutations(range(len(present)), 2):
+            o[index[present[i]], index[present[j]]] += 1 / (len(present) - 1)
+    n_c = o.sum(axis=1)
+    n = n_c.sum()
+
+    def delta2(c: int, k: int) -> float:
+        low, high = min(c, k), max(c, k)
+        return (n_c[low : high + 1].sum() - (n_c[c] + n_c[k]) / 2) ** 2
+
+    observed = sum(o[c, k] * delta2(c, k) for c in range(len(values)) for k in range(len(values)))
+    expected = sum(n_c[c] * n_c[k] * delta2(c, k) for c in range(len(values)) for k in range(len(values))) / (n - 1)
+    return 1 - observed / expected

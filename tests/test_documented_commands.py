@@ -32,6 +32,7 @@ from shraygpt_rl.bench import HH_SAMPLE, R50K, ROOT
 from shraygpt_rl.bench.__main__ import main as bench
 from shraygpt_rl.checkpoint import WRITERS
 from shraygpt_rl.cli import main as train
+from shraygpt_rl.data.labels import read_records
 from shraygpt_rl.model import ShrayGPT, tiny_config
 from shraygpt_rl.reward_model import RewardModel
 
@@ -330,19 +331,23 @@ def _resolves(dotted: str) -> bool:
 
 
 class RobotLabeller:
-    """Stands in for the labelling page's server: instead of serving, it judges every item
-    through the app (A slightly better, every third one B significantly), then stops."""
+    """Stands in for the labelling page's server: instead of serving, three labellers judge every
+    item they are given through the app (A slightly better, every third one B significantly;
+    with one judgement per pair the first does all), then it stops."""
 
     def __init__(self, host, port, app, threaded=True):
         self.client = app.test_client()
 
     def serve_forever(self):
-        state = self.client.get("/api/state").get_json()
-        for n in itertools.count():
-            if state["item"] is None:
-                return
-            choice = "B++" if n % 3 == 0 else "A+"
-            state = self.client.post("/api/judge", json={"item": state["item"]["id"], "choice": choice}).get_json()
+        for name in ("ann", "bob", "cat"):
+            who = {"X-Labeller": name}
+            state = self.client.get("/api/state", headers=who).get_json()
+            for n in itertools.count():
+                if state["item"] is None:
+                    break
+                choice = "B++" if n % 3 == 0 else "A+"
+                body = {"item": state["item"]["id"], "choice": choice}
+                state = self.client.post("/api/judge", json=body, headers=who).get_json()
 
     def server_close(self):
         pass
@@ -444,6 +449,15 @@ def check_demo(folder: Path, reports: dict, printed: str, with_shared: bool) -> 
         assert completions_per_s and float(completions_per_s.group(1)) > 0 and "FLOP floor" in printed
         assert "HH-RLHF reward model held-out accuracy" in printed  # bench stages, on the shared sample
 
+    # Several labellers per pair: three names on every pair, the report and the files it writes.
+    judged: dict[str, set[str]] = {}
+    for record in read_records("labels/team.jsonl"):
+        judged.setdefault(record["item"], set()).add(record["labeller"])
+    assert judged and all(names == {"ann", "bob", "cat"} for names in judged.values())
+    stats = json.loads(Path("labels/team.jsonl.stats.json").read_text())
+    assert stats["votes_per_pair"] == {"3": len(judged)} and "Krippendorff's alpha (ordinal)" in printed
+    assert Path("labels/team.jsonl.preferences.jsonl").stat().st_size and Path("labels/team.jsonl.kto.jsonl").is_file()
+
     # Tools: the multi-turn demo's policies, and their evaluation with the calculator.
     for name in ("tools-instruct", "grpo-tools"):
         assert ShrayGPT.load_from_checkpoint(f"checkpoints/demo/shraygpt-{name}.ckpt").vocab_size == 320
@@ -479,7 +493,7 @@ def test_the_chains_cover_every_documented_command():
     """Every documented command belongs to exactly one chain, and each chain has commands."""
     chains = [chain_of(c) for c in documented_commands()]
     counts = {chain: chains.count(chain) for chain in ("demo", "hh", "notebooks")}
-    assert counts == {"demo": 32, "hh": 3, "notebooks": 12}
+    assert counts == {"demo": 36, "hh": 3, "notebooks": 12}
 
 
 def test_the_readme_stays_short():

@@ -12,6 +12,7 @@ import threading
 import pytest
 from werkzeug.serving import make_server
 
+from shraygpt_rl.bench import ROOT
 from shraygpt_rl.data.labels import Item, LabelStore, read_records
 from shraygpt_rl.label import create_app
 
@@ -20,8 +21,8 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
 
 
-@pytest.fixture
-def browser(tmp_path):
+def open_browser(profile):
+    """A headless Chromium with its own profile (its own localStorage: its own labeller)."""
     if not (CHROMIUM and DRIVER):
         pytest.skip("needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
     webdriver = pytest.importorskip("selenium.webdriver")
@@ -36,12 +37,18 @@ def browser(tmp_path):
         "--disable-component-update",
         "--disable-sync",
         "--no-first-run",
-        f"--user-data-dir={tmp_path / 'chromium'}",
+        f"--user-data-dir={profile}",
         "--window-size=1280,900",
     ):
         options.add_argument(flag)
     driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=DRIVER))
     driver.implicitly_wait(0)
+    return driver
+
+
+@pytest.fixture
+def browser(tmp_path):
+    driver = open_browser(tmp_path / "chromium")
     yield driver
     driver.quit()
 
@@ -117,3 +124,119 @@ def test_click_key_undo_and_reload_in_chromium(browser, served, tmp_path):
     item = store.by_id[first]
     a = item.response_a if records[0]["shown"] == "ab" else item.response_b
     assert records[0]["chosen"] == a
+
+
+def _pairs(n: int, seed: int = 0) -> tuple[list[Item], dict[str, str]]:
+    """``n`` arithmetic pairs, one answer right and one off by ten, the right one's side drawn;
+    and each pair's known better answer (``a`` or ``b``)."""
+    import random
+
+    rng, items, truth = random.Random(seed), [], {}
+    for _ in range(n):
+        x, y = rng.randrange(10, 90), rng.randrange(10, 90)
+        right, wrong = f"Answer: {x + y}", f"Answer: {x + y + 10}"
+        item = Item(f"What is {x} + {y}?", *((right, wrong) if rng.random() < 0.5 else (wrong, right)))
+        items.append(item)
+        truth[item.id] = "a" if item.response_a == right else "b"
+    return items, truth
+
+
+def test_three_labellers_in_three_browsers_judge_every_pair_three_times(tmp_path, random_policy, monkeypatch):
+    """Seed 004's several evaluators per comparison, K = 3: three people, each at their own page,
+    judge the same 20 pairs. Alice agrees with the known answers, Bob is noisy (right three times
+    in four, by a slight grade), Carol presses keys at random. Every pair gets exactly three
+    judgements from three names; Carol agrees with the others least; the report's alpha equals a
+    hand computation on the same judgements; the aggregated file trains the reward model and DPO."""
+    import random
+
+    from conftest import naive_ordinal_alpha
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from shraygpt_rl.cli import main as train
+    from shraygpt_rl.data.agreement import grade
+
+    items, truth = _pairs(20)
+    store = LabelStore(items, tmp_path / "prefs.jsonl", seed=1, judgements_per_pair=3)
+    guide = {"question": "Which answer is right?", "criteria": ["accuracy", "clarity"]}
+    server = make_server("127.0.0.1", 0, create_app(store, guide=guide), threaded=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}/"
+    rng = random.Random(0)
+
+    def alice(side):
+        return "1" if side == "a" else "5"
+
+    def bob(side):
+        return ("2" if side == "a" else "4") if rng.random() < 0.75 else ("4" if side == "a" else "2")
+
+    def carol(side):
+        return rng.choice("12345")
+
+    people = {"Alice": alice, "Bob": bob, "Carol": carol}
+    browsers = {name: open_browser(tmp_path / name) for name in people}
+    try:
+        for name, driver in browsers.items():
+            sign_in(driver, url, name)
+            WebDriverWait(driver, 10).until(lambda d: d.execute_script("return current !== null"))
+        assert browsers["Alice"].find_element("css selector", "#question").text == "Which answer is right?"
+        open_pages = dict(browsers)
+        while open_pages:  # one key per person in turn, as three people at their desks would
+            for name, driver in list(open_pages.items()):
+                shown = driver.execute_script("return current")
+                if shown is None:
+                    del open_pages[name]
+                    continue
+                item = store.by_id[shown["id"]]
+                better_on_screen = truth[item.id] if store.order(item) == "ab" else {"a": "b", "b": "a"}[truth[item.id]]
+                ActionChains(driver).send_keys(people[name](better_on_screen)).perform()
+                WebDriverWait(driver, 10).until(
+                    lambda d, before=shown["id"]: d.execute_script(
+                        "return current === null || current.id !== arguments[0]", before
+                    )
+                )
+        stats_page = browsers["Alice"]
+        stats_page.get(url + "stats")
+        shown_alpha = stats_page.find_element("css selector", "#alpha").text
+    finally:
+        for driver in browsers.values():
+            driver.quit()
+        server.shutdown()
+
+    records = read_records(tmp_path / "prefs.jsonl")
+    by_item = {}
+    for r in records:
+        by_item.setdefault(r["item"], []).append(r["labeller"])
+    assert set(by_item) == {i.id for i in items}
+    assert all(sorted(names) == ["Alice", "Bob", "Carol"] for names in by_item.values())
+
+    monkeypatch.chdir(tmp_path)
+    figures = train(["--stage", "label_report", "--judgements", "prefs.jsonl"])
+    agreement = {name: figures["labellers"][name]["agreement_with_majority"] for name in people}
+    assert agreement["Carol"] < min(agreement["Alice"], agreement["Bob"]), agreement
+    table = [[None] * len(items) for _ in people]  # labellers x pairs, grades + 3 (1-5)
+    for r in records:
+        table[list(people).index(r["labeller"])][[i.id for i in items].index(r["item"])] = grade(r) + 3
+    assert figures["krippendorff_alpha_ordinal"] == pytest.approx(naive_ordinal_alpha(table), rel=1e-9)
+    assert shown_alpha == f"{figures['krippendorff_alpha_ordinal']:.3f}"
+
+    kept = figures["pairs_kept"]
+    assert kept >= 15  # Alice and Bob agree on at least 15 of 20 (Bob errs 1 in 4)
+    pairs = "prefs.jsonl.preferences.jsonl"
+    small = ["--data.val_size", "2", "--data.test_size", "2", "--data.batch_size", "4", "--trainer.max_steps", "2"]
+    small += [
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.limit_val_batches",
+        "1",
+        "--model.policy",
+        random_policy,
+    ]
+    reward_args = ["--config", str(ROOT / "configs" / "reward.yaml"), "--model.margin_from_strength", "true"]
+    reward = train(
+        ["--stage", "reward", *reward_args, "--data.source", pairs, *small, "--model.export_path", "rm.ckpt"]
+    )
+    assert len(reward.datamodule.splits["train"]) == kept - 4 and (tmp_path / "rm.ckpt").is_file()
+    dpo_args = ["--config", str(ROOT / "configs" / "dpo.yaml"), "--data.source", pairs, *small]
+    dpo = train(["--stage", "dpo", *dpo_args, "--model.export_path", "dpo.ckpt"])
+    assert dpo.trainer.global_step == 2 and (tmp_path / "dpo.ckpt").is_file()

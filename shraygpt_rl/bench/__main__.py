@@ -8,7 +8,7 @@ python -m shraygpt_rl.bench learning     # SFT -> PPO, GRPO, … (--stages, --se
 python -m shraygpt_rl.bench learning --stages tools   # SFT -> GRPO with a calculator on 3-digit multiplication
 python -m shraygpt_rl.bench lora         # seed 001 at toy size: PPO with LoRA on a tiny GPT-Neo, keyword reward
 python -m shraygpt_rl.bench gpu --tokenizer-path r50k_base.tiktoken   # course size on a GPU: decode, GRPO, TRL
-python -m shraygpt_rl.bench label        # the labelling page: 20 pairs by keyboard in headless Chromium
+python -m shraygpt_rl.bench label        # the labelling page: 20 pairs x 3 labellers by keyboard in headless Chromium
 
 ``stages``, ``learning`` and ``lora`` train with ``configs/`` and write ``checkpoints/`` and ``logs/`` in the
 current directory, as ``train.py`` does: run them in a scratch folder.
@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=3, help="grpo-step: timed steps, after one warm-up step")
     parser.add_argument("--moe-tokens", type=int, default=1024, help="moe: tokens")
     parser.add_argument("--pairs", type=int, default=20, help="label: pairs judged")
+    parser.add_argument(
+        "--judgements-per-pair", type=int, default=3, help="label: labellers per pair, one browser each"
+    )
     parser.add_argument(
         "--stages",
         nargs="+",
@@ -121,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.which == "label":
         from shraygpt_rl.bench.label import bench_label
 
-        bench_label(args.pairs)
+        bench_label(args.pairs, args.judgements_per_pair)
 
 
 if __name__ == "__main__":

@@ -122,19 +122,24 @@ def aggregate(records: list[dict[str, Any]], min_agreement: float = 0.5) -> list
     return verdicts
 
 
+def exportable(verdicts: list[Verdict]) -> list[Verdict]:
+    """The kept verdicts whose answers both have text: TRL's formats refuse an empty reply, which
+    a policy may sample (and a labeller rightly reject)."""
+    return [v for v in verdicts if v.kept and v.chosen.strip() and v.rejected.strip()]
+
+
 def preference_rows(verdicts: list[Verdict]) -> list[dict[str, Any]]:
-    """TRL's preference rows of the kept verdicts, the strength as ``margin``."""
+    """TRL's preference rows of the ``exportable`` verdicts, the strength as ``margin``."""
     return [
         {"prompt": v.prompt, "chosen": v.chosen, "rejected": v.rejected, "margin": v.strength}
-        for v in verdicts
-        if v.kept
+        for v in exportable(verdicts)
     ]
 
 
 def unpaired_rows(verdicts: list[Verdict]) -> list[dict[str, Any]]:
-    """KTO's unpaired rows of the kept verdicts: the chosen answer desirable, the other not."""
+    """KTO's unpaired rows of the ``exportable`` verdicts: the chosen answer desirable, the other not."""
     rows = []
-    for v in verdicts:
+    for v in exportable(verdicts):
         if v.kept:
             rows += [
                 {"prompt": v.prompt, "completion": v.chosen, "label": True},

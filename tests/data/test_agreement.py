@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import random
 
-import numpy as np
 import pytest
+from conftest import naive_ordinal_alpha
 
 from shraygpt_rl.data.agreement import (
     aggregate,
@@ -96,6 +95,8 @@ def test_retracted_gold_and_repeat_judgements_are_not_votes():
 def test_exports_are_trl_preference_rows_with_a_margin_and_kto_rows():
     records = [judgement("x", w, v) for w, v in zip("abc", (-1, -2, -2))] + [judgement("y", "a", 1, "ba")]
     records += [judgement("z", w, v) for w, v in zip("ab", (1, -1))]  # a split: in neither export
+    empty = judgement("e", "a", 2)
+    records.append({**empty, "response_b": " "})  # kept, but TRL's formats refuse an empty reply
     verdicts = aggregate(records)
     assert preference_rows(verdicts) == [
         {"prompt": "prompt of x", "chosen": "b of x", "rejected": "a of x", "margin": pytest.approx(5 / 3)},
@@ -142,30 +143,6 @@ def _records_of(table) -> list[dict]:
 
 def test_alpha_matches_the_published_example():
     assert krippendorff_alpha(_records_of(PUBLISHED)) == pytest.approx(0.815, abs=5e-4)
-
-
-def naive_ordinal_alpha(table) -> float:
-    """Krippendorff's ordinal alpha by the book: the coincidence matrix of pairable values, the
-    ordinal metric from the marginals, 1 - D_o / D_e. Loops, no library."""
-    values = sorted({v for row in table for v in row if v is not None})
-    index = {v: i for i, v in enumerate(values)}
-    o = np.zeros((len(values), len(values)))
-    for unit in zip(*table):
-        present = [v for v in unit if v is not None]
-        if len(present) < 2:
-            continue
-        for i, j in itertools.permutations(range(len(present)), 2):
-            o[index[present[i]], index[present[j]]] += 1 / (len(present) - 1)
-    n_c = o.sum(axis=1)
-    n = n_c.sum()
-
-    def delta2(c: int, k: int) -> float:
-        low, high = min(c, k), max(c, k)
-        return (n_c[low : high + 1].sum() - (n_c[c] + n_c[k]) / 2) ** 2
-
-    observed = sum(o[c, k] * delta2(c, k) for c in range(len(values)) for k in range(len(values)))
-    expected = sum(n_c[c] * n_c[k] * delta2(c, k) for c in range(len(values)) for k in range(len(values))) / (n - 1)
-    return 1 - observed / expected
 
 
 def test_naive_alpha_reproduces_the_published_figure():
