@@ -6,6 +6,7 @@ import json
 import threading
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 from werkzeug.serving import make_server
@@ -441,3 +442,47 @@ def torch_allclose(values, target: float) -> bool:
     import torch
 
     return bool(torch.allclose(values, torch.full_like(values, target)))
+
+
+class TwoRobots:
+    """Stands in for ``make_server``: two labellers judge whatever the app gives them, then stop."""
+
+    def __init__(self, host, port, app, threaded=True):
+        self.client = app.test_client()
+
+    def serve_forever(self):
+        for name in ("ann", "bob"):
+            state = self.client.get("/api/state", headers={"X-Labeller": name}).get_json()
+            while state["item"] is not None:
+                body = {"item": state["item"]["id"], "choice": "A+", "criteria": {"clarity": "A++"}}
+                state = self.client.post("/api/judge", json=body, headers={"X-Labeller": name}).get_json()
+
+    def server_close(self):
+        pass
+
+
+def test_train_py_label_with_gold_pairs_k_and_criteria(tmp_path, monkeypatch, capsys):
+    """``--stage label`` through train.py with ``--pairs``, ``--gold``, ``--judgements_per_pair``
+    and ``--criteria``: gold judgements are recorded as such, every pair gets two names, and the
+    report is written beside the judgements when the server stops. A bad gold file is one sentence."""
+    from conftest import fails
+
+    import shraygpt_rl.label
+    from shraygpt_rl.cli import main as train
+
+    monkeypatch.setattr(shraygpt_rl.label, "make_server", TwoRobots)
+    monkeypatch.chdir(tmp_path)
+    write_items("pairs.jsonl", _items(6))
+    gold = [{"prompt": f"Gold {i}", "response_a": "2", "response_b": "3", "better": "a"} for i in range(3)]
+    Path("gold.jsonl").write_text("".join(json.dumps(g) + "\n" for g in gold))
+    args = ["--stage", "label", "--pairs", "pairs.jsonl", "--gold", "gold.jsonl", "--gold_rate", "0.5"]
+    train([*args, "--judgements_per_pair", "2", "--criteria", "[clarity]", "--out", "prefs.jsonl"])
+    records = read_records("prefs.jsonl")
+    regular = [r for r in records if not r.get("gold")]
+    assert len(regular) == 12 and {r["labeller"] for r in regular} == {"ann", "bob"}
+    assert any(r.get("gold") == "a" for r in records) and all(r["criteria"] == {"clarity": "A++"} for r in records)
+    stats = json.loads(Path("prefs.jsonl.stats.json").read_text())
+    assert stats["votes_per_pair"] == {"2": 6} and stats["labellers"]["ann"]["gold_count"] >= 1
+    Path("bad-gold.jsonl").write_text(json.dumps({**gold[0], "better": "both"}) + "\n")
+    message = fails(capsys, [*args[:-4], "--gold", "bad-gold.jsonl", "--out", "other.jsonl"])
+    assert message == "bad-gold.jsonl, pair 1: 'better' must be 'a' or 'b', got 'both'."
