@@ -19,8 +19,11 @@ import hmac
 import html
 import itertools
 import json
+import os
 import secrets
+import tempfile
 from pathlib import Path
+from urllib.parse import unquote
 
 import torch
 from flask import Flask, jsonify, request
@@ -210,7 +213,11 @@ def sample_items(policy, data, num_prompts, responses_per_prompt, max_new_tokens
 def write_stats(store: LabelStore, min_agreement: float = 0.5) -> dict:
     """The agreement report of the judgements so far (``agreement.report``), written beside them."""
     figures = report(store.records(), min_agreement)
-    Path(f"{store.out}.stats.json").write_text(json.dumps(figures, indent=2) + "\n")
+    path = Path(f"{store.out}.stats.json")
+    # Requests can write at once: each writes its own file and moves it into place whole.
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
+        f.write(json.dumps(figures, indent=2) + "\n")
+    os.replace(f.name, path)
     return figures
 
 
@@ -232,8 +239,8 @@ def create_app(
             return _error("This page needs its access token: open the address the server printed.", 401)
         return None
 
-    def labeller() -> str:
-        return request.headers.get("X-Labeller", "").strip()[:64] or "anonymous"
+    def labeller() -> str:  # percent-encoded by the page: a header carries Latin-1 only
+        return unquote(request.headers.get("X-Labeller", "")).strip()[:64] or "anonymous"
 
     @app.get("/")
     def page():
@@ -373,7 +380,7 @@ let current = null, busy = false;
 async function call(path, body) {
   const response = await fetch(path, {
     method: body === undefined ? "GET" : "POST",
-    headers: {"Content-Type": "application/json", "X-Label-Token": token, "X-Labeller": labeller},
+    headers: {"Content-Type": "application/json", "X-Label-Token": token, "X-Labeller": encodeURIComponent(labeller)},
     body: body === undefined ? undefined : JSON.stringify(body),
   });
   const data = await response.json();

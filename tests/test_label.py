@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -486,3 +487,51 @@ def test_train_py_label_with_gold_pairs_k_and_criteria(tmp_path, monkeypatch, ca
     Path("bad-gold.jsonl").write_text(json.dumps({**gold[0], "better": "both"}) + "\n")
     message = fails(capsys, [*args[:-4], "--gold", "bad-gold.jsonl", "--out", "other.jsonl"])
     assert message == "bad-gold.jsonl, pair 1: 'better' must be 'a' or 'b', got 'both'."
+
+
+def test_wrong_json_types_are_a_400_and_write_nothing(tmp_path):
+    client, store = _client(tmp_path, judgements_per_pair=2)
+    item = _get(client)[1]["item"]["id"]
+    for body in ({"item": item, "choice": ["A+"]}, {"item": item, "choice": "A+", "criteria": {"x": ["A+"]}}):
+        response = client.post("/api/judge", json=body, headers=ANN)
+        assert response.status_code == 400, (body, response.get_json())
+    assert read_records(tmp_path / "prefs.jsonl") == []
+
+
+def test_a_name_beyond_latin_1_is_sent_percent_encoded(tmp_path):
+    """A header carries Latin-1 only, so the page percent-encodes the name and the server decodes it."""
+    client, _ = _client(tmp_path)
+    name = "李雷 Łukasz 🙂"
+    encoded = urllib.parse.quote(name)
+    item = client.get("/api/state", headers={"X-Labeller": encoded}).get_json()["item"]["id"]
+    client.post("/api/judge", json={"item": item, "choice": "A+"}, headers={"X-Labeller": encoded})
+    assert read_records(tmp_path / "prefs.jsonl")[0]["labeller"] == name
+    assert "encodeURIComponent(labeller)" in PAGE
+
+
+def test_a_repeat_draw_skips_pairs_no_longer_served(tmp_path):
+    """A restart with another pairs file: the labeller's earlier pairs are not in it, and a
+    repeat must not pick one (before: a KeyError, a 500 on every request of that labeller)."""
+    client, _ = _client(tmp_path, items=_items(4))
+    for _ in range(4):
+        _judge(client, _get(client)[1]["item"]["id"], "A+")
+    other = [Item(f"Other {i}", "x", "y") for i in range(3)]
+    again, _ = _client(tmp_path, items=other, repeat_rate=0.9)
+    status, state = _get(again)
+    assert status == 200 and state["item"]["prompt"].startswith("Other")
+
+
+def test_reports_written_at_once_are_each_whole(tmp_path):
+    client, store = _client(tmp_path, items=_items(20), judgements_per_pair=2)
+    for who in ("ann", "bob"):
+        while (state := _get(client, who=who)[1])["item"] is not None:
+            _judge(client, state["item"]["id"], "A+", who=who)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(client.get("/api/stats").status_code)) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == [200] * 8
+    assert json.loads((tmp_path / "prefs.jsonl.stats.json").read_text())["pairs_judged"] == 20
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no file left half-way

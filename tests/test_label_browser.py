@@ -173,7 +173,7 @@ def test_three_labellers_in_three_browsers_judge_every_pair_three_times(tmp_path
     def carol(side):
         return rng.choice("12345")
 
-    people = {"Alice": alice, "Bob": bob, "Carol": carol}
+    people = {"Alice": alice, "Bob 李": bob, "Carol": carol}  # a header carries Latin-1: the page encodes
     browsers = {name: open_browser(tmp_path / name) for name in people}
     try:
         for name, driver in browsers.items():
@@ -208,12 +208,12 @@ def test_three_labellers_in_three_browsers_judge_every_pair_three_times(tmp_path
     for r in records:
         by_item.setdefault(r["item"], []).append(r["labeller"])
     assert set(by_item) == {i.id for i in items}
-    assert all(sorted(names) == ["Alice", "Bob", "Carol"] for names in by_item.values())
+    assert all(sorted(names) == sorted(people) for names in by_item.values())
 
     monkeypatch.chdir(tmp_path)
     figures = train(["--stage", "label_report", "--judgements", "prefs.jsonl"])
     agreement = {name: figures["labellers"][name]["agreement_with_majority"] for name in people}
-    assert agreement["Carol"] < min(agreement["Alice"], agreement["Bob"]), agreement
+    assert agreement["Carol"] < min(agreement["Alice"], agreement["Bob 李"]), agreement
     table = [[None] * len(items) for _ in people]  # labellers x pairs, grades + 3 (1-5)
     for r in records:
         table[list(people).index(r["labeller"])][[i.id for i in items].index(r["item"])] = grade(r) + 3

@@ -159,11 +159,11 @@ def krippendorff_alpha(records: list[dict[str, Any]]) -> float | None:
         value = grade(record)
         if value is not None:
             grades[record["labeller"], record["item"]] = value
-    labellers = sorted({who for who, _ in grades})
-    items = sorted({item for _, item in grades})
+    labellers = {who: n for n, who in enumerate(sorted({who for who, _ in grades}))}
+    items = {item: n for n, item in enumerate(sorted({item for _, item in grades}))}
     table = np.full((len(labellers), len(items)), np.nan)
     for (who, item), value in grades.items():
-        table[labellers.index(who), items.index(item)] = value
+        table[labellers[who], items[item]] = value
     pairable = (~np.isnan(table)).sum(axis=0) >= 2
     values = table[:, pairable]
     if values.size == 0 or len(np.unique(values[~np.isnan(values)])) < 2:

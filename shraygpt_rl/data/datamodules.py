@@ -83,8 +83,9 @@ def carve(data: datasets.Dataset, size: int, seed: int) -> tuple[datasets.Datase
 
     When no prompt repeats, exactly ``datasets``' ``train_test_split``. Otherwise whole prompts
     are held out in a seeded order until ``size`` rows are, skipping a prompt whose rows would
-    take the split past twice ``size``; when no prompt fits (a file of one prompt), rows are
-    drawn as without prompts, and a warning says that held-out rows share prompts with training.
+    take the split past twice ``size`` or past half the rows; when none fits, the smallest prompt
+    alone if it leaves half; else (a file of one prompt) rows are drawn as without prompts, and a
+    warning says that held-out rows share prompts with training.
     """
     keys = []
     if "prompt" in data.column_names:
@@ -98,13 +99,17 @@ def carve(data: datasets.Dataset, size: int, seed: int) -> tuple[datasets.Datase
     order = list(rows)
     random.Random(seed).shuffle(order)
     held: list[int] = []
+    limit = min(2 * size, len(data) // 2)  # the rest keeps at least half the rows
     for key in order:
         if len(held) >= size:
             break
-        if len(held) + len(rows[key]) <= 2 * size:
+        if len(held) + len(rows[key]) <= limit:
             held += rows[key]
+    if not held:  # every prompt has more rows than the limit: the smallest, if half remains
+        smallest = min(order, key=lambda key: len(rows[key]))
+        held = rows[smallest] if len(rows[smallest]) <= len(data) // 2 else []
     if not held:
-        log.warning("each prompt has more than %d rows: held-out rows share prompts with training rows", 2 * size)
+        log.warning("each prompt has more than half the rows: held-out rows share prompts with training rows")
         carved = data.train_test_split(test_size=size, seed=seed)
         return carved["train"], carved["test"]
     chosen = set(held)

@@ -211,13 +211,14 @@ class LabelStore:
     ) -> dict[str, Any]:
         """Record ``choice`` (and the optional per-criterion ``criteria`` grades) for ``item_id``
         and move the labeller on to their next item."""
-        if choice not in CHOICES:
+        if not isinstance(choice, str) or choice not in CHOICES:
             raise LabelError(f"Unknown choice '{choice}'; use one of {', '.join(CHOICES)}.", 400)
         if not isinstance(note, str) or len(note) > 10_000:
             raise LabelError("The note must be text of at most 10,000 characters.", 400)
         criteria = criteria or {}
         if not isinstance(criteria, dict) or any(
-            not isinstance(k, str) or len(k) > 200 or v not in GRADES for k, v in criteria.items()
+            not isinstance(k, str) or len(k) > 200 or not isinstance(v, str) or v not in GRADES
+            for k, v in criteria.items()
         ):
             raise LabelError(f"Criteria must map each criterion's name to one of {', '.join(GRADES)}.", 400)
         with self._lock:
@@ -329,7 +330,7 @@ class LabelStore:
         if draw < self.gold_rate + self.repeat_rate:
             repeated = {r["item"] for r in mine if r.get("repeat")}
             judged = list(dict.fromkeys(r["item"] for r in mine if not r.get("gold") and not r.get("repeat")))
-            candidates = [i for i in judged if i not in repeated]
+            candidates = [i for i in judged if i not in repeated and i in self.by_id]  # the pairs may have changed
             if candidates:
                 pick = random.Random(f"{self.seed}:{labeller}:repeat:{len(repeated)}").choice(candidates)
                 return self.by_id[pick], "repeat"

@@ -306,3 +306,14 @@ def test_one_prompt_for_every_row_falls_back_to_rows_and_says_so(caplog):
     with caplog.at_level(logging.WARNING):
         rest, held = carve(data, 5, seed=0)
     assert len(held) == 5 and len(rest) == 15 and "share prompts with training rows" in caplog.text
+
+
+def test_the_smallest_file_keeps_training_rows_when_prompts_repeat(tmp_path):
+    """Four pairs over two prompts, the least the DataModule takes: training keeps rows (before:
+    the test split took one prompt, validation the other, and training was empty)."""
+    rows = [{"prompt": f"p{i // 2}", "chosen": f"yes {i}", "rejected": f"no {i}"} for i in range(4)]
+    path = tmp_path / "four.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = PreferenceDataModule(source=str(path), tokenizer="byte", max_length=64, max_prompt_length=32)
+    data.setup()
+    assert len(data.splits["train"]) >= 1 and sum(len(s) for s in data.splits.values()) == 4
