@@ -95,6 +95,7 @@ def label(
         min_agreement: For the agreement report (``/stats``): the share of a pair's votes its
             majority needs for the pair to be kept (``shraygpt_rl.data.agreement``).
     """
+    check_min_agreement(min_agreement)
     items = load_items(
         out, pairs, policy, prompts, num_prompts, responses_per_prompt, data_config, max_new_tokens, temperature, seed
     )
@@ -124,6 +125,11 @@ def label(
         write_stats(store, min_agreement)
 
 
+def check_min_agreement(value: float) -> None:
+    if not 0 <= value <= 1:
+        raise ConfigError(f"--min_agreement must be a share between 0 and 1, got {value}.")
+
+
 def label_report(judgements: str = "labels/prefs.jsonl", min_agreement: float = 0.5) -> dict:
     """Aggregate a judgement file into training data and report the labellers' agreement.
 
@@ -135,6 +141,7 @@ def label_report(judgements: str = "labels/prefs.jsonl", min_agreement: float = 
         judgements: The labelling page's judgement file.
         min_agreement: The share of a pair's votes its majority needs for the pair to be kept.
     """
+    check_min_agreement(min_agreement)
     path = Path(judgements)
     if not path.is_file():
         raise ConfigError(f"No judgement file at '{path}'.")
@@ -216,7 +223,11 @@ def write_stats(store: LabelStore, min_agreement: float = 0.5) -> dict:
     path = Path(f"{store.out}.stats.json")
     # Requests can write at once: each writes its own file and moves it into place whole.
     with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
-        f.write(json.dumps(figures, indent=2) + "\n")
+        try:
+            f.write(json.dumps(figures, indent=2) + "\n")
+        except BaseException:
+            os.unlink(f.name)
+            raise
     os.replace(f.name, path)
     return figures
 
@@ -343,7 +354,9 @@ PAGE = """<!doctype html>
  #status { color: #a00; min-height: 1.5em; } #done { font-size: 1.2rem; }
 </style></head>
 <body>
-<header><h1>Which answer is better?</h1><span><span id="who"></span> <span id="progress">0 / 0</span></span></header>
+<header><h1>Which answer is better?</h1>
+<span><span id="who"></span> <button id="rename" hidden>not you?</button>
+<span id="progress">0 / 0</span></span></header>
 <form id="name-form" hidden>
  <label>Your name (recorded with each judgement; asked once):
  <input id="name" autocomplete="name" maxlength="64" required></label> <button type="submit">Start</button>
@@ -372,7 +385,8 @@ PAGE = """<!doctype html>
 <script>
 "use strict";
 const token = new URLSearchParams(location.search).get("token") || "";
-let labeller = localStorage.getItem("labeller") || "";
+// "labeller-name", not "labeller": the page before names kept a random id under that key
+let labeller = localStorage.getItem("labeller-name") || "";
 const GRADES = ["A++", "A+", "=", "B+", "B++"];
 const KEYS = {"1": "A++", "2": "A+", "3": "=", "4": "B+", "5": "B++", "s": "skip"};
 let current = null, busy = false;
@@ -418,7 +432,8 @@ function ratings() {
 
 function show(state) {  // model output is text: textContent, never innerHTML
   document.getElementById("progress").textContent = state.done + " / " + state.total;
-  document.getElementById("who").textContent = labeller + " (" + state.mine + " judged) ·";
+  document.getElementById("who").textContent = labeller + " (" + state.mine + " judged)";
+  document.getElementById("rename").hidden = false;
   guide(state.guide);
   for (const input of document.querySelectorAll("#ratings input")) input.checked = false;
   current = state.item;
@@ -461,9 +476,15 @@ document.getElementById("name-form").addEventListener("submit", (event) => {
   event.preventDefault();
   labeller = document.getElementById("name").value.trim();
   if (!labeller) return;
-  localStorage.setItem("labeller", labeller);
+  localStorage.setItem("labeller-name", labeller);
   document.getElementById("name-form").hidden = true;
   act("/api/state");
+});
+document.getElementById("rename").addEventListener("click", () => {
+  labeller = "";
+  localStorage.removeItem("labeller-name");
+  document.getElementById("work").hidden = document.getElementById("rename").hidden = true;
+  document.getElementById("name-form").hidden = false;
 });
 if (labeller) act("/api/state"); else document.getElementById("name-form").hidden = false;
 </script>

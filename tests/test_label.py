@@ -10,6 +10,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import fails
 from werkzeug.serving import make_server
 
 from shraygpt_rl.bench import ROOT
@@ -535,3 +536,13 @@ def test_reports_written_at_once_are_each_whole(tmp_path):
     assert results == [200] * 8
     assert json.loads((tmp_path / "prefs.jsonl.stats.json").read_text())["pairs_judged"] == 20
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no file left half-way
+
+
+def test_a_min_agreement_outside_0_1_is_one_sentence(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_items("pairs.jsonl", _items(2))
+    message = fails(capsys, ["--stage", "label", "--pairs", "pairs.jsonl", "--min_agreement", "1.5"])
+    assert message == "--min_agreement must be a share between 0 and 1, got 1.5."
+    Path("prefs.jsonl").write_text("")
+    message = fails(capsys, ["--stage", "label_report", "--judgements", "prefs.jsonl", "--min_agreement", "-0.1"])
+    assert message == "--min_agreement must be a share between 0 and 1, got -0.1."

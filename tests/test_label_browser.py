@@ -79,6 +79,20 @@ def sign_in(browser, url: str, name: str) -> None:
     browser.find_element("css selector", "#name-form button").click()
 
 
+def test_an_old_random_id_and_not_you_ask_for_a_name(browser, served):
+    url, store = served
+    browser.get(url)  # a browser that used the page before names, with its random id kept
+    browser.execute_script("localStorage.setItem('labeller', 'k2j4x9')")
+    browser.refresh()
+    assert browser.find_element("css selector", "#name-form").is_displayed()  # asked for a name all the same
+    sign_in(browser, url, "Someone Else")
+    _wait_for(browser, "#progress", "0 / 4")
+    assert browser.find_element("css selector", "#who").text.startswith("Someone Else")
+    browser.find_element("css selector", "#rename").click()  # "not you?": the name is asked again
+    assert browser.find_element("css selector", "#name-form").is_displayed()
+    assert not browser.find_element("css selector", "#work").is_displayed()
+
+
 def test_click_key_undo_and_reload_in_chromium(browser, served, tmp_path):
     url, store = served
     sign_in(browser, url, "Ann Lee")

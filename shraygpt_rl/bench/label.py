@@ -55,7 +55,7 @@ def bench_label(pairs: int = 20, judgements_per_pair: int = 3) -> dict[str, floa
         for name in names:
             browsers[name] = browser = _browser(webdriver, chromium, driver_path, folder / name)
             browser.get(f"http://127.0.0.1:{server.server_port}/")
-            browser.execute_script("localStorage.setItem('labeller', arguments[0]); location.reload()", name)
+            browser.execute_script("localStorage.setItem('labeller-name', arguments[0]); location.reload()", name)
             WebDriverWait(browser, 10).until(lambda b: b.execute_script("return current !== null"))
         start, judged, open_pages = time.perf_counter(), 0, dict(browsers)
         while open_pages:

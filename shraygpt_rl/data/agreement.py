@@ -93,10 +93,14 @@ def aggregate(records: list[dict[str, Any]], min_agreement: float = 0.5) -> list
     """One ``Verdict`` per pair with at least one graded regular judgement, in file order."""
     if not 0 <= min_agreement <= 1:
         raise ValueError(f"min_agreement must be between 0 and 1, got {min_agreement}.")
-    votes: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    last: dict[tuple[str, str], dict[str, Any]] = {}  # one vote per labeller and pair, the last (merged files)
     for record in regular(records):
         if grade(record) is not None:
-            votes[record["item"]].append(record)
+            last.pop((record["item"], record["labeller"]), None)
+            last[record["item"], record["labeller"]] = record
+    votes: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for (item, _), record in last.items():
+        votes[item].append(record)
     verdicts = []
     for item, judged in votes.items():
         grades = tuple(grade(r) for r in judged)

@@ -202,3 +202,10 @@ def test_the_labeller_report_by_hand():
     assert summary["pairs_judged"] == 3 and summary["votes_per_pair"] == {"2": 1, "3": 2}
     assert [(v.item, v.side, v.kept) for v in verdicts] == [("x", "a", True), ("y", "b", True), ("z", "a", True)]
     assert summary["pairs_kept"] == 3
+
+
+def test_a_labellers_repeated_vote_on_a_pair_counts_once_the_last():
+    """A merged file may hold one labeller twice on a pair: one vote, the last, as alpha reads it."""
+    records = [judgement("x", "ann", -2), judgement("x", "bob", 1), judgement("x", "ann", 2)]
+    (verdict,) = aggregate(records)
+    assert sorted(verdict.grades) == [1, 2] and sorted(verdict.labellers) == ["ann", "bob"]
