@@ -462,3 +462,32 @@ def naive_ordinal_alpha(table) -> float:
     observed = sum(o[c, k] * delta2(c, k) for c in range(len(values)) for k in range(len(values)))
     expected = sum(n_c[c] * n_c[k] * delta2(c, k) for c in range(len(values)) for k in range(len(values))) / (n - 1)
     return 1 - observed / expected
+
+
+class RobotLabellers:
+    """Stands in for the labelling page's server (``make_server``): instead of serving, each of
+    ``names`` judges every item the app gives them (their n-th with ``choice(n)``, rated on
+    ``criteria``), then it stops."""
+
+    names = ("ann", "bob", "cat")
+    criteria: dict[str, str] = {}
+
+    @staticmethod
+    def choice(n: int) -> str:
+        return "B++" if n % 3 == 0 else "A+"
+
+    def __init__(self, host, port, app, threaded=True):
+        self.client = app.test_client()
+
+    def serve_forever(self):
+        for name in self.names:
+            who = {"X-Labeller": name}
+            state = self.client.get("/api/state", headers=who).get_json()
+            n = 0
+            while state["item"] is not None:
+                body = {"item": state["item"]["id"], "choice": self.choice(n), "criteria": self.criteria}
+                state = self.client.post("/api/judge", json=body, headers=who).get_json()
+                n += 1
+
+    def server_close(self):
+        pass

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import ast
 import importlib
-import itertools
 import json
 import math
 import re
@@ -24,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import RobotLabellers
 
 import shraygpt_rl.bench
 import shraygpt_rl.bench.tools
@@ -330,29 +330,6 @@ def _resolves(dotted: str) -> bool:
     return False
 
 
-class RobotLabeller:
-    """Stands in for the labelling page's server: instead of serving, three labellers judge every
-    item they are given through the app (A slightly better, every third one B significantly;
-    with one judgement per pair the first does all), then it stops."""
-
-    def __init__(self, host, port, app, threaded=True):
-        self.client = app.test_client()
-
-    def serve_forever(self):
-        for name in ("ann", "bob", "cat"):
-            who = {"X-Labeller": name}
-            state = self.client.get("/api/state", headers=who).get_json()
-            for n in itertools.count():
-                if state["item"] is None:
-                    break
-                choice = "B++" if n % 3 == 0 else "A+"
-                body = {"item": state["item"]["id"], "choice": choice}
-                state = self.client.post("/api/judge", json=body, headers=who).get_json()
-
-    def server_close(self):
-        pass
-
-
 def chain_of(command: list[str]) -> str:
     """Which folder a documented command runs in: the course user's HH-RLHF commands (``hh``),
     the Hugging Face workflows (``notebooks``) or the demo (``demo``, the benchmarks included).
@@ -394,7 +371,7 @@ def test_every_documented_command_runs(chain, tmp_path, monkeypatch, capsys, tin
     monkeypatch.setattr(shraygpt_rl.bench.tools, "REPEATS", 1)
     monkeypatch.setattr(shraygpt_rl.bench.tools, "PROMPTS", 4)
     monkeypatch.setattr(shraygpt_rl.bench.tools, "SAMPLES", 2)
-    monkeypatch.setattr(shraygpt_rl.label, "make_server", RobotLabeller)
+    monkeypatch.setattr(shraygpt_rl.label, "make_server", RobotLabellers)
     monkeypatch.chdir(folder)
     reports, seeded = {}, False
     for command in commands:

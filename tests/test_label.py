@@ -10,7 +10,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import fails
+from conftest import RobotLabellers, fails
 from werkzeug.serving import make_server
 
 from shraygpt_rl.bench import ROOT
@@ -446,21 +446,14 @@ def torch_allclose(values, target: float) -> bool:
     return bool(torch.allclose(values, torch.full_like(values, target)))
 
 
-class TwoRobots:
-    """Stands in for ``make_server``: two labellers judge whatever the app gives them, then stop."""
+class TwoRobots(RobotLabellers):
+    """Two labellers who find A slightly better overall and significantly clearer."""
 
-    def __init__(self, host, port, app, threaded=True):
-        self.client = app.test_client()
+    names, criteria = ("ann", "bob"), {"clarity": "A++"}
 
-    def serve_forever(self):
-        for name in ("ann", "bob"):
-            state = self.client.get("/api/state", headers={"X-Labeller": name}).get_json()
-            while state["item"] is not None:
-                body = {"item": state["item"]["id"], "choice": "A+", "criteria": {"clarity": "A++"}}
-                state = self.client.post("/api/judge", json=body, headers={"X-Labeller": name}).get_json()
-
-    def server_close(self):
-        pass
+    @staticmethod
+    def choice(n: int) -> str:
+        return "A+"
 
 
 def test_train_py_label_with_gold_pairs_k_and_criteria(tmp_path, monkeypatch, capsys):

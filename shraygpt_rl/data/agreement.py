@@ -193,13 +193,12 @@ def labeller_report(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     first judgement of the pair. Each rate comes with its count; None when the count is 0."""
     judged = active(records)
     by_item: dict[str, list[tuple[str, int]]] = defaultdict(list)
-    for record in regular(judged):
-        value = grade(record)
-        if value is not None:
-            by_item[record["item"]].append((record["labeller"], value))
     first: dict[tuple[str, str], int | None] = {}
     for record in regular(judged):
-        first.setdefault((record["labeller"], record["item"]), grade(record))
+        value = grade(record)
+        first.setdefault((record["labeller"], record["item"]), value)
+        if value is not None:
+            by_item[record["item"]].append((record["labeller"], value))
     figures: dict[str, dict[str, Any]] = {}
     counts: dict[str, dict[str, list[bool]]] = defaultdict(lambda: {"majority": [], "gold": [], "repeat": []})
     for record in judged:

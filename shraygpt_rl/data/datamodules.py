@@ -90,16 +90,24 @@ def carve(data: datasets.Dataset, size: int, seed: int) -> tuple[datasets.Datase
     keys = []
     if "prompt" in data.column_names:
         keys = [p if isinstance(p, str) else json.dumps(p, sort_keys=True) for p in data["prompt"]]
-    if len(set(keys)) == len(keys) or size == 0:
+    held = _whole_prompts(keys, size, seed) if len(set(keys)) < len(keys) and size else []
+    if not held:
         carved = data.train_test_split(test_size=size, seed=seed)
         return carved["train"], carved["test"]
+    chosen = set(held)
+    return data.select([i for i in range(len(data)) if i not in chosen]), data.select(sorted(held))
+
+
+def _whole_prompts(keys: list[str], size: int, seed: int) -> list[int]:
+    """``carve``'s held-out rows by whole prompts (``keys``: each row's prompt); [] (said so)
+    when every prompt has more than half the rows."""
     rows: dict[str, list[int]] = {}
     for index, key in enumerate(keys):
         rows.setdefault(key, []).append(index)
     order = list(rows)
     random.Random(seed).shuffle(order)
     held: list[int] = []
-    limit = min(2 * size, len(data) // 2)  # the rest keeps at least half the rows
+    limit = min(2 * size, len(keys) // 2)  # the rest keeps at least half the rows
     for key in order:
         if len(held) >= size:
             break
@@ -107,13 +115,10 @@ def carve(data: datasets.Dataset, size: int, seed: int) -> tuple[datasets.Datase
             held += rows[key]
     if not held:  # every prompt has more rows than the limit: the smallest, if half remains
         smallest = min(order, key=lambda key: len(rows[key]))
-        held = rows[smallest] if len(rows[smallest]) <= len(data) // 2 else []
+        held = rows[smallest] if len(rows[smallest]) <= len(keys) // 2 else []
     if not held:
         log.warning("each prompt has more than half the rows: held-out rows share prompts with training rows")
-        carved = data.train_test_split(test_size=size, seed=seed)
-        return carved["train"], carved["test"]
-    chosen = set(held)
-    return data.select([i for i in range(len(data)) if i not in chosen]), data.select(sorted(held))
+    return held
 
 
 def _user_turn(row: dict) -> dict:
