@@ -36,33 +36,29 @@ arithmetic up to the order of float additions:
 
 from __future__ import annotations
 
-import operator
-import weakref
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from shraygpt_rl.fixed_shape import (  # noqa: F401  (Sampling, stop_ids, is_stop: re-exported)
+    KEEP_DECODERS,
+    FixedShapeDecoder,
+    Sampling,
+    cached,
+    capacity_bucket,
+    decode_dtype,
+    is_stop,
+    linear_weight,
+    onednn_available,
+    signature,
+    stop_ids,
+)
 from shraygpt_rl.layers import apply_rope, rope_freqs, route
-from shraygpt_rl.sampling import sample_next_token
 
 
 # --------------------------------------------------------------------------------------------
 # Packed weights
 # --------------------------------------------------------------------------------------------
-def linear_weight(module: nn.Module) -> Tensor:
-    """The (out, in) matrix a bias-free linear module applies; for a wrapped one (LoRA), the
-    matrix with its adapters, read off by applying the module to the identity."""
-    if type(module) is nn.Linear:
-        return module.weight
-    weight = module.weight if hasattr(module, "weight") else module.base_layer.weight
-    eye = torch.eye(weight.size(1), device=weight.device, dtype=weight.dtype)
-    return module(eye).T
-
-
 def can_decode(model: nn.Module) -> bool:
     """Whether ``StaticDecoder`` runs ``model``: a ShrayGPT (``static_decoding``) whose parameters
     are plain local tensors (not sharded by FSDP) and that samples without dropout."""
@@ -77,31 +73,7 @@ def can_decode(model: nn.Module) -> bool:
     return not (model.training and dropping)
 
 
-def _signature(model: nn.Module) -> tuple:
-    """Changes whenever a weight changes in place or moves, or adapters are switched on or off."""
-    params = tuple((p.data_ptr(), p._version) for p in model.parameters())
-    adapters = tuple(
-        (getattr(m, "disable_adapters", None), tuple(getattr(m, "active_adapters", ()) or ()))
-        for m in model.modules()
-        if hasattr(m, "base_layer")
-    )
-    return params, adapters
-
-
 BLOCKED = ("head", "up", "down")  # the matrices too large to stay in cache from one step to the next
-
-
-def _onednn_available(dtype: torch.dtype) -> bool:
-    """Whether oneDNN's blocked layout serves ``dtype`` on this CPU: its bf16 and fp16 kernels need
-    instructions (AVX-512 BF16, AVX-NE-CONVERT) that many CPUs lack, AMD's and older Intel's among
-    them, and the reorder fails there instead of falling back."""
-    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
-        return False
-    if dtype == torch.bfloat16:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    if dtype == torch.float16:
-        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
-    return True
 
 
 class PackedWeights:
@@ -120,7 +92,7 @@ class PackedWeights:
 
     def __init__(self, dtype: torch.dtype, device: torch.device):
         self.dtype = dtype
-        self.blocked = device.type == "cpu" and _onednn_available(dtype)
+        self.blocked = device.type == "cpu" and onednn_available(dtype)
         self.tensors: dict[str, Tensor] = {}
         self.signature: tuple | None = None
 
@@ -132,8 +104,8 @@ class PackedWeights:
 
     @torch.no_grad()
     def refresh(self, model: nn.Module) -> None:
-        signature = _signature(model)
-        if signature == self.signature:
+        current = signature(model)
+        if current == self.signature:
             return
         with torch.autocast(model.tok_emb.weight.device.type, enabled=False):
             for name, value in self._compute(model).items():
@@ -144,7 +116,7 @@ class PackedWeights:
                     self.tensors[name].copy_(value)
                 else:
                     self.tensors[name] = value.contiguous()
-        self.signature = signature
+        self.signature = current
 
     def _compute(self, model: nn.Module) -> dict[str, Tensor]:
         out = {"tok_emb": model.tok_emb.weight, "ln_f": model.ln_f.weight, "head": linear_weight(model.head).T}
@@ -173,183 +145,46 @@ class PackedWeights:
 # --------------------------------------------------------------------------------------------
 # The decoder
 # --------------------------------------------------------------------------------------------
-def stop_ids(eos_token_id: int | Sequence[int] | None) -> tuple[int, ...] | None:
-    """``eos_token_id`` (one id, several, or None) as a tuple of ids, or None for no stop token."""
-    if eos_token_id is None:
-        return None
-    try:
-        return (operator.index(eos_token_id),)  # one id: an int, a NumPy integer, an integer tensor of one element
-    except TypeError:
-        pass
-    ids = tuple(operator.index(t) for t in eos_token_id)
-    if not ids:
-        raise ValueError("eos_token_id is an empty sequence; pass None for no stop token.")
-    return ids
-
-
-def is_stop(tokens: Tensor, stops: Tensor) -> Tensor:
-    """Whether each of ``tokens`` (B,) is one of the ids ``stops`` (S,): (B,) bool.
-
-    One comparison per stop id, OR-ed: a fixed-shape op with no host sync. ``torch.isin`` does
-    the same for a few ids, but for many (about ten, more for a larger batch) it switches to
-    sorting and ``unique``, whose data-dependent output size would be read back to the host.
-    """
-    return (tokens[:, None] == stops).any(dim=1)  # (B, S) -> (B,)
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """What the sampler does; fixed for the life of a captured step.
-
-    ``eos_token_id`` is the ids that end a row (given as one id or several, kept as a tuple, so
-    that ``7`` and ``(7,)`` are the same sampling and share a decoder), or None.
-    """
-
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-    eos_token_id: tuple[int, ...] | None = None
-    pad_token_id: int = 0
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "eos_token_id", stop_ids(self.eos_token_id))  # frozen: set once, here
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
-
-
-class StaticDecoder:
-    """Fixed-shape decoding state for ``batch`` rows of up to ``capacity`` tokens.
-
-    Buffers: ``caches`` (per layer: keys after RoPE (B, H, cap, Dh), latent values (B, cap, Dl)),
-    ``valid`` (B, cap) the real tokens, ``positions`` (B,) the next token's RoPE position,
-    ``finished`` (B,), ``stops`` (S,) the stop ids of ``sampling`` (empty for none),
-    ``force``/``forced`` (B,) the rows fed a given token at the next step
-    (a multi-turn observation) and that token, ``fed`` (B, cap) the tokens that were fed,
-    ``tokens``/``logprobs`` (B, cap) what was sampled, ``uniforms`` (cap, B, 2),
-    ``logits`` (B, V) the distribution of the next token, and the device scalars ``start`` (the
-    prompt width P) and ``t`` (steps so far). ``step`` reads and writes these and nothing else.
-    """
+class StaticDecoder(FixedShapeDecoder):
+    """ShrayGPT's fixed-shape decoding state (``fixed_shape.FixedShapeDecoder``'s buffers) and
+    ``caches``: per layer, keys after RoPE (B, H, cap, Dh) and latent values (B, cap, Dl)."""
 
     def __init__(self, model: nn.Module, batch: int, capacity: int, sampling: Sampling, dtype: torch.dtype):
         device = model.tok_emb.weight.device
+        super().__init__(batch, capacity, model.vocab_size, sampling, device)
         first = model.layers[0]
         self.H, self.Dh, self.Dl = first.mha.n_head, first.mha.d_head, first.mha.d_latent
         self.E, self.top_k = first.moe.num_experts, first.moe.top_k
         self.C, self.n_layers = model.tok_emb.weight.size(1), len(model.layers)
         self.eps = [(layer.norm1.eps, layer.norm2.eps) for layer in model.layers], model.ln_f.eps
-        self.batch, self.capacity, self.sampling, self.dtype, self.device = batch, capacity, sampling, dtype, device
-        B, cap = batch, capacity
+        self.dtype = dtype
         self.caches = [
             (
-                torch.zeros(B, self.H, cap, self.Dh, device=device, dtype=dtype),
-                torch.zeros(B, cap, self.Dl, device=device, dtype=dtype),
+                torch.zeros(batch, self.H, capacity, self.Dh, device=device, dtype=dtype),
+                torch.zeros(batch, capacity, self.Dl, device=device, dtype=dtype),
             )
             for _ in model.layers
         ]
-        self.valid = torch.zeros(B, cap, dtype=torch.bool, device=device)
-        self.positions = torch.zeros(B, dtype=torch.long, device=device)
-        self.finished = torch.zeros(B, dtype=torch.bool, device=device)
-        self.stops = torch.tensor(sampling.eos_token_id or (), dtype=torch.long, device=device)  # (S,)
-        self.force = torch.zeros(B, dtype=torch.bool, device=device)  # rows fed ``forced`` instead of sampling
-        self.forced = torch.zeros(B, dtype=torch.long, device=device)
-        self.fed = torch.zeros(B, cap, dtype=torch.bool, device=device)  # the tokens that were fed (observations)
-        self.tokens = torch.zeros(B, cap, dtype=torch.long, device=device)
-        self.logprobs = torch.zeros(B, cap, device=device)
-        self.uniforms = torch.zeros(cap, B, 2, device=device)
-        self.logits = torch.zeros(B, model.vocab_size, device=device)
-        self.start = torch.zeros((), dtype=torch.long, device=device)
-        self.t = torch.zeros((), dtype=torch.long, device=device)
         self.weights: PackedWeights | None = None
-        self.graph: Any = None
-        self.eager_steps = 0
 
-    # -- per generation ------------------------------------------------------------------------
     @torch.no_grad()
     def prefill(self, model: nn.Module, idx: Tensor, attention_mask: Tensor) -> None:
         """Reset the state and run the prompts (B, P) through ``model``'s own forward (eagerly,
         under whatever autocast the caller set), keeping their rotated keys and latent values."""
-        B, P = idx.shape
+        P = idx.size(1)
         hidden, caches, _ = model.features(idx, attention_mask=attention_mask)
         rope = rope_freqs((attention_mask.long().cumsum(-1) - 1).clamp(min=0), self.Dh)  # (B, P, Dh/2)
         for layer, latent, (keys, values) in zip(model.layers, caches, self.caches):
             keys[:, :, :P].copy_(layer.mha.keys(latent.k, rope))
             values[:, :P].copy_(latent.v)
-        self.logits.copy_(model.head(hidden[:, -1]))
-        self.valid.zero_()
-        self.valid[:, :P] = attention_mask.bool()
-        self.positions.copy_(attention_mask.long().sum(-1))
-        self.finished.zero_()
-        self.force.zero_()
-        self.fed.zero_()
-        self.tokens.fill_(self.sampling.pad_token_id)
-        self.logprobs.zero_()
-        self.start.fill_(P)
-        self.t.zero_()
-
-    def step(self) -> None:
-        """Sample a token per row, record it and run it through the model (``self.logits`` then
-        predicts the token after it). On CUDA, the third call captures a graph that every later
-        call, in this and later generations, replays."""
-        if self.graph is not None:
-            self.graph.replay()
-            return
-        if self.device.type == "cuda" and self.eager_steps >= 2:
-            self._capture()
-            self.graph.replay()
-            return
-        self.eager_steps += 1
-        if self.device.type == "cuda":  # warm-up steps run on a side stream, as graph capture wants
-            stream = torch.cuda.Stream(self.device)
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):
-                self._step()
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-        else:
-            self._step()
-
-    def _capture(self) -> None:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._step()
-        self.graph = graph
-
-    @torch.no_grad()
-    def _step(self) -> None:
-        with torch.autocast(self.device.type, enabled=False):  # the packed weights carry the dtype
-            tokens, alive = self.sample()
-            self.logits.copy_(self.forward(tokens))
-            self.positions.add_(alive.long())
-            self.t.add_(1)
-
-    @torch.no_grad()
-    def last(self) -> None:
-        """The last token of a generation: sampled and recorded, not run through the model."""
-        self.sample()
-        self.t.add_(1)
-
-    def sample(self) -> tuple[Tensor, Tensor]:
-        """Draw the next token of every row from ``self.logits`` and record it at column ``t``
-        (padding for rows that had ended; ``forced`` for the rows in ``force``, which are fed an
-        observation: log-probability 0, never an end). A row's own token ends it when it is one of
-        ``stops``. Returns the tokens (B,) and which rows were alive."""
-        s, t = self.sampling, self.t.view(1)
-        uniforms = None if s.greedy else self.uniforms.index_select(0, t)[0]  # (B, 2)
-        tokens, logprobs = sample_next_token(self.logits, s.temperature, s.top_k, s.top_p, uniforms=uniforms)
-        alive = ~self.finished
-        own = alive & ~self.force  # the policy's own tokens
-        tokens = torch.where(alive, torch.where(self.force, self.forced, tokens), s.pad_token_id)
-        self.tokens.index_copy_(1, t, tokens[:, None])
-        self.logprobs.index_copy_(1, t, (logprobs * own)[:, None])
-        self.fed.index_copy_(1, t, (alive & self.force)[:, None])
-        self.valid.index_copy_(1, self.start.view(1) + t, alive[:, None])  # the new token is real if alive
-        if s.eos_token_id is not None:
-            self.finished |= own & is_stop(tokens, self.stops)
-        return tokens, alive
+        self.reset(attention_mask, model.head(hidden[:, -1]))
 
     def forward(self, tokens: Tensor) -> Tensor:
         """Logits (B, V) after the tokens (B,), written to the cache at column ``start + t``."""
+        with torch.autocast(self.device.type, enabled=False):  # the packed weights carry the dtype
+            return self._forward(tokens)
+
+    def _forward(self, tokens: Tensor) -> Tensor:
         w, C = self.weights, self.C
         column = (self.start + self.t).view(1)
         freqs = rope_freqs(self.positions[:, None], self.Dh)  # (B, 1, Dh/2)
@@ -386,44 +221,18 @@ class StaticDecoder:
         return w.matmul(mid.reshape(B, -1), f"{i}.down")  # the sum over experts happens inside the matmul
 
 
-# --------------------------------------------------------------------------------------------
-# One decoder per model, batch and capacity, reused across generations
-# --------------------------------------------------------------------------------------------
-_DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-KEEP_DECODERS = 2  # per model: each holds a whole cache (and, on CUDA, a captured graph)
-
-
-def decode_dtype(model: nn.Module) -> torch.dtype:
-    """The autocast dtype when autocast is on for the model's device, else the weights' dtype."""
-    device = model.tok_emb.weight.device.type
-    if torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
-    return model.tok_emb.weight.dtype
-
-
-def capacity_bucket(tokens: int, device: torch.device) -> int:
-    """The cache width for ``tokens``: exact on CPU; on CUDA rounded up to a multiple of 64, so
-    that prompt batches of different widths share one captured graph."""
-    return tokens if device.type != "cuda" else -(-tokens // 64) * 64
-
-
 def static_decoder(model: nn.Module, batch: int, tokens: int, sampling: Sampling) -> StaticDecoder:
     """The model's decoder for this shape and sampling (made on first use), with its packed
     weights refreshed from the model. ``sampling`` is part of the key, its stop ids included:
     a decoder holds them in a device tensor that its captured step reads."""
-    dtype = decode_dtype(model)
     device = model.tok_emb.weight.device
-    # Tensors made under inference mode cannot be written outside it (Lightning validates in
-    # inference mode and fits without it): each mode has its own weights and buffers.
-    inference = torch.is_inference_mode_enabled()
-    entry = _DECODERS.setdefault(model, {})
-    weights = entry.setdefault(("weights", dtype, device, inference), PackedWeights(dtype, device))
+    dtype = decode_dtype(device, model.tok_emb.weight.dtype)
+    weights = cached(model, "weights", (dtype, device), lambda: PackedWeights(dtype, device))
     weights.refresh(model)
-    key = (batch, capacity_bucket(tokens, device), sampling, dtype, device, inference)
-    decoder = entry.pop(key, None) or StaticDecoder(model, batch, key[1], sampling, dtype)
+    capacity = capacity_bucket(tokens, device)
+    key = (batch, capacity, sampling, dtype, device)
+    decoder = cached(
+        model, "decoders", key, lambda: StaticDecoder(model, batch, capacity, sampling, dtype), keep=KEEP_DECODERS
+    )
     decoder.weights = weights
-    entry[key] = decoder  # most recently used last
-    decoders = [k for k in entry if k[0] != "weights"]
-    for old in decoders[:-KEEP_DECODERS]:
-        del entry[old]
     return decoder

@@ -7,13 +7,10 @@ independently, each at the first of the stop ids ``eos_token_id`` it samples: on
 response mask and each sampled token's log-probability under the distribution it was sampled
 from (after temperature, top-k and top-p).
 
-Two loops give the same output. ShrayGPT runs through ``shraygpt_rl.decode.StaticDecoder``: a
-fixed-shape step with no host sync (a CUDA graph on GPU) that tracks the stop ids on the device
-and looks at the host for "every row has ended" only every ``EOS_CHECK_EVERY`` steps. Other
-models, and ShrayGPT with ``static=False``, run the eager loop: the model's own forward against
-its cache, finished rows fed padding, one host sync per step.
+The loop itself is a rollout engine's (``engines.py``): ``engine`` names one (``auto``, ``static``,
+``eager``, ``vllm``) or is one a stage holds; every engine gives the same output.
 
-With ``turns`` (a ``turns.Turns``: an environment and its tools), either loop looks at the host
+With ``turns`` (a ``turns.Turns``: an environment and its tools), the loop looks at the host
 after every step: a row whose tool call is complete is fed the observation's tokens, one per step,
 while the others sample (multi-turn rollouts, see ``turns.py``). ``response_mask`` is then 1 on the
 policy's own tokens only; ``attention_mask`` covers the observations too.
@@ -22,48 +19,17 @@ policy's own tokens only; ``attention_mask`` covers the observations too.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from shraygpt_rl.decode import Sampling, StaticDecoder, can_decode, is_stop, static_decoder, stop_ids
+from shraygpt_rl.engines import EOS_CHECK_EVERY, EngineName, GenerationOutput, RolloutEngine, make_engine  # noqa: F401
+from shraygpt_rl.fixed_shape import Sampling, stop_ids
 from shraygpt_rl.losses import entropy_from_logits, token_logprobs
 from shraygpt_rl.sampling import check_sampling, sample_categorical, sample_next_token  # noqa: F401
 from shraygpt_rl.tokenizer import decode_response, stop_tokens
 from shraygpt_rl.turns import Turns
-
-EOS_CHECK_EVERY = 16  # decode steps between looks at the host for "every row has ended"
-
-
-@dataclass
-class GenerationOutput:
-    """Prompts and sampled responses.
-
-    Attributes:
-        sequences: (B, P + N) left-padded prompts followed by right-padded responses.
-        attention_mask: (B, P + N) 1 on real prompt and response tokens, 0 on padding.
-        response_mask: (B, N) 1 on sampled tokens up to and including the row's stop token; 0 on
-            padding and on the observations of a multi-turn rollout (not the policy's tokens).
-        logprobs: (B, N) log-probability of each sampled token under the sampling distribution;
-            0 where ``response_mask`` is 0, and 0 for greedy decoding (a point mass).
-        prompt_length: P, the padded prompt width.
-        turns: Multi-turn rollouts: per row ``turns``, ``tool_calls``, ``tool_errors`` and
-            ``max_turns`` (hit), each (B,); None for single-turn.
-    """
-
-    sequences: Tensor
-    attention_mask: Tensor
-    response_mask: Tensor
-    logprobs: Tensor
-    prompt_length: int
-    turns: dict[str, Tensor] | None = None
-
-    @property
-    def responses(self) -> Tensor:
-        """(B, N) the sampled tokens, padded after each row's end."""
-        return self.sequences[:, self.prompt_length :]
 
 
 def response_logits(
@@ -147,13 +113,13 @@ def generate(
     attention_mask: Tensor | None = None,
     pad_token_id: int | None = None,
     generator: torch.Generator | None = None,
-    static: bool | None = None,
+    engine: EngineName | RolloutEngine = "auto",
     turns: Turns | None = None,
 ) -> GenerationOutput:
     """Sample up to ``max_new_tokens`` tokens after each prompt of ``idx`` (B, P).
 
     Args:
-        model: A ``ShrayGPT``. It is used as it is (call ``model.eval()`` to turn dropout off).
+        model: A ``ShrayGPT`` or ``HFCausalLM``, used as it is (``model.eval()`` turns dropout off).
         idx: Prompt token ids, left-padded when their lengths differ.
         max_new_tokens: Most tokens to sample per row.
         temperature: Softmax temperature; 0 means greedy.
@@ -164,15 +130,15 @@ def generate(
         attention_mask: (B, P) 1 for prompt tokens and 0 for left padding; None means no padding.
         pad_token_id: Filler after a row's end; defaults to the first of ``eos_token_id``, else 0.
         generator: A seeded ``torch.Generator`` for reproducible sampling.
-        static: Use the static decode step (None: whenever the model supports it, see
-            ``decode.can_decode``); False runs the eager loop.
+        engine: The rollout engine (``engines.py``), or its name: ``auto`` runs the fixed-shape
+            decode step wherever the model supports it, else the eager loop.
         turns: Multi-turn state (``turns.Turns``) for the rows: tool calls answered in the loop.
 
     Returns:
         A ``GenerationOutput`` with N <= ``max_new_tokens`` columns (the loop stops early once
         every row has ended).
     """
-    B, P = idx.shape
+    P = idx.size(1)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
     if P + max_new_tokens > model.block_size:
@@ -185,110 +151,8 @@ def generate(
     check_sampling(temperature, top_k, top_p)
     if attention_mask is None:
         attention_mask = torch.ones_like(idx)
-    if static is None:
-        static = can_decode(model)
-    if static:
-        sampling = Sampling(temperature, top_k, top_p, stops, pad)
-        decoder = static_decoder(model, B, P + max_new_tokens, sampling)
-        return _generate_static(model, decoder, idx, attention_mask, max_new_tokens, generator, turns)
-    device = idx.device
-    mask = torch.zeros(B, P + max_new_tokens, dtype=torch.long, device=device)
-    mask[:, :P] = attention_mask
-    tokens = torch.full((B, max_new_tokens), pad, dtype=idx.dtype, device=device)
-    logprobs = torch.zeros(B, max_new_tokens, device=device)
-    fed = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=device)  # observation tokens
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
-    stop_tensor = None if stops is None else torch.tensor(stops, dtype=torch.long, device=device)  # (S,)
-    force = forced = None
-
-    caches = model.new_kv_caches(B, P + max_new_tokens)
-    logits, caches, _ = model(idx, caches, attention_mask=mask[:, :P], logits_to_keep=1)
-    n = 0
-    for n in range(1, max_new_tokens + 1):
-        t = n - 1
-        next_tokens, next_logprobs = sample_next_token(logits[:, -1], temperature, top_k, top_p, generator)
-        alive = ~finished
-        own = alive  # the policy's tokens: not an observation fed in
-        if turns is not None:
-            force, forced = turns.forced(device)
-            next_tokens, own = torch.where(force, forced, next_tokens), alive & ~force
-            fed[:, t] = alive & force
-        tokens[:, t] = torch.where(alive, next_tokens, pad)
-        logprobs[:, t] = next_logprobs * own
-        mask[:, P + t] = alive  # the token just sampled is real for rows that had not ended
-        if stop_tensor is not None:
-            finished |= own & is_stop(next_tokens, stop_tensor)  # as the static step does
-        if turns is not None:
-            finished[turns.record(t, tokens[:, t], alive, force)] = True
-        if (stop_tensor is not None or turns is not None) and bool(finished.all()):
-            break  # one host sync per step; lets every row stop early
-        if n < max_new_tokens:
-            logits, caches, _ = model(tokens[:, t : t + 1], caches, attention_mask=mask[:, : P + n])
-    return GenerationOutput(
-        sequences=torch.cat([idx, tokens[:, :n]], dim=1),
-        attention_mask=mask[:, : P + n],
-        response_mask=mask[:, P : P + n] * ~fed[:, :n],
-        logprobs=logprobs[:, :n],
-        prompt_length=P,
-        turns=None if turns is None else turns.stats(device),
-    )
-
-
-def _generate_static(
-    model, decoder: StaticDecoder, idx: Tensor, attention_mask: Tensor, max_new_tokens: int, generator, turns=None
-) -> GenerationOutput:
-    """``generate`` through the static decoder: prefill, ``max_new_tokens - 1`` steps and a last
-    sample, stopping at the first look at the host that finds every row ended (with ``turns``,
-    a look after every step, which also feeds the observations)."""
-    B, P = idx.shape
-    N = max_new_tokens
-    restore = None if decoder.sampling.greedy else _draw_uniforms(decoder, N, generator, idx.device)
-    decoder.prefill(model, idx, attention_mask)
-    eos = decoder.sampling.eos_token_id
-    n = 0
-    for n in range(1, N + 1):
-        if turns is not None:
-            force, forced = turns.forced(idx.device)
-            decoder.force.copy_(force), decoder.forced.copy_(forced)
-        decoder.step() if n < N else decoder.last()
-        if turns is not None:
-            ended = turns.record(n - 1, decoder.tokens[:, n - 1], decoder.valid[:, P + n - 1], force)
-            decoder.finished[ended] = True
-            if bool(decoder.finished.all()):
-                break
-        elif eos is not None and (n % EOS_CHECK_EVERY == 0 or n == N) and bool(decoder.finished.all()):
-            break
-    mask = torch.cat([attention_mask.to(torch.long), decoder.valid[:, P : P + n].long()], dim=1)
-    if (eos is not None or turns is not None) and bool(decoder.finished.all()):
-        n = int(mask[:, P:].sum(1).max())  # the eager loop stops at the last row's end
-        mask = mask[:, : P + n]
-    if restore is not None:
-        restore(n)
-    return GenerationOutput(
-        sequences=torch.cat([idx, decoder.tokens[:, :n]], dim=1),
-        attention_mask=mask,
-        response_mask=mask[:, P:] * ~decoder.fed[:, :n],
-        logprobs=decoder.logprobs[:, :n].clone(),
-        prompt_length=P,
-        turns=None if turns is None else turns.stats(idx.device),
-    )
-
-
-def _draw_uniforms(decoder: StaticDecoder, steps: int, generator, device):
-    """Draw the sampler's uniforms for every step ahead, in the eager loop's order; returns a
-    function that leaves ``generator`` as if only ``n`` steps had drawn (as the eager loop does)."""
-    generator = generator or (torch.default_generator if device.type == "cpu" else None)
-    if generator is None:  # CUDA's default generator
-        generator = torch.cuda.default_generators[device.index or 0]
-    state = generator.get_state()
-    B = decoder.batch
-    decoder.uniforms[:steps].copy_(torch.rand(steps, B, 2, generator=generator, device=generator.device))
-
-    def restore(n: int) -> None:
-        generator.set_state(state)
-        torch.rand(n, B, 2, generator=generator, device=generator.device)
-
-    return restore
+    sampling = Sampling(temperature, top_k, top_p, stops, pad)
+    return make_engine(engine).generate(model, idx, attention_mask, max_new_tokens, sampling, generator, turns)
 
 
 @torch.no_grad()
@@ -306,6 +170,7 @@ def sample_and_decode(
     prompts: list[str] | None = None,
     metadata: list[dict] | None = None,
     max_turns: int = 4,
+    engine: EngineName | RolloutEngine = "auto",
 ) -> tuple[GenerationOutput, list[str]]:
     """Sample a response per prompt row in eval mode, and decode each up to its stop token.
 
@@ -317,6 +182,7 @@ def sample_and_decode(
     With an ``environment`` (``environments.Environment``), the rollout is multi-turn: tool calls
     are answered in the loop (``turns.Turns``, up to ``max_turns`` policy turns per row), given
     each row's ``prompts`` text and ``metadata``. The texts then hold the observations too.
+    ``engine`` is the rollout engine that samples (``engines.py``).
 
     Returns:
         The ``GenerationOutput`` and the response texts (without the stop token).
@@ -338,6 +204,7 @@ def sample_and_decode(
             eos_token_id=stop_tokens(tokenizer),
             attention_mask=attention_mask,
             generator=generator,
+            engine=engine,
             turns=turns,
         )
     finally:

@@ -117,7 +117,10 @@ class LogitHead(nn.Module):
         return self.linear.out_features
 
     def forward(self, hidden: Tensor) -> Tensor:
-        logits = self.linear(hidden)  # (..., V)
+        return self.post(self.linear(hidden))
+
+    def post(self, logits: Tensor) -> Tensor:
+        """The model's own post-processing of the linear layer's logits (..., V)."""
         if self.scale is not None:
             logits = logits * self.scale
         if self.divisor is not None:

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from shraygpt_rl import decode
+from shraygpt_rl import decode, fixed_shape
 from shraygpt_rl.decode import KEEP_DECODERS, Sampling, can_decode, static_decoder
 from shraygpt_rl.lora import LoRASpec, adapters_disabled, add_lora
 from shraygpt_rl.losses import token_logprobs
@@ -38,16 +38,16 @@ def wide_model() -> ShrayGPT:
     return ShrayGPT(**tiny_config(vocab_size=1000, n_layers=3)).eval()
 
 
-def _generate(model, ids, mask, static, seed=1, **options):
+def _generate(model, ids, mask, engine, seed=1, **options):
     generator = torch.Generator().manual_seed(seed)
-    return model.generate(ids, 20, attention_mask=mask, generator=generator, static=static, **options)
+    return model.generate(ids, 20, attention_mask=mask, generator=generator, engine=engine, **options)
 
 
 @pytest.mark.parametrize("options", SAMPLINGS)
 def test_static_decoding_gives_the_eager_loops_tokens_for_the_same_seed(wide_model, options):
     ids, mask = _left_pad([5, 13, 9, 2], wide_model.vocab_size)
-    eager = _generate(wide_model, ids, mask, static=False, **options)
-    static = _generate(wide_model, ids, mask, static=True, **options)
+    eager = _generate(wide_model, ids, mask, engine="eager", **options)
+    static = _generate(wide_model, ids, mask, engine="static", **options)
     assert torch.equal(static.sequences, eager.sequences)
     assert torch.equal(static.attention_mask, eager.attention_mask)
     assert torch.allclose(static.logprobs, eager.logprobs, atol=1e-5)
@@ -58,7 +58,7 @@ def test_static_logprobs_are_the_training_forwards_in_float32(wide_model, option
     """Every sampled token's log-probability under the sampling distribution, recomputed by one
     training forward over prompt + response with the same truncation, to 1e-5."""
     ids, mask = _left_pad([4, 11, 7], wide_model.vocab_size)
-    out = _generate(wide_model, ids, mask, static=True, **options)
+    out = _generate(wide_model, ids, mask, engine="static", **options)
     with torch.no_grad():
         logits, _, _ = wide_model(out.sequences, attention_mask=out.attention_mask)
     P = out.prompt_length
@@ -79,11 +79,13 @@ def test_rows_ending_early_give_the_eager_shapes_across_eos_checks(wide_model):
     """EOS is looked at on the host every EOS_CHECK_EVERY steps only; the output is still cut
     where the eager loop stops, at the last row's EOS."""
     ids, mask = _left_pad([6, 3, 8, 5, 7], wide_model.vocab_size)
-    free = wide_model.generate(ids, 40, top_k=1, attention_mask=mask, static=False)
+    free = wide_model.generate(ids, 40, top_k=1, attention_mask=mask, engine="eager")
     eos = int(free.responses[0, 22])  # row 0 ends at step 23, after the first look at step 16
     for max_new_tokens in (40, 23, 17):
-        eager = wide_model.generate(ids, max_new_tokens, top_k=1, attention_mask=mask, eos_token_id=eos, static=False)
-        static = wide_model.generate(ids, max_new_tokens, top_k=1, attention_mask=mask, eos_token_id=eos, static=True)
+        eager = wide_model.generate(ids, max_new_tokens, top_k=1, attention_mask=mask, eos_token_id=eos, engine="eager")
+        static = wide_model.generate(
+            ids, max_new_tokens, top_k=1, attention_mask=mask, eos_token_id=eos, engine="static"
+        )
         assert static.sequences.shape == eager.sequences.shape
         assert torch.equal(static.sequences, eager.sequences)
         assert torch.equal(static.response_mask, eager.response_mask)
@@ -98,7 +100,14 @@ def test_a_seeded_generator_ends_where_the_eager_loop_leaves_it(wide_model):
     for static in (False, True):
         generator = torch.Generator().manual_seed(5)
         runs[static] = [
-            wide_model.generate(ids, 20, attention_mask=mask, eos_token_id=eos, generator=generator, static=static)
+            wide_model.generate(
+                ids,
+                20,
+                attention_mask=mask,
+                eos_token_id=eos,
+                generator=generator,
+                engine=("static" if static else "eager"),
+            )
             for _ in range(2)
         ]
     for a, b in zip(runs[False], runs[True]):
@@ -114,8 +123,8 @@ TRACED = [(SAMPLINGS[0], False), (SAMPLINGS[1], True), (SAMPLINGS[3], False), (S
 def test_the_decode_step_traces_as_one_graph(wide_model, monkeypatch, blocked, options):
     """``fullgraph=True`` fails on any graph break: a ``.item()``, a ``bool()`` of a tensor, a
     data-dependent shape. A step that traces whole reads nothing back to the host."""
-    monkeypatch.setattr(decode, "_onednn_available", lambda dtype: blocked and torch.backends.mkldnn.is_available())
-    monkeypatch.setattr(decode, "_DECODERS", type(decode._DECODERS)())
+    monkeypatch.setattr(decode, "onednn_available", lambda dtype: blocked and torch.backends.mkldnn.is_available())
+    monkeypatch.setattr(fixed_shape, "_DECODERS", type(fixed_shape._DECODERS)())
     ids, mask = _left_pad([3, 5], wide_model.vocab_size)
     sampling = Sampling(eos_token_id=7, **options)
     decoder = static_decoder(wide_model, 2, 12, sampling)
@@ -131,7 +140,7 @@ def test_the_decode_step_traces_as_one_graph(wide_model, monkeypatch, blocked, o
 def test_the_traced_step_ends_a_row_at_any_of_its_stop_ids(wide_model, monkeypatch):
     """The stop ids live in a device tensor of the decoder: the step that traces whole ends a row
     at either of two (an end-of-turn token besides EOS), and no other row."""
-    monkeypatch.setattr(decode, "_DECODERS", type(decode._DECODERS)())
+    monkeypatch.setattr(fixed_shape, "_DECODERS", type(fixed_shape._DECODERS)())
     ids, mask = _left_pad([3, 5, 4], wide_model.vocab_size)
     decoder = static_decoder(wide_model, 3, 12, Sampling(top_k=1, eos_token_id=(7, 9)))
     decoder.prefill(wide_model, ids, mask)
@@ -145,7 +154,7 @@ def test_the_traced_step_ends_a_row_at_any_of_its_stop_ids(wide_model, monkeypat
 
 def test_decoders_are_kept_per_stop_ids(wide_model, monkeypatch):
     """One id or a sequence of one is the same sampling; other stop ids are another decoder."""
-    monkeypatch.setattr(decode, "_DECODERS", type(decode._DECODERS)())
+    monkeypatch.setattr(fixed_shape, "_DECODERS", type(fixed_shape._DECODERS)())
     one = static_decoder(wide_model, 2, 16, Sampling(eos_token_id=7))
     assert static_decoder(wide_model, 2, 16, Sampling(eos_token_id=[7])) is one
     two = static_decoder(wide_model, 2, 16, Sampling(eos_token_id=(7, 9)))
@@ -155,12 +164,12 @@ def test_decoders_are_kept_per_stop_ids(wide_model, monkeypatch):
 
 def test_packed_weights_follow_in_place_updates(wide_model):
     ids, mask = _left_pad([4, 7], wide_model.vocab_size)
-    before = wide_model.generate(ids, 10, top_k=1, attention_mask=mask, static=True)
+    before = wide_model.generate(ids, 10, top_k=1, attention_mask=mask, engine="static")
     with torch.no_grad():
         for p in wide_model.parameters():  # what an optimizer step does: in place
             p.add_(torch.randn_like(p) * 0.05)
-    after = wide_model.generate(ids, 10, top_k=1, attention_mask=mask, static=True)
-    eager = wide_model.generate(ids, 10, top_k=1, attention_mask=mask, static=False)
+    after = wide_model.generate(ids, 10, top_k=1, attention_mask=mask, engine="static")
+    eager = wide_model.generate(ids, 10, top_k=1, attention_mask=mask, engine="eager")
     assert torch.equal(after.sequences, eager.sequences)
     assert not torch.equal(after.sequences, before.sequences)
 
@@ -170,42 +179,41 @@ def test_lora_adapters_are_in_the_packed_weights_and_can_be_switched_off(perturb
     model = add_lora(ShrayGPT(**tiny_config(vocab_size=500)), LoRASpec(r=4, alpha=8)).eval()
     perturb_adapters(model)
     ids, mask = _left_pad([5, 9], 500)
-    with_adapters = _generate(model, ids, mask, static=True, temperature=1.0)
-    assert torch.equal(with_adapters.sequences, _generate(model, ids, mask, static=False, temperature=1.0).sequences)
+    with_adapters = _generate(model, ids, mask, engine="static", temperature=1.0)
+    assert torch.equal(with_adapters.sequences, _generate(model, ids, mask, engine="eager", temperature=1.0).sequences)
     with adapters_disabled(model):
-        base = _generate(model, ids, mask, static=True, temperature=1.0)
-        assert torch.equal(base.sequences, _generate(model, ids, mask, static=False, temperature=1.0).sequences)
+        base = _generate(model, ids, mask, engine="static", temperature=1.0)
+        assert torch.equal(base.sequences, _generate(model, ids, mask, engine="eager", temperature=1.0).sequences)
     assert not torch.equal(base.sequences, with_adapters.sequences)
 
 
 def test_decoders_are_reused_and_at_most_a_few_kept(wide_model, monkeypatch):
-    monkeypatch.setattr(decode, "_DECODERS", type(decode._DECODERS)())
+    monkeypatch.setattr(fixed_shape, "_DECODERS", type(fixed_shape._DECODERS)())
     first = static_decoder(wide_model, 2, 16, Sampling())
     assert static_decoder(wide_model, 2, 16, Sampling()) is first
     for capacity in range(17, 17 + KEEP_DECODERS + 1):
         static_decoder(wide_model, 2, capacity, Sampling())
-    kept = [key for key in decode._DECODERS[wide_model] if key[0] != "weights"]
-    assert len(kept) == KEEP_DECODERS
+    assert len(fixed_shape._DECODERS[wide_model]["decoders"]) == KEEP_DECODERS
     assert static_decoder(wide_model, 2, 16, Sampling()) is not first  # it was dropped
 
 
-def test_only_shraygpt_without_dropout_decodes_statically(wide_model, tiny_hf):
+def test_only_shraygpt_without_dropout_runs_shraygpts_static_step(wide_model, tiny_hf):
     assert can_decode(wide_model)
     dropping = ShrayGPT(**tiny_config(dropout=0.1))
     assert not can_decode(dropping.train()) and can_decode(dropping.eval())
     from shraygpt_rl.hf import HFCausalLM
 
-    assert not can_decode(HFCausalLM.from_pretrained(str(tiny_hf("gpt_neo"))))
+    assert not can_decode(HFCausalLM.from_pretrained(str(tiny_hf("gpt_neo"))))  # hf_decode's step runs it
 
 
 def test_bf16_autocast_decodes_with_bf16_packed_weights(wide_model):
     ids, mask = _left_pad([4, 8], wide_model.vocab_size)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = _generate(wide_model, ids, mask, static=True, temperature=1.0)
-        key = next(k for k in decode._DECODERS[wide_model] if k[0] == "weights" and k[1] == torch.bfloat16)
+        out = _generate(wide_model, ids, mask, engine="static", temperature=1.0)
+        key = next(k for k in fixed_shape._DECODERS[wide_model]["weights"] if k[0] == torch.bfloat16)
         with torch.no_grad():
             logits, _, _ = wide_model(out.sequences, attention_mask=out.attention_mask)
-    assert decode._DECODERS[wide_model][key]["head"].dtype == torch.bfloat16
+    assert fixed_shape._DECODERS[wide_model]["weights"][key]["head"].dtype == torch.bfloat16
     recomputed = token_logprobs(logits[:, out.prompt_length - 1 : -1], out.responses)
     real = out.response_mask.bool()
     assert (recomputed[real] - out.logprobs[real]).abs().max() < 0.1  # bf16 rounding, not a different model
@@ -224,7 +232,7 @@ def test_bf16_weights_stay_plain_where_onednn_has_no_bf16_kernels(wide_model, mo
     assert decode.PackedWeights(torch.float32, torch.device("cpu")).blocked == torch.backends.mkldnn.is_available()
     ids, mask = _left_pad([4, 8], wide_model.vocab_size)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = _generate(wide_model, ids, mask, static=True, temperature=1.0)
+        out = _generate(wide_model, ids, mask, engine="static", temperature=1.0)
     assert out.response_mask.sum() > 0
 
 

@@ -58,7 +58,9 @@ def test_rows_end_at_whichever_stop_token_comes_first(tiny_model, sampling):
 
     def run(static=None, **options):
         g = torch.Generator().manual_seed(0)
-        return tiny_model.generate(ids, 24, attention_mask=mask, generator=g, static=static, **sampling, **options)
+        return tiny_model.generate(
+            ids, 24, attention_mask=mask, generator=g, engine=("static" if static else "eager"), **sampling, **options
+        )
 
     free = run()
     stops = _two_stops(free.responses)
@@ -85,11 +87,15 @@ def test_batched_equals_row_by_row_with_two_stop_tokens(tiny_model, static):
     rows = [torch.randint(0, 320, (n,)) for n in (5, 11, 8, 3)]
     ids, mask = _left_pad(rows)
     stops = _two_stops(tiny_model.generate(ids, 16, top_k=1, attention_mask=mask).responses)
-    batched = tiny_model.generate(ids, 16, top_k=1, attention_mask=mask, eos_token_id=stops, static=static)
+    batched = tiny_model.generate(
+        ids, 16, top_k=1, attention_mask=mask, eos_token_id=stops, engine=("static" if static else "eager")
+    )
     lengths = batched.response_mask.sum(1)
     assert len(set(lengths.tolist())) > 1 and int(lengths.min()) < 16  # rows ended at different steps
     for i, row in enumerate(rows):
-        alone = tiny_model.generate(row[None], 16, top_k=1, eos_token_id=stops, static=static)
+        alone = tiny_model.generate(
+            row[None], 16, top_k=1, eos_token_id=stops, engine=("static" if static else "eager")
+        )
         n = int(alone.response_mask.sum())
         assert n == int(lengths[i])
         assert torch.equal(batched.responses[i, :n], alone.responses[0, :n])
@@ -103,7 +109,13 @@ def test_a_training_forward_recovers_the_logprobs_of_rows_ended_by_either_stop(t
         tiny_model.generate(ids, 20, temperature=0.9, attention_mask=mask, generator=g.manual_seed(2)).responses
     )
     out = tiny_model.generate(
-        ids, 20, temperature=0.9, attention_mask=mask, eos_token_id=stops, generator=g.manual_seed(2), static=static
+        ids,
+        20,
+        temperature=0.9,
+        attention_mask=mask,
+        eos_token_id=stops,
+        generator=g.manual_seed(2),
+        engine=("static" if static else "eager"),
     )
     own = out.response_mask.bool()
     assert int(own.sum(1).min()) < out.responses.size(1)  # a row ended early: its padding is not scored

@@ -67,10 +67,10 @@ def test_static_and_eager_loops_agree(tiny_model, sampled):
     stop = a_stop(generate(tiny_model, ids, 40, attention_mask=mask, **sampling))
     if sampled:
         sampling["generator"].manual_seed(3)
-    static = run(tiny_model, ids, mask, Echo(stop), static=True, **sampling)
+    static = run(tiny_model, ids, mask, Echo(stop), engine="static", **sampling)
     if sampled:
         sampling["generator"].manual_seed(3)
-    eager = run(tiny_model, ids, mask, Echo(stop), static=False, **sampling)
+    eager = run(tiny_model, ids, mask, Echo(stop), engine="eager", **sampling)
     assert int(static.turns["tool_calls"].sum()) >= 2
     assert torch.equal(static.sequences, eager.sequences)
     assert torch.equal(static.response_mask, eager.response_mask)
@@ -85,16 +85,22 @@ def test_batched_turns_equal_row_by_row(tiny_model, static):
     masks are those it gets alone."""
     ids, mask = prompts()
     stop = a_stop(generate(tiny_model, ids, 40, attention_mask=mask, top_k=1))
-    first = run(tiny_model, ids, mask, Echo(stop), top_k=1, static=static)
+    first = run(tiny_model, ids, mask, Echo(stop), top_k=1, engine=("static" if static else "eager"))
     own = first.response_mask[2].nonzero()[:, 0]
     enc = Encoding(eot_token=first.responses[2, own[own >= 20][0]].item())  # row 2 (at least) ends by EOS
-    batched = run(tiny_model, ids, mask, Echo(stop), enc=enc, top_k=1, static=static)
+    batched = run(tiny_model, ids, mask, Echo(stop), enc=enc, top_k=1, engine=("static" if static else "eager"))
     lengths = batched.attention_mask[:, batched.prompt_length :].sum(1)
     assert len(set(lengths.tolist())) > 1 and len(set(batched.turns["turns"].tolist())) > 1
     for i in range(len(ids)):
         keep = mask[i].bool()
         alone = run(
-            tiny_model, ids[i : i + 1, keep], mask[i : i + 1, keep], Echo(stop), enc=enc, top_k=1, static=static
+            tiny_model,
+            ids[i : i + 1, keep],
+            mask[i : i + 1, keep],
+            Echo(stop),
+            enc=enc,
+            top_k=1,
+            engine=("static" if static else "eager"),
         )
         n = alone.responses.size(1)
         assert torch.equal(batched.responses[i, :n], alone.responses[0])
@@ -124,7 +130,16 @@ def test_a_training_forward_recovers_the_rollout_logprobs(tiny_model, static):
     ids, mask = prompts(batch=8)
     g = torch.Generator().manual_seed(5)
     stop = a_stop(generate(tiny_model, ids, 60, attention_mask=mask, generator=g))
-    out = run(tiny_model, ids, mask, Echo(stop), 60, generator=g.manual_seed(5), static=static, temperature=0.9)
+    out = run(
+        tiny_model,
+        ids,
+        mask,
+        Echo(stop),
+        60,
+        generator=g.manual_seed(5),
+        engine=("static" if static else "eager"),
+        temperature=0.9,
+    )
     with torch.no_grad():
         logprobs, _, _ = response_logprobs(tiny_model, out.sequences, out.attention_mask, out.prompt_length, 0.9)
     own = out.response_mask.bool()
@@ -354,12 +369,12 @@ def test_a_stop_token_other_than_eos_ends_the_policys_turn():
 def test_rows_end_at_any_stop_token_and_the_environment_is_asked_there(tiny_model, static):
     ids, mask = prompts()
     stop = a_stop(generate(tiny_model, ids, 40, attention_mask=mask, top_k=1))
-    first = run(tiny_model, ids, mask, Echo(stop), top_k=1, static=static)
+    first = run(tiny_model, ids, mask, Echo(stop), top_k=1, engine=("static" if static else "eager"))
     own = first.response_mask[2].nonzero()[:, 0]
     end = first.responses[2, own[own >= 20][0]].item()  # row 2 (at least) ends there, after a tool call
     enc = Encoding(stop_tokens=(256, end))
     env = Reader(stop)
-    out = run(tiny_model, ids, mask, env, enc=enc, top_k=1, static=static)
+    out = run(tiny_model, ids, mask, env, enc=enc, top_k=1, engine=("static" if static else "eager"))
     last = [int(out.response_mask[row].nonzero()[-1, 0]) for row in range(len(ids))]  # each row's last own token
     ended = [row for row in range(len(ids)) if out.responses[row, last[row]].item() in enc.stop_tokens]
     assert out.responses[2, last[2]].item() == end and int(out.turns["tool_calls"][2]) >= 1

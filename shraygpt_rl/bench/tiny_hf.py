@@ -55,10 +55,21 @@ TEMPLATES = {"chatml": (CHATML, ["<|im_start|>", "<|im_end|>"]), "inst": (INST, 
 def tiny_hf_model(
     kind: str, folder: str | Path, vocabulary: str = "byte", seed: int = 0, template: str | None = None
 ) -> Path:
-    """Write a tiny random ``kind`` (``gpt_neo``, ``opt`` or ``llama``) model and its tokenizer to
-    ``folder``; with ``template`` (``chatml`` or ``inst``), the tokenizer carries that chat
+    """Write a tiny random ``kind`` (``gpt_neo``, ``opt``, ``llama``, ``qwen2`` or ``gemma2``) model
+    and its tokenizer to ``folder``; with ``template`` (``chatml`` or ``inst``), the tokenizer carries that chat
     template and its special tokens, as an instruct model's does."""
-    from transformers import GPTNeoConfig, GPTNeoForCausalLM, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+    from transformers import (
+        Gemma2Config,
+        Gemma2ForCausalLM,
+        GPTNeoConfig,
+        GPTNeoForCausalLM,
+        LlamaConfig,
+        LlamaForCausalLM,
+        OPTConfig,
+        OPTForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     folder = Path(folder)
     tokenizer = gpt2_tokenizer(vocabulary, folder)
@@ -98,7 +109,39 @@ def tiny_hf_model(
             attention_dropout=0.1,
         )
         model = LlamaForCausalLM(config)
-    else:
+    elif kind == "qwen2":  # biased q/k/v projections; a sliding window that is off
+        config = Qwen2Config(
+            vocab_size=vocab,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            bos_token_id=eos,
+            eos_token_id=eos,
+            pad_token_id=eos,
+            tie_word_embeddings=True,
+        )
+        model = Qwen2ForCausalLM(config)
+    elif kind == "gemma2":  # soft-capped attention and logits, a sliding layer of window 64, a scaled embedding
+        config = Gemma2Config(
+            vocab_size=vocab,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            max_position_embeddings=512,
+            sliding_window=64,
+            query_pre_attn_scalar=16,
+            bos_token_id=eos,
+            eos_token_id=eos,
+            pad_token_id=eos,
+        )
+        model = Gemma2ForCausalLM(config)
+    elif kind == "opt":
         config = OPTConfig(
             vocab_size=vocab,
             hidden_size=64,
@@ -113,6 +156,8 @@ def tiny_hf_model(
             dropout=0.1,
         )
         model = OPTForCausalLM(config)
+    else:
+        raise ValueError(f"kind must be gpt_neo, opt, llama, qwen2 or gemma2; got {kind!r}.")
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

@@ -91,7 +91,7 @@ def test_generation_and_training_give_each_token_the_same_logprob_and_routing(ti
         eos_token_id=7,
         attention_mask=prompt_mask,
         generator=torch.Generator().manual_seed(1),
-        static=static,
+        engine=("static" if static else "eager"),
     )
     P, N = out.prompt_length, out.response_mask.size(1)
     real = out.attention_mask.bool()

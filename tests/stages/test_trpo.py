@@ -39,7 +39,7 @@ def _rollout(stage: TRPOStage, rows: int = 6) -> tuple[Rollout, list[torch.Tenso
     ids = torch.randint(1, 320, (rows, 5), generator=g)
     mask = torch.ones_like(ids)
     mask[::2, :2] = 0  # some left padding
-    out = stage.policy.eval().generate(ids, 6, attention_mask=mask, generator=g, static=False)
+    out = stage.policy.eval().generate(ids, 6, attention_mask=mask, generator=g, engine="eager")
     stage.policy.train()
     n = len(ids)
     rollout = Rollout(
