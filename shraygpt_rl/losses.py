@@ -296,6 +296,15 @@ def clipped_policy_loss(
     return torch.maximum(unclipped, clipped_loss), ratio, (clipped_loss > unclipped).float()
 
 
+def truncated_importance_weights(logprobs: Tensor, rollout_logprobs: Tensor, cap: float = 2.0) -> Tensor:
+    """Per-token weights ``min(pi_train / pi_rollout, cap)``, detached: the truncated importance
+    sampling (TIS) of Yao et al. (2025, "Your efficient RL framework secretly brings you
+    off-policy RL training"), for tokens sampled by an engine whose log-probabilities
+    ``rollout_logprobs`` differ from the training forward's ``logprobs`` (vLLM's kernels). The
+    policy-gradient loss of each token is multiplied by its weight. (B, T)."""
+    return torch.exp(logprobs.detach() - rollout_logprobs).clamp(max=cap)
+
+
 def clipped_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, cliprange_value: float = 0.2):
     """Per-token clipped value loss ``0.5 max((V - R)^2, (clip(V, V_old +- c) - R)^2)`` (the
     PPO2 baselines and InstructGPT recipe). Returns ``(losses, clipped)``, each (B, T)."""

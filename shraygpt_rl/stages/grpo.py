@@ -206,6 +206,9 @@ class GRPOStage(OnlineRLStage):
         losses, ratio, clipped = clipped_policy_loss(
             logprobs, old, buffer["advantages"][micro], hp.epsilon, hp.epsilon_high
         )
+        weights, gap = self.rollout_correction(rollout, micro, old, mask)
+        if weights is not None:  # tokens sampled by an engine with other log-probabilities (vLLM)
+            losses = losses * weights
         kl = None
         if buffer["ref_logprobs"] is not None:  # DeepSeekMath eq. 4: the k3 estimator, in the loss
             kl = kl_estimate(logprobs, buffer["ref_logprobs"][micro], "k3")
@@ -224,6 +227,8 @@ class GRPOStage(OnlineRLStage):
         share = len(micro) / len(rows)
         metrics = policy_metrics(logprobs, old, ratio, clipped, mask)
         metrics["policy/loss"] = loss.detach() / share
+        if gap is not None:
+            metrics["policy/rollout_logprob_gap"] = gap
         metrics["moe/aux_loss"] = aux_loss.detach()
         if kl is not None:  # per response, in nats, as PPO reports it
             metrics["objective/kl"] = masked_sum(kl.detach(), mask) / len(micro)

@@ -21,8 +21,8 @@ from shraygpt_rl.checkpoint import stamp, stamped
 from shraygpt_rl.environments import Environment
 from shraygpt_rl.errors import ConfigError, require
 from shraygpt_rl.evaluate import pass_and_majority
-from shraygpt_rl.generation import response_logprobs, sample_and_decode
-from shraygpt_rl.losses import masked_mean
+from shraygpt_rl.generation import EngineName, make_engine, response_logprobs, sample_and_decode
+from shraygpt_rl.losses import masked_mean, truncated_importance_weights
 from shraygpt_rl.rewards import LearnedReward, RewardFunction, TaskVerifier, WeightedSum
 from shraygpt_rl.stages.base import StageModule, disable_dropout
 from shraygpt_rl.stages.checks import check_rewards
@@ -47,6 +47,7 @@ class Rollout:
     truncated: Tensor | None = None  # (R,) bool: cut at max_new_tokens (no stop token, not ended by the environment)
     turns: dict[str, Tensor] | None = None  # multi-turn, each (R,): turns, tool_calls, tool_errors, max_turns,
     # ended_by_environment
+    logprobs: Tensor | None = None  # (R, T) each sampled token's log-probability under the rollout engine
 
     def __len__(self) -> int:
         return self.sequences.size(0)
@@ -85,6 +86,14 @@ class OnlineRLStage(StageModule):
             and the answers are context, never trained on. None: single-turn rollouts.
         max_turns: Most policy turns per multi-turn rollout (a row still calling the tool then
             ends, counted in ``rollout/max_turns``).
+        rollout_engine: What samples the rollouts (``engines.py``): ``auto`` (a fixed-shape decode
+            step wherever the model supports it, else the eager loop), ``static``, ``eager``, or
+            ``vllm`` (the optional extra). Every engine gives the same samples for a seed except
+            vLLM, whose log-probabilities are its own kernels'.
+        rollout_correction_cap: For an engine whose log-probabilities are not the training
+            forward's (vLLM): each token's policy-gradient loss is weighted by
+            ``min(pi_train / pi_rollout, cap)`` (truncated importance sampling, Yao et al. 2025).
+            The exact engines need no weight and get none.
         **kwargs: ``StageModule``'s arguments (``policy``, ``optimizer``, ``lr``, …).
     """
 
@@ -103,6 +112,8 @@ class OnlineRLStage(StageModule):
         eval_samples: int = 1,
         environment: Environment | None = None,
         max_turns: int = 4,
+        rollout_engine: EngineName = "auto",
+        rollout_correction_cap: float = 2.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -124,6 +135,8 @@ class OnlineRLStage(StageModule):
             f"logprob_chunk_rows must be >= 1 (or null), got {logprob_chunk_rows}.",
         )
         require(eval_samples >= 1, f"eval_samples must be at least 1, got {eval_samples}.")
+        require(rollout_correction_cap >= 1, f"rollout_correction_cap must be >= 1, got {rollout_correction_cap}.")
+        self.engine = make_engine(rollout_engine)
         self.policy = disable_dropout(self.build_policy())
         functions = list(rewards or [])
         if reward_model:
@@ -177,7 +190,9 @@ class OnlineRLStage(StageModule):
         start = time.perf_counter()
         sampling = dict(temperature=hp.temperature, top_k=hp.top_k, top_p=hp.top_p)
         tools = dict(environment=self.environment, prompts=prompts, metadata=metadata, max_turns=hp.max_turns)
-        out, responses = sample_and_decode(self.policy, ids, mask, enc, hp.max_new_tokens, **sampling, **tools)
+        out, responses = sample_and_decode(
+            self.policy, ids, mask, enc, hp.max_new_tokens, **sampling, **tools, engine=self.engine
+        )
         self.perf["generation_s"] = time.perf_counter() - start
         self.perf["generated_tokens"] = float(out.response_mask.sum())
         stops = torch.tensor(stop_tokens(enc), device=out.responses.device)  # (S,) every token that ends a response
@@ -200,7 +215,22 @@ class OnlineRLStage(StageModule):
             components={name: value.to(self.device) for name, value in components.items()},
             truncated=truncated,
             turns=turns,
+            logprobs=out.logprobs.to(self.device),
         )
+
+    def rollout_correction(self, rollout: Rollout, micro: Tensor, old: Tensor, mask: Tensor):
+        """The truncated importance weights (r, T) of ``micro``'s tokens when the rollout engine's
+        log-probabilities are not the training forward's ``old`` (vLLM), else None; and the mean
+        absolute gap between the two, which an exact engine keeps at float rounding (with
+        ``top_k`` or ``top_p`` the sampler's are those of the truncated distribution, so the gap
+        includes the truncation)."""
+        if rollout.logprobs is None:  # a rollout built by hand, not sampled
+            return None, None
+        sampled = rollout.logprobs[micro]  # (r, T)
+        gap = masked_mean((old - sampled).abs(), mask)
+        if getattr(self.engine, "exact", True):
+            return None, gap
+        return truncated_importance_weights(old, sampled, self.hparams.rollout_correction_cap), gap
 
     def response_logprobs(self, model, rollout: Rollout, rows: Tensor, entropy: bool = False):
         """Log-probabilities (r, T) of the response tokens of ``rows`` under ``model``, their
@@ -399,7 +429,10 @@ class OnlineRLStage(StageModule):
             hp, enc = self.hparams, self.trainer.datamodule.tokenizer
             ids, mask = batch["input_ids"], batch["attention_mask"]
             sampling = dict(temperature=hp.temperature, top_k=hp.top_k, top_p=hp.top_p)
-            ref_texts = sample_and_decode(self.reference_model(), ids, mask, enc, hp.max_new_tokens, **sampling)[1]
+            reference = self.reference_model()
+            ref_texts = sample_and_decode(reference, ids, mask, enc, hp.max_new_tokens, **sampling, engine=self.engine)[
+                1
+            ]
         for fn in reporters:
             for name, value in fn.report(rollout.responses).items():
                 self.log(f"{split}/reward/{name}", value, batch_size=len(rollout))

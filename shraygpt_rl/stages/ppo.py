@@ -330,6 +330,9 @@ class PPOStage(CriticStage):
         vf_losses, vf_clipped, aux_critic = self.value_loss(rollout, micro, buffer)
         old = buffer["logprobs"][micro]
         pg_losses, ratio, pg_clipped = clipped_policy_loss(logprobs, old, buffer["advantages"][micro], hp.cliprange)
+        weights, gap = self.rollout_correction(rollout, micro, old, mask)
+        if weights is not None:  # tokens sampled by an engine with other log-probabilities (vLLM)
+            pg_losses = pg_losses * weights
         policy_term = pg_losses - (hp.entropy_coef * entropy if bonus else 0.0)
         if warming_up:  # in the graph for DDP, but a non-finite term must not drop the critic's update
             policy_term = policy_term.nan_to_num(0.0, 0.0, 0.0)
@@ -341,6 +344,8 @@ class PPOStage(CriticStage):
         )
         metrics = policy_metrics(logprobs, old, ratio, pg_clipped, mask)
         metrics["policy/loss"] = masked_mean(pg_losses.detach(), mask)
+        if gap is not None:
+            metrics["policy/rollout_logprob_gap"] = gap
         metrics["value/loss"] = masked_mean(vf_losses.detach(), mask)
         metrics["value/clipfrac"] = masked_mean(vf_clipped, mask)
         metrics["moe/aux_loss"] = aux_policy.detach()
