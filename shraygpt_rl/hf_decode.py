@@ -181,14 +181,15 @@ def hf_decoder(model: nn.Module, batch: int, tokens: int, sampling: Sampling) ->
 
 
 def can_decode(model: nn.Module, tokens: int) -> bool:
-    """Whether ``HFDecoder`` runs ``model`` for ``tokens`` columns: a ``HFCausalLM`` with plain
-    local parameters (not sharded by FSDP), sampling without dropout, within its attention window,
-    and whose static decode gives its training forward's logits (checked once per model)."""
+    """Whether ``HFDecoder`` runs ``model`` for ``tokens`` columns: a ``HFCausalLM`` in eval mode
+    (``sample_and_decode`` sets it) with plain local parameters (not sharded by FSDP), within its
+    attention window, and whose static decode gives its training forward's logits (checked once
+    per model)."""
     if not isinstance(model, HFCausalLM):
         return False
     if any(type(p) is not nn.Parameter or p.numel() == 0 for p in model.parameters()):
         return False
-    if model.training and any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()):
+    if model.training:  # dropout may be functional (OPT's), invisible in the modules; eval mode samples
         return False
     window = attention_window(model)
     if window is not None and tokens > window:
