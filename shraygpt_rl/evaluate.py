@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from shraygpt_rl.data import stack_pairs
-from shraygpt_rl.generation import response_logits, sample_and_decode, sequence_logprobs
+from shraygpt_rl.generation import EngineName, RolloutEngine, response_logits, sample_and_decode, sequence_logprobs
 from shraygpt_rl.losses import masked_sum, token_logprobs
 from shraygpt_rl.model import ShrayGPT
 from shraygpt_rl.rewards import Metadata, TaskVerifier, reward_name, task_answer
@@ -129,11 +129,12 @@ def sample_responses(
     desc: str | None = None,
     environment=None,
     max_turns: int = 4,
+    engine: EngineName | RolloutEngine = "auto",
 ) -> Responses:
     """Sample one response per prompt of ``split``, batch by batch, with a seeded generator (and,
     with an ``environment``, its tool calls answered: multi-turn rollouts)."""
     generator = torch.Generator(device=_device(policy)).manual_seed(seed)
-    tools = dict(environment=environment, max_turns=max_turns)
+    tools = dict(environment=environment, max_turns=max_turns, engine=engine)
     out = Responses([], [], [], torch.zeros(0), [])
     lengths = []
     for batch in datamodule.plain_dataloader(split, desc=desc):
@@ -158,6 +159,7 @@ def sample_pass_at_k(
     desc: str | None = None,
     environment=None,
     max_turns: int = 4,
+    engine: EngineName | RolloutEngine = "auto",
 ) -> dict[str, float] | None:
     """pass@1, pass@k and maj@k over the prompts of ``split``, from ``k`` samples per prompt.
 
@@ -169,7 +171,7 @@ def sample_pass_at_k(
         ``pass_columns(k)`` as keys, each the mean over prompts of ``pass_and_majority``'s figure.
     """
     generator = torch.Generator(device=_device(policy)).manual_seed(seed)
-    tools = dict(environment=environment, max_turns=max_turns)
+    tools = dict(environment=environment, max_turns=max_turns, engine=engine)
     parts: list[dict[str, Tensor]] = []
     for batch in datamodule.plain_dataloader(split, desc=desc):
         if not TaskVerifier.covers(batch["metadata"]):
@@ -206,10 +208,11 @@ def verifier_success(
     seed: int = 0,
     environment=None,
     max_turns: int = 4,
+    engine: EngineName | RolloutEngine = "auto",
 ) -> dict[str, float]:
     """The task verifier's success rate and mean reward, and the mean length, of one sampled
     response per held-out prompt (with an ``environment``: multi-turn, its tools answering)."""
-    tools = dict(environment=environment, max_turns=max_turns)
+    tools = dict(environment=environment, max_turns=max_turns, engine=engine)
     responses = sample_responses(policy, datamodule, split, temperature, max_new_tokens, seed, **tools)
     rewards, success = _verify(responses)
     return {
@@ -265,6 +268,7 @@ def evaluate_policy(
     pass_k: int = 0,
     environment=None,
     max_turns: int = 4,
+    engine: EngineName | RolloutEngine = "auto",
 ) -> dict:
     """Every held-out figure of one policy (see the module docstring); None where it does not apply.
 
@@ -275,7 +279,7 @@ def evaluate_policy(
     adds ``pass_columns(pass_k)`` from that many more samples per prompt (``sample_pass_at_k``;
     None off the built-in tasks). With an ``environment``, every sample is a multi-turn rollout
     with its tools (``max_turns``), the reference's too; the KL covers the policy's tokens only."""
-    tools = dict(environment=environment, max_turns=max_turns)
+    tools = dict(environment=environment, max_turns=max_turns, engine=engine)
     ours = sample_responses(
         policy, datamodule, split, temperature, max_new_tokens, seed, desc=f"sampling {name}", **tools
     )

@@ -21,6 +21,7 @@ from shraygpt_rl.evaluate import (
     reward_model_accuracy,
     sample_responses,
 )
+from shraygpt_rl.generation import EngineName, make_engine
 from shraygpt_rl.policy import load_policy
 from shraygpt_rl.report import plot_report, table, write_json
 from shraygpt_rl.reward_model import RewardModel
@@ -67,6 +68,7 @@ def evaluate(
     pass_k: int = 8,
     environment: Environment | None = None,
     max_turns: int = 4,
+    rollout_engine: EngineName = "auto",
     out: str = "reports/eval",
 ) -> dict:
     """Evaluate a policy on held-out prompts; write ``<out>.json`` and ``<out>.png``.
@@ -97,6 +99,8 @@ def evaluate(
             it: ``shraygpt_rl.environments.Calculator``): every sample, the reference's too, has
             its tool calls answered. None: single-turn.
         max_turns: Most policy turns per multi-turn sample.
+        rollout_engine: What samples (``auto``, ``static``, ``eager``, ``vllm``), as the online
+            stages' ``--model.rollout_engine``.
         out: Path of the report, without extension.
     """
     require(pass_k >= 0, f"pass_k must be >= 0 (0 or 1 leaves pass@k out), got {pass_k}.")
@@ -116,6 +120,7 @@ def evaluate(
         pass_k=pass_k,
         environment=environment,
         max_turns=max_turns,
+        engine=make_engine(rollout_engine),
     )
     policies = {}
     if ref is not None:

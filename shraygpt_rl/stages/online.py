@@ -228,7 +228,7 @@ class OnlineRLStage(StageModule):
             return None, None
         sampled = rollout.logprobs[micro]  # (r, T)
         gap = masked_mean((old - sampled).abs(), mask)
-        if getattr(self.engine, "exact", True):
+        if self.engine.exact:
             return None, gap
         return truncated_importance_weights(old, sampled, self.hparams.rollout_correction_cap), gap
 
