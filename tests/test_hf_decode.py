@@ -4,6 +4,8 @@ float32; LoRA, tools, weight changes, windows, dropout and bf16."""
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 from conftest import ByteTokenizer, Echo, frequent_byte
@@ -200,3 +202,12 @@ def test_engine_names_are_checked_in_one_sentence():
     assert make_engine(engine) is engine
     with pytest.raises(ConfigError, match="rollout_engine must be one of auto, static, eager, vllm; got 'fast'"):
         make_engine("fast")
+
+
+def test_the_vllm_engine_where_vllm_is_absent_says_how_to_install_it():
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here: tests/test_vllm_engine.py runs it")
+    with pytest.raises(
+        ConfigError, match=r'needs vLLM, which is not installed; install the extra: pip install -e "\.\[vllm\]"'
+    ):
+        make_engine("vllm")
