@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import lightning as L
@@ -20,6 +21,7 @@ from conftest import (
 
 from shraygpt_rl.bench import ROOT, demo_data
 from shraygpt_rl.data import PromptDataModule
+from shraygpt_rl.engines import StaticEngine
 from shraygpt_rl.losses import aggregate_loss, clipped_policy_loss
 from shraygpt_rl.runner import config_section
 from shraygpt_rl.stages.grpo import GRPOStage, RLOOStage
@@ -251,3 +253,45 @@ def test_rloo_raises_held_out_success(sft_policy, sft_success, held_out_success)
     after = held_out_success(stage.policy)
     learned(stage.kind, sft_success, after)
     assert after >= sft_success + RLOO_GAIN, (sft_success, after)
+
+
+def test_the_static_and_eager_engines_take_the_same_step(tiny_hf):
+    """The stage never learns which exact engine sampled: on a Hugging Face policy the same
+    rollouts give the same gradients, and the rollout/trainer log-probability gap stays at float
+    rounding (ShrayGPT's engines: tests/stages/test_online.py)."""
+    policy = str(tiny_hf("gpt_neo"))
+    grads = {}
+    for engine in ("eager", "static"):
+        recorder = GradRecorder()
+        stage = _stage(policy, rollout_engine=engine, aux_loss_weight=0.0)
+        metrics = _fit(stage, max_steps=1, callbacks=[recorder])
+        assert metrics["policy/rollout_logprob_gap"] < 1e-5
+        grads[engine] = recorder.grads[0]
+    for name, grad in grads["eager"].items():
+        assert torch.allclose(grads["static"][name], grad, atol=1e-6), name
+
+
+class Understated(StaticEngine):
+    """An inexact engine: the static engine's tokens, with log-probabilities log 4 too low."""
+
+    exact = False
+
+    def generate(self, *args, **kwargs):
+        out = super().generate(*args, **kwargs)
+        out.logprobs = out.logprobs - math.log(4.0) * out.response_mask
+        return out
+
+
+def test_an_inexact_engines_tokens_get_truncated_importance_weights(random_policy):
+    """One on-policy step (ratio 1): each token's weight min(pi_train / pi_rollout, cap) = min(4,
+    1.5) scales the policy-gradient loss, so every gradient is 1.5 times the exact engine's."""
+    grads = []
+    for engine in (StaticEngine(), Understated()):
+        recorder = GradRecorder()
+        stage = _stage(random_policy, aux_loss_weight=0.0, max_grad_norm=None, rollout_correction_cap=1.5)
+        stage.engine = engine
+        metrics = _fit(stage, max_steps=1, callbacks=[recorder])
+        grads.append(recorder.grads[0])
+    assert abs(metrics["policy/rollout_logprob_gap"] - math.log(4.0)) < 1e-4
+    for name, grad in grads[0].items():
+        assert torch.allclose(grads[1][name], 1.5 * grad, atol=1e-6, rtol=1e-5), name
