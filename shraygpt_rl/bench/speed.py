@@ -73,7 +73,14 @@ def bench_generation(num_prompts: int = 16, new_tokens: int = 64, top_k: int = 1
 
     def batched(static: bool):
         generator = torch.Generator().manual_seed(seed)
-        return model.generate(batch, new_tokens, top_k=top_k, attention_mask=mask, static=static, generator=generator)
+        return model.generate(
+            batch,
+            new_tokens,
+            top_k=top_k,
+            attention_mask=mask,
+            engine="static" if static else "eager",
+            generator=generator,
+        )
 
     _set_dense(model, True)  # the course ran every expert on every token
     start = time.perf_counter()

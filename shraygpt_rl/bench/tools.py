@@ -105,18 +105,18 @@ def bench_tool_cost(
     enc, policy = data.tokenizer, policy.eval()
     figures = {}
     print(f"\ngeneration with tools, {len(ids)} rows ({PROMPTS} prompts x {SAMPLES}), median of {repeats}:")
-    for loop, static in (("static", True), ("eager", False)):
+    for loop in ("static", "eager"):
         times, width = {"tools": [], "plain": []}, 0
         for i in range(repeats + 1):  # the first of each is a warm-up
             turns = Turns(Calculator(), enc, prompts, metadata, max_turns=3, capacity=tokens)
             start = time.perf_counter()
             out = generate(
-                policy, ids, tokens, eos_token_id=stop_tokens(enc), attention_mask=mask, static=static, turns=turns
+                policy, ids, tokens, eos_token_id=stop_tokens(enc), attention_mask=mask, engine=loop, turns=turns
             )
             multi = time.perf_counter() - start
             width = out.responses.size(1)
             start = time.perf_counter()
-            generate(policy, ids, width, attention_mask=mask, static=static)
+            generate(policy, ids, width, attention_mask=mask, engine=loop)
             if i:
                 times["tools"].append(multi), times["plain"].append(time.perf_counter() - start)
         tools, plain = statistics.median(times["tools"]), statistics.median(times["plain"])
