@@ -19,6 +19,8 @@ arithmetic up to the order of float additions:
   decode dtype (the autocast dtype when autocast is on, so a bf16 run casts the weights once per
   change instead of once per step). A module that is not a plain ``nn.Linear`` (a LoRA layer)
   contributes the matrix it applies, adapters included, read off by applying it to the identity.
+* **One prefill per distinct prompt**: rows that repeat a prompt (GRPO's G samples of it) get
+  copies of its keys and values (``fixed_shape.distinct_prompts``).
 * **Keys are cached after RoPE**, (B, H, capacity, Dh), instead of as latents expanded and
   rotated at every step: each key is expanded and rotated once, when its token is written.
 * **Attention spans the whole capacity**, masked by ``valid`` (B, capacity) rather than sliced
@@ -47,6 +49,7 @@ from shraygpt_rl.fixed_shape import (  # noqa: F401  (Sampling, stop_ids, is_sto
     cached,
     capacity_bucket,
     decode_dtype,
+    distinct_prompts,
     is_stop,
     linear_weight,
     onednn_available,
@@ -169,14 +172,18 @@ class StaticDecoder(FixedShapeDecoder):
 
     @torch.no_grad()
     def prefill(self, model: nn.Module, idx: Tensor, attention_mask: Tensor) -> None:
-        """Reset the state and run the prompts (B, P) through ``model``'s own forward (eagerly,
-        under whatever autocast the caller set), keeping their rotated keys and latent values."""
+        """Reset the state and run each distinct prompt of (B, P) once through ``model``'s own
+        forward (eagerly, under whatever autocast the caller set), keeping its rotated keys and
+        latent values for every row it fills."""
         P = idx.size(1)
-        hidden, caches, _ = model.features(idx, attention_mask=attention_mask)
-        rope = rope_freqs((attention_mask.long().cumsum(-1) - 1).clamp(min=0), self.Dh)  # (B, P, Dh/2)
+        shared = distinct_prompts(idx, attention_mask)  # each distinct prompt once, copied to its rows
+        ids, mask, rows = shared if shared is not None else (idx, attention_mask, slice(None))
+        hidden, caches, _ = model.features(ids, attention_mask=mask)
+        rope = rope_freqs((mask.long().cumsum(-1) - 1).clamp(min=0), self.Dh)  # (U, P, Dh/2)
         for layer, latent, (keys, values) in zip(model.layers, caches, self.caches):
-            keys[:, :, :P].copy_(layer.mha.keys(latent.k, rope))
-            values[:, :P].copy_(latent.v)
+            keys[:, :, :P].copy_(layer.mha.keys(latent.k, rope)[rows])
+            values[:, :P].copy_(latent.v[rows])
+        hidden = hidden[rows]
         self.reset(attention_mask, model.head(hidden[:, -1]))
 
     def forward(self, tokens: Tensor) -> Tensor:

@@ -217,6 +217,19 @@ class FixedShapeDecoder:
         return tokens, alive
 
 
+def distinct_prompts(idx: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+    """The distinct rows of the prompts ``idx`` (B, P) with their padding ``attention_mask``, as
+    (ids (U, P), mask (U, P), inverse (B,): each row's distinct prompt), or None when no row
+    repeats another. GRPO and RLOO sample each prompt G times and evaluation repeats prompts for
+    pass@k: a prefill of the U distinct prompts, copied to their rows, costs U/B of a full one."""
+    P = idx.size(1)
+    rows = torch.cat([idx, attention_mask.to(idx.dtype)], dim=1)  # (B, 2P): a prompt with its padding
+    distinct, inverse = torch.unique(rows, dim=0, return_inverse=True)  # (U, 2P), (B,)
+    if len(distinct) == len(rows):
+        return None
+    return distinct[:, :P], distinct[:, P:].to(attention_mask.dtype), inverse
+
+
 # --------------------------------------------------------------------------------------------
 # One decoder per model, batch and capacity, reused across generations
 # --------------------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ from shraygpt_rl.fixed_shape import (
     cached,
     capacity_bucket,
     decode_dtype,
+    distinct_prompts,
     linear_weight,
     onednn_available,
     signature,
@@ -128,13 +129,11 @@ class HFDecoder(FixedShapeDecoder):
 
         decoder = model.model.get_decoder()
         self.cache.reset()
-        P = idx.size(1)
-        rows = torch.cat([idx, attention_mask.to(idx.dtype)], dim=1)  # (B, 2P): a prompt with its padding
-        distinct, inverse = torch.unique(rows, dim=0, return_inverse=True)  # (U, 2P), (B,)
-        # A sliding layer's dynamic cache keeps only its window, which the copy below cannot rebuild.
-        share = len(distinct) < len(rows) and (self.window is None or P < self.window)
-        if share:
-            ids, mask, cache = distinct[:, :P], distinct[:, P:], DynamicCache(config=model.model.config)
+        # The dynamic cache keeps every prompt token: can_decode holds P + N within any window.
+        shared = distinct_prompts(idx, attention_mask)
+        if shared is not None:
+            ids, mask, inverse = shared
+            cache = DynamicCache(config=model.model.config)
         else:
             ids, mask, cache = idx, attention_mask, self.cache
         out = decoder(
@@ -145,7 +144,7 @@ class HFDecoder(FixedShapeDecoder):
             **{_cache_arg(decoder): cache},
         )
         hidden = out.last_hidden_state[:, -1]  # (U or B, C)
-        if share:
+        if shared is not None:
             for i, layer in enumerate(cache.layers):
                 self.cache.update(layer.keys[inverse], layer.values[inverse], i)
             hidden = hidden[inverse]  # (B, C)

@@ -247,3 +247,24 @@ def test_inference_mode_and_no_grad_generations_do_not_share_buffers(wide_model)
     with torch.inference_mode():
         third = wide_model.generate(ids, 8, top_k=1, attention_mask=mask)
     assert torch.equal(first.sequences, second.sequences) and torch.equal(second.sequences, third.sequences)
+
+
+def test_repeated_prompts_are_prefilled_once_and_decode_as_the_eager_loop(wide_model, monkeypatch):
+    """GRPO's layout: each prompt G times in a row. The prefill runs the distinct prompts only,
+    and the tokens and log-probabilities are the eager loop's."""
+    ids, mask = _left_pad([5, 13, 9], wide_model.vocab_size)
+    ids, mask = ids.repeat_interleave(4, 0), mask.repeat_interleave(4, 0)  # (12, P)
+    widths = []
+    features = type(wide_model).features
+
+    def spy(self, idx, *args, **kwargs):
+        widths.append(idx.size(0))
+        return features(self, idx, *args, **kwargs)
+
+    monkeypatch.setattr(type(wide_model), "features", spy)
+    static = _generate(wide_model, ids, mask, engine="static", temperature=1.0)
+    assert widths == [3]
+    eager = _generate(wide_model, ids, mask, engine="eager", temperature=1.0)
+    assert torch.equal(static.sequences, eager.sequences)
+    assert torch.allclose(static.logprobs, eager.logprobs, atol=1e-5)
+    assert len({tuple(r) for r in static.responses[:4].tolist()}) > 1  # one prompt's rows sample apart
