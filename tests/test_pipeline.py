@@ -39,6 +39,8 @@ def test_eval_reports_a_hugging_face_policy_with_the_seeds_rule_reward(tiny_hf, 
     written = json.loads((tmp_path / "reports" / "neo.json").read_text())
     assert written["results"]["policy"]["reward/keyword_reward"] == policy["reward/keyword_reward"]
     assert policy["prompts"] == 6  # the 24 built-in openings give 6 test prompts
+    eager = main(["--stage", "eval", *args.split(), "--rollout_engine", "eager", "--pass_k", "0"])
+    assert _responses(eager["results"]["policy"]) == _responses(policy)  # auto ran the static step: same samples
 
 
 def test_eval_of_an_adapter_folder_differs_from_its_base(tiny_hf, tmp_path, monkeypatch, perturb_adapters):
