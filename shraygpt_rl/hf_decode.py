@@ -118,6 +118,8 @@ class HFDecoder(FixedShapeDecoder):
         self.dtype = dtype
         self.cache = StaticCache(config=model.model.config, max_cache_len=capacity)
         self.model = weakref.ref(model)  # the per-model cache holds this decoder: no strong cycle
+        self.cache_arg = _cache_arg(model.model.get_decoder())
+        self.post = model.head.post  # the model's own post-processing of its logits
         self.window = attention_window(model)
         self.head: HeadWeights | None = None
 
@@ -137,30 +139,24 @@ class HFDecoder(FixedShapeDecoder):
         else:
             ids, mask, cache = idx, attention_mask, self.cache
         out = decoder(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions(mask),
-            use_cache=True,
-            **{_cache_arg(decoder): cache},
+            input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=True, **{self.cache_arg: cache}
         )
         hidden = out.last_hidden_state[:, -1]  # (U or B, C)
         if shared is not None:
             for i, layer in enumerate(cache.layers):
                 self.cache.update(layer.keys[inverse], layer.values[inverse], i)
             hidden = hidden[inverse]  # (B, C)
-        self.reset(attention_mask, model.head.post(self.head(hidden)))
+        self.reset(attention_mask, self.post(self.head(hidden)))
 
     def forward(self, tokens: Tensor) -> Tensor:
-        model = self.model()
-        decoder = model.model.get_decoder()
-        out = decoder(
+        out = self.model().model.get_decoder()(
             input_ids=tokens[:, None],
             attention_mask=self.valid,
             position_ids=self.positions[:, None],
             use_cache=True,
-            **{_cache_arg(decoder): self.cache},
+            **{self.cache_arg: self.cache},
         )
-        return model.head.post(self.head(out.last_hidden_state[:, -1]))  # (B, V)
+        return self.post(self.head(out.last_hidden_state[:, -1]))  # (B, V)
 
 
 def hf_decoder(model: nn.Module, batch: int, tokens: int, sampling: Sampling) -> HFDecoder:
