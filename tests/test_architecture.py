@@ -151,3 +151,20 @@ def test_the_side_effect_checker_finds_them():
     source = 'import warnings\nif True:\n    warnings.filterwarnings("ignore")\nos.environ["X"] = "1"\n'
     assert sorted(import_time_side_effects(source)) == ["os.environ[...] =", "warnings.filterwarnings"]
     assert import_time_side_effects('def f():\n    warnings.filterwarnings("ignore")\n') == []
+
+
+ENGINE_MODULES = {f"shraygpt_rl.{m}" for m in ("engines", "fixed_shape", "decode", "hf_decode", "vllm_engine")}
+
+
+def test_no_stage_or_evaluation_imports_an_engine():
+    """The rollout seam: stages, evaluation, labelling and the pipeline reach the engines through
+    ``generation`` only (``make_engine`` and the engine names), never an engine's module."""
+    users = [
+        *sorted((PACKAGE / "stages").glob("*.py")),
+        *(PACKAGE / f"{m}.py" for m in ("evaluate", "label", "pipeline")),
+    ]
+    offenders = {
+        module_name(path): sorted(imported_modules(path.read_text(), module_name(path)) & ENGINE_MODULES)
+        for path in users
+    }
+    assert {k: v for k, v in offenders.items() if v} == {}
