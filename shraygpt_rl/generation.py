@@ -26,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from shraygpt_rl.engines import EOS_CHECK_EVERY, EngineName, GenerationOutput, RolloutEngine, make_engine  # noqa: F401
 from shraygpt_rl.fixed_shape import Sampling, stop_ids
+from shraygpt_rl.lora import AdaptersDisabled, adapters_disabled
 from shraygpt_rl.losses import entropy_from_logits, token_logprobs
 from shraygpt_rl.sampling import check_sampling, sample_categorical, sample_next_token  # noqa: F401
 from shraygpt_rl.tokenizer import decode_response, stop_tokens
@@ -152,6 +153,11 @@ def generate(
     if attention_mask is None:
         attention_mask = torch.ones_like(idx)
     sampling = Sampling(temperature, top_k, top_p, stops, pad)
+    if isinstance(model, AdaptersDisabled):  # a LoRA run's reference: the policy with its adapters off
+        with adapters_disabled(model.policy):
+            return make_engine(engine).generate(
+                model.policy, idx, attention_mask, max_new_tokens, sampling, generator, turns
+            )
     return make_engine(engine).generate(model, idx, attention_mask, max_new_tokens, sampling, generator, turns)
 
 

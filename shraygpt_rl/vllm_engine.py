@@ -84,14 +84,19 @@ def _architecture(model: nn.Module) -> tuple:
 @contextlib.contextmanager
 def _process_state_kept() -> Iterator[None]:
     """Undo what an in-process vLLM start does to the caller's process: it seeds the global
-    random generators (Python's, NumPy's, torch's) and, on CPU, replaces ``torch.set_num_threads``
-    with a no-op and may change the thread count."""
+    random generators (Python's, NumPy's, torch's), sets environment variables for its workers
+    (``LD_PRELOAD``, ``LOCAL_WORLD_SIZE``, ``TORCHINDUCTOR_*``, …) and, on CPU, replaces
+    ``torch.set_num_threads`` with a no-op and may change the thread count. What it keeps: a
+    ``torch.distributed`` process group of one, which it initialises when none exists."""
+    environment = dict(os.environ)
     set_num_threads, threads = torch.set_num_threads, torch.get_num_threads()
     py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
     cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     try:
         yield
     finally:
+        os.environ.clear()
+        os.environ.update(environment)
         torch.set_num_threads = set_num_threads
         torch.set_num_threads(threads)
         random.setstate(py_state), np.random.set_state(np_state), torch.random.set_rng_state(torch_state)
@@ -125,7 +130,7 @@ class VLLMEngine(RolloutEngine):
         self.llm_kwargs = llm_kwargs
         self.llm: Any = None
         self.architecture: dict[str, Any] | None = None
-        self.loaded: tuple | None = None  # the policy's ``signature`` at the last weight load
+        self.loaded: tuple | None = None  # the loaded model's id and ``signature`` at the last load
         self.loads = 0  # weight loads so far
         self._folder: tempfile.TemporaryDirectory | None = None
 
@@ -157,7 +162,7 @@ class VLLMEngine(RolloutEngine):
 
     def sync_weights(self, model: nn.Module) -> bool:
         """Load ``model``'s weights into vLLM if they changed since the last load; True if loaded."""
-        now = signature(model)
+        now = (id(model), signature(model))  # the reference's weights are another model's
         if now == self.loaded:
             return False
         weights = list(merged_state_dict(model.model))
@@ -215,6 +220,8 @@ class VLLMEngine(RolloutEngine):
             device = generator.device if generator is not None else "cpu"
             seeds = torch.randint(2**31 - 1, (B,), generator=generator, device=device).tolist()
         rows = attention_mask.bool().cpu()
+        if not rows.any(dim=1).all():
+            raise ConfigError('rollout_engine "vllm" needs at least one prompt token per row; a row is all padding.')
         prompts = [vllm.TokensPrompt(prompt_token_ids=idx[i].cpu()[rows[i]].tolist()) for i in range(B)]
         params = [
             vllm.SamplingParams(
@@ -230,7 +237,8 @@ class VLLMEngine(RolloutEngine):
             )
             for seed in seeds
         ]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        with torch.random.fork_rng(devices=[]):  # vLLM's sampler draws from torch's global generator too
+            outputs = self.llm.generate(prompts, params, use_tqdm=False)
         return self._layout(idx, attention_mask, [out.outputs[0] for out in outputs], sampling.pad_token_id)
 
     @staticmethod

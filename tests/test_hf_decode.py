@@ -15,7 +15,7 @@ from shraygpt_rl.engines import AutoEngine, EagerEngine, StaticEngine, make_engi
 from shraygpt_rl.errors import ConfigError
 from shraygpt_rl.generation import generate, response_logprobs
 from shraygpt_rl.hf import HFCausalLM
-from shraygpt_rl.lora import LoRASpec, adapters_disabled, add_lora
+from shraygpt_rl.lora import AdaptersDisabled, LoRASpec, adapters_disabled, add_lora
 from shraygpt_rl.turns import Turns
 
 KINDS = ["gpt_neo", "opt", "llama", "qwen2", "gemma2"]
@@ -226,3 +226,42 @@ def test_the_hf_step_traces_as_one_graph(tiny_hf):
     step()
     step()
     assert int(decoder.t) == 2 and decoder.valid[:, 5:7].all()
+
+
+@pytest.mark.parametrize("engine", ["static", "eager"])
+def test_a_lora_runs_reference_samples_the_policy_with_its_adapters_off(tiny_hf, engine):
+    """``AdaptersDisabled`` (the reference of a LoRA run) goes through every engine as its
+    policy with the adapters switched off: the base model's samples."""
+    base = load(tiny_hf, "opt")
+    ids, mask = prompts()
+    expected = generate(base, ids, 10, attention_mask=mask, top_k=1, engine="eager")
+    policy = add_lora(base, LoRASpec(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    out = generate(AdaptersDisabled(policy), ids, 10, attention_mask=mask, top_k=1, engine=engine)
+    assert torch.equal(out.sequences, expected.sequences)
+    assert not torch.equal(generate(policy, ids, 10, attention_mask=mask, top_k=1).sequences, expected.sequences)
+
+
+def test_the_exactness_check_covers_the_shared_prefill(tiny_hf, monkeypatch):
+    """A broken copy of a shared prompt's keys and values (each row given another row's) is
+    caught by the per-model check, so ``auto`` decodes that model eagerly."""
+    model = load(tiny_hf, "llama")
+    distinct = hf_decode.distinct_prompts
+
+    def wrong_rows(idx, mask):
+        shared = distinct(idx, mask)
+        return None if shared is None else (*shared[:2], shared[2].flip(0))
+
+    monkeypatch.setattr(hf_decode, "distinct_prompts", wrong_rows)
+    assert not hf_decode.can_decode(model, 20)
+
+
+def test_the_window_check_uses_the_cache_width_the_device_rounds_to(tiny_hf, monkeypatch):
+    """On CUDA the cache is rounded up (to share captured graphs): that width must fit the window."""
+    model = load(tiny_hf, "gemma2")
+    assert hf_decode.can_decode(model, 50)
+    monkeypatch.setattr(hf_decode, "capacity_bucket", lambda tokens, device: -(-tokens // 128) * 128)
+    assert not hf_decode.can_decode(model, 50)

@@ -8,6 +8,7 @@ most of the cost), in the pytest worker's own process: the tests share one worke
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import pytest
@@ -69,20 +70,52 @@ def engine(policy) -> VLLMEngine:
     """The engine, started by a first (greedy) generation; ``engine.kept`` records whether the
     start left this process's random state, thread count and ``torch.set_num_threads`` alone."""
     engine, set_num_threads, threads = VLLMEngine(), torch.set_num_threads, torch.get_num_threads()
-    rng = torch.random.get_rng_state()
+    rng, environment = torch.random.get_rng_state(), dict(os.environ)
     generate(policy, torch.tensor([[72, 105]]), 2, temperature=0, engine=engine)
+    added = set(os.environ) - set(environment) - {"VLLM_ENABLE_V1_MULTIPROCESSING"}  # set on purpose
     engine.kept = (
         torch.equal(torch.random.get_rng_state(), rng),
         torch.set_num_threads is set_num_threads,
         torch.get_num_threads() == threads,
+        sorted(added),
     )
     return engine
 
 
 def test_start_leaves_process_state(engine):
-    """An in-process vLLM seeds the global generators and disables ``torch.set_num_threads``: the
-    engine undoes both."""
-    assert engine.kept == (True, True, True)
+    """An in-process vLLM seeds the global generators, disables ``torch.set_num_threads`` and sets
+    environment variables for its workers (``LD_PRELOAD`` …): the engine undoes all three."""
+    assert engine.kept == (True, True, True, [])
+
+
+def test_sampling_leaves_the_global_generator_alone(policy, engine, prompts):
+    """With the caller's generator, a sampled generation draws nothing from torch's global one,
+    as the exact engines do not."""
+    idx, mask = prompts
+    state = torch.random.get_rng_state()
+    generate(policy, idx, 6, attention_mask=mask, generator=torch.Generator().manual_seed(1), engine=engine)
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_a_row_of_padding_only_is_refused_in_one_sentence(policy, engine, prompts):
+    idx, mask = prompts
+    mask = mask.clone()
+    mask[1] = 0
+    with pytest.raises(ConfigError, match="needs at least one prompt token per row"):
+        generate(policy, idx, 4, attention_mask=mask, engine=engine)
+
+
+def test_another_model_of_the_same_architecture_is_loaded(policy, engine, prompts):
+    """The reference and the policy share an architecture, not weights: switching loads."""
+    idx, mask = prompts
+    other = copy.deepcopy(policy)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(1.5)
+    loads = engine.loads
+    generate(other, idx, 6, attention_mask=mask, temperature=0, engine=engine)
+    generate(policy, idx, 6, attention_mask=mask, temperature=0, engine=engine)
+    assert engine.loads == loads + 2
 
 
 @pytest.fixture

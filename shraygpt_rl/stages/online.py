@@ -137,6 +137,12 @@ class OnlineRLStage(StageModule):
         require(eval_samples >= 1, f"eval_samples must be at least 1, got {eval_samples}.")
         require(rollout_correction_cap >= 1, f"rollout_correction_cap must be >= 1, got {rollout_correction_cap}.")
         self.engine = make_engine(rollout_engine)
+        require(
+            self.engine.exact or (top_k is None and top_p in (None, 1)),
+            f"rollout_engine {rollout_engine}'s log-probabilities are of the top-k/top-p truncated distribution, "
+            "which its importance weights would compare with the untruncated training forward's; leave top_k and "
+            "top_p unset with it.",
+        )
         self.policy = disable_dropout(self.build_policy())
         functions = list(rewards or [])
         if reward_model:
@@ -429,10 +435,9 @@ class OnlineRLStage(StageModule):
             hp, enc = self.hparams, self.trainer.datamodule.tokenizer
             ids, mask = batch["input_ids"], batch["attention_mask"]
             sampling = dict(temperature=hp.temperature, top_k=hp.top_k, top_p=hp.top_p)
+            engine = self.engine if self.engine.exact else "auto"  # vLLM would swap in the reference's weights
             reference = self.reference_model()
-            ref_texts = sample_and_decode(reference, ids, mask, enc, hp.max_new_tokens, **sampling, engine=self.engine)[
-                1
-            ]
+            _, ref_texts = sample_and_decode(reference, ids, mask, enc, hp.max_new_tokens, **sampling, engine=engine)
         for fn in reporters:
             for name, value in fn.report(rollout.responses).items():
                 self.log(f"{split}/reward/{name}", value, batch_size=len(rollout))

@@ -110,6 +110,11 @@ class TRPOStage(CriticStage):
         require(0 < backtrack_ratio < 1, f"backtrack_ratio must be in (0, 1), got {backtrack_ratio}.")
         require(max_backtracks >= 0, f"max_backtracks must be >= 0, got {max_backtracks}.")
         super().__init__(export_path=export_path, **kwargs)
+        require(
+            self.engine.exact,
+            f"TRPO's surrogate and KL step assume the rollout policy's own samples, which rollout_engine "
+            f"{self.engine.name} does not give; use auto, static or eager.",
+        )
         if hasattr(self.policy, "twice_differentiable"):  # a Hugging Face model: eager attention
             self.policy.twice_differentiable()
         self.line_search_failures = 0

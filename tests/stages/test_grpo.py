@@ -22,8 +22,10 @@ from conftest import (
 from shraygpt_rl.bench import ROOT, demo_data
 from shraygpt_rl.data import PromptDataModule
 from shraygpt_rl.engines import StaticEngine
+from shraygpt_rl.errors import ConfigError
 from shraygpt_rl.losses import aggregate_loss, clipped_policy_loss
 from shraygpt_rl.runner import config_section
+from shraygpt_rl.stages import online
 from shraygpt_rl.stages.grpo import GRPOStage, RLOOStage
 
 PROMPTS = dict(ARITH, batch_size=4, train_size=64)
@@ -295,3 +297,13 @@ def test_an_inexact_engines_tokens_get_truncated_importance_weights(random_polic
     assert abs(metrics["policy/rollout_logprob_gap"] - math.log(4.0)) < 1e-4
     for name, grad in grads[0].items():
         assert torch.allclose(grads[1][name], 1.5 * grad, atol=1e-6, rtol=1e-5), name
+
+
+@pytest.mark.parametrize("truncation", [dict(top_k=5), dict(top_p=0.9)])
+def test_an_inexact_engine_refuses_top_k_and_top_p(random_policy, monkeypatch, truncation):
+    """vLLM's log-probabilities are of the truncated distribution: its importance weights against
+    the untruncated training forward would be the kept mass, not a correction."""
+    monkeypatch.setattr(online, "make_engine", lambda name: Understated())
+    with pytest.raises(ConfigError, match="leave top_k and top_p unset with it"):
+        _stage(random_policy, **truncation)
+    _stage(random_policy, top_p=1.0)  # no truncation

@@ -291,3 +291,15 @@ TRPO_TEST_ROLLOUTS = 12
 # the threshold is the least less a margin of about 0.03. (20 rollouts gained +0.159 to +0.258 in
 # 70% more time.)
 TRPO_TEST_GAIN = 0.04
+
+
+def test_an_engine_with_other_logprobs_is_refused(random_policy, monkeypatch):
+    """TRPO's surrogate has no importance weight for another sampler's tokens (vLLM's)."""
+    from shraygpt_rl.engines import StaticEngine
+    from shraygpt_rl.errors import ConfigError
+    from shraygpt_rl.stages import online
+
+    inexact = type("Inexact", (StaticEngine,), {"exact": False, "name": "vllm"})
+    monkeypatch.setattr(online, "make_engine", lambda name: inexact())
+    with pytest.raises(ConfigError, match="rollout_engine vllm does not give; use auto, static or eager"):
+        _stage(random_policy)
