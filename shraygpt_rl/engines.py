@@ -18,7 +18,8 @@ engine ran. The engines:
             into it before each generation
 ==========  ==================================================================================
 
-Each returns the same ``GenerationOutput``, and with the same seed the same tokens: the fixed-shape
+Each returns the same ``GenerationOutput``, and in float32 with the same seed the same tokens (under
+bf16 autocast the steps round differently, and a long sample can drift apart): the fixed-shape
 steps draw their sampler's uniforms ahead, in the eager loop's order, and leave the generator as
 the eager loop would.
 """
