@@ -3,6 +3,7 @@
 python -m shraygpt_rl.bench generation   # rollout engine against the course's decoding (greedy, and top-k 50)
 python -m shraygpt_rl.bench moe          # sparse MoE dispatch against the dense formulation
 python -m shraygpt_rl.bench grpo-step    # one GRPO step at the bench shape: completions/s, time split
+python -m shraygpt_rl.bench grpo-step --hf tinystories   # a random-init HF shape (or opt-350m): engines and TRL
 python -m shraygpt_rl.bench stages       # SFT -> reward model -> DPO on the arithmetic task
 python -m shraygpt_rl.bench learning     # SFT -> PPO, GRPO, … (--stages, --seeds) on arithmetic: held-out success
 python -m shraygpt_rl.bench learning --stages tools   # SFT -> GRPO with a calculator on 3-digit multiplication
@@ -34,6 +35,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--top-k", type=int, help="generation: 1 (greedy) or k; default both (16x64, 8x48 top-k 50)")
     parser.add_argument("--generations", type=int, help="grpo-step, gpu: completions per prompt (4, 8)")
     parser.add_argument("--steps", type=int, default=3, help="grpo-step: timed steps, after one warm-up step")
+    parser.add_argument(
+        "--hf",
+        choices=["tinystories", "opt-350m"],
+        help="grpo-step: the HF model shape to bench instead of ShrayGPT's bench shape (random init; each rollout "
+        "engine, and TRL's GRPOTrainer when trl is importable)",
+    )
     parser.add_argument("--moe-tokens", type=int, default=1024, help="moe: tokens")
     parser.add_argument("--pairs", type=int, default=20, help="label: pairs judged")
     parser.add_argument(
@@ -86,9 +93,17 @@ def main(argv: list[str] | None = None) -> None:
         from shraygpt_rl.bench.throughput import bench_grpo_step
 
         sizes = dict(prompts=args.prompts or 8, generations=args.generations or 4, new_tokens=args.new_tokens or 48)
-        bench_grpo_step(
-            **sizes, steps=args.steps, tokenizer_path=args.tokenizer_path, logprob_chunk_rows=args.logprob_chunk_rows
-        )
+        if args.hf:
+            from shraygpt_rl.bench.hf_step import bench_hf_grpo_step
+
+            bench_hf_grpo_step(args.hf, **sizes, steps=args.steps, tokenizer_path=args.tokenizer_path)
+        else:
+            bench_grpo_step(
+                **sizes,
+                steps=args.steps,
+                tokenizer_path=args.tokenizer_path,
+                logprob_chunk_rows=args.logprob_chunk_rows,
+            )
     if args.which == "gpu":
         from shraygpt_rl.bench.gpu import bench_gpu
 

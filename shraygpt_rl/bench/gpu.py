@@ -92,7 +92,7 @@ def _eager_step_ms(model: ShrayGPT, ids: torch.Tensor, mask: torch.Tensor, steps
     for n in (1, steps + 1, 1, steps + 1):
         _sync(device)
         start = time.perf_counter()
-        model.generate(ids, n, top_k=50, attention_mask=mask, static=False)
+        model.generate(ids, n, top_k=50, attention_mask=mask, engine="eager")
         _sync(device)
         timings.append(time.perf_counter() - start)
     return (timings[3] - timings[2]) / steps * 1e3
@@ -153,12 +153,10 @@ def bench_trl(
 ):
     """TRL's GRPOTrainer on a Qwen2-MoE of the same shape and batch: seconds per step, or None
     when trl is not importable."""
-    try:
-        from datasets import Dataset
-        from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM, TrainerCallback
-        from trl import GRPOConfig, GRPOTrainer
-    except ImportError:
+    if not trl_importable():
         return None
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
     from shraygpt_rl.bench.tiny_hf import gpt2_tokenizer
 
     folder = Path(tempfile.mkdtemp(prefix="shraygpt-trl-"))
@@ -184,25 +182,103 @@ def bench_trl(
     with torch.device(device):
         model = Qwen2MoeForCausalLM(config)
     cuda = device.type == "cuda"
-    args = GRPOConfig(
-        output_dir=str(folder),
-        per_device_train_batch_size=micro,
-        gradient_accumulation_steps=prompts * generations // micro,
-        num_generations=generations,
-        max_completion_length=new_tokens,
+    questions = [f"What is {a} + {b}? Answer:" for a, b in zip(range(10, 99), range(30, 119))]
+    timed = time_trl_grpo(
+        model,
+        tokenizer,
+        (questions * 10)[: prompts * (steps + 1)],
+        generations=generations,
+        new_tokens=new_tokens,
+        micro=micro,
+        rows=prompts * generations,
+        steps=steps,
+        output_dir=folder,
+        device=device,
         top_k=50,
-        beta=0.0,
         learning_rate=1e-6,
-        max_steps=steps + 1,
         bf16=cuda,
         use_cpu=not cuda,
+    )
+    return timed["step_s"]
+
+
+def trl_importable() -> bool:
+    """Whether ``trl`` (and the ``datasets`` it needs) import here."""
+    try:
+        import datasets  # noqa: F401
+        import trl  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def time_trl_grpo(
+    model,
+    tokenizer,
+    prompts: list[str],
+    generations: int,
+    new_tokens: int,
+    micro: int,
+    rows: int,
+    steps: int,
+    output_dir: str | Path,
+    device: torch.device,
+    **config,
+) -> dict[str, float]:
+    """Run TRL's GRPOTrainer for one warm-up step and ``steps`` timed ones.
+
+    Each step samples ``generations`` completions of up to ``new_tokens`` tokens for ``rows //
+    generations`` of ``prompts`` (texts, taken in order) and takes one optimizer step over the
+    ``rows`` completions, in forward/backward passes of ``micro`` rows. The reward is the
+    completion's length in characters (cheap, and it varies within a group). Needs ``trl``.
+
+    Args:
+        model: A ``transformers`` causal LM; its ``generate`` is timed, so it is wrapped in place.
+        tokenizer: Its tokenizer, with a pad token.
+        prompts: At least ``rows // generations * (steps + 1)`` prompt texts.
+        generations: Completions per prompt (``num_generations``).
+        new_tokens: ``max_completion_length``.
+        micro: ``per_device_train_batch_size``, in completions.
+        rows: Completions per optimizer step.
+        steps: Timed steps, after one warm-up step.
+        output_dir: TRL's output folder (nothing is saved there).
+        device: Where the model runs (for the timer's synchronisation).
+        **config: Further ``GRPOConfig`` fields (``top_k``, ``learning_rate``, ``bf16``, ``use_cpu`` …).
+
+    Returns:
+        The timed steps' mean seconds: ``step_s`` (optimizer step to optimizer step) and
+        ``generation_s`` (in ``model.generate``).
+    """
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    args = GRPOConfig(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=rows // micro,
+        num_generations=generations,
+        max_completion_length=new_tokens,
+        beta=0.0,
+        max_steps=steps + 1,
         report_to=[],
         logging_strategy="no",
         disable_tqdm=True,
         save_strategy="no",
+        **config,
     )
-    questions = [f"What is {a} + {b}? Answer:" for a, b in zip(range(10, 99), range(30, 119))]
-    dataset = Dataset.from_dict({"prompt": (questions * 10)[: prompts * (steps + 1)]})
+    dataset = Dataset.from_dict({"prompt": prompts[: rows // generations * (steps + 1)]})
+    generation_s: list[float] = []
+    generate = model.generate
+
+    def timed_generate(*args, **kwargs):
+        start = time.perf_counter()
+        out = generate(*args, **kwargs)
+        _sync(device)
+        generation_s.append(time.perf_counter() - start)
+        return out
+
+    model.generate = timed_generate  # TRL calls the unwrapped model's generate (no vLLM)
 
     class Timer(TrainerCallback):
         def __init__(self):
@@ -222,7 +298,11 @@ def bench_trl(
         callbacks=[timer],
     )
     trainer.train()
-    return (timer.stamps[-1] - timer.stamps[0]) / (len(timer.stamps) - 1)
+    per_step = len(generation_s) // (steps + 1)  # generate calls per step (one, unless micro-batched)
+    return {
+        "step_s": (timer.stamps[-1] - timer.stamps[0]) / (len(timer.stamps) - 1),
+        "generation_s": sum(generation_s[per_step:]) / steps,
+    }
 
 
 def bench_gpu(
