@@ -78,19 +78,18 @@ def save_shape(
 @torch.no_grad()
 def time_engines(folder: Path, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int, eos: int, repeats: int = 3):
     """Best-of-``repeats`` seconds of ``generate`` (temperature 1, no top-k) with the eager loop and
-    the static step, after a warm-up each; and how many rows sampled EOS before ``new_tokens``."""
+    the static step, the two taking turns (so that a drift in the machine's speed hits both) after
+    a warm-up each; and how many rows sampled EOS before ``new_tokens``."""
     model = HFCausalLM.from_pretrained(str(folder)).eval()
-    seconds, early = {}, 0
-    for engine in ("eager", "static"):
-        timings = []
-        for n in range(repeats + 1):
+    timings, early = {"eager": [], "static": []}, 0
+    for n in range(repeats + 1):
+        for engine in timings:
             torch.manual_seed(n)
             start = time.perf_counter()
             out = generate(model, ids, new_tokens, attention_mask=mask, eos_token_id=eos, engine=engine)
-            timings.append(time.perf_counter() - start)
+            timings[engine].append(time.perf_counter() - start)
             early += int((out.response_mask.sum(1) < new_tokens).sum())
-        seconds[engine] = min(timings[1:])
-    return seconds, early
+    return {engine: min(times[1:]) for engine, times in timings.items()}, early
 
 
 def _row(label: str, rows: int, step_s: float, generation_s: float) -> None:
