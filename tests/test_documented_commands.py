@@ -42,7 +42,7 @@ ONLINE = ("ppo", "grpo", "rloo", "trpo", "online")
 BENCH_SIZES = {
     "generation": "--prompts 2 --new-tokens 4",
     "moe": "--moe-tokens 64",
-    "grpo-step": f"--prompts 2 --generations 2 --new-tokens 4 --steps 1 --tokenizer-path {R50K}",
+    "grpo-step": f"--prompts 2 --generations 2 --new-tokens 4 --steps 1 --tokenizer-path {R50K} --shape tiny",
     "lora": "--sft-steps 20 --ppo-steps 8",
     "label": "--pairs 3",
     "gpu": "--shape tiny --device cpu --batches 2 --prompts 2 --generations 2 --new-tokens 4 --micro-batch-size 2 "
@@ -289,7 +289,7 @@ def test_the_commands_are_found():
     commands = [" ".join(c[:4]) for c in documented_commands()]
     assert "python train.py --stage pipeline" in commands
     assert "python train.py --stage eval" in commands
-    assert sum(c.startswith("python -m shraygpt_rl.bench") for c in commands) == 11
+    assert sum(c.startswith("python -m shraygpt_rl.bench") for c in commands) == 13
     assert (
         sum(any(w.startswith(tuple(f"configs/{c}" for c in HF_CONFIGS)) for w in c) for c in documented_commands())
         == 12
@@ -425,6 +425,7 @@ def check_demo(folder: Path, reports: dict, printed: str, with_shared: bool) -> 
         completions_per_s = re.search(r"completions/s\s+([\d.]+)", printed)
         assert completions_per_s and float(completions_per_s.group(1)) > 0 and "FLOP floor" in printed
         assert "HH-RLHF reward model held-out accuracy" in printed  # bench stages, on the shared sample
+        assert printed.count("static / eager:") == 2  # bench grpo-step --hf, both shapes at toy size
 
     # Several labellers per pair: three names on every pair, the report and the files it writes.
     judged: dict[str, set[str]] = {}

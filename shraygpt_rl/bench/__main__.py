@@ -71,7 +71,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sft-steps", type=int, default=600, help="lora: SFT steps of the tiny GPT-Neo")
     parser.add_argument("--ppo-steps", type=int, default=800, help="lora: PPO optimizer steps (4 per rollout)")
     parser.add_argument("--tokenizer-path", help="grpo-step, gpu: local r50k_base.tiktoken (default: ../shared's)")
-    parser.add_argument("--shape", choices=["course", "tiny"], default="course", help="gpu: the model's size")
+    parser.add_argument(
+        "--shape",
+        choices=["course", "tiny"],
+        default="course",
+        help="gpu, grpo-step --hf: the model's size (tiny: 2 layers of width 64 and a byte vocabulary, a smoke run)",
+    )
     parser.add_argument("--device", default="cuda", help="gpu: where to run (cpu with --shape tiny, for a smoke run)")
     parser.add_argument("--batches", nargs="+", type=int, default=[8, 32, 128], help="gpu: decode batch sizes")
     parser.add_argument("--micro-batch-size", type=int, default=32, help="gpu: rows per forward/backward")
@@ -94,9 +99,10 @@ def main(argv: list[str] | None = None) -> None:
 
         sizes = dict(prompts=args.prompts or 8, generations=args.generations or 4, new_tokens=args.new_tokens or 48)
         if args.hf:
-            from shraygpt_rl.bench.hf_step import bench_hf_grpo_step
+            from shraygpt_rl.bench.hf_step import TINY, bench_hf_grpo_step
 
-            bench_hf_grpo_step(args.hf, **sizes, steps=args.steps, tokenizer_path=args.tokenizer_path)
+            tiny = dict(overrides=TINY[args.hf], vocabulary="byte") if args.shape == "tiny" else {}
+            bench_hf_grpo_step(args.hf, **sizes, steps=args.steps, tokenizer_path=args.tokenizer_path, **tiny)
         else:
             bench_grpo_step(
                 **sizes,

@@ -45,6 +45,11 @@ SHAPES: dict[str, tuple[str, dict]] = {
         ),
     ),
 }  # fmt: skip
+# ``--shape tiny``: each shape at toy size (2 layers of width 64), for a smoke run.
+TINY = {
+    "tinystories": dict(hidden_size=64, num_layers=2, num_heads=4, attention_types=[[["global", "local"], 1]]),
+    "opt-350m": dict(hidden_size=64, num_hidden_layers=2, ffn_dim=128, num_attention_heads=4, word_embed_proj_dim=32),
+}
 LEARNING_RATE = 1e-5
 
 

@@ -4,14 +4,12 @@ tokenizer, 2 prompts x 2 generations x 4 tokens, one timed step."""
 from __future__ import annotations
 
 from shraygpt_rl.bench.gpu import trl_importable
-from shraygpt_rl.bench.hf_step import bench_hf_grpo_step
-
-TINY = dict(hidden_size=64, num_layers=2, num_heads=4, attention_types=[[["global", "local"], 1]])
+from shraygpt_rl.bench.hf_step import TINY, bench_hf_grpo_step
 
 
 def test_the_hf_grpo_step_bench_gives_positive_figures(capsys):
     result = bench_hf_grpo_step(
-        "tinystories", prompts=2, generations=2, new_tokens=4, steps=1, overrides=TINY, vocabulary="byte"
+        "tinystories", prompts=2, generations=2, new_tokens=4, steps=1, overrides=TINY["tinystories"], vocabulary="byte"
     )
     printed = capsys.readouterr().out
     for key in ("generate_eager_tokens_per_s", "generate_static_tokens_per_s", "generate_static_over_eager"):
