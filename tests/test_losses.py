@@ -20,6 +20,7 @@ from shraygpt_rl.losses import (
     sequence_logprobs,
     simpo_loss,
     token_logprobs,
+    truncated_importance_weights,
 )
 
 
@@ -440,3 +441,14 @@ def test_kto_loss_against_a_loop():
         else:
             want = 1.5 - 1.5 / (1 + math.exp(-0.3 * (0.7 - r)))
         assert losses[i].item() == pytest.approx(want, abs=1e-12)
+
+
+def test_truncated_importance_weights_by_hand():
+    """min(pi_train / pi_rollout, cap), detached: exp(0.5) = 1.6487, exp(-1) = 0.3679, and
+    exp(2) = 7.39 cut to the cap of 2."""
+    logprobs = torch.tensor([[-1.0, -2.0, -0.5]], requires_grad=True)
+    rollout = torch.tensor([[-1.5, -1.0, -2.5]])
+    weights = truncated_importance_weights(logprobs, rollout, cap=2.0)
+    assert torch.allclose(weights, torch.tensor([[1.6487213, 0.3678794, 2.0]]))
+    assert not weights.requires_grad
+    assert torch.equal(truncated_importance_weights(rollout, rollout), torch.ones_like(rollout))  # on-policy: 1
