@@ -287,13 +287,73 @@ def clipped_policy_loss(
     2017, eq. 7), with DAPO's clip-higher when ``clip_high`` differs (Yu et al., 2025).
 
     ``advantages`` broadcast against (B, T). Returns ``(losses, ratio, clipped)``, each (B, T);
-    ``clipped`` marks tokens where the clipped branch was taken.
+    ``clipped`` marks tokens where the clipped branch was taken (``policy_loss``'s ``clip``).
     """
-    ratio = torch.exp(logprobs - old_logprobs)
+    mask = torch.ones_like(logprobs)
+    return policy_loss(logprobs, old_logprobs, advantages, mask, "clip", "token", clip_low, clip_high)
+
+
+ImportanceSamplingLevel = Literal["token", "sequence"]
+PolicyLoss = Literal["clip", "cispo", "sapo"]
+
+
+def importance_ratio(logprobs: Tensor, old_logprobs: Tensor, mask: Tensor, level: ImportanceSamplingLevel = "token"):
+    """Importance ratios (B, T). ``token``: ``pi / pi_old`` per token. ``sequence`` (GSPO, Zheng
+    et al. 2025, eq. 7): ``(pi(y|x) / pi_old(y|x)) ** (1 / |y|)``, the geometric mean of the
+    row's token ratios over the tokens of ``mask`` only (a multi-turn row's observations are not
+    the policy's), the same for every token of the row."""
+    log_ratio = logprobs - old_logprobs
+    if level == "token":
+        return log_ratio.exp()
+    mask = mask.to(log_ratio.dtype)
+    mean = masked_sum(log_ratio, mask, dim=1) / mask.sum(1).clamp(min=1)  # (B,)
+    return mean.exp()[:, None].expand_as(log_ratio)
+
+
+def policy_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    kind: PolicyLoss = "clip",
+    level: ImportanceSamplingLevel = "token",
+    clip_low: float = 0.2,
+    clip_high: float | None = None,
+    sapo_temperatures: tuple[float, float] = (1.0, 1.05),
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-token policy losses (B, T) of the GRPO family, with the ratios and which tokens were
+    clipped or gated, each (B, T); aggregate with ``aggregate_loss``.
+
+    * ``clip``: PPO's ``-min(r A, clip(r, 1 - e_low, 1 + e_high) A)`` on the ratio of ``level``:
+      token (GRPO, DAPO) or sequence (GSPO, whose objective is this per sequence, averaged over
+      sequences: ``aggregate_loss``'s ``grpo``).
+    * ``cispo`` (MiniMax-M1, 2025, eq. 4): ``-sg(min(r, 1 + e_high)) A log pi``: the importance
+      weight is clipped and detached, not the update, so every token keeps its gradient. The paper
+      sets no lower bound (its ``e_low`` is large); neither does this. ``clipped``: ``r > 1 + e_high``.
+    * ``sapo`` (Gao et al. 2025, "Soft Adaptive Policy Optimization"): ``-(4 / tau) sigmoid(tau
+      (r - 1)) A``, a smooth gate in place of the clip, with ``tau`` the first of
+      ``sapo_temperatures`` for positive advantages and the second for the others. Its gradient
+      weight ``4 s (1 - s)`` (``s`` the sigmoid) is 1 at ``r = 1`` and decays away from it;
+      ``clipped`` marks the tokens it has more than halved.
+
+    At ``r = 1`` (the on-policy step) every kind's gradient is the policy gradient ``-A grad log pi``.
+    """
+    ratio = importance_ratio(logprobs, old_logprobs, mask, level)
     clip_high = clip_low if clip_high is None else clip_high
-    unclipped = -advantages * ratio
-    clipped_loss = -advantages * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
-    return torch.maximum(unclipped, clipped_loss), ratio, (clipped_loss > unclipped).float()
+    if kind == "clip":
+        unclipped = -advantages * ratio
+        clipped_loss = -advantages * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
+        return torch.maximum(unclipped, clipped_loss), ratio, (clipped_loss > unclipped).float()
+    if kind == "cispo":
+        weight = ratio.detach().clamp(max=1 + clip_high)
+        return -weight * advantages * logprobs, ratio, (ratio.detach() > 1 + clip_high).float()
+    if kind == "sapo":
+        positive, negative = sapo_temperatures
+        tau = torch.where(advantages > 0, positive, negative) * torch.ones_like(ratio)  # (B, T)
+        gate = torch.sigmoid(tau * (ratio - 1))
+        weight = 4 * gate.detach() * (1 - gate.detach())  # d(loss) / d(-A r)
+        return -(4 / tau) * gate * advantages, ratio, (weight < 0.5).float()
+    raise ValueError(f"Unknown policy loss '{kind}'; choose clip, cispo or sapo.")
 
 
 def truncated_importance_weights(logprobs: Tensor, rollout_logprobs: Tensor, cap: float = 2.0) -> Tensor:

@@ -9,13 +9,16 @@ import torch
 import torch.nn.functional as F
 
 from shraygpt_rl.losses import (
+    aggregate_loss,
     bradley_terry_loss,
     dpo_loss,
+    importance_ratio,
     kto_loss,
     log1mexp,
     masked_mean,
     masked_sum,
     orpo_loss,
+    policy_loss,
     reward_centering_loss,
     sequence_logprobs,
     simpo_loss,
@@ -104,7 +107,6 @@ def test_dpo_refuses_bad_options():
 # --------------------------------------------------------------------------------------------
 from shraygpt_rl.losses import (  # noqa: E402
     AdaptiveKLController,
-    aggregate_loss,
     clipped_policy_loss,
     clipped_value_loss,
     conjugate_gradient,
@@ -452,3 +454,120 @@ def test_truncated_importance_weights_by_hand():
     assert torch.allclose(weights, torch.tensor([[1.6487213, 0.3678794, 2.0]]))
     assert not weights.requires_grad
     assert torch.equal(truncated_importance_weights(rollout, rollout), torch.ones_like(rollout))  # on-policy: 1
+
+
+# --------------------------------------------------------------------------------------------
+# GSPO, CISPO and SAPO
+# --------------------------------------------------------------------------------------------
+def _family_inputs(seed: int, rows: int = 4, tokens: int = 6):
+    g = torch.Generator().manual_seed(seed)
+    logprobs = (-torch.rand(rows, tokens, generator=g) * 3).requires_grad_()
+    old = logprobs.detach() + torch.randn(rows, tokens, generator=g) * 0.3
+    advantages = torch.randn(rows, 1, generator=g)
+    mask = (torch.rand(rows, tokens, generator=g) > 0.25).float()
+    mask[:, 0] = 1  # every row has a token
+    return logprobs, old, advantages, mask
+
+
+def test_gspo_sequence_ratio_and_loss_by_hand():
+    """One row of two tokens: log ratios 0.2 and -0.4 give s = exp(-0.1) = 0.904837 for both.
+    With epsilon 0.05, A = 1 takes min(sA, 0.95A) = s, unclipped; A = -1 takes the clipped
+    -0.95 (a loss of 0.95 on each token)."""
+    logprobs = torch.tensor([[-1.0, -2.0, -9.0]])
+    old = torch.tensor([[-1.2, -1.6, -0.5]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])  # the third token is an observation: out of the ratio
+    losses, ratio, clipped = policy_loss(logprobs, old, torch.tensor([[1.0]]), mask, "clip", "sequence", 0.05)
+    assert torch.allclose(ratio, torch.full((1, 3), math.exp(-0.1)))
+    assert torch.allclose(losses[0, :2], torch.full((2,), -math.exp(-0.1))) and not clipped.any()
+    losses, _, clipped = policy_loss(logprobs, old, torch.tensor([[-1.0]]), mask, "clip", "sequence", 0.05)
+    assert torch.allclose(losses[0, :2], torch.full((2,), 0.95)) and clipped[0, :2].tolist() == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_gspo_equals_the_papers_objective_in_a_loop(seed):
+    """GSPO eq. 5 and 7, one sequence at a time: s_i = (prod_t r_t) ** (1 / |y_i|) over the row's
+    own tokens, J = mean_i min(s_i A_i, clip(s_i) A_i); value and gradient match the batched loss
+    aggregated per sequence (``grpo``)."""
+    logprobs, old, advantages, mask = _family_inputs(seed)
+    losses, _, _ = policy_loss(logprobs, old, advantages, mask, "clip", "sequence", 0.1, 0.15)
+    batched = aggregate_loss(losses, mask, "grpo")
+    (grad,) = torch.autograd.grad(batched, logprobs)
+    naive = 0.0
+    for i in range(len(logprobs)):
+        tokens = mask[i].bool()
+        s = torch.prod((logprobs[i][tokens] - old[i][tokens]).exp()) ** (1 / int(tokens.sum()))
+        a = advantages[i, 0]
+        naive = naive - torch.minimum(s * a, s.clamp(0.9, 1.15) * a)
+    naive = naive / len(logprobs)
+    (naive_grad,) = torch.autograd.grad(naive, logprobs)
+    assert torch.allclose(batched, naive, atol=1e-6)
+    assert torch.allclose(grad, naive_grad, atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_cispo_equals_minimax_m1s_objective_in_a_loop(seed):
+    """MiniMax-M1 eq. 4 token by token: -sg(min(r, 1 + e)) A log pi, summed over all tokens and
+    divided by their count (``dapo``); every token keeps a gradient, clipped or not."""
+    logprobs, old, advantages, mask = _family_inputs(seed)
+    losses, _, clipped = policy_loss(logprobs, old, advantages, mask, "cispo", clip_high=0.1)
+    batched = aggregate_loss(losses, mask, "dapo")
+    (grad,) = torch.autograd.grad(batched, logprobs)
+    naive, tokens = 0.0, 0
+    for i, t in mask.nonzero().tolist():
+        r = math.exp(float(logprobs[i, t] - old[i, t]))
+        naive = naive - min(r, 1.1) * float(advantages[i, 0]) * logprobs[i, t]
+        tokens += 1
+    naive = naive / tokens
+    (naive_grad,) = torch.autograd.grad(naive, logprobs)
+    assert torch.allclose(batched, naive, atol=1e-6) and torch.allclose(grad, naive_grad, atol=1e-6)
+    assert clipped[mask.bool()].any() and (grad[mask.bool()] != 0).all()
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_sapo_equals_its_soft_gate_token_by_token(seed):
+    """SAPO: -(4 / tau) sigmoid(tau (r - 1)) A per token, tau 1.0 for A > 0 and 1.05 otherwise."""
+    logprobs, old, advantages, mask = _family_inputs(seed)
+    losses, ratio, _ = policy_loss(logprobs, old, advantages, mask, "sapo")
+    for i in range(len(logprobs)):
+        a = float(advantages[i, 0])
+        tau = 1.0 if a > 0 else 1.05
+        for t in range(logprobs.size(1)):
+            r = math.exp(float(logprobs[i, t] - old[i, t]))
+            expected = -(4 / tau) / (1 + math.exp(-tau * (r - 1))) * a
+            assert abs(float(losses[i, t]) - expected) < 1e-5
+
+
+def test_sapo_gate_by_hand():
+    """r = 1: loss -2 A / tau * ... = -(4 / 1) * 0.5 * A = -2A, gradient weight 1; r = 3 with
+    tau 1: weight 4 s (1 - s) at s = sigmoid(2) = 0.880797 is 0.419974 < 1/2: gated."""
+    ratio_one = torch.zeros(1, 1, requires_grad=True)
+    losses, _, gated = policy_loss(ratio_one, torch.zeros(1, 1), torch.tensor([[1.5]]), torch.ones(1, 1), "sapo")
+    assert torch.allclose(losses, torch.tensor([[-3.0]])) and gated.item() == 0
+    (grad,) = torch.autograd.grad(losses.sum(), ratio_one)
+    assert torch.allclose(grad, torch.tensor([[-1.5]]))  # the policy gradient: -A
+    far = torch.tensor([[math.log(3.0)]])
+    _, _, gated = policy_loss(far, torch.zeros(1, 1), torch.tensor([[1.0]]), torch.ones(1, 1), "sapo")
+    assert gated.item() == 1
+
+
+@pytest.mark.parametrize("kind", ["clip", "cispo", "sapo"])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_on_policy_every_objective_is_the_policy_gradient(kind, level):
+    """old = pi, detached: the ratio is exactly 1 and the gradient of each token's loss is -A."""
+    logprobs, _, advantages, mask = _family_inputs(3)
+    losses, ratio, clipped = policy_loss(logprobs, logprobs.detach(), advantages, mask, kind, level)
+    assert torch.equal(ratio, torch.ones_like(ratio)) and not clipped.any()
+    (grad,) = torch.autograd.grad(masked_sum(losses, mask), logprobs)
+    if level == "sequence":  # the row's loss is one value on each of its n tokens: n x (-A / n) in all
+        assert torch.allclose(masked_sum(grad, mask, dim=1), -advantages[:, 0] * mask.sum(1), atol=1e-6)
+    else:
+        assert torch.allclose(grad, (-advantages * mask).expand_as(grad), atol=1e-6)
+
+
+def test_observations_stay_out_of_the_sequence_ratio():
+    logprobs, old, advantages, mask = _family_inputs(5)
+    moved = logprobs.detach().clone()
+    moved[mask == 0] -= 5.0  # what the policy would give the observation tokens does not count
+    a = importance_ratio(logprobs.detach(), old, mask, "sequence")
+    b = importance_ratio(moved, old, mask, "sequence")
+    assert torch.equal(a, b) and not torch.equal(a, importance_ratio(moved, old, torch.ones_like(mask), "sequence"))
