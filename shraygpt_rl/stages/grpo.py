@@ -21,6 +21,12 @@ entropy (PPO's bonus; seed notebook 000 uses one, with ``ent_coef`` 0.01), aggre
 Every loss type is additive over micro-batches: the loss and its gradient do not depend on
 ``micro_batch_size``.
 
+The per-token objective is PPO's clip by default; ``importance_sampling_level: sequence`` clips
+one ratio per completion (GSPO, Zheng et al., 2025), ``policy_loss: cispo`` clips and detaches the
+importance weight instead of the update (MiniMax-M1, 2025) and ``policy_loss: sapo`` replaces the
+clip with a smooth gate (Gao et al., 2025); the formulas are ``losses.policy_loss``'s. Their
+clipped or gated share of tokens is ``policy/clipfrac``.
+
 Departures from the papers, as in TRL: with one optimizer step per rollout
 (``num_iterations * num_mini_batches == 1``) the "old" log-probabilities are the current ones
 detached (the ratio is exactly 1 and a forward pass is saved); with more, they are computed
@@ -41,12 +47,14 @@ from torch import Tensor
 from shraygpt_rl.errors import require
 from shraygpt_rl.losses import (
     GRPOLossType,
+    ImportanceSamplingLevel,
+    PolicyLoss,
     ScaleRewards,
     aggregate_loss,
-    clipped_policy_loss,
     group_advantages,
     kl_estimate,
     masked_sum,
+    policy_loss,
     rloo_advantages,
 )
 from shraygpt_rl.stages.online import MicroStep, OnlineRLStage, Rollout, policy_metrics
@@ -63,7 +71,17 @@ class GRPOStage(OnlineRLStage):
             size (``batch_size * num_generations / num_mini_batches``) to be multiples of
             ``num_generations``.
         epsilon: Lower clip range of the ratio.
-        epsilon_high: Upper clip range; None means ``epsilon`` (DAPO uses 0.28).
+        epsilon_high: Upper clip range; None means ``epsilon`` (DAPO uses 0.28). For ``cispo``, the
+            importance weight's cap is ``1 + epsilon_high``.
+        importance_sampling_level: ``token`` (GRPO's ratio per token) or ``sequence`` (GSPO: the
+            geometric mean of a completion's token ratios, clipped per completion; the paper's
+            clip range is far narrower, 3e-4 and 4e-4). ``sequence`` needs ``loss_type: grpo``,
+            a mean per completion: a token sum would count a completion's one ratio once per token.
+        policy_loss: ``clip`` (PPO's clipped surrogate), ``cispo`` (MiniMax-M1: the clipped
+            importance weight, detached, times ``log pi``: every token keeps its gradient) or
+            ``sapo`` (a smooth gate in place of the clip; see ``losses.policy_loss``).
+        sapo_temperature_pos: SAPO's gate temperature for positive advantages (the paper's 1.0).
+        sapo_temperature_neg: ... and for the others (1.05: negative updates decay faster).
         beta: Weight of the k3 KL to the reference; at 0 no reference model is built.
         entropy_coef: Weight of the entropy bonus, as PPO's: ``entropy_coef`` times each token's
             entropy is subtracted from its loss before aggregation; 0 turns it off (seed
@@ -85,6 +103,10 @@ class GRPOStage(OnlineRLStage):
         loss_type: GRPOLossType = "dapo",
         epsilon: float = 0.2,
         epsilon_high: float | None = None,
+        importance_sampling_level: ImportanceSamplingLevel = "token",
+        policy_loss: PolicyLoss = "clip",
+        sapo_temperature_pos: float = 1.0,
+        sapo_temperature_neg: float = 1.05,
         beta: float = 0.0,
         entropy_coef: float = 0.0,
         num_iterations: int = 1,
@@ -98,6 +120,15 @@ class GRPOStage(OnlineRLStage):
         )
         require(epsilon > 0 and (epsilon_high is None or epsilon_high > 0), "epsilon and epsilon_high must be > 0.")
         require(beta >= 0, f"beta must be >= 0, got {beta}.")
+        require(
+            importance_sampling_level == "token" or loss_type == "grpo",
+            f"importance_sampling_level sequence needs loss_type grpo (one mean per completion, as GSPO's objective "
+            f"is); loss_type {loss_type} would count a completion's single ratio once per token.",
+        )
+        require(
+            sapo_temperature_pos > 0 and sapo_temperature_neg > 0,
+            "sapo_temperature_pos and sapo_temperature_neg must be > 0.",
+        )
         require(entropy_coef >= 0, f"entropy_coef must be >= 0, got {entropy_coef}.")
         require(num_iterations >= 1, f"num_iterations must be at least 1, got {num_iterations}.")
         require(num_mini_batches >= 1, f"num_mini_batches must be at least 1, got {num_mini_batches}.")
@@ -203,8 +234,16 @@ class GRPOStage(OnlineRLStage):
         logprobs, entropy, aux_loss = self.response_logprobs(self.policy, rollout, micro, entropy=bonus)  # (r, T)
         # One optimizer step per rollout: the "old" policy is the current one, detached (ratio exactly 1).
         old = logprobs.detach() if buffer["old_logprobs"] is None else buffer["old_logprobs"][micro]
-        losses, ratio, clipped = clipped_policy_loss(
-            logprobs, old, buffer["advantages"][micro], hp.epsilon, hp.epsilon_high
+        losses, ratio, clipped = policy_loss(
+            logprobs,
+            old,
+            buffer["advantages"][micro],
+            mask,
+            hp.policy_loss,
+            hp.importance_sampling_level,
+            hp.epsilon,
+            hp.epsilon_high,
+            (hp.sapo_temperature_pos, hp.sapo_temperature_neg),
         )
         weights, gap = self.rollout_correction(rollout, micro, old, mask)
         if weights is not None:  # tokens sampled by an engine with other log-probabilities (vLLM)

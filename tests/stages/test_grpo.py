@@ -307,3 +307,31 @@ def test_an_inexact_engine_refuses_top_k_and_top_p(random_policy, monkeypatch, t
     with pytest.raises(ConfigError, match="leave top_k and top_p unset with it"):
         _stage(random_policy, **truncation)
     _stage(random_policy, top_p=1.0)  # no truncation
+
+
+def test_every_objective_takes_the_policy_gradient_step_on_policy(random_policy):
+    """One optimizer step per rollout: the ratio is exactly 1, where PPO's clip, GSPO's sequence
+    ratio, CISPO and SAPO all give the policy gradient: the same gradients, to float rounding."""
+    grads = []
+    variants = [
+        dict(),
+        dict(importance_sampling_level="sequence"),
+        dict(policy_loss="cispo"),
+        dict(policy_loss="sapo"),
+    ]
+    for variant in variants:
+        recorder = GradRecorder()
+        stage = _stage(random_policy, loss_type="grpo", aux_loss_weight=0.0, max_grad_norm=None, **variant)
+        metrics = _fit(stage, max_steps=1, callbacks=[recorder])
+        assert metrics["policy/ratio_at_start"] == pytest.approx(1.0, abs=1e-6) and metrics["policy/clipfrac"] == 0
+        grads.append(recorder.grads[0])
+    for other in grads[1:]:
+        for name, grad in grads[0].items():
+            assert torch.allclose(other[name], grad, atol=1e-6, rtol=1e-4), name
+
+
+def test_a_sequence_ratio_needs_one_mean_per_completion(random_policy):
+    with pytest.raises(ConfigError, match="importance_sampling_level sequence needs loss_type grpo"):
+        _stage(random_policy, importance_sampling_level="sequence", loss_type="dapo")
+    with pytest.raises(ConfigError, match="sapo_temperature_pos and sapo_temperature_neg must be > 0"):
+        _stage(random_policy, policy_loss="sapo", sapo_temperature_neg=0.0)
