@@ -305,8 +305,12 @@ def importance_ratio(logprobs: Tensor, old_logprobs: Tensor, mask: Tensor, level
     log_ratio = logprobs - old_logprobs
     if level == "token":
         return log_ratio.exp()
-    mask = mask.to(log_ratio.dtype)
-    mean = masked_sum(log_ratio, mask, dim=1) / mask.sum(1).clamp(min=1)  # (B,)
+    if level != "sequence":
+        raise ValueError(f"Unknown importance sampling level '{level}'; choose token or sequence.")
+    if log_ratio.dtype not in (torch.float32, torch.float64):  # bf16's spacing (0.008 at 1) is wider than GSPO's band
+        raise ValueError(f"A sequence-level ratio needs float32 log-probabilities, got {log_ratio.dtype}.")
+    log_ratio = torch.where(mask.bool(), log_ratio, 0.0)  # a non-finite value off the mask must not reach the sum
+    mean = log_ratio.sum(1) / mask.sum(1).clamp(min=1)  # (B,)
     return mean.exp()[:, None].expand_as(log_ratio)
 
 
@@ -329,12 +333,14 @@ def policy_loss(
       sequences: ``aggregate_loss``'s ``grpo``).
     * ``cispo`` (MiniMax-M1, 2025, eq. 4): ``-sg(min(r, 1 + e_high)) A log pi``: the importance
       weight is clipped and detached, not the update, so every token keeps its gradient. The paper
-      sets no lower bound (its ``e_low`` is large); neither does this. ``clipped``: ``r > 1 + e_high``.
+      sets no lower bound (its ``e_low`` is large); neither does this. ``clipped``: ``r > 1 + e_high``
+      (tokens with ``A != 0``).
     * ``sapo`` (Gao et al. 2025, "Soft Adaptive Policy Optimization"): ``-(4 / tau) sigmoid(tau
       (r - 1)) A``, a smooth gate in place of the clip, with ``tau`` the first of
       ``sapo_temperatures`` for positive advantages and the second for the others. Its gradient
       weight ``4 s (1 - s)`` (``s`` the sigmoid) is 1 at ``r = 1`` and decays away from it;
-      ``clipped`` marks the tokens it has more than halved.
+      ``clipped`` marks the tokens (with ``A != 0``) it has more than halved: ``r`` above about 2.7,
+      never below 1 (the weight at ``r = 0`` is still 0.77).
 
     At ``r = 1`` (the on-policy step) every kind's gradient is the policy gradient ``-A grad log pi``.
     """
@@ -344,15 +350,16 @@ def policy_loss(
         unclipped = -advantages * ratio
         clipped_loss = -advantages * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
         return torch.maximum(unclipped, clipped_loss), ratio, (clipped_loss > unclipped).float()
+    moving = advantages != 0  # CISPO and SAPO flag only tokens with an update to cut, as PPO's clip does
     if kind == "cispo":
         weight = ratio.detach().clamp(max=1 + clip_high)
-        return -weight * advantages * logprobs, ratio, (ratio.detach() > 1 + clip_high).float()
+        return -weight * advantages * logprobs, ratio, ((ratio.detach() > 1 + clip_high) & moving).float()
     if kind == "sapo":
         positive, negative = sapo_temperatures
         tau = torch.where(advantages > 0, positive, negative) * torch.ones_like(ratio)  # (B, T)
         gate = torch.sigmoid(tau * (ratio - 1))
         weight = 4 * gate.detach() * (1 - gate.detach())  # d(loss) / d(-A r)
-        return -(4 / tau) * gate * advantages, ratio, (weight < 0.5).float()
+        return -(4 / tau) * gate * advantages, ratio, ((weight < 0.5) & moving).float()
     raise ValueError(f"Unknown policy loss '{kind}'; choose clip, cispo or sapo.")
 
 

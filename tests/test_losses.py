@@ -571,3 +571,49 @@ def test_observations_stay_out_of_the_sequence_ratio():
     a = importance_ratio(logprobs.detach(), old, mask, "sequence")
     b = importance_ratio(moved, old, mask, "sequence")
     assert torch.equal(a, b) and not torch.equal(a, importance_ratio(moved, old, torch.ones_like(mask), "sequence"))
+
+
+@pytest.mark.parametrize(("advantage", "expected"), [(1.0, -1.402), (-1.0, 1.320)])
+def test_sapo_gradient_off_policy_by_hand(advantage, expected):
+    """d loss / d log pi = -4 s (1 - s) r A with s = sigmoid(tau (r - 1)), r = e: tau 1 for A = 1
+    gives -1.4018, tau 1.05 for A = -1 gives +1.3203 (the gate, not a bare -r A)."""
+    logprobs = torch.ones(1, 1, requires_grad=True)
+    losses, _, _ = policy_loss(logprobs, torch.zeros(1, 1), torch.tensor([[advantage]]), torch.ones(1, 1), "sapo")
+    (grad,) = torch.autograd.grad(losses.sum(), logprobs)
+    assert grad.item() == pytest.approx(expected, abs=1e-3)
+
+
+def test_each_kind_flags_its_own_cut():
+    """Ratios 0.05 … 3 with epsilon 0.2 / 0.28: PPO clips above 1.28 for A > 0 and below 0.8 for
+    A < 0; CISPO caps the weight above 1.28 whatever the sign; SAPO's gate halves the update only
+    above r of about 2.7; nothing is flagged where A = 0."""
+    ratios = torch.tensor([[0.05, 0.5, 0.8, 1.25, 2.0, 2.6, 3.0]])
+    flags = {}
+    for a in (1.0, -1.0, 0.0):
+        for kind in ("clip", "cispo", "sapo"):
+            _, _, cut = policy_loss(
+                ratios.log(),
+                torch.zeros_like(ratios),
+                torch.tensor([[a]]),
+                torch.ones_like(ratios),
+                kind,
+                clip_low=0.2,
+                clip_high=0.28,
+            )
+            flags[kind, a] = cut[0].int().tolist()
+    assert flags["clip", 1.0] == [0, 0, 0, 0, 1, 1, 1] and flags["clip", -1.0] == [1, 1, 0, 0, 0, 0, 0]
+    assert flags["cispo", 1.0] == flags["cispo", -1.0] == [0, 0, 0, 0, 1, 1, 1]
+    assert flags["sapo", 1.0] == flags["sapo", -1.0] == [0, 0, 0, 0, 0, 0, 1]
+    assert all(sum(flags[kind, 0.0]) == 0 for kind in ("clip", "cispo", "sapo"))
+
+
+def test_the_sequence_ratio_refuses_what_it_cannot_mean():
+    logprobs = torch.tensor([[-1.0, -float("inf")]])
+    mask = torch.tensor([[1.0, 0.0]])  # a non-finite value off the mask does not reach the ratio
+    assert torch.allclose(
+        importance_ratio(logprobs, torch.tensor([[-1.2, -1.0]]), mask, "sequence"), torch.full((1, 2), math.exp(0.2))
+    )
+    with pytest.raises(ValueError, match="Unknown importance sampling level 'tokens'"):
+        importance_ratio(logprobs, logprobs, mask, "tokens")
+    with pytest.raises(ValueError, match="needs float32 log-probabilities, got torch.bfloat16"):
+        importance_ratio(logprobs.bfloat16(), logprobs.bfloat16(), mask, "sequence")

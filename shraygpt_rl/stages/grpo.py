@@ -121,6 +121,11 @@ class GRPOStage(OnlineRLStage):
         require(epsilon > 0 and (epsilon_high is None or epsilon_high > 0), "epsilon and epsilon_high must be > 0.")
         require(beta >= 0, f"beta must be >= 0, got {beta}.")
         require(
+            importance_sampling_level in ("token", "sequence") and policy_loss in ("clip", "cispo", "sapo"),
+            f"importance_sampling_level must be token or sequence and policy_loss clip, cispo or sapo; got "
+            f"{importance_sampling_level} and {policy_loss}.",
+        )
+        require(
             importance_sampling_level == "token" or loss_type == "grpo",
             f"importance_sampling_level sequence needs loss_type grpo (one mean per completion, as GSPO's objective "
             f"is); loss_type {loss_type} would count a completion's single ratio once per token.",

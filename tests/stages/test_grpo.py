@@ -23,7 +23,7 @@ from shraygpt_rl.bench import ROOT, demo_data
 from shraygpt_rl.data import PromptDataModule
 from shraygpt_rl.engines import StaticEngine
 from shraygpt_rl.errors import ConfigError
-from shraygpt_rl.losses import aggregate_loss, clipped_policy_loss
+from shraygpt_rl.losses import aggregate_loss, clipped_policy_loss, policy_loss
 from shraygpt_rl.runner import config_section
 from shraygpt_rl.stages import online
 from shraygpt_rl.stages.grpo import GRPOStage, RLOOStage
@@ -364,3 +364,24 @@ def test_the_newer_objectives_raise_held_out_success(sft_policy, sft_success, he
     after = held_out_success(stage.policy)
     learned(f"grpo-{objective}", sft_success, after)
     assert after >= sft_success + FAMILY_GAIN[objective], (sft_success, after)
+
+
+def test_the_stage_hands_its_objective_settings_to_the_loss(random_policy, monkeypatch):
+    """What the slow learning checks alone would not show: each setting reaches ``policy_loss``
+    in its place (SAPO's two temperatures, the two clip ranges, the level and the kind)."""
+    from shraygpt_rl.stages import grpo
+
+    calls = []
+
+    def recording(*args, **kwargs):
+        calls.append(args[4:])
+        return policy_loss(*args, **kwargs)
+
+    monkeypatch.setattr(grpo, "policy_loss", recording)
+    settings = dict(
+        policy_loss="sapo", epsilon=0.1, epsilon_high=0.3, sapo_temperature_pos=0.7, sapo_temperature_neg=1.3
+    )
+    _fit(_stage(random_policy, **settings), max_steps=1)
+    assert calls[0] == ("sapo", "token", 0.1, 0.3, (0.7, 1.3))
+    with pytest.raises(ConfigError, match="importance_sampling_level must be token or sequence"):
+        _stage(random_policy, importance_sampling_level="tokens")
