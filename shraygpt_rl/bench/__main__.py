@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> None:
         choices=[
             "ppo",
             "grpo",
+            "grpo-gspo",
+            "grpo-cispo",
+            "grpo-sapo",
             "rloo",
             "trpo",
             "online-dpo",
