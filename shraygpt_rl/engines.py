@@ -26,6 +26,7 @@ the eager loop would.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -38,6 +39,7 @@ from shraygpt_rl.rollout_engine import GenerationOutput, RolloutEngine
 from shraygpt_rl.sampling import sample_next_token
 
 EngineName = Literal["auto", "static", "eager", "vllm"]
+DecoderFactory = Callable[..., FixedShapeDecoder]  # (model, batch, tokens, sampling) -> decoder
 EOS_CHECK_EVERY = 16  # decode steps between looks at the host for "every row has ended"
 
 
@@ -100,19 +102,28 @@ class StaticEngine(RolloutEngine):
     name = "static"
 
     @staticmethod
-    def supports(model: nn.Module, tokens: int) -> bool:
-        """Whether a fixed-shape step runs ``model`` for ``tokens`` columns (prompt and response)."""
-        return decode.can_decode(model) or hf_decode.can_decode(model, tokens)
+    def decoder_factory(model: nn.Module, tokens: int) -> DecoderFactory | None:
+        """The fixed-shape decoder factory that runs ``model`` for ``tokens`` columns (prompt and
+        response), or None where neither step supports it."""
+        if decode.can_decode(model):
+            return decode.static_decoder
+        if hf_decode.can_decode(model, tokens):
+            return hf_decode.hf_decoder
+        return None
 
     def generate(self, model, idx, attention_mask, max_new_tokens, sampling, generator=None, turns=None):
-        (B, P), N = idx.shape, max_new_tokens
-        if not self.supports(model, P + N):
+        make = self.decoder_factory(model, idx.size(1) + max_new_tokens)
+        if make is None:
             raise ConfigError(
-                f"rollout_engine 'static' cannot run this {type(model).__name__} for {P + N} tokens (training-mode "
-                "dropout, sharded weights, a window narrower than the generation, or a model whose static cache "
-                "does not reproduce its forward); use 'auto' or 'eager'."
+                f"rollout_engine 'static' cannot run this {type(model).__name__} for {idx.size(1) + max_new_tokens} "
+                "tokens (training-mode dropout, sharded weights, a window narrower than the generation, or a model "
+                "whose static cache does not reproduce its forward); use 'auto' or 'eager'."
             )
-        make = decode.static_decoder if decode.can_decode(model) else hf_decode.hf_decoder
+        return self.run(make, model, idx, attention_mask, max_new_tokens, sampling, generator, turns)
+
+    def run(self, make, model, idx, attention_mask, max_new_tokens, sampling, generator=None, turns=None):
+        """``generate`` with the decoder factory already chosen (``auto`` chooses it once per call)."""
+        (B, P), N = idx.shape, max_new_tokens
         decoder = make(model, B, P + N, sampling)
         restore = None if sampling.greedy else _draw_uniforms(decoder, N, generator, idx.device)
         decoder.prefill(model, idx, attention_mask)
@@ -171,12 +182,11 @@ class AutoEngine(RolloutEngine):
     def __init__(self) -> None:
         self.static, self.eager = StaticEngine(), EagerEngine()
 
-    def pick(self, model: nn.Module, tokens: int) -> RolloutEngine:
-        return self.static if StaticEngine.supports(model, tokens) else self.eager
-
     def generate(self, model, idx, attention_mask, max_new_tokens, sampling, generator=None, turns=None):
-        engine = self.pick(model, idx.size(1) + max_new_tokens)
-        return engine.generate(model, idx, attention_mask, max_new_tokens, sampling, generator, turns)
+        make = StaticEngine.decoder_factory(model, idx.size(1) + max_new_tokens)
+        if make is None:
+            return self.eager.generate(model, idx, attention_mask, max_new_tokens, sampling, generator, turns)
+        return self.static.run(make, model, idx, attention_mask, max_new_tokens, sampling, generator, turns)
 
 
 def make_engine(name: EngineName | RolloutEngine) -> RolloutEngine:

@@ -165,8 +165,8 @@ def test_a_generation_wider_than_a_sliding_window_falls_back_to_eager(tiny_hf):
     ids, mask = prompts(width=20)
     assert hf_decode.attention_window(model) == 64
     assert hf_decode.can_decode(model, 64) and not hf_decode.can_decode(model, 65)
-    assert isinstance(AutoEngine().pick(model, 20 + 45), EagerEngine)
-    assert isinstance(AutoEngine().pick(model, 20 + 44), StaticEngine)
+    assert StaticEngine.decoder_factory(model, 20 + 45) is None  # auto runs eager
+    assert StaticEngine.decoder_factory(model, 20 + 44) is hf_decode.hf_decoder
     with pytest.raises(ConfigError, match="rollout_engine 'static' cannot run"):
         generate(model, ids, 45, attention_mask=mask, engine="static")
     auto = generate(model, ids, 45, attention_mask=mask, top_k=1)  # eager under auto
@@ -180,7 +180,19 @@ def test_training_mode_and_an_inexact_model_fall_back_to_eager(tiny_hf, monkeypa
     forward = hf_decode.HFDecoder.forward
     monkeypatch.setattr(hf_decode.HFDecoder, "forward", lambda self, tokens: forward(self, tokens) + 0.01)
     assert not hf_decode.can_decode(other, 20)  # the check compares with the training forward
-    assert isinstance(AutoEngine().pick(other, 20), EagerEngine)
+    assert StaticEngine.decoder_factory(other, 20) is None  # auto runs eager
+
+
+def test_auto_checks_the_model_once_per_generation(tiny_hf, monkeypatch):
+    """Choosing the step walks the model's parameters: ``auto`` does it once, not once to pick and
+    again to run."""
+    model = load(tiny_hf, "llama")
+    ids, mask = prompts()
+    calls = []
+    check = hf_decode.can_decode
+    monkeypatch.setattr(hf_decode, "can_decode", lambda *args: calls.append(args) or check(*args))
+    generate(model, ids, 4, attention_mask=mask, engine="auto")
+    assert len(calls) == 1
 
 
 def test_bf16_autocast_decodes_with_a_bf16_head(tiny_hf):
