@@ -301,15 +301,16 @@ def importance_ratio(logprobs: Tensor, old_logprobs: Tensor, mask: Tensor, level
     """Importance ratios (B, T). ``token``: ``pi / pi_old`` per token. ``sequence`` (GSPO, Zheng
     et al. 2025, eq. 7): ``(pi(y|x) / pi_old(y|x)) ** (1 / |y|)``, the geometric mean of the
     row's token ratios over the tokens of ``mask`` only (a multi-turn row's observations are not
-    the policy's), the same for every token of the row."""
-    log_ratio = logprobs - old_logprobs
+    the policy's), the same for every token of the row. Off the mask, the ratio is 1."""
+    if level not in ("token", "sequence"):
+        raise ValueError(f"Unknown importance sampling level '{level}'; choose token or sequence.")
+    # Off the mask the ratio is 1: a non-finite value there must reach neither the sum nor, as an
+    # inf times a zero weight, the loss.
+    log_ratio = torch.where(mask.bool(), logprobs - old_logprobs, 0.0)  # (B, T)
     if level == "token":
         return log_ratio.exp()
-    if level != "sequence":
-        raise ValueError(f"Unknown importance sampling level '{level}'; choose token or sequence.")
     if log_ratio.dtype not in (torch.float32, torch.float64):  # bf16's spacing (0.008 at 1) is wider than GSPO's band
         raise ValueError(f"A sequence-level ratio needs float32 log-probabilities, got {log_ratio.dtype}.")
-    log_ratio = torch.where(mask.bool(), log_ratio, 0.0)  # a non-finite value off the mask must not reach the sum
     mean = log_ratio.sum(1) / mask.sum(1).clamp(min=1)  # (B,)
     return mean.exp()[:, None].expand_as(log_ratio)
 
@@ -340,7 +341,7 @@ def policy_loss(
       ``sapo_temperatures`` for positive advantages and the second for the others. Its gradient
       weight ``4 s (1 - s)`` (``s`` the sigmoid) is 1 at ``r = 1`` and decays away from it;
       ``clipped`` marks the tokens (with ``A != 0``) it has more than halved: ``r`` above about 2.7,
-      never below 1 (the weight at ``r = 0`` is still 0.77).
+      never below 1 (the weight at ``r = 0`` is still 0.79 at ``tau = 1``, 0.77 at 1.05).
 
     At ``r = 1`` (the on-policy step) every kind's gradient is the policy gradient ``-A grad log pi``.
     """

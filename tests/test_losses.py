@@ -532,9 +532,9 @@ def test_sapo_equals_its_soft_gate_token_by_token(seed):
         a = float(advantages[i, 0])
         tau = 1.0 if a > 0 else 1.05
         for t in range(logprobs.size(1)):
-            r = math.exp(float(logprobs[i, t] - old[i, t]))
+            r = math.exp(float(logprobs[i, t] - old[i, t])) if mask[i, t] else 1.0  # off the mask: ratio 1
             expected = -(4 / tau) / (1 + math.exp(-tau * (r - 1))) * a
-            assert abs(float(losses[i, t]) - expected) < 1e-5
+            assert abs(float(losses[i, t]) - expected) < 1e-5 and abs(float(ratio[i, t]) - r) < 1e-5
 
 
 def test_sapo_gate_by_hand():
@@ -617,3 +617,18 @@ def test_the_sequence_ratio_refuses_what_it_cannot_mean():
         importance_ratio(logprobs, logprobs, mask, "tokens")
     with pytest.raises(ValueError, match="needs float32 log-probabilities, got torch.bfloat16"):
         importance_ratio(logprobs.bfloat16(), logprobs.bfloat16(), mask, "sequence")
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("kind", ["clip", "cispo", "sapo"])
+def test_a_non_finite_log_ratio_off_the_mask_leaves_the_loss_finite(kind, level):
+    """Padding's log-probabilities are never the policy's: a log-ratio past float32's ``exp``
+    (about 88) there must not turn a masked-out token's loss into inf times 0."""
+    logprobs = torch.tensor([[-1.0, 0.0]], requires_grad=True)
+    old = torch.tensor([[-1.2, -100.0]])  # the second token's ratio would be e^100: inf in float32
+    mask, advantages = torch.tensor([[1.0, 0.0]]), torch.tensor([[-1.0]])
+    losses, ratio, _ = policy_loss(logprobs, old, advantages, mask, kind, level)
+    loss = aggregate_loss(losses, mask, "grpo")
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logprobs.grad).all()
+    assert ratio[0, 1] == (1.0 if level == "token" else ratio[0, 0])
