@@ -4,11 +4,12 @@ it; held-out success of each policy, per seed and as min / mean / max over seeds
 Runs ``train.py``'s stages with configs from ``configs/`` (tiny model, CPU): ``sft`` first, then
 each name of ``stages``, a config name: ``ppo``, ``grpo`` (or its newer objectives ``grpo-gspo``,
 ``grpo-cispo`` and ``grpo-sapo``), ``rloo``, ``trpo``, ``online-dpo``; the offline ``dpo``,
-``dpo-simpo``, ``dpo-orpo`` and ``kto``; or ``reward`` then ``ppo-rm`` for PPO against the reward model, as the pipeline does. Each runs with ``--seed_everything`` set to the
-seed. Then it samples one answer per held-out test prompt from each policy at the training
-temperature (T = 1) and greedily, and prints the verifier's success rates, the share of 200
-held-out preference pairs whose chosen answer the policy finds likelier (``pref. acc.``,
-``evaluate.preference_accuracy``) and each stage's time.
+``dpo-simpo``, ``dpo-orpo`` and ``kto``; or ``reward`` then ``ppo-rm`` for PPO against the
+reward model, as the pipeline does. Each runs with ``--seed_everything`` set to the seed. Then it
+samples one answer per held-out test prompt from each policy at the training temperature (T = 1)
+and greedily, and prints the verifier's success rates, the share of 200 held-out preference pairs
+whose chosen answer the policy finds likelier (``pref. acc.``, ``evaluate.preference_accuracy``)
+and each stage's time.
 """
 
 from __future__ import annotations
