@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from shraygpt_rl.bench.tiny_hf import gpt2_tokenizer
+from shraygpt_rl.bench.tiny_hf import tiny_hf_model
 from shraygpt_rl.engines import EagerEngine, GenerationOutput
 from shraygpt_rl.errors import ConfigError
 from shraygpt_rl.fixed_shape import Sampling
@@ -37,27 +37,8 @@ LOGPROB_ATOL = 1e-4
 @pytest.fixture(scope="module")
 def opt_folder(tmp_path_factory) -> Path:
     """A tiny random OPT (2 layers, 2 heads of width 64) with a byte-level tokenizer."""
-    from transformers import OPTConfig, OPTForCausalLM
-
-    folder = tmp_path_factory.mktemp("vllm-opt")
-    tokenizer = gpt2_tokenizer("byte", folder)
-    eos = tokenizer.eos_token_id
-    torch.manual_seed(0)
-    config = OPTConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=128,
-        word_embed_proj_dim=128,
-        ffn_dim=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=eos,
-        eos_token_id=eos,
-        pad_token_id=eos,
-    )
-    OPTForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    wide = dict(hidden_size=128, word_embed_proj_dim=128, ffn_dim=256, num_attention_heads=2)
+    return tiny_hf_model("opt", tmp_path_factory.mktemp("vllm-opt"), max_position_embeddings=256, **wide)
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """Tiny random-init Hugging Face models, for running seed 001's and seed 004's workflows offline
-(the tests and the LoRA benchmark): GPT-Neo (TinyStories' architecture), OPT and Llama, 2 layers
-of width 64, with a GPT-2 BPE tokenizer made from a tiktoken vocabulary file: r50k_base (GPT-2's,
+(the tests and the LoRA benchmark): GPT-Neo (TinyStories' architecture), OPT, Llama, Qwen2 and
+Gemma 2, 2 layers of width 64, with a GPT-2 BPE tokenizer made from a tiktoken vocabulary file: r50k_base (GPT-2's,
 which GPT-Neo and OPT use; ``../shared`` has it) or a byte-level one of 256 tokens and no merges."""
 
 from __future__ import annotations
@@ -53,11 +53,17 @@ TEMPLATES = {"chatml": (CHATML, ["<|im_start|>", "<|im_end|>"]), "inst": (INST, 
 
 
 def tiny_hf_model(
-    kind: str, folder: str | Path, vocabulary: str = "byte", seed: int = 0, template: str | None = None
+    kind: str,
+    folder: str | Path,
+    vocabulary: str = "byte",
+    seed: int = 0,
+    template: str | None = None,
+    **overrides,
 ) -> Path:
     """Write a tiny random ``kind`` (``gpt_neo``, ``opt``, ``llama``, ``qwen2`` or ``gemma2``) model
-    and its tokenizer to ``folder``; with ``template`` (``chatml`` or ``inst``), the tokenizer carries that chat
-    template and its special tokens, as an instruct model's does."""
+    and its tokenizer to ``folder``; with ``template`` (``chatml`` or ``inst``), the tokenizer carries
+    that chat template and its special tokens, as an instruct model's does. ``overrides`` replace
+    config fields (a wider head, say, where a kernel needs one)."""
     from transformers import (
         Gemma2Config,
         Gemma2ForCausalLM,
@@ -80,84 +86,61 @@ def tiny_hf_model(
             tokenizer.bos_token = "<s>"
         tokenizer.chat_template = source
     vocab, eos = len(tokenizer), tokenizer.eos_token_id
-    torch.manual_seed(seed)
-    if kind == "gpt_neo":
-        config = GPTNeoConfig(
-            vocab_size=vocab,
-            hidden_size=64,
-            num_layers=2,
-            attention_types=[[["global", "local"], 1]],
-            num_heads=4,
-            window_size=256,
-            max_position_embeddings=512,
-            bos_token_id=eos,
-            eos_token_id=eos,
-        )
-        model = GPTNeoForCausalLM(config)
-    elif kind == "llama":  # Llama/Qwen/Mistral's layout: attention dropout is a float, not an nn.Dropout
-        config = LlamaConfig(
-            vocab_size=vocab,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
-            bos_token_id=eos,
-            eos_token_id=eos,
-            pad_token_id=eos,
-            attention_dropout=0.1,
-        )
-        model = LlamaForCausalLM(config)
-    elif kind == "qwen2":  # biased q/k/v projections; a sliding window that is off
-        config = Qwen2Config(
-            vocab_size=vocab,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
-            bos_token_id=eos,
-            eos_token_id=eos,
-            pad_token_id=eos,
-            tie_word_embeddings=True,
-        )
-        model = Qwen2ForCausalLM(config)
-    elif kind == "gemma2":  # soft-capped attention and logits, a sliding layer of window 64, a scaled embedding
-        config = Gemma2Config(
-            vocab_size=vocab,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=16,
-            max_position_embeddings=512,
-            sliding_window=64,
-            query_pre_attn_scalar=16,
-            bos_token_id=eos,
-            eos_token_id=eos,
-            pad_token_id=eos,
-        )
-        model = Gemma2ForCausalLM(config)
-    elif kind == "opt":
-        config = OPTConfig(
-            vocab_size=vocab,
-            hidden_size=64,
-            num_hidden_layers=2,
-            ffn_dim=128,
-            num_attention_heads=4,
-            max_position_embeddings=512,
-            word_embed_proj_dim=64,
-            bos_token_id=eos,
-            eos_token_id=eos,
-            pad_token_id=eos,
-            dropout=0.1,
-        )
-        model = OPTForCausalLM(config)
-    else:
+    tokens = dict(vocab_size=vocab, max_position_embeddings=512, bos_token_id=eos, eos_token_id=eos)
+    # Llama's layout, which Qwen2 and Gemma 2 share: grouped-query attention, a gated MLP.
+    llama = dict(
+        tokens,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=eos,
+    )
+    configs = {
+        "gpt_neo": (
+            GPTNeoConfig,
+            GPTNeoForCausalLM,
+            dict(
+                tokens,
+                hidden_size=64,
+                num_layers=2,
+                attention_types=[[["global", "local"], 1]],
+                num_heads=4,
+                window_size=256,
+            ),
+        ),
+        # attention dropout is a float, not an nn.Dropout
+        "llama": (LlamaConfig, LlamaForCausalLM, dict(llama, attention_dropout=0.1)),
+        # biased q/k/v projections; a sliding window that is off
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM, dict(llama, tie_word_embeddings=True)),
+        # soft-capped attention and logits, a sliding layer of window 64, a scaled embedding
+        "gemma2": (
+            Gemma2Config,
+            Gemma2ForCausalLM,
+            dict(llama, head_dim=16, sliding_window=64, query_pre_attn_scalar=16),
+        ),
+        # functional dropout: no nn.Dropout module shows it
+        "opt": (
+            OPTConfig,
+            OPTForCausalLM,
+            dict(
+                tokens,
+                hidden_size=64,
+                num_hidden_layers=2,
+                ffn_dim=128,
+                num_attention_heads=4,
+                word_embed_proj_dim=64,
+                pad_token_id=eos,
+                dropout=0.1,
+            ),
+        ),
+    }
+    if kind not in configs:
         raise ValueError(f"kind must be gpt_neo, opt, llama, qwen2 or gemma2; got {kind!r}.")
+    config_class, model_class, arguments = configs[kind]
+    torch.manual_seed(seed)
+    model = model_class(config_class(**{**arguments, **overrides}))
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
