@@ -1,7 +1,8 @@
 """Tiny random-init Hugging Face models, for running seed 001's and seed 004's workflows offline
 (the tests and the LoRA benchmark): GPT-Neo (TinyStories' architecture), OPT, Llama, Qwen2 and
-Gemma 2, 2 layers of width 64, with a GPT-2 BPE tokenizer made from a tiktoken vocabulary file: r50k_base (GPT-2's,
-which GPT-Neo and OPT use; ``../shared`` has it) or a byte-level one of 256 tokens and no merges."""
+Gemma 2, 2 layers of width 64, with a GPT-2 BPE tokenizer made from a tiktoken vocabulary file:
+r50k_base (GPT-2's, which GPT-Neo and OPT use; ``../shared`` has it) or a byte-level one of 256
+tokens and no merges."""
 
 from __future__ import annotations
 
