@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from shraygpt_rl.fixed_shape import (  # noqa: F401  (Sampling, stop_ids, is_stop: re-exported)
+from shraygpt_rl.fixed_shape import (
     KEEP_DECODERS,
     FixedShapeDecoder,
     Sampling,
@@ -50,11 +50,9 @@ from shraygpt_rl.fixed_shape import (  # noqa: F401  (Sampling, stop_ids, is_sto
     capacity_bucket,
     decode_dtype,
     distinct_prompts,
-    is_stop,
     linear_weight,
     onednn_available,
     signature,
-    stop_ids,
 )
 from shraygpt_rl.layers import apply_rope, rope_freqs, route
 

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from shraygpt_rl import decode, fixed_shape
-from shraygpt_rl.decode import KEEP_DECODERS, Sampling, can_decode, static_decoder
+from shraygpt_rl.decode import can_decode, static_decoder
+from shraygpt_rl.fixed_shape import KEEP_DECODERS, Sampling
 from shraygpt_rl.lora import LoRASpec, adapters_disabled, add_lora
 from shraygpt_rl.losses import token_logprobs
 from shraygpt_rl.model import ShrayGPT, tiny_config

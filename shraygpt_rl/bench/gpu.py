@@ -20,8 +20,9 @@ import torch
 
 from shraygpt_rl.bench.throughput import fit_and_time, step_flops
 from shraygpt_rl.data import PromptDataModule
-from shraygpt_rl.decode import Sampling, static_decoder
+from shraygpt_rl.decode import static_decoder
 from shraygpt_rl.errors import ConfigError
+from shraygpt_rl.fixed_shape import Sampling
 from shraygpt_rl.model import ShrayGPT, course_config, tiny_config
 from shraygpt_rl.stages.grpo import GRPOStage
 
