@@ -202,7 +202,7 @@ def whiten(values: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1
     return whitened if shift_mean else whitened + mean
 
 
-def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, kind: KLEstimator = "k1") -> Tensor:
+def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, kind: KLEstimator = "k1", mask: Tensor | None = None) -> Tensor:
     """Per-token estimates of KL(pi || pi_ref) from samples of pi (Schulman, "Approximating KL
     divergence", 2020): ``k1 = log r``, ``k2 = (log r)^2 / 2``, ``k3 = (1/r - 1) + log r`` with
     ``r = pi / pi_ref``; k1 is unbiased, k3 unbiased and always >= 0, k2 biased but low-variance;
@@ -213,8 +213,13 @@ def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, kind: KLEstimator = "k1"
     expectation is ``E_pi[r] - 1 - KL(pi || pi_ref)``, not the KL. Here k3 is the form that is
     unbiased for KL(pi || pi_ref) on samples of pi: ``(pi_ref/pi - 1) - log(pi_ref/pi)``, that is
     ``expm1(-log r) + log r``.
+
+    With ``mask``, the estimate is exactly 0 off it: padding's log-probabilities are nobody's, and
+    k3's ``expm1`` of a large gap there would be inf, which a later ``* mask`` turns into NaN.
     """
     log_ratio = logprobs - ref_logprobs
+    if mask is not None:
+        log_ratio = torch.where(mask.bool(), log_ratio, 0.0)  # (B, T)
     if kind == "k1":
         return log_ratio
     if kind == "abs":
@@ -282,14 +287,16 @@ def clipped_policy_loss(
     advantages: Tensor,
     clip_low: float = 0.2,
     clip_high: float | None = None,
+    mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per-token PPO-clip loss ``-min(r A, clip(r, 1 - e_low, 1 + e_high) A)`` (Schulman et al.,
     2017, eq. 7), with DAPO's clip-higher when ``clip_high`` differs (Yu et al., 2025).
 
     ``advantages`` broadcast against (B, T). Returns ``(losses, ratio, clipped)``, each (B, T);
-    ``clipped`` marks tokens where the clipped branch was taken (``policy_loss``'s ``clip``).
+    ``clipped`` marks tokens where the clipped branch was taken (``policy_loss``'s ``clip``). Off
+    ``mask`` (when given) the ratio is 1, so that padding cannot make the loss non-finite.
     """
-    mask = torch.ones_like(logprobs)
+    mask = torch.ones_like(logprobs) if mask is None else mask
     return policy_loss(logprobs, old_logprobs, advantages, mask, "clip", "token", clip_low, clip_high)
 
 

@@ -632,3 +632,29 @@ def test_a_non_finite_log_ratio_off_the_mask_leaves_the_loss_finite(kind, level)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(logprobs.grad).all()
     assert ratio[0, 1] == (1.0 if level == "token" else ratio[0, 0])
+
+
+@pytest.mark.parametrize("kind", ["k1", "k2", "k3", "abs"])
+def test_a_masked_kl_estimate_is_zero_on_padding_and_unchanged_elsewhere(kind):
+    """Padding's log-probabilities are nobody's: a gap past float32's ``expm1`` (k3) there must
+    give 0, not inf (which ``* mask`` would turn into NaN), and keep the gradient finite."""
+    logprobs = torch.tensor([[-1.0, -200.0], [-0.5, -1.0]], requires_grad=True)
+    ref = torch.tensor([[-1.5, 0.0], [-0.5, -3.0]])
+    mask = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    kl = kl_estimate(logprobs, ref, kind, mask)
+    kl.sum().backward()
+    assert kl[0, 1] == 0 and torch.isfinite(logprobs.grad).all() and logprobs.grad[0, 1] == 0
+    unmasked = kl_estimate(logprobs.detach(), ref, kind)
+    assert torch.equal(kl.detach()[mask.bool()], unmasked[mask.bool()])
+
+
+def test_ppo_clip_with_a_mask_stays_finite_on_padding():
+    logprobs = torch.tensor([[-1.0, 0.0]], requires_grad=True)
+    old = torch.tensor([[-1.2, -100.0]])  # padding's ratio would be e^100: inf in float32
+    losses, ratio, clipped = clipped_policy_loss(
+        logprobs, old, torch.tensor([[-1.0]]), 0.2, mask=torch.tensor([[1, 0]])
+    )
+    losses.sum().backward()
+    assert torch.isfinite(losses).all() and torch.isfinite(logprobs.grad).all() and ratio[0, 1] == 1
+    same, _, _ = clipped_policy_loss(logprobs.detach(), old, torch.tensor([[-1.0]]), 0.2)  # no mask: every token
+    assert losses[0, 0] == same[0, 0]

@@ -255,7 +255,7 @@ class GRPOStage(OnlineRLStage):
             losses = losses * weights
         kl = None
         if buffer["ref_logprobs"] is not None:  # DeepSeekMath eq. 4: the k3 estimator, in the loss
-            kl = kl_estimate(logprobs, buffer["ref_logprobs"][micro], "k3")
+            kl = kl_estimate(logprobs, buffer["ref_logprobs"][micro], "k3", mask)
             losses = losses + hp.beta * kl
         if bonus:  # PPO's bonus: the entropy of each token's whole next-token distribution
             losses = losses - hp.entropy_coef * entropy

@@ -194,7 +194,7 @@ class CriticStage(OnlineRLStage):
             scores[rollout.truncated] -= hp.missing_eos_penalty
         if hp.reward_clip is not None:
             scores = scores.clamp(-hp.reward_clip, hp.reward_clip)
-        kl = kl_estimate(logprobs, ref_logprobs, hp.kl_estimator) * mask  # (R, T)
+        kl = kl_estimate(logprobs, ref_logprobs, hp.kl_estimator, mask)  # (R, T), 0 off the mask
         rewards = -self.kl_ctl.value * kl
         columns = torch.arange(mask.size(1), device=mask.device)
         last = (mask.bool() * columns).amax(1)  # (R,) each response's last policy token (observations sit between)
@@ -329,7 +329,9 @@ class PPOStage(CriticStage):
         logprobs, entropy, aux_policy = self.response_logprobs(self.policy, rollout, micro, entropy=bonus)
         vf_losses, vf_clipped, aux_critic = self.value_loss(rollout, micro, buffer)
         old = buffer["logprobs"][micro]
-        pg_losses, ratio, pg_clipped = clipped_policy_loss(logprobs, old, buffer["advantages"][micro], hp.cliprange)
+        pg_losses, ratio, pg_clipped = clipped_policy_loss(
+            logprobs, old, buffer["advantages"][micro], hp.cliprange, mask=mask
+        )
         weights, gap = self.rollout_correction(rollout, micro, old, mask)
         if weights is not None:  # tokens sampled by an engine with other log-probabilities (vLLM)
             pg_losses = pg_losses * weights

@@ -50,7 +50,7 @@ from torch.nn.utils import parameters_to_vector
 
 from shraygpt_rl.errors import require
 from shraygpt_rl.generation import response_logits
-from shraygpt_rl.losses import conjugate_gradient, masked_mean, masked_sum, token_kl, trpo_step
+from shraygpt_rl.losses import conjugate_gradient, importance_ratio, masked_mean, masked_sum, token_kl, trpo_step
 from shraygpt_rl.stages.online import Rollout, furthest_from_one
 from shraygpt_rl.stages.ppo import CriticStage
 
@@ -251,7 +251,7 @@ class TRPOStage(CriticStage):
         (``table``) and at the rollout (``old``), each (r, T, V); and the token ratios (r, T)."""
         mask = rollout.response_mask[micro]
         labels = rollout.sequences[micro, rollout.prompt_length :]
-        ratio = torch.exp(table.gather(-1, labels[..., None]).squeeze(-1) - buffer["logprobs"][micro])
+        ratio = importance_ratio(table.gather(-1, labels[..., None]).squeeze(-1), buffer["logprobs"][micro], mask)
         surrogate = masked_sum(ratio * buffer["advantages"][micro], mask) / len(rollout)
         return surrogate, token_kl(old, table) * mask, ratio
 

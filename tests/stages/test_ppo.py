@@ -95,6 +95,18 @@ def test_token_rewards_by_hand(random_policy):
     assert kl[0, 3] == 0 and kl[1, 2] == 0  # padding carries no KL
 
 
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3", "abs"])
+def test_padding_far_from_the_reference_leaves_the_rewards_finite(random_policy, estimator):
+    """After long training the policy and its reference may disagree by hundreds of nats on a
+    padding token: k3's ``expm1`` of that is inf, and inf times a zero mask would be NaN."""
+    stage = _stage(random_policy, kl_coef=0.5, kl_estimator=estimator)
+    rollout = _rollout([2.0, -1.0], lengths=[3, 2])
+    logprobs = torch.tensor([[-1.0, -2.0, -1.0, -300.0], [-1.0, -1.0, -300.0, -300.0]])
+    ref_logprobs = torch.tensor([[-1.5, -2.0, -0.5, 0.0], [-0.5, -1.0, 0.0, 0.0]])
+    rewards, _, kl = stage.token_rewards(rollout, logprobs, ref_logprobs)
+    assert torch.isfinite(rewards).all() and kl[0, 3] == 0 and kl[1, 2:].abs().sum() == 0
+
+
 def test_reward_clipping_and_whitening(random_policy):
     stage = _stage(random_policy, kl_coef=0.0, reward_clip=1.0, whiten_rewards=True)
     rollout = _rollout([5.0, -3.0, 0.5], lengths=[2, 3, 1])
