@@ -361,7 +361,8 @@ def policy_loss(
     moving = advantages != 0  # CISPO and SAPO flag only tokens with an update to cut, as PPO's clip does
     if kind == "cispo":
         weight = ratio.detach().clamp(max=1 + clip_high)
-        return -weight * advantages * logprobs, ratio, ((ratio.detach() > 1 + clip_high) & moving).float()
+        own = torch.where(mask.bool(), logprobs, 0.0)  # padding's log pi may be -inf: not a loss term
+        return -weight * advantages * own, ratio, ((ratio.detach() > 1 + clip_high) & moving).float()
     if kind == "sapo":
         positive, negative = sapo_temperatures
         tau = torch.where(advantages > 0, positive, negative) * torch.ones_like(ratio)  # (B, T)

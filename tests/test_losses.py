@@ -632,6 +632,11 @@ def test_a_non_finite_log_ratio_off_the_mask_leaves_the_loss_finite(kind, level)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(logprobs.grad).all()
     assert ratio[0, 1] == (1.0 if level == "token" else ratio[0, 0])
+    padding = torch.tensor([[-1.0, -float("inf")]], requires_grad=True)  # log pi itself non-finite there
+    losses, _, _ = policy_loss(padding, old, advantages, mask, kind, level)
+    loss = aggregate_loss(losses, mask, "grpo")
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(padding.grad).all() and padding.grad[0, 1] == 0
 
 
 @pytest.mark.parametrize("kind", ["k1", "k2", "k3", "abs"])

@@ -140,6 +140,9 @@ def tiny_hf_model(
     if kind not in configs:
         raise ValueError(f"kind must be gpt_neo, opt, llama, qwen2 or gemma2; got {kind!r}.")
     config_class, model_class, arguments = configs[kind]
+    unknown = sorted(set(overrides) - set(config_class().to_dict()))
+    if unknown:  # a config takes any keyword, so a misspelt one would silently change nothing
+        raise ValueError(f"{config_class.__name__} has no field {', '.join(unknown)}.")
     torch.manual_seed(seed)
     model = model_class(config_class(**{**arguments, **overrides}))
     model.save_pretrained(folder)
