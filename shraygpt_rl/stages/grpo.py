@@ -269,14 +269,14 @@ class GRPOStage(OnlineRLStage):
             group_size=hp.num_generations,
         )
         share = len(micro) / len(rows)
-        metrics = policy_metrics(logprobs, old, ratio, clipped, mask)
-        metrics["policy/loss"] = loss.detach() / share
+        token_metrics = policy_metrics(logprobs, old, ratio, clipped, mask)
         if gap is not None:
-            metrics["policy/rollout_logprob_gap"] = gap
-        metrics["moe/aux_loss"] = aux_loss.detach()
+            token_metrics["policy/rollout_logprob_gap"] = gap
+        metrics = {"policy/loss": loss.detach() / share, "moe/aux_loss": aux_loss.detach()}
         if kl is not None:  # per response, in nats, as PPO reports it
             metrics["objective/kl"] = masked_sum(kl.detach(), mask) / len(micro)
-        return MicroStep(loss + self.aux_weight(self.policy) * aux_loss * share, ratio, mask, metrics)
+        loss = loss + self.aux_weight(self.policy) * aux_loss * share
+        return MicroStep(loss, ratio, mask, metrics, token_metrics)
 
     def log_stats(self, stats: list[dict], rollout: Rollout) -> None:
         mean = self.mean_of_updates(stats)

@@ -59,7 +59,9 @@ class MicroStep(NamedTuple):
     loss: Tensor  # the micro-batch's part of the minibatch loss, aux loss included
     ratio: Tensor  # (r, T) importance ratios, for ``policy/ratio_at_start``
     mask: Tensor  # (r, T) the tokens that count
-    metrics: dict[str, Tensor]  # averaged over micro-batches, weighted by their share of rows
+    metrics: dict[str, Tensor]  # per-row figures: averaged over micro-batches, weighted by rows
+    token_metrics: dict[str, Tensor]  # means over the mask's tokens: weighted by tokens, so that
+    # the minibatch's figure is its own token mean, however the rows were split
 
 
 class OnlineRLStage(StageModule):
@@ -290,17 +292,21 @@ class OnlineRLStage(StageModule):
         minibatch ``rows``, so that the backward passes add up to the gradient of the whole
         minibatch; ``extra()``, when given, one more term of the update (its ``loss`` and its
         metrics, such as PPO-ptx's); one optimizer step follows. A non-finite loss in any part
-        drops the update. Returns the metrics averaged over the micro-batches (weighted by rows)
-        and ``policy/ratio_furthest``.
+        drops the update. Returns the metrics averaged over the micro-batches (weighted by rows, or
+        for token means by tokens) and ``policy/ratio_furthest``.
         """
         stats: dict[str, Tensor] = {}
-        finite, furthest = True, None
+        token_sums: dict[str, Tensor] = {}
+        finite, furthest, tokens = True, None, 0.0
         for micro in self.micro_batches(rows):
             step = micro_step(micro, rows)
             finite = finite and bool(torch.isfinite(step.loss))
             self.manual_backward(step.loss)
             furthest = furthest_from_one(step.ratio, step.mask, furthest)
             accumulate(stats, len(micro) / len(rows), step.metrics)
+            accumulate(token_sums, step.mask.sum(), step.token_metrics)  # an all-padding micro-batch weighs 0
+            tokens = tokens + step.mask.sum()
+        stats.update({key: total / max(float(tokens), 1.0) for key, total in token_sums.items()})
         if extra is not None:
             term = extra()
             loss = term.pop("loss")
@@ -492,7 +498,7 @@ def policy_metrics(logprobs: Tensor, old_logprobs: Tensor, ratio: Tensor, clippe
     }
 
 
-def accumulate(stats: dict, share: float, values: dict) -> None:
-    """Add micro-batch metrics weighted by their share of the minibatch."""
+def accumulate(stats: dict, share: float | Tensor, values: dict) -> None:
+    """Add micro-batch metrics weighted by ``share`` (of the rows, or a count of tokens)."""
     for key, value in values.items():
         stats[key] = stats.get(key, 0.0) + share * value.float()

@@ -344,11 +344,12 @@ class PPOStage(CriticStage):
         aux = (
             policy_weight * self.aux_weight(self.policy) * aux_policy + self.aux_weight(self.critic.trunk) * aux_critic
         )
-        metrics = policy_metrics(logprobs, old, ratio, pg_clipped, mask)
-        metrics["policy/loss"] = masked_mean(pg_losses.detach(), mask)
+        token_metrics = policy_metrics(logprobs, old, ratio, pg_clipped, mask)
+        token_metrics["policy/loss"] = masked_mean(pg_losses.detach(), mask)
         if gap is not None:
-            metrics["policy/rollout_logprob_gap"] = gap
-        metrics["value/loss"] = masked_mean(vf_losses.detach(), mask)
-        metrics["value/clipfrac"] = masked_mean(vf_clipped, mask)
-        metrics["moe/aux_loss"] = aux_policy.detach()
-        return MicroStep(masked_sum(per_token, mask) / minibatch_tokens + aux * share, ratio, mask, metrics)
+            token_metrics["policy/rollout_logprob_gap"] = gap
+        token_metrics["value/loss"] = masked_mean(vf_losses.detach(), mask)
+        token_metrics["value/clipfrac"] = masked_mean(vf_clipped, mask)
+        metrics = {"moe/aux_loss": aux_policy.detach()}
+        loss = masked_sum(per_token, mask) / minibatch_tokens + aux * share
+        return MicroStep(loss, ratio, mask, metrics, token_metrics)

@@ -99,8 +99,10 @@ def test_later_minibatches_are_clipped_against_the_rollout_policy(random_policy,
 @pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo", "group_token_mean"])
 def test_four_accumulated_micro_batches_equal_one_batch(random_policy, loss_type):
     """16 rows as one micro-batch or four accumulated: the same loss and the same gradient, for
-    every normaliser (the token count is taken once per minibatch, not per micro-batch)."""
-    grads, losses = [], []
+    every normaliser (the token count is taken once per minibatch, not per micro-batch), and the
+    same token means logged (the responses' lengths differ, so a mean of per-micro-batch means
+    weighted by rows would not be)."""
+    grads, losses, entropies = [], [], []
     for micro_batch_size in (32, 4):
         recorder = GradRecorder()
         stage = _stage(
@@ -111,9 +113,12 @@ def test_four_accumulated_micro_batches_equal_one_batch(random_policy, loss_type
             aux_loss_weight=0.0,
             max_grad_norm=None,
         )
-        losses.append(_fit(stage, max_steps=1, callbacks=[recorder])["policy/loss"])
+        metrics = _fit(stage, max_steps=1, callbacks=[recorder])
+        losses.append(metrics["policy/loss"])
+        entropies.append(metrics["objective/entropy"])
         grads.append(recorder.grads[0])
     assert losses[1] == pytest.approx(losses[0], rel=1e-5, abs=1e-7)
+    assert entropies[1] == pytest.approx(entropies[0], rel=1e-5)
     assert any(g.abs().max() > 0 for g in grads[0].values())
     for name, whole in grads[0].items():
         assert torch.allclose(grads[1][name], whole, atol=1e-6, rtol=1e-4), name

@@ -46,7 +46,8 @@ def test_ratio_is_one_at_the_start_of_every_rollout(random_policy):
 
 
 def test_four_accumulated_micro_batches_equal_one_batch(random_policy):
-    grads = []
+    """The same gradient, and the same token means logged (weighted by tokens, not rows)."""
+    grads, logged = [], []
     for micro_batch_size in (None, 2):  # minibatches of 8 rows: one micro-batch, or four accumulated
         recorder = GradRecorder()
         stage = _stage(
@@ -57,8 +58,10 @@ def test_four_accumulated_micro_batches_equal_one_batch(random_policy):
             max_grad_norm=None,
             entropy_coef=0.01,
         )
-        _fit(stage, max_steps=1, callbacks=[recorder])
+        metrics = _fit(stage, max_steps=1, callbacks=[recorder])
+        logged.append([metrics[k] for k in ("objective/entropy", "value/loss", "policy/loss")])
         grads.append(recorder.grads[0])
+    assert logged[1] == pytest.approx(logged[0], rel=1e-5)
     assert any(g.abs().max() > 0 for n, g in grads[0].items() if n.startswith("critic"))
     assert any(g.abs().max() > 0 for n, g in grads[0].items() if n.startswith("policy"))
     for name, whole in grads[0].items():
