@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from shraygpt_rl.data.tasks import TASKS, arithmetic_reward, arithmetic_target, sorting_reward
+from shraygpt_rl.data.tasks import TASKS, arithmetic_reward, arithmetic_target, read_int, sorting_reward
 from shraygpt_rl.reward_model import RewardModel
 
 Metadata = Sequence[dict[str, Any]]
@@ -120,6 +120,12 @@ _FIRST_INT = re.compile(r"\s*(-?\d+)")
 _INTS = re.compile(r"-?\d+")
 
 
+def _canonical(digits: str) -> str:
+    """An integer's canonical text (``"019"`` is ``"19"``); a run too long to read stays as written."""
+    value = read_int(digits)
+    return digits if value is None else str(value)
+
+
 def task_answer(prompt: str, response: str, metadata: dict[str, Any]) -> tuple[str | None, str]:
     """The answer a response to a built-in task prompt gives, and the correct one, both canonical.
 
@@ -141,11 +147,11 @@ def task_answer(prompt: str, response: str, metadata: dict[str, Any]) -> tuple[s
     if task in ("arithmetic", "multiplication"):
         target = metadata.get("target")
         match = _FIRST_INT.match(after) if after is not None else None
-        answer = str(int(match.group(1))) if match else None
+        answer = _canonical(match.group(1)) if match else None
         return answer, str(int(target) if target is not None else arithmetic_target(prompt))
     if task == "sorting":
-        found = [int(n) for n in _INTS.findall(after.strip().split("\n", 1)[0])] if after is not None else []
-        answer = ", ".join(map(str, found)) if found else None
+        found = _INTS.findall(after.strip().split("\n", 1)[0]) if after is not None else []
+        answer = ", ".join(map(_canonical, found)) if found else None
         return answer, ", ".join(map(str, sorted(metadata["numbers"])))
     raise ValueError(f"task_answer needs metadata['task'] to be one of {', '.join(TASKS)}, got {task!r}.")
 

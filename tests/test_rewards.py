@@ -170,6 +170,25 @@ def test_task_answer_is_right_exactly_when_the_verifier_says_so():
     assert min(right) > 10  # both tasks' successes were tried, not only failures
 
 
+def test_task_verifiers_take_any_string():
+    """5,000 random responses, a long digit run now and then (past the 4,300 digits Python reads
+    as an int) and a planted right answer in a third of them: the course's rewards stay in their
+    four values, nothing raises, and task_answer agrees with the verifier on every one."""
+    rng = random.Random(0)
+    metadata = [{"task": "arithmetic", "target": 12}, {"task": "sorting", "numbers": [2, 1]}]
+    planted = ["Answer: 12", "Answer: 1, 2", "Answer:012", "Answer: " + "0" * 5000 + "12"]
+    right = [0, 0]
+    for _ in range(5000):
+        response = noise(rng) + rng.choice(["", "Answer:", *planted]) + noise(rng)
+        for i, meta in enumerate(metadata):
+            reward = TaskVerifier().score("p", response, meta)
+            assert reward in (1.0, -0.2, -0.5, -1.0), (reward, response[:80])
+            answer, correct = task_answer("p", response, meta)
+            assert (answer == correct) == (reward == 1.0), (response[:80], meta)
+            right[i] += reward == 1.0
+    assert min(right) > 100  # successes were tried, not only failures
+
+
 def test_weighted_sum_and_components():
     combined = WeightedSum([ArithmeticVerifier(weight=2.0), KeywordReward(weight=0.5)])
     prompts, responses, metadata = ["p"], ["Answer: 4, a cat and a dog ran"], [{"target": 4}]

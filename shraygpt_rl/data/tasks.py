@@ -34,6 +34,15 @@ def _after_answer(response: str) -> str | None:
     return None if index < 0 else response[index + len("Answer:") :]
 
 
+def read_int(digits: str) -> int | None:
+    """``int(digits)`` for a run of digits a model wrote, or None past the 4,300 digits Python
+    converts (no target is that long: such an answer is a wrong one, not a crash)."""
+    try:
+        return int(digits)
+    except ValueError:
+        return None
+
+
 def arithmetic_reward(response: str, target: int) -> float:
     """The course's rule: +1 right, −0.2 wrong, −0.5 unparsable, −1 without ``Answer:``."""
     after = _after_answer(response)
@@ -42,7 +51,7 @@ def arithmetic_reward(response: str, target: int) -> float:
     match = re.match(r"\s*(-?\d+)", after)
     if match is None:
         return -0.5
-    return 1.0 if int(match.group(1)) == target else -0.2
+    return 1.0 if read_int(match.group(1)) == target else -0.2
 
 
 def arithmetic_target(prompt: str) -> int:
@@ -57,7 +66,7 @@ def sorting_reward(response: str, numbers: list[int]) -> float:
     after = _after_answer(response)
     if after is None:
         return -1.0
-    answer = [int(n) for n in _INT.findall(after.strip().split("\n", 1)[0])]
+    answer = [read_int(n) for n in _INT.findall(after.strip().split("\n", 1)[0])]
     if not answer:
         return -0.5
     return 1.0 if answer == sorted(numbers) else -0.2
