@@ -178,7 +178,10 @@ class CriticStage(OnlineRLStage):
         mask = rollout.response_mask
         sequence_kl = masked_sum(buffer["kl"], mask, dim=1)  # (R,) KL of each response, in nats
         if self.hparams.adaptive_kl and not self.warming_up:  # the policy is the reference while it warms up
-            self.kl_ctl.update(float(sequence_kl.mean()), len(rollout))
+            # Every rank must hold the same coefficient: the KL over all ranks' responses (each has
+            # as many), and the rollout's samples over all ranks, as Ziegler et al.'s batch.
+            kl = self.trainer.strategy.reduce(sequence_kl.mean(), reduce_op="mean")
+            self.kl_ctl.update(float(kl), len(rollout) * self.trainer.world_size)
         scores = buffer["scores"]
         mean["objective/kl"] = sequence_kl.mean()
         mean["objective/kl_coef"] = torch.tensor(self.kl_ctl.value)

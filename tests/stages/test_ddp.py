@@ -1,7 +1,8 @@
 """One two-process DDP run (Lightning's ``ddp`` strategy, gloo on CPU) covering every stage that
 optimises by hand or gathers across ranks: PPO (a critic warm-up rollout, then one rank's
 ``target_kl`` stops its epochs early: the other must stop too), GRPO (``dapo``'s token count is
-a collective), TRPO (g, every Fisher product and the line search's figures are averaged), Online
+a collective), TRPO (g, every Fisher product and the line search's figures are averaged; the
+adaptive KL coefficient moves on every rank's KL), Online
 DPO (each rank must run as many backward passes, ties or not, and normalise by the pairs of all
 ranks: here one rank's prompts all tie) and KTO (z0 is gathered over ranks). One launch, five
 fits: the processes and the process group start once. Each rank records the rows it saw: the
@@ -56,7 +57,8 @@ class Save(L.Callback):
         torch.save(module.state_dict(), f"{{module.kind}}-rank{{trainer.global_rank}}.pt")
         with open(f"{{module.kind}}-rank{{trainer.global_rank}}.json", "w") as f:
             json.dump({{"prompts": self.prompts, "skipped": module.nonfinite_skipped, "steps": trainer.global_step,
-                       "first_step_moved_policy": self.first_step_moved_policy}}, f)
+                       "first_step_moved_policy": self.first_step_moved_policy,
+                       "kl_coef": getattr(getattr(module, "kl_ctl", None), "value", None)}}, f)
         self.prompts = []
 
 common = dict(policy={policy!r}, rewards=[SpreadReward()], max_new_tokens=6, optimizer="adamw", lr=1e-3,
@@ -72,7 +74,8 @@ stages = [
               export_path="ppo.ckpt"), PromptDataModule, 5),  # 4 warm-up steps, then 2 before the stop
     (GRPOStage(**common, num_generations=2, loss_type="dapo", num_mini_batches=2, export_path="grpo.ckpt"),
      PromptDataModule, 4),
-    (TRPOStage(**common, export_path=None, vf_iters=2, max_kl=0.05), PromptDataModule, 4),
+    (TRPOStage(**common, export_path=None, vf_iters=2, max_kl=0.05, adaptive_kl=True, kl_coef=0.1, kl_target=0.005),
+     PromptDataModule, 4),
     (OnlineDPOStage(**{{**common, "rewards": [RankTies()]}}, num_generations=2, micro_batch_size=2,
                     export_path="online-dpo.ckpt"), PromptDataModule, 4),
     (KTOStage(policy={policy!r}, optimizer="adamw", lr=1e-3, export_path="kto.ckpt"), KTODataModule, 4),
@@ -100,6 +103,9 @@ def test_ddp_ranks_take_the_same_steps_in_every_manually_optimised_stage(random_
         # Different data on each rank: otherwise equal weights would hold without any gradient sync.
         assert seen[0]["prompts"] and set(seen[0]["prompts"]).isdisjoint(seen[1]["prompts"]), kind
         assert seen[0]["skipped"] == seen[1]["skipped"] == 0, kind
+        assert seen[0]["kl_coef"] == seen[1]["kl_coef"], kind  # adaptive (TRPO): moved on every rank's KL
+        if kind == "trpo":
+            assert seen[0]["kl_coef"] != 0.1
         if kind == "ppo":  # the warm-up left the policy alone on both ranks; both stopped after 2 updates
             assert [r["first_step_moved_policy"] for r in seen] == [False, False]
             assert [r["steps"] for r in seen] == [6, 6]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import lightning as L
 import pytest
 import torch
@@ -213,6 +215,25 @@ def test_adaptive_kl_holds_still_while_the_critic_warms_up(random_policy):
     assert stage.kl_ctl.value == 0.1
     _fit(stage, max_steps=4)  # the policy's first rollout is on the reference too: KL 0, the coefficient shrinks
     assert stage.kl_ctl.value < 0.1
+
+
+def test_adaptive_kl_moves_on_the_kl_of_all_ranks(random_policy):
+    """Under DDP every rank must hold the same coefficient: it moves on the mean KL over the ranks
+    and on all ranks' samples. A stand-in strategy plays a second rank whose responses' KL is 3
+    beside this rank's 1: the mean 2 against a target of 1.8 (error +1/9), 2 x 2 samples."""
+
+    class TwoRanks:
+        def reduce(self, tensor, group=None, reduce_op="mean"):
+            assert reduce_op == "mean"
+            return (tensor + 3.0) / 2
+
+    stage = _stage(random_policy, adaptive_kl=True, kl_coef=0.1, kl_target=1.8, kl_horizon=100)
+    stage.trainer = SimpleNamespace(strategy=TwoRanks(), world_size=2)
+    rollout = _rollout([1.0, 0.0], lengths=[2, 4])
+    kl = torch.tensor([[0.5, 0.5, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25]])  # 1 nat per response
+    buffer = {"kl": kl, "scores": rollout.scores, "values": torch.zeros(2, 4), "returns": torch.ones(2, 4)}
+    stage.end_of_rollout(rollout, buffer, {})
+    assert stage.kl_ctl.value == pytest.approx(0.1 * (1 + (2.0 / 1.8 - 1) * 4 / 100))
 
 
 def test_a_fit_that_starts_in_eval_mode_counts_rollouts_and_trains_the_policy(random_policy):
