@@ -150,9 +150,14 @@ class TRPOStage(CriticStage):
         first, buffer = self.score(rollout)
         micros = [micro for mb in first for micro in self.micro_batches(mb)]
         metrics = {"moe/aux_loss": torch.zeros((), device=self.device)}
+        skipped_in_a_row = None
         if not self.warming_up:
             metrics = self.policy_step(rollout, micros, buffer)
+            if metrics["trpo/step_skipped"]:
+                skipped_in_a_row = self.nonfinite_in_a_row
         metrics |= self.fit_critic(rollout, buffer)
+        if skipped_in_a_row is not None:  # the critic's finite steps must not end a run of skipped policy steps
+            self.nonfinite_in_a_row = max(self.nonfinite_in_a_row, skipped_in_a_row)
         self.end_of_rollout(rollout, buffer, metrics)
         self.log_step(metrics)
         self.log_update(time.perf_counter() - start, float(rollout.attention_mask.sum()))
@@ -164,9 +169,16 @@ class TRPOStage(CriticStage):
         x, residual = conjugate_gradient(at_old.fisher, at_old.g, hp.cg_iters)
         step, _ = trpo_step(x, at_old.fisher(x), delta)
         at_old.kl_grads.clear()  # frees the graphs before the line search
-        surrogate_old = self.reduce(masked_sum(buffer["advantages"], rollout.response_mask) / len(rollout))  # ratio 1
-        expected = float(at_old.g @ step)
-        found = self.line_search(rollout, micros, buffer, at_old.tables, step, expected, surrogate_old, delta)
+        # g and every Fisher product are reduced over ranks, so every rank decides alike.
+        if not bool(torch.isfinite(at_old.g).all() and torch.isfinite(step).all()):
+            self.count_nonfinite()  # the guard's count (and its stop), as for an optimizer step
+            found = {key: torch.zeros(()) for key in ("trpo/kl", "trpo/max_state_kl", "trpo/step_fraction")}
+            found["trpo/step_skipped"] = torch.ones(())
+        else:
+            surrogate_old = self.reduce(masked_sum(buffer["advantages"], rollout.response_mask) / len(rollout))  # r = 1
+            expected = float(at_old.g @ step)
+            found = self.line_search(rollout, micros, buffer, at_old.tables, step, expected, surrogate_old, delta)
+            found["trpo/step_skipped"] = torch.zeros(())
         return found | {
             "trpo/cg_residual": torch.tensor(residual),
             "trpo/max_kl": torch.tensor(delta),

@@ -303,3 +303,26 @@ def test_an_engine_with_other_logprobs_is_refused(random_policy, monkeypatch):
     monkeypatch.setattr(online, "make_engine", lambda name: inexact())
     with pytest.raises(ConfigError, match="rollout_engine vllm does not give; use auto, static or eager"):
         _stage(random_policy)
+
+
+def test_a_non_finite_trust_region_step_is_skipped_counted_and_stops_the_run(random_policy, monkeypatch):
+    """A NaN in g (the surrogate's gradient) makes the natural-gradient step NaN: the policy
+    stays where it was, the guard counts it (the critic's finite steps between do not end the
+    run of skips), and ``max_nonfinite`` of them in a row stop training."""
+    from shraygpt_rl.errors import TrainingError
+
+    stage = _stage(random_policy, max_nonfinite=2, vf_iters=1)
+    linearise = stage.linearise
+
+    def poisoned(*args):
+        at_old = linearise(*args)
+        at_old.g = at_old.g * float("nan")
+        return at_old
+
+    monkeypatch.setattr(stage, "linearise", poisoned)
+    before = {n: p.detach().clone() for n, p in stage.policy.named_parameters()}
+    fit_online(stage, 1, ARITH)
+    assert stage.nonfinite_skipped == 1
+    assert all(torch.equal(before[n], p) for n, p in stage.policy.named_parameters())
+    with pytest.raises(TrainingError, match=r"^2 updates in a row had a non-finite loss or gradient"):
+        fit_online(stage, 2, ARITH)
