@@ -48,7 +48,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parameters_to_vector
 
-from shraygpt_rl.errors import require
+from shraygpt_rl.errors import ConfigError, require
 from shraygpt_rl.generation import response_logits
 from shraygpt_rl.losses import conjugate_gradient, importance_ratio, masked_mean, masked_sum, token_kl, trpo_step
 from shraygpt_rl.stages.online import Rollout, furthest_from_one
@@ -121,6 +121,14 @@ class TRPOStage(CriticStage):
 
     def optimizer_steps_per_rollout(self) -> int:
         return self.hparams.vf_iters  # the critic's: the policy's natural-gradient step is by hand
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if self._trainer is not None and getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            raise ConfigError(
+                "TRPO sets its critic's gradients by hand (averaged over ranks by its own all-reduce), which fp16's "
+                "loss scaling cannot follow; use --trainer.precision bf16-mixed or 32."
+            )
 
     def trainable(self) -> nn.Module:
         return self.critic  # the policy moves by the natural-gradient step, not by an optimizer

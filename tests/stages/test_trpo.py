@@ -326,3 +326,21 @@ def test_a_non_finite_trust_region_step_is_skipped_counted_and_stops_the_run(ran
     assert all(torch.equal(before[n], p) for n, p in stage.policy.named_parameters())
     with pytest.raises(TrainingError, match=r"^2 updates in a row had a non-finite loss or gradient"):
         fit_online(stage, 2, ARITH)
+
+
+def test_fp16_loss_scaling_is_refused_and_bf16_runs(random_policy):
+    """The critic's gradients are set by hand, so a GradScaler never scaled them and would fail
+    to unscale them at the first step: refused in one sentence; bf16-mixed has no scaler."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    from shraygpt_rl.errors import ConfigError
+
+    fp16 = MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))  # what a GPU's 16-mixed sets up
+    with pytest.raises(ConfigError, match="^TRPO sets its critic's gradients by hand .* use --trainer.precision"):
+        tiny_trainer(1, limit_val_batches=0, plugins=[fp16]).fit(
+            _stage(random_policy), datamodule=PromptDataModule(**dict(ARITH, batch_size=4, train_size=16))
+        )
+    stage = _stage(random_policy)
+    trainer = tiny_trainer(2, limit_val_batches=0, precision="bf16-mixed")
+    trainer.fit(stage, datamodule=PromptDataModule(**dict(ARITH, batch_size=4, train_size=16)))
+    assert stage.rollouts == 1 and trainer.global_step == stage.hparams.vf_iters and stage.nonfinite_skipped == 0
