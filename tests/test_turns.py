@@ -3,6 +3,7 @@ the rollout's log-probabilities recovered by a training forward; max_turns; the 
 
 from __future__ import annotations
 
+import random
 import warnings
 
 import pytest
@@ -408,3 +409,35 @@ def test_rows_that_end_at_any_stop_token_are_not_truncated(random_policy):
     assert at_end.sum() >= 2 and not rollout.truncated[at_end].any()
     assert torch.equal(rollout.truncated, ~(torch.isin(responses, torch.tensor([256, end])) & own).any(1))
     assert all(chr(end) not in text for text in rollout.responses)  # each text stops before its stop token
+
+
+@pytest.mark.parametrize("stop", ["a", "</c>", "→", "<é"])
+def test_a_call_is_answered_exactly_where_the_turn_first_holds_the_stop_string(stop):
+    """Fuzz: 500 random byte streams per stop (its pieces, other multi-byte characters, lone
+    continuation and lead bytes) recorded as an engine would, feeding each answer before the
+    next sampled byte. A naive reader, who decodes the whole turn after every byte, sees the
+    stop string at the very bytes where the environment is asked, with the text up to it."""
+    rng = random.Random(0)
+    pieces = [*stop.encode(), *"é→😀ab<>/c".encode(), 0x80, 0xBF, 0xC3, 0xE2, 0xF0, *b"  x"]
+    for _ in range(500):
+        stream = [rng.choice(pieces) for _ in range(rng.randint(0, 60))]
+        if rng.random() < 0.5:
+            stream[rng.randint(0, len(stream)) : 0] = list(stop.encode())  # a call for sure
+        asked: list[str] = []
+        env = Echo(stop, answer=lambda text, asked=asked: asked.append(text) or "<r>")
+        turns = Turns(env, byte_encoding(), ["p"], [{}], max_turns=1000, capacity=10_000)
+        expected, own, turn = [], [], b""
+        column, left = 0, list(stream)
+        while left or turns.queue[0]:
+            fed = bool(turns.queue[0])
+            token = turns.queue[0][0] if fed else left.pop(0)
+            turns.record(column, torch.tensor([token]), torch.tensor([True]), torch.tensor([fed]))
+            column += 1
+            own.append((token, not fed))
+            if not fed:
+                turn += bytes([token])
+                if stop in turn.decode(errors="replace"):  # the naive reader: a call here
+                    text = bytes(t for t, mine in own).decode(errors="replace")
+                    expected.append(text[: text.rindex(stop) + len(stop)])
+                    turn = b""
+        assert asked == expected, (stop, bytes(stream))
