@@ -4,7 +4,8 @@ optimises by hand or gathers across ranks: PPO (a critic warm-up rollout, then o
 a collective), TRPO (g, every Fisher product and the line search's figures are averaged; the
 adaptive KL coefficient moves on every rank's KL), Online
 DPO (each rank must run as many backward passes, ties or not, and normalise by the pairs of all
-ranks: here one rank's prompts all tie) and KTO (z0 is gathered over ranks). One launch, five
+ranks: here one rank's prompts all tie) and KTO (z0 is gathered over ranks: its value before the
+clamp is recorded, and must be the same on both). One launch, five
 fits: the processes and the process group start once. Each rank records the rows it saw: the
 ranks must see different ones, or equal weights at the end would prove nothing about gradient
 sync."""
@@ -58,7 +59,8 @@ class Save(L.Callback):
         with open(f"{{module.kind}}-rank{{trainer.global_rank}}.json", "w") as f:
             json.dump({{"prompts": self.prompts, "skipped": module.nonfinite_skipped, "steps": trainer.global_step,
                        "first_step_moved_policy": self.first_step_moved_policy,
-                       "kl_coef": getattr(getattr(module, "kl_ctl", None), "value", None)}}, f)
+                       "kl_coef": getattr(getattr(module, "kl_ctl", None), "value", None),
+                       "z0": getattr(module, "last_z0", None)}}, f)
         self.prompts = []
 
 common = dict(policy={policy!r}, rewards=[SpreadReward()], max_new_tokens=6, optimizer="adamw", lr=1e-3,
@@ -80,6 +82,15 @@ stages = [
                     export_path="online-dpo.ckpt"), PromptDataModule, 4),
     (KTOStage(policy={policy!r}, optimizer="adamw", lr=1e-3, export_path="kto.ckpt"), KTODataModule, 4),
 ]
+kto = stages[-1][0]
+estimate = kto.kl_estimate
+
+def recorded(batch, ref_mismatched):  # KTO's z0 before the clamp: gathered, the same on every rank
+    z0 = estimate(batch, ref_mismatched)
+    kto.last_z0 = float(z0)
+    return z0
+
+kto.kl_estimate = recorded
 for stage, datamodule, max_steps in stages:
     data = datamodule(**sizes)
     L.seed_everything(0)
@@ -104,6 +115,7 @@ def test_ddp_ranks_take_the_same_steps_in_every_manually_optimised_stage(random_
         assert seen[0]["prompts"] and set(seen[0]["prompts"]).isdisjoint(seen[1]["prompts"]), kind
         assert seen[0]["skipped"] == seen[1]["skipped"] == 0, kind
         assert seen[0]["kl_coef"] == seen[1]["kl_coef"], kind  # adaptive (TRPO): moved on every rank's KL
+        assert seen[0]["z0"] == seen[1]["z0"] and (seen[0]["z0"] is None) == (kind != "kto"), kind
         if kind == "trpo":
             assert seen[0]["kl_coef"] != 0.1
         if kind == "ppo":  # the warm-up left the policy alone on both ranks; both stopped after 2 updates
