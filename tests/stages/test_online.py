@@ -260,3 +260,30 @@ def test_validation_samples_each_prompt_eval_samples_times_in_one_rollout(random
     assert rows == [16, 16]  # 4 prompts x 4 samples per batch, one generate call each
     assert metrics["val/pass@1"] == pytest.approx(0.25) and metrics["val/success"] == pytest.approx(0.25)
     assert metrics["val/pass@4"] == 1.0 and metrics["val/maj@4"] == 0.0
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda policy: PPOStage(policy=policy, kl_coef=0.1, **BF16_COMMON),
+        lambda policy: GRPOStage(policy=policy, beta=0.1, **BF16_COMMON),
+        lambda policy: GRPOStage(policy=policy, beta=0.1, num_mini_batches=2, **BF16_COMMON),
+    ],
+    ids=["ppo", "grpo", "grpo-two-updates"],
+)
+def test_under_bf16_autocast_the_first_update_is_on_policy(random_policy, make):
+    """The rollout's log-probabilities (the "old" ones) and the reference's are computed outside
+    the update's step: under bf16-mixed they must come from the same autocast as the step, or
+    bf16 rounding alone moves the ratio off 1 and the KL to the reference off 0."""
+    stage = make(random_policy)
+    L.seed_everything(0)
+    trainer = tiny_trainer(1, limit_val_batches=0, precision="bf16-mixed")
+    trainer.fit(stage, datamodule=PromptDataModule(**dict(ARITH, batch_size=4, train_size=16)))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    assert metrics["policy/ratio_at_start"] == 1.0
+    if stage.hparams.num_mini_batches == 1:  # (a second update's KL is after the first has moved it)
+        assert metrics["objective/kl"] == 0.0  # the reference is the policy before its first update
+    assert stage.nonfinite_skipped == 0
+
+
+BF16_COMMON = dict(rewards=[SpreadReward()], max_new_tokens=6, optimizer="adamw", export_path=None, log_samples_every=0)
