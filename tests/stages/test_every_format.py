@@ -224,3 +224,27 @@ def test_grpo_learns_through_the_conversational_path(sft_policy, tmp_path):
     after = answer_probability(stage.policy, held_out)
     learned("grpo-conversational", before, after)
     assert after >= before + GAIN
+
+
+GUARDED = [
+    case for case in CASES if case[0] not in ("sft", "trpo") and case[1] in ("preference", "unpaired", "prompt-only")
+]
+GUARDED = list({stage: (stage, kind, flags) for stage, kind, flags in GUARDED}.values())  # one case per stage
+
+
+@pytest.mark.parametrize(("stage", "kind", "flags"), GUARDED, ids=[s for s, _, _ in GUARDED])
+def test_every_stage_skips_and_counts_an_update_with_a_nan_gradient(data, random_policy, stage, kind, flags):
+    """A finite loss whose gradient is NaN (after the backward of step 1), through ``train.py``'s
+    runner: the update is dropped on every stage, automatic and manual optimisation alike, and
+    counted (SFT's and TRPO's are in their own tests)."""
+    from conftest import PoisonGradient, SpreadReward
+
+    poison = PoisonGradient(step=1)
+    args = [*SMALL, "--trainer.max_steps", "3", "--model.policy", random_policy, "--data.source", data(kind, False)]
+    cli = build_cli(stage, [*args, *flags])
+    if stage == "online_dpo":  # a random policy's answers all tie under the verifier: no pair, no backward
+        cli.model.reward_fn.functions = [SpreadReward()]
+    cli.trainer.callbacks.append(poison)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert cli.model.nonfinite_skipped == 1
+    assert all(torch.equal(poison.before[k], poison.after[k]) for k in poison.before)
