@@ -248,3 +248,27 @@ def test_every_stage_skips_and_counts_an_update_with_a_nan_gradient(data, random
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert cli.model.nonfinite_skipped == 1
     assert all(torch.equal(poison.before[k], poison.after[k]) for k in poison.before)
+
+
+SHRAYGPT_LORA = ["--model.lora", "{r: 4, alpha: 8, dropout: 0.0, target_modules: [wq, wv_lat, proj]}"]
+ONE_PER_STAGE = list({stage: (stage, kind, flags) for stage, kind, flags in CASES}.values())
+
+
+@pytest.mark.parametrize(("stage", "kind", "flags"), ONE_PER_STAGE, ids=[s for s, _, _ in ONE_PER_STAGE])
+def test_every_stage_trains_shraygpt_adapters_and_leaves_its_weights(data, random_policy, stage, kind, flags):
+    """LoRA on the course's model through every stage: the adapters move, the base weights do not
+    (the Hugging Face side is ``test_every_stage_trains_on_every_type_it_takes``'s chatml-lora)."""
+    from conftest import SpreadReward
+
+    args = [*SMALL, "--trainer.max_steps", "2", "--model.policy", random_policy, "--data.source", data(kind, False)]
+    cli = build_cli(stage, [*args, *flags, *SHRAYGPT_LORA])
+    if stage == "online_dpo":  # a random policy's answers all tie under the verifier: no pair to learn from
+        cli.model.reward_fn.functions = [SpreadReward()]
+    before = {n: p.detach().clone() for n, p in cli.model.named_parameters()}
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    after = dict(cli.model.named_parameters())
+    adapters = [n for n in before if "lora_" in n]
+    assert adapters and all(after[n].requires_grad for n in adapters)
+    assert any(not torch.equal(before[n], after[n]) for n in adapters), stage
+    frozen = [n for n, p in after.items() if not p.requires_grad]
+    assert frozen and all(torch.equal(before[n], after[n]) for n in frozen), stage
