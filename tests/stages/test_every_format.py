@@ -13,7 +13,7 @@ from conftest import fails
 
 from shraygpt_rl.data.chat import COURSE_TEMPLATE
 from shraygpt_rl.lora import AdaptersDisabled
-from shraygpt_rl.runner import build_cli, run_stage
+from shraygpt_rl.runner import adopt_policy_tokenizer, build_cli, run_stage
 
 pytestmark = pytest.mark.slow
 SMALL = (
@@ -272,3 +272,26 @@ def test_every_stage_trains_shraygpt_adapters_and_leaves_its_weights(data, rando
     assert any(not torch.equal(before[n], after[n]) for n in adapters), stage
     frozen = [n for n, p in after.items() if not p.requires_grad]
     assert frozen and all(torch.equal(before[n], after[n]) for n in frozen), stage
+
+
+FULL_HF = [case for case in ONE_PER_STAGE if case[0] in ("kto", "online_dpo", "trpo")]
+
+
+@pytest.mark.parametrize(("stage", "kind", "flags"), FULL_HF, ids=[s for s, _, _ in FULL_HF])
+def test_the_stages_no_other_test_fine_tunes_whole_run_on_a_hugging_face_model(data, chatml, stage, kind, flags):
+    """Full fine-tuning (no adapters) of a tiny Llama on conversational rows: the weights move and
+    stay finite (the other stages' full Hugging Face runs are in test_hf_stages.py)."""
+    from conftest import SpreadReward
+
+    args = [*SMALL, "--trainer.max_steps", "2", "--model.policy", chatml, "--data.source", data(kind, True)]
+    cli = build_cli(stage, [*args, *flags])
+    adopt_policy_tokenizer(cli.model, cli.datamodule)  # as train.py does: the policy's own tokenizer
+    if stage == "online_dpo":  # a random policy's answers all tie under the verifier: no pair to learn from
+        cli.model.reward_fn.functions = [SpreadReward()]
+    policy = cli.model.policy
+    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert cli.datamodule.tokenizer.decode([cli.datamodule.tokenizer.eot_token]) == "<|im_end|>"
+    assert all(p.requires_grad for p in policy.parameters())
+    assert any(not torch.equal(before[n], p) for n, p in policy.named_parameters()), stage
+    assert all(torch.isfinite(p).all() for p in policy.parameters()) and cli.model.nonfinite_skipped == 0
