@@ -255,16 +255,23 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: 
     return advantages, advantages + values
 
 
-def group_advantages(rewards: Tensor, group_size: int, scale: ScaleRewards = "group", eps: float = 1e-4) -> Tensor:
+def group_advantages(
+    rewards: Tensor,
+    group_size: int,
+    scale: ScaleRewards = "group",
+    eps: float = 1e-4,
+    batch_rewards: Tensor | None = None,
+) -> Tensor:
     """GRPO's outcome advantages: rewards minus their group's mean (DeepSeekMath, eq. 3), divided
-    by the group's std (``group``), the whole batch's std (``batch``), or nothing (``none``:
-    Dr. GRPO, Liu et al., 2025). ``rewards`` (B * G,) hold each prompt's G samples in a row."""
+    by the group's std (``group``), the whole batch's std (``batch``: of ``batch_rewards``, every
+    rank's under DDP, else of ``rewards``), or nothing (``none``: Dr. GRPO, Liu et al., 2025).
+    ``rewards`` (B * G,) hold each prompt's G samples in a row."""
     grouped = rewards.view(-1, group_size)  # (B, G)
     centred = grouped - grouped.mean(dim=1, keepdim=True)
     if scale == "group":
         centred = centred / (grouped.std(dim=1, keepdim=True) + eps)
     elif scale == "batch":
-        centred = centred / (rewards.std() + eps)
+        centred = centred / ((rewards if batch_rewards is None else batch_rewards).std() + eps)
     elif scale != "none":
         raise ValueError(f"Unknown scale_rewards '{scale}'; choose group, batch or none.")
     return centred.flatten()

@@ -182,7 +182,10 @@ class GRPOStage(OnlineRLStage):
         G = self.hparams.num_generations
         if self.advantage_estimator == "rloo":
             return rloo_advantages(scores, G)
-        return group_advantages(scores, G, self.hparams.scale_rewards)
+        scale = self.hparams.scale_rewards
+        # ``batch``: the std of the whole batch, every rank's rewards (one rank's alone under DDP).
+        everyone = self.all_gather(scores).flatten() if scale == "batch" and self._trainer else None
+        return group_advantages(scores, G, scale, batch_rewards=everyone)
 
     def training_step(self, batch, batch_idx):
         hp = self.hparams

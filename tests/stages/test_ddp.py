@@ -1,14 +1,13 @@
 """One two-process DDP run (Lightning's ``ddp`` strategy, gloo on CPU) covering every stage that
 optimises by hand or gathers across ranks: PPO (a critic warm-up rollout, then one rank's
-``target_kl`` stops its epochs early: the other must stop too), GRPO (``dapo``'s token count is
-a collective), TRPO (g, every Fisher product and the line search's figures are averaged; the
-adaptive KL coefficient moves on every rank's KL), Online
-DPO (each rank must run as many backward passes, ties or not, and normalise by the pairs of all
+``target_kl`` stops its epochs early: the other must stop too), GRPO (``dapo``'s token count and
+``scale_rewards: batch``'s rewards are collectives), TRPO (g, every Fisher product and the line
+search's figures are averaged; the adaptive KL coefficient moves on every rank's KL), Online DPO
+(each rank must run as many backward passes, ties or not, and normalise by the pairs of all
 ranks: here one rank's prompts all tie) and KTO (z0 is gathered over ranks: its value before the
-clamp is recorded, and must be the same on both). One launch, five
-fits: the processes and the process group start once. Each rank records the rows it saw: the
-ranks must see different ones, or equal weights at the end would prove nothing about gradient
-sync."""
+clamp is recorded, and must be the same on both). One launch, five fits: the processes and the
+process group start once. Each rank records the rows it saw: the ranks must see different ones,
+or equal weights at the end would prove nothing about gradient sync."""
 
 from __future__ import annotations
 
@@ -74,7 +73,8 @@ target_kl = 1e-6 if os.environ.get("LOCAL_RANK", "0") == "1" else 1e9
 stages = [
     (PPOStage(**common, target_kl=target_kl, num_ppo_epochs=2, num_mini_batches=2, critic_warmup=1,
               export_path="ppo.ckpt"), PromptDataModule, 5),  # 4 warm-up steps, then 2 before the stop
-    (GRPOStage(**common, num_generations=2, loss_type="dapo", num_mini_batches=2, export_path="grpo.ckpt"),
+    (GRPOStage(**common, num_generations=2, loss_type="dapo", scale_rewards="batch", num_mini_batches=2,
+               export_path="grpo.ckpt"),
      PromptDataModule, 4),
     (TRPOStage(**common, export_path=None, vf_iters=2, max_kl=0.05, adaptive_kl=True, kl_coef=0.1, kl_target=0.005),
      PromptDataModule, 4),

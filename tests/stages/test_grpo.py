@@ -141,6 +141,19 @@ def test_dapo_normalises_by_the_tokens_of_all_ranks(random_policy):
         assert float(stage.loss_tokens(mask)) == expected
 
 
+def test_batch_scaled_rewards_use_the_std_of_every_rank(random_policy, monkeypatch):
+    """``scale_rewards: batch`` divides by the std of the whole batch: under DDP, every rank's
+    rewards. A stand-in ``all_gather`` plays a second rank whose rewards are all 10."""
+    stage = _stage(random_policy, scale_rewards="batch", num_generations=2)
+    stage.trainer = SimpleNamespace(world_size=2)
+    mine = torch.tensor([1.0, 0.0, 0.0, 0.0])  # two prompts of two samples
+    monkeypatch.setattr(stage, "all_gather", lambda t: torch.stack([t, torch.full_like(t, 10.0)]))
+    everyone = torch.cat([mine, torch.full_like(mine, 10.0)])
+    assert stage.advantages(mine).tolist() == pytest.approx(
+        [0.5 / (everyone.std().item() + 1e-4), -0.5 / (everyone.std().item() + 1e-4), 0, 0]
+    )
+
+
 def test_entropy_bonus_adds_the_gradient_of_the_entropy(random_policy, monkeypatch):
     """On the same rollout, entropy_coef > 0 changes the gradient by exactly that of
     -entropy_coef x the token mean of the entropy, computed by hand."""
