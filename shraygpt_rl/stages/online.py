@@ -489,7 +489,8 @@ def furthest_from_one(ratio: Tensor, mask: Tensor, so_far: Tensor | None = None)
 def policy_metrics(logprobs: Tensor, old_logprobs: Tensor, ratio: Tensor, clipped: Tensor, mask: Tensor):
     """``policy/clipfrac``, ``policy/ratio``, ``policy/approxkl`` (½ E[(log π − log π_old)²]) and
     ``objective/entropy`` (−E[log π] over the sampled tokens: an unbiased estimate) of a micro-batch."""
-    logprobs = logprobs.detach()
+    own = mask.bool()  # padding's log pi may be -inf: -inf times a zero weight would be NaN
+    logprobs, old_logprobs = torch.where(own, logprobs.detach(), 0.0), torch.where(own, old_logprobs, 0.0)
     return {
         "policy/clipfrac": masked_mean(clipped, mask),
         "policy/ratio": masked_mean(ratio.detach(), mask),

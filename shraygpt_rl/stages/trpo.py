@@ -180,7 +180,10 @@ class TRPOStage(CriticStage):
         # g and every Fisher product are reduced over ranks, so every rank decides alike.
         if not bool(torch.isfinite(at_old.g).all() and torch.isfinite(step).all()):
             self.count_nonfinite()  # the guard's count (and its stop), as for an optimizer step
-            found = {key: torch.zeros(()) for key in ("trpo/kl", "trpo/max_state_kl", "trpo/step_fraction")}
+            zero = torch.zeros((), device=step.device)  # the policy is where it was: the line search's figures at 0
+            keys = ("trpo/kl", "trpo/max_state_kl", "policy/argmax_flip_rate", "trpo/step_fraction")
+            found = {key: zero for key in (*keys, "trpo/surrogate_improvement", "trpo/expected_improvement_ratio")}
+            found["trpo/line_search_failures"] = torch.tensor(float(self.line_search_failures))
             found["trpo/step_skipped"] = torch.ones(())
         else:
             surrogate_old = self.reduce(masked_sum(buffer["advantages"], rollout.response_mask) / len(rollout))  # r = 1

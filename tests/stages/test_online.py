@@ -21,7 +21,7 @@ from shraygpt_rl.losses import token_logprobs
 from shraygpt_rl.model import ShrayGPT
 from shraygpt_rl.stages import online
 from shraygpt_rl.stages.grpo import GRPOStage
-from shraygpt_rl.stages.online import furthest_from_one
+from shraygpt_rl.stages.online import furthest_from_one, policy_metrics
 from shraygpt_rl.stages.ppo import PPOStage
 
 
@@ -287,3 +287,12 @@ def test_under_bf16_autocast_the_first_update_is_on_policy(random_policy, make):
 
 
 BF16_COMMON = dict(rewards=[SpreadReward()], max_new_tokens=6, optimizer="adamw", export_path=None, log_samples_every=0)
+
+
+def test_policy_metrics_ignore_padding_whatever_its_log_probabilities():
+    """Padding's log pi may be -inf (nobody's token): a masked mean of it would be -inf times 0,
+    NaN, and PPO's target_kl stop would never fire on a NaN approxkl."""
+    logprobs, old = torch.tensor([[-1.0, -float("inf")]]), torch.tensor([[-1.5, -float("inf")]])
+    mask = torch.tensor([[1.0, 0.0]])
+    metrics = policy_metrics(logprobs, old, torch.ones(1, 2), torch.zeros(1, 2), mask)
+    assert metrics["policy/approxkl"] == pytest.approx(0.5 * 0.5**2) and metrics["objective/entropy"] == 1.0

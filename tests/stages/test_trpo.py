@@ -321,8 +321,9 @@ def test_a_non_finite_trust_region_step_is_skipped_counted_and_stops_the_run(ran
 
     monkeypatch.setattr(stage, "linearise", poisoned)
     before = {n: p.detach().clone() for n, p in stage.policy.named_parameters()}
-    fit_online(stage, 1, ARITH)
-    assert stage.nonfinite_skipped == 1
+    metrics = fit_online(stage, 1, ARITH)
+    assert stage.nonfinite_skipped == 1 and metrics["trpo/step_skipped"] == 1
+    assert metrics["trpo/step_fraction"] == 0 and "trpo/line_search_failures" in metrics  # the same figures
     assert all(torch.equal(before[n], p) for n, p in stage.policy.named_parameters())
     with pytest.raises(TrainingError, match=r"^2 updates in a row had a non-finite loss or gradient"):
         fit_online(stage, 2, ARITH)
