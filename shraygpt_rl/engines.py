@@ -112,10 +112,11 @@ class StaticEngine(RolloutEngine):
         return None
 
     def generate(self, model, idx, attention_mask, max_new_tokens, sampling, generator=None, turns=None):
-        make = self.decoder_factory(model, idx.size(1) + max_new_tokens)
+        tokens = idx.size(1) + max_new_tokens
+        make = self.decoder_factory(model, tokens)
         if make is None:
             raise ConfigError(
-                f"rollout_engine 'static' cannot run this {type(model).__name__} for {idx.size(1) + max_new_tokens} "
+                f"rollout_engine 'static' cannot run this {type(model).__name__} for {tokens} "
                 "tokens (training-mode dropout, sharded weights, a window narrower than the generation, or a model "
                 "whose static cache does not reproduce its forward); use 'auto' or 'eager'."
             )

@@ -88,16 +88,10 @@ def tiny_hf_model(
         tokenizer.chat_template = source
     vocab, eos = len(tokenizer), tokenizer.eos_token_id
     tokens = dict(vocab_size=vocab, max_position_embeddings=512, bos_token_id=eos, eos_token_id=eos)
+    # Two layers of width 64 and four heads, in the names OPT and Llama share (GPT-Neo's differ).
+    small = dict(tokens, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, pad_token_id=eos)
     # Llama's layout, which Qwen2 and Gemma 2 share: grouped-query attention, a gated MLP.
-    llama = dict(
-        tokens,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        pad_token_id=eos,
-    )
+    llama = dict(small, intermediate_size=128, num_key_value_heads=2)
     configs = {
         "gpt_neo": (
             GPTNeoConfig,
@@ -125,16 +119,7 @@ def tiny_hf_model(
         "opt": (
             OPTConfig,
             OPTForCausalLM,
-            dict(
-                tokens,
-                hidden_size=64,
-                num_hidden_layers=2,
-                ffn_dim=128,
-                num_attention_heads=4,
-                word_embed_proj_dim=64,
-                pad_token_id=eos,
-                dropout=0.1,
-            ),
+            dict(small, ffn_dim=128, word_embed_proj_dim=64, dropout=0.1),
         ),
     }
     if kind not in configs:

@@ -304,9 +304,10 @@ class OnlineRLStage(StageModule):
             self.manual_backward(step.loss)
             furthest = furthest_from_one(step.ratio, step.mask, furthest)
             accumulate(stats, len(micro) / len(rows), step.metrics)
-            accumulate(token_sums, step.mask.sum(), step.token_metrics)  # an all-padding micro-batch weighs 0
-            tokens = tokens + step.mask.sum()
-        stats.update({key: total / max(float(tokens), 1.0) for key, total in token_sums.items()})
+            count = step.mask.sum()  # an all-padding micro-batch weighs 0
+            accumulate(token_sums, count, step.token_metrics)
+            tokens = tokens + count
+        stats.update({key: total / tokens.clamp(min=1) for key, total in token_sums.items()})
         if extra is not None:
             term = extra()
             loss = term.pop("loss")

@@ -158,14 +158,12 @@ class TRPOStage(CriticStage):
         first, buffer = self.score(rollout)
         micros = [micro for mb in first for micro in self.micro_batches(mb)]
         metrics = {"moe/aux_loss": torch.zeros((), device=self.device)}
-        skipped_in_a_row = None
         if not self.warming_up:
             metrics = self.policy_step(rollout, micros, buffer)
-            if metrics["trpo/step_skipped"]:
-                skipped_in_a_row = self.nonfinite_in_a_row
+        in_a_row = self.nonfinite_in_a_row
         metrics |= self.fit_critic(rollout, buffer)
-        if skipped_in_a_row is not None:  # the critic's finite steps must not end a run of skipped policy steps
-            self.nonfinite_in_a_row = max(self.nonfinite_in_a_row, skipped_in_a_row)
+        if metrics.get("trpo/step_skipped"):  # the critic's finite steps must not end a run of skipped policy steps
+            self.nonfinite_in_a_row = max(self.nonfinite_in_a_row, in_a_row)
         self.end_of_rollout(rollout, buffer, metrics)
         self.log_step(metrics)
         self.log_update(time.perf_counter() - start, float(rollout.attention_mask.sum()))
@@ -180,11 +178,17 @@ class TRPOStage(CriticStage):
         # g and every Fisher product are reduced over ranks, so every rank decides alike.
         if not bool(torch.isfinite(at_old.g).all() and torch.isfinite(step).all()):
             self.count_nonfinite()  # the guard's count (and its stop), as for an optimizer step
-            zero = torch.zeros((), device=step.device)  # the policy is where it was: the line search's figures at 0
-            keys = ("trpo/kl", "trpo/max_state_kl", "policy/argmax_flip_rate", "trpo/step_fraction")
-            found = {key: zero for key in (*keys, "trpo/surrogate_improvement", "trpo/expected_improvement_ratio")}
-            found["trpo/line_search_failures"] = torch.tensor(float(self.line_search_failures))
-            found["trpo/step_skipped"] = torch.ones(())
+            zero = torch.zeros(())  # the policy is where it was: the line search's figures, as if it failed
+            found = {
+                "trpo/kl": zero,
+                "trpo/max_state_kl": zero,
+                "policy/argmax_flip_rate": zero,
+                "trpo/step_fraction": zero,
+                "trpo/surrogate_improvement": zero,
+                "trpo/expected_improvement_ratio": zero,
+                "trpo/line_search_failures": torch.tensor(float(self.line_search_failures)),
+                "trpo/step_skipped": torch.ones(()),
+            }
         else:
             surrogate_old = self.reduce(masked_sum(buffer["advantages"], rollout.response_mask) / len(rollout))  # r = 1
             expected = float(at_old.g @ step)
