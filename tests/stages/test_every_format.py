@@ -226,6 +226,19 @@ def test_grpo_learns_through_the_conversational_path(sft_policy, tmp_path):
     assert after >= before + GAIN
 
 
+def built(stage: str, args: list[str]):
+    """The stage's CLI as ``train.py`` builds it (the policy's own tokenizer), not yet fitted; Online
+    DPO scores with ``SpreadReward``: a random policy's answers all tie under the verifier, which
+    leaves no pair and so no backward pass."""
+    from conftest import SpreadReward
+
+    cli = build_cli(stage, args)
+    adopt_policy_tokenizer(cli.model, cli.datamodule)
+    if stage == "online_dpo":
+        cli.model.reward_fn.functions = [SpreadReward()]
+    return cli
+
+
 GUARDED = [
     case for case in CASES if case[0] not in ("sft", "trpo") and case[1] in ("preference", "unpaired", "prompt-only")
 ]
@@ -237,13 +250,11 @@ def test_every_stage_skips_and_counts_an_update_with_a_nan_gradient(data, random
     """A finite loss whose gradient is NaN (after the backward of step 1), through ``train.py``'s
     runner: the update is dropped on every stage, automatic and manual optimisation alike, and
     counted (SFT's and TRPO's are in their own tests)."""
-    from conftest import PoisonGradient, SpreadReward
+    from conftest import PoisonGradient
 
     poison = PoisonGradient(step=1)
     args = [*SMALL, "--trainer.max_steps", "3", "--model.policy", random_policy, "--data.source", data(kind, False)]
-    cli = build_cli(stage, [*args, *flags])
-    if stage == "online_dpo":  # a random policy's answers all tie under the verifier: no pair, no backward
-        cli.model.reward_fn.functions = [SpreadReward()]
+    cli = built(stage, [*args, *flags])
     cli.trainer.callbacks.append(poison)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert cli.model.nonfinite_skipped == 1
@@ -258,12 +269,8 @@ ONE_PER_STAGE = list({stage: (stage, kind, flags) for stage, kind, flags in CASE
 def test_every_stage_trains_shraygpt_adapters_and_leaves_its_weights(data, random_policy, stage, kind, flags):
     """LoRA on the course's model through every stage: the adapters move, the base weights do not
     (the Hugging Face side is ``test_every_stage_trains_on_every_type_it_takes``'s chatml-lora)."""
-    from conftest import SpreadReward
-
     args = [*SMALL, "--trainer.max_steps", "2", "--model.policy", random_policy, "--data.source", data(kind, False)]
-    cli = build_cli(stage, [*args, *flags, *SHRAYGPT_LORA])
-    if stage == "online_dpo":  # a random policy's answers all tie under the verifier: no pair to learn from
-        cli.model.reward_fn.functions = [SpreadReward()]
+    cli = built(stage, [*args, *flags, *SHRAYGPT_LORA])
     before = {n: p.detach().clone() for n, p in cli.model.named_parameters()}
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     after = dict(cli.model.named_parameters())
@@ -281,13 +288,8 @@ FULL_HF = [case for case in ONE_PER_STAGE if case[0] in ("kto", "online_dpo", "t
 def test_the_stages_no_other_test_fine_tunes_whole_run_on_a_hugging_face_model(data, chatml, stage, kind, flags):
     """Full fine-tuning (no adapters) of a tiny Llama on conversational rows: the weights move and
     stay finite (the other stages' full Hugging Face runs are in test_hf_stages.py)."""
-    from conftest import SpreadReward
-
     args = [*SMALL, "--trainer.max_steps", "2", "--model.policy", chatml, "--data.source", data(kind, True)]
-    cli = build_cli(stage, [*args, *flags])
-    adopt_policy_tokenizer(cli.model, cli.datamodule)  # as train.py does: the policy's own tokenizer
-    if stage == "online_dpo":  # a random policy's answers all tie under the verifier: no pair to learn from
-        cli.model.reward_fn.functions = [SpreadReward()]
+    cli = built(stage, [*args, *flags])
     policy = cli.model.policy
     before = {n: p.detach().clone() for n, p in policy.named_parameters()}
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)

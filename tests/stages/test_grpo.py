@@ -12,6 +12,7 @@ from conftest import (
     ARITH,
     LEARNING_SEED,
     GradRecorder,
+    OtherRank,
     SpreadReward,
     fit_online,
     learned,
@@ -129,15 +130,10 @@ def test_dapo_normalises_by_the_tokens_of_all_ranks(random_policy):
     (global tokens / world size), bnpo by this rank's count. A stand-in strategy plays a second
     rank with 30 tokens beside this one's 20."""
 
-    class TwoRanks:
-        def reduce(self, tensor, group=None, reduce_op="mean"):
-            assert reduce_op == "mean"
-            return (tensor + 30.0) / 2
-
     mask = torch.ones(4, 5)  # (rows, T): 20 tokens on this rank
     for loss_type, expected in (("dapo", 25.0), ("bnpo", 20.0)):
         stage = _stage(random_policy, loss_type=loss_type)
-        stage.trainer = SimpleNamespace(strategy=TwoRanks())
+        stage.trainer = SimpleNamespace(strategy=OtherRank(30.0))
         assert float(stage.loss_tokens(mask)) == expected
 
 

@@ -7,7 +7,16 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
-from conftest import ARITH, LEARNING_SEED, GradRecorder, SpreadReward, fit_online, learned, tiny_trainer
+from conftest import (
+    ARITH,
+    LEARNING_SEED,
+    GradRecorder,
+    OtherRank,
+    SpreadReward,
+    fit_online,
+    learned,
+    tiny_trainer,
+)
 
 from shraygpt_rl.bench import demo_data
 from shraygpt_rl.data import PromptDataModule
@@ -222,13 +231,8 @@ def test_adaptive_kl_moves_on_the_kl_of_all_ranks(random_policy):
     and on all ranks' samples. A stand-in strategy plays a second rank whose responses' KL is 3
     beside this rank's 1: the mean 2 against a target of 1.8 (error +1/9), 2 x 2 samples."""
 
-    class TwoRanks:
-        def reduce(self, tensor, group=None, reduce_op="mean"):
-            assert reduce_op == "mean"
-            return (tensor + 3.0) / 2
-
     stage = _stage(random_policy, adaptive_kl=True, kl_coef=0.1, kl_target=1.8, kl_horizon=100)
-    stage.trainer = SimpleNamespace(strategy=TwoRanks(), world_size=2)
+    stage.trainer = SimpleNamespace(strategy=OtherRank(3.0), world_size=2)
     rollout = _rollout([1.0, 0.0], lengths=[2, 4])
     kl = torch.tensor([[0.5, 0.5, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25]])  # 1 nat per response
     buffer = {"kl": kl, "scores": rollout.scores, "values": torch.zeros(2, 4), "returns": torch.ones(2, 4)}
